@@ -1,0 +1,62 @@
+# imgflow: build, test and benchmark.
+#
+#   make build     hosts in release + every plugin (wasm32-wasip2)
+#   make plugins   the plugins only, to plugins/target/wasm32-wasip2/release/<name>.wasm
+#   make test      every test (builds what it needs first)
+#   make bench     benchmark figures (see docs/BENCHMARKS.md)
+#   make lint      rustfmt and clippy, warnings are errors
+
+CARGO ?= cargo
+PLUGINS_MANIFEST := plugins/Cargo.toml
+
+.PHONY: all build plugins plugins-component template test test-plugins test-hosts bench lint fmt clean
+
+all: build
+
+build: plugins
+	$(CARGO) build --release --workspace
+
+plugins:
+	cd plugins && $(CARGO) build --release --target wasm32-wasip2
+
+# The plugin-author path: the same crates built with `cargo component`
+# (wasm32-wasip1 plus the preview-2 adapter). Tests check the result runs.
+plugins-component:
+	cd plugins && $(CARGO) component build --release -p grayscale -p blur
+
+# The plugin template, built the way an author builds it: copied out, with
+# the WIT file beside it, by `cargo component build`. Tests run the result.
+TEMPLATE_BUILD := target/template-build
+template:
+	rm -rf $(TEMPLATE_BUILD)
+	mkdir -p $(TEMPLATE_BUILD)
+	cp -r templates/filter/. $(TEMPLATE_BUILD)/
+	cp wit/filter.wit $(TEMPLATE_BUILD)/wit/
+	cd $(TEMPLATE_BUILD) && $(CARGO) component build --release
+
+test: plugins plugins-component template test-plugins test-hosts
+
+# The filters' math, natively.
+test-plugins:
+	$(CARGO) test --manifest-path $(PLUGINS_MANIFEST) -p imgflow-filters
+
+test-hosts:
+	$(CARGO) test --workspace
+
+bench: plugins
+	$(CARGO) bench -p imgflow-core --bench runtime
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --all --manifest-path $(PLUGINS_MANIFEST) -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd plugins && $(CARGO) clippy --target wasm32-wasip2 --workspace --exclude imgflow-filters -- -D warnings
+	$(CARGO) clippy --manifest-path $(PLUGINS_MANIFEST) -p imgflow-filters --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+	$(CARGO) fmt --all --manifest-path $(PLUGINS_MANIFEST)
+
+clean:
+	$(CARGO) clean
+	$(CARGO) clean --manifest-path $(PLUGINS_MANIFEST)

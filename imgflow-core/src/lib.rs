@@ -1,0 +1,18 @@
+//! Shared code of the imgflow hosts.
+//!
+//! - [`runtime`]: the sandboxed WebAssembly plugin runtime (one engine per
+//!   process, compiled plugins kept ready to instantiate, a fresh store per
+//!   job with time and memory limits, a compiled-code cache on disk).
+//! - [`codec`]: decoding and encoding images, with size limits checked from
+//!   the header before any pixel is decoded.
+//! - [`params`]: validating a job's parameters against a plugin's declared
+//!   schema, without running the plugin.
+//! - [`metadata`]: what a plugin says about itself, as plain serialisable
+//!   Rust types.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod metadata;
+pub mod params;
+pub mod runtime;
