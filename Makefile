@@ -16,8 +16,13 @@ all: build
 build: plugins
 	$(CARGO) build --release --workspace
 
+# The built-in plugins are copied to target/builtin-plugins, the worker's
+# default PLUGINS_DIR (the other plugins are examples and test plugins).
+BUILTIN_PLUGINS := grayscale blur
 plugins:
 	cd plugins && $(CARGO) build --release --target wasm32-wasip2
+	mkdir -p target/builtin-plugins
+	for p in $(BUILTIN_PLUGINS); do cp plugins/target/wasm32-wasip2/release/$$p.wasm target/builtin-plugins/; done
 
 # The plugin-author path: the same crates built with `cargo component`
 # (wasm32-wasip1 plus the preview-2 adapter). Tests check the result runs.
@@ -34,7 +39,8 @@ template:
 	cp wit/filter.wit $(TEMPLATE_BUILD)/wit/
 	cd $(TEMPLATE_BUILD) && $(CARGO) component build --release
 
-test: plugins plugins-component template test-plugins test-hosts
+# End-to-end tests spawn the release binaries that `make build` made.
+test: build plugins-component template test-plugins test-hosts
 
 # The filters' math, natively.
 test-plugins:

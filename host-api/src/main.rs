@@ -1,11 +1,124 @@
-//! `host-api`: the imgflow HTTP API (job submission, results, plugin
-//! management, metrics).
+//! `host-api`: the imgflow HTTP API.
 //!
-//! Not implemented yet: it arrives with the job-pipeline issue. Until then
-//! this binary only says so, and exits with status 2, so that nothing can
-//! mistake it for a working API.
+//! Clients submit image jobs and fetch results; the API validates every
+//! request (action, parameters against the plugin's schema, the image
+//! itself) before it stores the input, records the job in PostgreSQL and
+//! queues it in Redis.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("host-api: the HTTP API is not implemented yet (see the job-pipeline issue); use `host-worker run` to run a plugin locally");
-    std::process::ExitCode::from(2)
+mod error;
+mod jobs;
+mod routes;
+mod state;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use imgflow_core::codec::ImageLimits;
+use imgflow_core::config::{DatabaseArgs, RedisArgs, StorageArgs};
+use imgflow_core::db;
+use imgflow_core::queue::Queue;
+use imgflow_core::storage::Storage;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::state::AppState;
+
+/// The imgflow HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "host-api", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "API_ADDR", default_value = "0.0.0.0:8080")]
+    api_addr: SocketAddr,
+    #[command(flatten)]
+    db: DatabaseArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
+    /// Largest accepted request body, in bytes (413 beyond).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Largest accepted image width or height, in pixels.
+    #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    max_image_side: u32,
+    /// Largest accepted image area, in pixels.
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 64 * 1024 * 1024)]
+    max_image_pixels: u64,
+    /// Submissions are refused (429) while this many jobs are unfinished.
+    #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
+    queue_max_depth: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").map_or(true, |f| f != "text") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "API failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Connect lazily: the API starts (and answers 503 with a clear error)
+    // while PostgreSQL is down, and recovers by itself when it is back.
+    let pool = PgPoolOptions::new()
+        .max_connections(20)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy(&args.db.url())
+        .context("invalid database URL")?;
+    let migrations = pool.clone();
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match db::migrate(&migrations).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot run migrations yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    });
+    let state = AppState {
+        db: pool,
+        queue: Queue::new(&args.redis.url(), &args.redis.queue).context("invalid Redis URL")?,
+        storage: Storage::open(&args.storage.storage_url)?,
+        limits: ImageLimits {
+            max_side: args.max_image_side,
+            max_pixels: args.max_image_pixels,
+        },
+        max_body_bytes: args.max_body_bytes,
+        queue_max_depth: args.queue_max_depth,
+    };
+    let listener = tokio::net::TcpListener::bind(args.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.api_addr))?;
+    tracing::info!(addr = %args.api_addr, "API listening");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(imgflow_core::shutdown::signal())
+        .await?;
+    Ok(())
 }

@@ -1,11 +1,17 @@
 //! `host-worker`: runs imgflow filter plugins.
 //!
+//! - `host-worker serve`: the worker: takes jobs from the Redis queue, runs
+//!   them in their plugins, records the outcome in PostgreSQL.
 //! - `host-worker run`: the local runner for plugin authors, one filter on one
 //!   file, no Redis or PostgreSQL needed.
 //! - `host-worker plugin-info`: prints a plugin's metadata as JSON.
 
+mod process;
+mod registry;
+mod retry;
 mod runner;
 mod sandbox_args;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -21,6 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs the worker: takes jobs from the queue until SIGTERM.
+    Serve(Box<serve::ServeArgs>),
     /// Runs one plugin on one image file, without Redis or PostgreSQL.
     Run(runner::RunArgs),
     /// Prints a plugin's metadata (name, version, description, parameters) as JSON.
@@ -29,10 +37,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging("error");
     let result = match cli.command {
-        Command::Run(args) => runner::run(args),
-        Command::PluginInfo(args) => runner::info(args),
+        Command::Serve(args) => return serve_main(*args),
+        Command::Run(args) => {
+            init_logging("error", false);
+            runner::run(args)
+        }
+        Command::PluginInfo(args) => {
+            init_logging("error", false);
+            runner::info(args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,13 +62,36 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default` (for example
-/// `RUST_LOG=info` shows what plugins print).
-fn init_logging(default: &str) {
+fn serve_main(args: serve::ServeArgs) -> ExitCode {
+    let json = std::env::var("LOG_FORMAT").map_or(true, |f| f != "text");
+    init_logging("info", json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve::serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, as JSON lines or text; `RUST_LOG` overrides `default`
+/// (for example `RUST_LOG=info` shows what plugins print).
+fn init_logging(default: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

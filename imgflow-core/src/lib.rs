@@ -9,10 +9,22 @@
 //!   schema, without running the plugin.
 //! - [`metadata`]: what a plugin says about itself, as plain serialisable
 //!   Rust types.
+//! - [`config`]: connection settings (flags and environment variables).
+//! - [`db`]: the PostgreSQL records of jobs and plugins.
+//! - [`queue`]: the Redis stream that carries jobs to workers.
+//! - [`storage`]: where images and plugin components are kept.
+//! - [`shutdown`]: waiting for SIGTERM.
 
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod config;
+pub mod db;
 pub mod metadata;
 pub mod params;
+pub mod queue;
 pub mod runtime;
+pub mod shutdown;
+pub mod storage;
+/// The Redis client crate, re-exported so binaries use the same version.
+pub use redis;

@@ -1,0 +1,23 @@
+//! What every handler shares.
+
+use imgflow_core::codec::ImageLimits;
+use imgflow_core::queue::Queue;
+use imgflow_core::storage::Storage;
+use sqlx::PgPool;
+
+/// The API's shared state; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// PostgreSQL (connects lazily, so the API starts while it is down).
+    pub db: PgPool,
+    /// The Redis queue.
+    pub queue: Queue,
+    /// Images and components.
+    pub storage: Storage,
+    /// Input image limits.
+    pub limits: ImageLimits,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Submissions are refused with 429 while the queue holds this many jobs.
+    pub queue_max_depth: u64,
+}

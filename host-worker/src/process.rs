@@ -1,0 +1,225 @@
+//! Running one job: from a queue delivery to a recorded outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgflow_core::codec::{self, ImageFormat, ImageLimits};
+use imgflow_core::db::{self, JobRecord};
+use imgflow_core::queue::{Delivery, Queue};
+use imgflow_core::storage::{self, Storage};
+use sqlx::PgPool;
+use tracing::Instrument;
+
+use crate::registry::{Registry, RegistryError};
+use crate::retry::retry;
+
+/// How many times a storage or database step is tried within one delivery.
+const STEP_ATTEMPTS: u32 = 4;
+
+/// What a worker needs to run jobs.
+pub struct Context {
+    /// This worker's id (also its Redis consumer name).
+    pub worker_id: String,
+    /// PostgreSQL.
+    pub db: PgPool,
+    /// The queue.
+    pub queue: Queue,
+    /// Images and components.
+    pub storage: Storage,
+    /// Compiled plugins.
+    pub registry: Registry,
+    /// Input limits.
+    pub limits: ImageLimits,
+    /// Deliveries beyond this many attempts fail as `max_attempts`.
+    pub max_attempts: i32,
+    /// The queue lease; renewed at a third of it while a job runs.
+    pub lease: Duration,
+}
+
+/// Why a job did not complete.
+#[derive(Debug)]
+pub struct Failure {
+    /// The error code stored in the job.
+    pub code: &'static str,
+    /// The message stored in the job.
+    pub message: String,
+    /// Whether another attempt may succeed (host trouble, not the plugin's).
+    pub transient: bool,
+}
+
+impl Failure {
+    fn permanent(code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    fn transient(code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+            transient: true,
+        }
+    }
+}
+
+/// Handles one delivery to the end: runs the job (unless it is already
+/// finished), records the outcome, then acknowledges the entry. A transient
+/// failure leaves the entry unacknowledged, so it is delivered again after
+/// the lease (to this worker or another), up to `max_attempts`.
+pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
+    let span = tracing::info_span!("job", job_id = %delivery.job, action = tracing::field::Empty);
+    async move {
+        let started = retry("start job", STEP_ATTEMPTS, || db::start_job(&ctx.db, delivery.job, &ctx.worker_id)).await;
+        let job = match started {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                tracing::info!("job already finished or unknown; acknowledging the duplicate delivery");
+                ack(&ctx, &delivery).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mark the job running; leaving it for redelivery");
+                return;
+            }
+        };
+        tracing::Span::current().record("action", job.action.as_str());
+        if job.attempts > ctx.max_attempts {
+            let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempts - 1, ctx.max_attempts);
+            record_failure(&ctx, &job, &Failure::permanent("max_attempts", message)).await;
+            ack(&ctx, &delivery).await;
+            return;
+        }
+
+        // Keep the lease while the job runs, so no other worker takes it.
+        let renewer = {
+            let ctx = ctx.clone();
+            let entry = delivery.entry.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(ctx.lease / 3);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = ctx.queue.renew(&ctx.worker_id, &entry).await {
+                        tracing::warn!(error = %e, "cannot renew the job's lease");
+                    }
+                }
+            })
+        };
+        let outcome = run(&ctx, &job).await;
+        renewer.abort();
+
+        match outcome {
+            Ok((key, size)) => {
+                match retry("complete job", STEP_ATTEMPTS, || db::complete_job(&ctx.db, job.id, &key, size)).await {
+                    Ok(true) => tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed"),
+                    Ok(false) => tracing::info!("job was already finished by another delivery"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record completion; leaving it for redelivery");
+                        return;
+                    }
+                }
+                ack(&ctx, &delivery).await;
+            }
+            Err(failure) if failure.transient => {
+                tracing::warn!(code = failure.code, error = %failure.message, "transient failure; the job will be delivered again");
+            }
+            Err(failure) => {
+                if record_failure(&ctx, &job, &failure).await {
+                    ack(&ctx, &delivery).await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn record_failure(ctx: &Context, job: &JobRecord, failure: &Failure) -> bool {
+    match retry("fail job", STEP_ATTEMPTS, || {
+        db::fail_job(&ctx.db, job.id, failure.code, &failure.message)
+    })
+    .await
+    {
+        Ok(_) => {
+            tracing::warn!(code = failure.code, error = %failure.message, "job failed");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the failure; leaving it for redelivery");
+            false
+        }
+    }
+}
+
+async fn ack(ctx: &Context, delivery: &Delivery) {
+    if let Err(e) = retry("acknowledge", STEP_ATTEMPTS, || {
+        ctx.queue.finish(&delivery.entry)
+    })
+    .await
+    {
+        // The outcome is recorded; a redelivery will see it and acknowledge.
+        tracing::warn!(error = %e, "cannot acknowledge the queue entry");
+    }
+}
+
+/// Runs the plugin on the job's input and stores the result. Returns the
+/// output's key and size.
+async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
+    let plugin = match ctx.registry.get(&job.plugin_digest).await {
+        Ok(p) => p,
+        Err(RegistryError::Storage(e)) => {
+            return Err(Failure::transient("internal", e.to_string()))
+        }
+        Err(RegistryError::Load(e)) => {
+            return Err(Failure::permanent(
+                "plugin_unavailable",
+                format!("plugin {} cannot be loaded: {e}", job.action),
+            ))
+        }
+    };
+    let params = plugin
+        .params_from_json(&job.params.0)
+        .map_err(|e| Failure::permanent("invalid_params", e.to_string()))?;
+    let output_format = ImageFormat::parse(&job.output_format).ok_or_else(|| {
+        Failure::permanent(
+            "invalid_params",
+            format!("unknown output format {}", job.output_format),
+        )
+    })?;
+    let input = retry("read input", STEP_ATTEMPTS, || {
+        ctx.storage.get(&job.input_key)
+    })
+    .await
+    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+
+    let runtime = ctx.registry.runtime().clone();
+    let limits = ctx.limits;
+    let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Failure> {
+        let (image, _) = codec::decode(&input, &limits)
+            .map_err(|e| Failure::permanent("invalid_input", e.to_string()))?;
+        let applied = runtime
+            .apply(&plugin, image, &params)
+            .map_err(|e| Failure {
+                code: e.code(),
+                message: e.to_string(),
+                transient: e.is_transient(),
+            })?;
+        codec::encode(&applied.image, output_format)
+            .map_err(|e| Failure::permanent("internal", e.to_string()))
+    })
+    .await
+    .map_err(|e| Failure::transient("internal", format!("job thread failed: {e}")))??;
+
+    let key = storage::output_key(job.id, output_format);
+    let size = encoded.len() as i64;
+    let bytes = bytes::Bytes::from(encoded);
+    retry("write output", STEP_ATTEMPTS, || {
+        ctx.storage.put(&key, bytes.clone())
+    })
+    .await
+    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+    Ok((key, size))
+}

@@ -1,0 +1,126 @@
+//! The worker's compiled plugins, by digest.
+//!
+//! A job names the exact plugin version (digest) it runs; the registry
+//! compiles each digest once (or loads it from the compiled-code cache) and
+//! keeps it. Built-in plugins are registered from `PLUGINS_DIR` at start.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use imgflow_core::db;
+use imgflow_core::runtime::{LoadError, Plugin, Runtime};
+use imgflow_core::storage::{self, Storage, StorageError};
+use sqlx::PgPool;
+use tokio::sync::RwLock;
+
+/// Why a plugin could not be made ready.
+#[derive(Debug)]
+pub enum RegistryError {
+    /// The component could not be read from storage (transient).
+    Storage(StorageError),
+    /// The component does not load (deterministic).
+    Load(LoadError),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Storage(e) => write!(f, "{e}"),
+            RegistryError::Load(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Compiled plugins, shared by the worker's tasks.
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    storage: Storage,
+    plugins: RwLock<HashMap<String, Arc<Plugin>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(runtime: Arc<Runtime>, storage: Storage) -> Registry {
+        Registry {
+            runtime,
+            storage,
+            plugins: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The runtime plugins run in.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The plugin with SHA-256 `digest`, loading it from storage if needed.
+    pub async fn get(&self, digest: &str) -> Result<Arc<Plugin>, RegistryError> {
+        if let Some(plugin) = self.plugins.read().await.get(digest) {
+            return Ok(plugin.clone());
+        }
+        let bytes = self
+            .storage
+            .get(&storage::plugin_key(digest))
+            .await
+            .map_err(RegistryError::Storage)?;
+        let plugin = self
+            .load(bytes.to_vec())
+            .await
+            .map_err(RegistryError::Load)?;
+        if plugin.digest() != digest {
+            return Err(RegistryError::Load(LoadError::InvalidMetadata(format!(
+                "stored component has digest {}, expected {digest}",
+                plugin.digest()
+            ))));
+        }
+        Ok(plugin)
+    }
+
+    /// Compiles `wasm` in a blocking thread and keeps it.
+    async fn load(&self, wasm: Vec<u8>) -> Result<Arc<Plugin>, LoadError> {
+        let runtime = self.runtime.clone();
+        let plugin = tokio::task::spawn_blocking(move || runtime.load(&wasm))
+            .await
+            .map_err(|e| LoadError::Compile(format!("compilation thread failed: {e}")))??;
+        let plugin = Arc::new(plugin);
+        self.plugins
+            .write()
+            .await
+            .insert(plugin.digest().to_string(), plugin.clone());
+        Ok(plugin)
+    }
+
+    /// Registers every `*.wasm` in `dir` as a built-in plugin: stores the
+    /// component by digest and records it in PostgreSQL. A file that does
+    /// not load is logged and skipped, so one bad file cannot stop the worker.
+    pub async fn register_builtins(&self, dir: &Path, db: &PgPool) -> anyhow::Result<Vec<String>> {
+        let mut names = Vec::new();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot read PLUGINS_DIR {}: {e}", dir.display()))?;
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let wasm = std::fs::read(&path)?;
+            let plugin = match self.load(wasm.clone()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), code = e.code(), error = %e, "skipping built-in plugin that does not load");
+                    continue;
+                }
+            };
+            let key = storage::plugin_key(plugin.digest());
+            if !self.storage.exists(&key).await? {
+                self.storage.put(&key, wasm.into()).await?;
+            }
+            db::register_builtin(db, plugin.metadata(), plugin.digest(), plugin.size() as i64)
+                .await?;
+            tracing::info!(plugin = %plugin.metadata().name, version = %plugin.metadata().version, digest = plugin.digest(), "registered built-in plugin");
+            names.push(plugin.metadata().name.clone());
+        }
+        Ok(names)
+    }
+}

@@ -1,0 +1,287 @@
+//! The work queue: a Redis stream with a consumer group.
+//!
+//! - The API adds one entry (`job` = the job id) per accepted job (`XADD`).
+//! - Workers read new entries through the group (`XREADGROUP`); an entry
+//!   stays pending, owned by its worker, until that worker acknowledges and
+//!   deletes it (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
+//! - A worker that dies leaves its entries pending; after the lease (idle
+//!   time) another worker takes them over (`XAUTOCLAIM`). A worker running a
+//!   long job renews its lease by re-claiming the entry for itself.
+//! - The stream's length is therefore the number of unfinished jobs, which
+//!   is what the API's admission limit counts.
+//!
+//! Redis is only the carrier: the sweeper re-queues from PostgreSQL any
+//! unfinished job whose entry is missing, so even a Redis that lost its data
+//! loses no job.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use redis::{AsyncCommands, RedisError, RedisResult};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// The consumer group every worker joins.
+pub const GROUP: &str = "workers";
+
+/// How long a Redis call may take before it counts as "Redis is down".
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One job handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The stream entry's id, used to acknowledge it.
+    pub entry: String,
+    /// The job.
+    pub job: Uuid,
+}
+
+/// A handle on the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    client: redis::Client,
+    conn: std::sync::Arc<OnceCell<ConnectionManager>>,
+    stream: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// A queue at `url` whose keys start with `prefix`. Connects lazily, so
+    /// a process can start while Redis is down and serve "unavailable".
+    pub fn new(url: &str, prefix: &str) -> RedisResult<Queue> {
+        Ok(Queue {
+            client: redis::Client::open(url)?,
+            conn: std::sync::Arc::new(OnceCell::new()),
+            stream: format!("{prefix}:jobs"),
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The stream's key.
+    pub fn stream_key(&self) -> &str {
+        &self.stream
+    }
+
+    /// A key under this queue's prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// The shared, self-reconnecting connection.
+    pub async fn conn(&self) -> RedisResult<ConnectionManager> {
+        let manager = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(TIMEOUT)
+                    .set_response_timeout(TIMEOUT)
+                    .set_number_of_retries(2);
+                self.client.get_connection_manager_with_config(config).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Creates the stream and the consumer group if they do not exist. The
+    /// group starts at the beginning of the stream, so entries added before
+    /// it existed (after Redis lost its data) are not skipped.
+    pub async fn ensure_group(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let created: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING").query_async(&mut conn).await
+    }
+
+    /// Adds a job; returns its entry id.
+    pub async fn enqueue(&self, job: Uuid) -> RedisResult<String> {
+        let mut conn = self.conn().await?;
+        conn.xadd(&self.stream, "*", &[("job", job.to_string())])
+            .await
+    }
+
+    /// How many jobs are on the queue (waiting or being run).
+    pub async fn depth(&self) -> RedisResult<u64> {
+        let mut conn = self.conn().await?;
+        conn.xlen(&self.stream).await
+    }
+
+    /// Whether the entry is still on the stream.
+    pub async fn contains(&self, entry: &str) -> RedisResult<bool> {
+        let mut conn = self.conn().await?;
+        let found: redis::streams::StreamRangeReply =
+            conn.xrange(&self.stream, entry, entry).await?;
+        Ok(!found.ids.is_empty())
+    }
+
+    /// Acknowledges and deletes an entry: the job's outcome is recorded.
+    pub async fn finish(&self, entry: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .atomic()
+            .xack(&self.stream, GROUP, &[entry])
+            .ignore()
+            .xdel(&self.stream, &[entry])
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Renews `consumer`'s lease on an entry (resets its idle time).
+    pub async fn renew(&self, consumer: &str, entry: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Takes over up to `count` entries idle for longer than `lease` (their
+    /// worker died or hung) for `consumer`.
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        lease: Duration,
+        count: usize,
+    ) -> RedisResult<Vec<Delivery>> {
+        let mut conn = self.conn().await?;
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(lease.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(deliveries(reply.claimed))
+    }
+
+    /// A dedicated connection for blocking reads by `consumer`.
+    pub async fn reader(&self, consumer: &str) -> RedisResult<Reader> {
+        let conn = tokio::time::timeout(TIMEOUT, self.client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| {
+                RedisError::from((redis::ErrorKind::IoError, "timed out connecting to Redis"))
+            })??;
+        Ok(Reader {
+            conn,
+            queue: self.clone(),
+            consumer: consumer.to_string(),
+        })
+    }
+
+    /// The age of the oldest entry on the stream (entry ids start with their
+    /// creation time in milliseconds), or zero if it is empty.
+    pub async fn oldest_age(&self) -> RedisResult<Duration> {
+        let mut conn = self.conn().await?;
+        let first: redis::streams::StreamRangeReply =
+            conn.xrange_count(&self.stream, "-", "+", 1).await?;
+        let Some(entry) = first.ids.first() else {
+            return Ok(Duration::ZERO);
+        };
+        let millis: u64 = entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        Ok(Duration::from_millis(now.saturating_sub(millis)))
+    }
+}
+
+/// Reads new entries for one consumer on its own connection (a blocking
+/// read holds its connection).
+pub struct Reader {
+    conn: redis::aio::MultiplexedConnection,
+    queue: Queue,
+    consumer: String,
+}
+
+impl Reader {
+    /// Waits up to `block` for one new entry.
+    pub async fn next(&mut self, block: Duration) -> RedisResult<Option<Delivery>> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.queue.stream)
+            .arg(">");
+        let read = command.query_async::<Option<StreamReadReply>>(&mut self.conn);
+        let reply = match tokio::time::timeout(block + TIMEOUT, read).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                // Redis lost the group (restart without persistence).
+                self.queue.ensure_group().await?;
+                return Ok(None);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "XREADGROUP timed out",
+                )))
+            }
+        };
+        Ok(reply
+            .and_then(|r| r.keys.into_iter().next())
+            .and_then(|k| deliveries(k.ids).into_iter().next()))
+    }
+}
+
+fn deliveries(ids: Vec<redis::streams::StreamId>) -> Vec<Delivery> {
+    ids.into_iter()
+        .filter_map(|e| {
+            let job = e
+                .get::<String>("job")
+                .and_then(|j| Uuid::parse_str(&j).ok());
+            match job {
+                Some(job) => Some(Delivery { entry: e.id, job }),
+                None => {
+                    tracing::warn!(entry = %e.id, "ignoring a queue entry without a valid job id");
+                    None
+                }
+            }
+        })
+        .collect()
+}
