@@ -23,6 +23,8 @@ plugins:
 	cd plugins && $(CARGO) build --release --target wasm32-wasip2
 	mkdir -p target/builtin-plugins
 	for p in $(BUILTIN_PLUGINS); do cp plugins/target/wasm32-wasip2/release/$$p.wasm target/builtin-plugins/; done
+	# A second version of the example plugin, for the plugin-management tests.
+	cd plugins && IMGFLOW_PLUGIN_VERSION=0.2.0 $(CARGO) build --release --target wasm32-wasip2 -p invert --target-dir target/v2
 
 # The plugin-author path: the same crates built with `cargo component`
 # (wasm32-wasip1 plus the preview-2 adapter). Tests check the result runs.

@@ -126,13 +126,15 @@ async fn read_submission(
                     })?;
                     json_params = Some(value);
                 }
-                other => return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!(
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        format!(
                         "unexpected form field {other:?}; expected image, action, params, format"
                     ),
-                )),
+                    ))
+                }
             }
         }
         let image = image.ok_or_else(|| {
@@ -246,12 +248,27 @@ async fn accept(
         }
     }
 
-    let plugin = match db::active_plugin(&state.db, &s.action)
+    // `name@version` pins a version; plain `name` runs the active one.
+    let (name, pinned) = match s.action.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (s.action.as_str(), None),
+    };
+    let active = db::active_plugin(&state.db, name)
         .await
-        .map_err(ApiError::database)?
-    {
-        Some(p) => p,
-        None => {
+        .map_err(ApiError::database)?;
+    let plugin = match (active, pinned) {
+        (Some(active), None) => active,
+        (Some(_), Some(version)) => db::plugin_version(&state.db, name, version)
+            .await
+            .map_err(ApiError::database)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "version_not_found",
+                    format!("plugin {name:?} has no version {version:?}"),
+                )
+            })?,
+        (None, _) => {
             let names: Vec<String> = db::active_plugins(&state.db)
                 .await
                 .map_err(ApiError::database)?
@@ -262,8 +279,7 @@ async fn accept(
                 StatusCode::NOT_FOUND,
                 "unknown_action",
                 format!(
-                    "unknown action {:?}; available actions: {}",
-                    s.action,
+                    "unknown action {name:?}; available actions: {}",
                     names.join(", ")
                 ),
             ));

@@ -7,6 +7,7 @@
 
 mod error;
 mod jobs;
+mod plugins;
 mod routes;
 mod state;
 
@@ -16,10 +17,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use imgflow_core::codec::ImageLimits;
-use imgflow_core::config::{DatabaseArgs, RedisArgs, StorageArgs};
+use imgflow_core::config::{DatabaseArgs, RedisArgs, SandboxArgs, StorageArgs};
 use imgflow_core::db;
 use imgflow_core::queue::Queue;
+use imgflow_core::runtime::Runtime;
 use imgflow_core::storage::Storage;
 use sqlx::postgres::PgPoolOptions;
 
@@ -41,12 +42,18 @@ struct Args {
     /// Largest accepted request body, in bytes (413 beyond).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Largest accepted image width or height, in pixels.
-    #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 16_384)]
-    max_image_side: u32,
-    /// Largest accepted image area, in pixels.
-    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 64 * 1024 * 1024)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    /// The operators' bearer token for plugin management. Unset: plugin
+    /// upload, activation and deletion are refused (403).
+    #[arg(long, env = "IMGFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest accepted plugin upload, in bytes (413 beyond).
+    #[arg(long, env = "PLUGIN_MAX_BYTES", default_value_t = 50 * 1024 * 1024)]
+    plugin_max_bytes: usize,
+    /// How long compiling an uploaded plugin may take, in milliseconds.
+    #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
+    plugin_compile_timeout_ms: u64,
     /// Submissions are refused (429) while this many jobs are unfinished.
     #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
     queue_max_depth: u64,
@@ -106,12 +113,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         db: pool,
         queue: Queue::new(&args.redis.url(), &args.redis.queue).context("invalid Redis URL")?,
         storage: Storage::open(&args.storage.storage_url)?,
-        limits: ImageLimits {
-            max_side: args.max_image_side,
-            max_pixels: args.max_image_pixels,
-        },
+        limits: args.sandbox.image_limits(),
         max_body_bytes: args.max_body_bytes,
         queue_max_depth: args.queue_max_depth,
+        runtime: std::sync::Arc::new(
+            Runtime::new(args.sandbox.runtime_config(2))
+                .context("cannot start the plugin sandbox")?,
+        ),
+        admin_token: args.admin_token.filter(|t| !t.is_empty()),
+        plugin_max_bytes: args.plugin_max_bytes,
+        plugin_compile_timeout: Duration::from_millis(args.plugin_compile_timeout_ms),
     };
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await

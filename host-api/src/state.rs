@@ -1,7 +1,11 @@
 //! What every handler shares.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use imgflow_core::codec::ImageLimits;
 use imgflow_core::queue::Queue;
+use imgflow_core::runtime::Runtime;
 use imgflow_core::storage::Storage;
 use sqlx::PgPool;
 
@@ -20,4 +24,12 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Submissions are refused with 429 while the queue holds this many jobs.
     pub queue_max_depth: u64,
+    /// The sandbox that validates uploaded plugins.
+    pub runtime: Arc<Runtime>,
+    /// The operators' token; `None` turns plugin management off.
+    pub admin_token: Option<String>,
+    /// Largest accepted plugin upload.
+    pub plugin_max_bytes: usize,
+    /// How long compiling an uploaded plugin may take.
+    pub plugin_compile_timeout: Duration,
 }

@@ -10,6 +10,16 @@ use common::{repo, run_locally, wait_until, Stack};
 use reqwest::multipart::{Form, Part};
 use serde_json::{json, Value};
 
+/// status, plugin_digest, output_key, output_size, worker_id, input_key.
+type RowSummary = (
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    String,
+);
+
 fn fixture(path: &str) -> PathBuf {
     repo().join("tests/fixtures").join(path)
 }
@@ -200,14 +210,7 @@ async fn a_hundred_jobs_through_the_api_and_two_workers() {
     // The rows: one per job, completed, with their keys and sizes, run by
     // both workers; the queue is empty.
     let pool = stack.pool().await;
-    let rows: Vec<(
-        String,
-        String,
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-        String,
-    )> = sqlx::query_as(
+    let rows: Vec<RowSummary> = sqlx::query_as(
         "SELECT status, plugin_digest, output_key, output_size, worker_id, input_key FROM jobs",
     )
     .fetch_all(&pool)

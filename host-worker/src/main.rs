@@ -10,7 +10,6 @@ mod process;
 mod registry;
 mod retry;
 mod runner;
-mod sandbox_args;
 mod serve;
 
 use std::process::ExitCode;

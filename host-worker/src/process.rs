@@ -168,6 +168,20 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
 /// Runs the plugin on the job's input and stores the result. Returns the
 /// output's key and size.
 async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
+    let active = retry("check plugin", STEP_ATTEMPTS, || {
+        db::active_plugin(&ctx.db, &job.action)
+    })
+    .await
+    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+    if active.is_none() {
+        return Err(Failure::permanent(
+            "plugin_deleted",
+            format!(
+                "plugin {} was deleted after the job was submitted",
+                job.action
+            ),
+        ));
+    }
     let plugin = match ctx.registry.get(&job.plugin_digest).await {
         Ok(p) => p,
         Err(RegistryError::Storage(e)) => {

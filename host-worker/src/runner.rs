@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use imgflow_core::codec::{self, ImageFormat};
+use imgflow_core::config::SandboxArgs;
 use imgflow_core::runtime::Runtime;
-
-use crate::sandbox_args::SandboxArgs;
 
 /// Arguments of `host-worker run`.
 #[derive(Debug, Args)]

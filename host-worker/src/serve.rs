@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use imgflow_core::config::{DatabaseArgs, RedisArgs, StorageArgs};
+use imgflow_core::config::{DatabaseArgs, RedisArgs, SandboxArgs, StorageArgs};
 use imgflow_core::db;
 use imgflow_core::queue::Queue;
 use imgflow_core::runtime::Runtime;
@@ -19,7 +19,6 @@ use tokio::task::JoinSet;
 use crate::process::{self, Context};
 use crate::registry::Registry;
 use crate::retry::backoff;
-use crate::sandbox_args::SandboxArgs;
 
 /// Arguments of `host-worker serve`.
 #[derive(Debug, Args)]
@@ -60,6 +59,11 @@ pub struct ServeArgs {
     /// milliseconds; unfinished ones are left for other workers.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     shutdown_grace_ms: u64,
+    /// How often the worker reconciles its loaded plugins with PostgreSQL,
+    /// in milliseconds (uploads are also announced on Redis pub/sub, which
+    /// is faster; this catches a missed notice).
+    #[arg(long, env = "PLUGIN_RECONCILE_MS", default_value_t = 10_000)]
+    plugin_reconcile_ms: u64,
     /// This worker's name in Redis and in job records. Default: host name,
     /// process id and a random suffix.
     #[arg(long, env = "WORKER_ID")]
@@ -117,6 +121,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
     }
     tasks.spawn(reclaim(ctx.clone(), permits.clone(), stop.clone()));
+    tasks.spawn(watch_plugins(
+        ctx.clone(),
+        args.redis.url(),
+        Duration::from_millis(args.plugin_reconcile_ms.max(100)),
+        stop.clone(),
+    ));
     tasks.spawn(sweep(
         ctx.clone(),
         Duration::from_millis(args.sweep_interval_ms.max(100)),
@@ -212,6 +222,70 @@ async fn reclaim(ctx: Arc<Context>, permits: Arc<Semaphore>, mut stop: watch::Re
                 process::handle(ctx, delivery).await;
                 drop(permit);
             });
+        }
+    }
+}
+
+/// Keeps the loaded plugins in step with PostgreSQL: on a pub/sub notice
+/// from the API (an upload, activation or deletion) and every `every`, it
+/// compiles every active version it does not have yet, so the first job of
+/// a new version does not wait for compilation. Jobs never depend on this:
+/// a job names its plugin's digest, and the registry loads any digest on
+/// demand.
+async fn watch_plugins(
+    ctx: Arc<Context>,
+    redis_url: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use futures::StreamExt as _;
+    let channel = ctx.queue.key("plugins");
+    let mut notices: Option<imgflow_core::redis::aio::PubSubStream> = None;
+    loop {
+        if notices.is_none() {
+            notices = subscribe(&redis_url, &channel).await;
+        }
+        let notice = async {
+            match notices.as_mut() {
+                Some(stream) => stream.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            message = notice => {
+                if message.is_none() {
+                    // The connection dropped; subscribe again next round.
+                    notices = None;
+                }
+            }
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match db::active_plugins(&ctx.db).await {
+            Ok(active) => {
+                for plugin in active {
+                    if let Err(e) = ctx.registry.get(&plugin.digest).await {
+                        tracing::warn!(plugin = %plugin.name, version = %plugin.version, error = %e, "cannot load an active plugin");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reconcile plugins"),
+        }
+    }
+}
+
+async fn subscribe(url: &str, channel: &str) -> Option<imgflow_core::redis::aio::PubSubStream> {
+    let client = imgflow_core::redis::Client::open(url).ok()?;
+    let subscribed = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, imgflow_core::redis::RedisError>(pubsub.into_on_message())
+    };
+    match subscribed.await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to plugin notices");
+            None
         }
     }
 }

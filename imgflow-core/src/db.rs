@@ -339,10 +339,12 @@ pub struct PluginRecord {
     pub created_at: DateTime<Utc>,
 }
 
-/// Registers a built-in plugin version found at start. The first version of
-/// a name becomes active; a later built-in version (after an upgrade) becomes
-/// active unless an operator has activated another version since (an
-/// uploaded, non-built-in one). Safe to run from several workers at once.
+/// Registers a built-in plugin version found at start. The first version
+/// ever registered under a name becomes active; a newer built-in version
+/// (after an upgrade) replaces an active built-in one. An operator's choice
+/// is never undone: an uploaded version that is active stays active, and a
+/// deleted (deactivated) plugin stays deleted. Safe to run from several
+/// workers at once.
 pub async fn register_builtin(
     pool: &PgPool,
     metadata: &PluginMetadata,
@@ -355,7 +357,16 @@ pub async fn register_builtin(
         .bind(&metadata.name)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    let (known,): (i64,) = sqlx::query_as("SELECT count(*) FROM plugins WHERE name = $1")
+        .bind(&metadata.name)
+        .fetch_one(&mut *tx)
+        .await?;
+    let active: Option<(String, bool)> =
+        sqlx::query_as("SELECT version, builtin FROM plugins WHERE name = $1 AND active")
+            .bind(&metadata.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let inserted = sqlx::query(
         "INSERT INTO plugins (name, version, digest, size, metadata, uploader, builtin, active)
          VALUES ($1, $2, $3, $4, $5, 'builtin', true, false)
          ON CONFLICT (name, version) DO NOTHING",
@@ -366,26 +377,15 @@ pub async fn register_builtin(
     .bind(size)
     .bind(Json(metadata))
     .execute(&mut *tx)
-    .await?;
-    let active: Option<(String, bool)> =
-        sqlx::query_as("SELECT version, builtin FROM plugins WHERE name = $1 AND active")
-            .bind(&metadata.name)
-            .fetch_optional(&mut *tx)
-            .await?;
+    .await?
+    .rows_affected()
+        == 1;
     let activate = match active {
-        None => true,
-        Some((version, builtin)) => builtin && version != metadata.version,
+        None => known == 0,
+        Some((version, builtin)) => builtin && inserted && version != metadata.version,
     };
     if activate {
-        sqlx::query("UPDATE plugins SET active = false WHERE name = $1 AND active")
-            .bind(&metadata.name)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE plugins SET active = true WHERE name = $1 AND version = $2")
-            .bind(&metadata.name)
-            .bind(&metadata.version)
-            .execute(&mut *tx)
-            .await?;
+        activate_in(&mut tx, &metadata.name, &metadata.version).await?;
     }
     tx.commit().await
 }
@@ -403,4 +403,133 @@ pub async fn active_plugin(pool: &PgPool, name: &str) -> Result<Option<PluginRec
         .bind(name)
         .fetch_optional(pool)
         .await
+}
+
+/// Every version of plugin `name`, oldest first.
+pub async fn plugin_versions(pool: &PgPool, name: &str) -> Result<Vec<PluginRecord>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM plugins WHERE name = $1 ORDER BY created_at, version")
+        .bind(name)
+        .fetch_all(pool)
+        .await
+}
+
+/// One version of plugin `name`.
+pub async fn plugin_version(
+    pool: &PgPool,
+    name: &str,
+    version: &str,
+) -> Result<Option<PluginRecord>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM plugins WHERE name = $1 AND version = $2")
+        .bind(name)
+        .bind(version)
+        .fetch_optional(pool)
+        .await
+}
+
+/// What recording an uploaded plugin did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// A new version, now active.
+    Created,
+    /// The same bytes were already this version; it is now active.
+    Unchanged,
+    /// This version number exists with other bytes; nothing changed.
+    Conflict,
+}
+
+/// Records an uploaded plugin version and makes it the active one.
+pub async fn record_upload(
+    pool: &PgPool,
+    metadata: &PluginMetadata,
+    digest: &str,
+    size: i64,
+    uploader: &str,
+) -> Result<Upload, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(&metadata.name)
+        .execute(&mut *tx)
+        .await?;
+    let existing: Option<(String,)> =
+        sqlx::query_as("SELECT digest FROM plugins WHERE name = $1 AND version = $2")
+            .bind(&metadata.name)
+            .bind(&metadata.version)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let outcome = match existing {
+        Some((d,)) if d == digest => Upload::Unchanged,
+        Some(_) => return Ok(Upload::Conflict),
+        None => {
+            sqlx::query(
+                "INSERT INTO plugins (name, version, digest, size, metadata, uploader, builtin, active)
+                 VALUES ($1, $2, $3, $4, $5, $6, false, false)",
+            )
+            .bind(&metadata.name)
+            .bind(&metadata.version)
+            .bind(digest)
+            .bind(size)
+            .bind(Json(metadata))
+            .bind(uploader)
+            .execute(&mut *tx)
+            .await?;
+            Upload::Created
+        }
+    };
+    activate_in(&mut tx, &metadata.name, &metadata.version).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn activate_in(
+    tx: &mut sqlx::PgConnection,
+    name: &str,
+    version: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE plugins SET active = false WHERE name = $1 AND active AND version <> $2")
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE plugins SET active = true WHERE name = $1 AND version = $2")
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Makes `version` the active version of `name`. Returns false if there is
+/// no such version.
+pub async fn activate_plugin(
+    pool: &PgPool,
+    name: &str,
+    version: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let exists: Option<(String,)> =
+        sqlx::query_as("SELECT version FROM plugins WHERE name = $1 AND version = $2")
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(false);
+    }
+    activate_in(&mut tx, name, version).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Deactivates every version of `name`: new jobs for it are refused.
+/// Returns false if it had no active version.
+pub async fn deactivate_plugin(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE plugins SET active = false WHERE name = $1 AND active")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() > 0)
 }

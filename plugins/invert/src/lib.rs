@@ -10,7 +10,11 @@ impl Guest for Invert {
     fn metadata() -> PluginMetadata {
         PluginMetadata {
             name: "invert".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            // IMGFLOW_PLUGIN_VERSION at build time overrides the version, so the
+            // tests can build a second version of the same plugin.
+            version: option_env!("IMGFLOW_PLUGIN_VERSION")
+                .unwrap_or(env!("CARGO_PKG_VERSION"))
+                .into(),
             description: "Inverts red, green and blue (255 - c), keeping alpha.".into(),
             params: Vec::new(),
         }
