@@ -422,39 +422,18 @@ async fn rejections_have_their_codes_and_leave_nothing_behind() {
         "invalid_params",
     )
     .await;
-    expect_error(
-        submit_raw(
-            &stack,
-            &fixture("pngsuite/xcsn0g01.png"),
-            "action=grayscale",
+    for (file, status, code) in [
+        ("pngsuite/xcsn0g01.png", 422, "corrupt_image"),
+        ("pngsuite/xhdn0g08.png", 422, "corrupt_image"),
+        ("pngsuite/xs1n0g01.png", 415, "unsupported_format"),
+    ] {
+        expect_error(
+            submit_raw(&stack, &fixture(file), "action=grayscale").await,
+            status,
+            code,
         )
-        .await,
-        422,
-        "corrupt_image",
-    )
-    .await;
-    expect_error(
-        submit_raw(
-            &stack,
-            &fixture("pngsuite/xhdn0g08.png"),
-            "action=grayscale",
-        )
-        .await,
-        422,
-        "corrupt_image",
-    )
-    .await;
-    expect_error(
-        submit_raw(
-            &stack,
-            &fixture("pngsuite/xs1n0g01.png"),
-            "action=grayscale",
-        )
-        .await,
-        415,
-        "unsupported_format",
-    )
-    .await;
+        .await;
+    }
     let m = expect_error(
         submit_raw(&stack, &fixture("photos/kodim02.png"), "action=grayscale").await,
         413,
@@ -523,6 +502,28 @@ async fn rejections_have_their_codes_and_leave_nothing_behind() {
         stack.stored("inputs")
     );
     assert_eq!(stack.stream_len().await, 0);
+
+    // Redis unreachable: 503, and still nothing stored or recorded.
+    stack
+        .start_api(&[("REDIS_URL", "redis://127.0.0.1:1/0")])
+        .await;
+    let r = submit_raw(&stack, &small, "action=grayscale").await;
+    assert_eq!(r.headers()["retry-after"], "5");
+    expect_error(r, 503, "queue_unavailable").await;
+    let r = stack
+        .client
+        .get(format!("{}/readyz", stack.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["queue"], "unavailable");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert!(stack.stored("inputs").is_empty());
 
     // The queue's admission limit.
     let mut full = Stack::new().await;

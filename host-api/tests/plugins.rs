@@ -33,6 +33,17 @@ async fn put(stack: &Stack, name: &str, token: Option<&str>, body: Vec<u8>) -> r
     req.send().await.unwrap()
 }
 
+async fn activate(stack: &Stack, version: &str) -> reqwest::Response {
+    stack
+        .client
+        .post(format!("{}/v1/plugins/invert/activate", stack.api_url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "version": version }))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn submit(stack: &Stack, action: &str) -> Value {
     let r = stack
         .client
@@ -194,14 +205,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
     assert_eq!(code, "version_conflict");
 
     // Roll back to 0.1.0.
-    let r = stack
-        .client
-        .post(format!("{}/v1/plugins/invert/activate", stack.api_url))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"version": "0.1.0"}))
-        .send()
-        .await
-        .unwrap();
+    let r = activate(&stack, "0.1.0").await;
     assert_eq!(r.status(), 200);
     let versions: Value = r.json().await.unwrap();
     assert_eq!(versions["active_version"], "0.1.0");
@@ -236,14 +240,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
     assert!(!listed.to_string().contains("\"invert\""), "{listed}");
 
     // A deleted plugin keeps its versions and can be activated again.
-    let r = stack
-        .client
-        .post(format!("{}/v1/plugins/invert/activate", stack.api_url))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"version": "0.2.0"}))
-        .send()
-        .await
-        .unwrap();
+    let r = activate(&stack, "0.2.0").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -272,14 +269,7 @@ async fn a_stream_of_jobs_survives_two_replacements() {
             );
         }
         if n == 35 {
-            let r = stack
-                .client
-                .post(format!("{}/v1/plugins/invert/activate", stack.api_url))
-                .bearer_auth(TOKEN)
-                .json(&serde_json::json!({"version": "0.1.0"}))
-                .send()
-                .await
-                .unwrap();
+            let r = activate(&stack, "0.1.0").await;
             assert_eq!(r.status(), 200);
         }
         ids.push(

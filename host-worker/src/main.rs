@@ -39,11 +39,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => return serve_main(*args),
         Command::Run(args) => {
-            init_logging("error", false);
+            imgflow_core::logging::init("error", false);
             runner::run(args)
         }
         Command::PluginInfo(args) => {
-            init_logging("error", false);
+            imgflow_core::logging::init("error", false);
             runner::info(args)
         }
     };
@@ -62,8 +62,7 @@ fn main() -> ExitCode {
 }
 
 fn serve_main(args: serve::ServeArgs) -> ExitCode {
-    let json = std::env::var("LOG_FORMAT").map_or(true, |f| f != "text");
-    init_logging("info", json);
+    imgflow_core::logging::init("info", imgflow_core::logging::json_from_env());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -77,20 +76,5 @@ fn serve_main(args: serve::ServeArgs) -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "worker failed");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr, as JSON lines or text; `RUST_LOG` overrides `default`
-/// (for example `RUST_LOG=info` shows what plugins print).
-fn init_logging(default: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }

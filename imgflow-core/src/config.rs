@@ -119,7 +119,8 @@ pub struct SandboxArgs {
     #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 64 * 1024 * 1024)]
     pub max_image_pixels: u64,
     /// Directory for compiled plugins, so restarts do not recompile.
-    /// Unset: no cache.
+    /// Default: `$XDG_CACHE_HOME/imgflow/compiled` or
+    /// `~/.cache/imgflow/compiled`; `off` disables the cache.
     #[arg(long, env = "COMPILE_CACHE_DIR")]
     pub compile_cache_dir: Option<PathBuf>,
     /// Disable wasmtime's pooling allocator (slower instantiation, less
@@ -137,6 +138,24 @@ impl SandboxArgs {
         }
     }
 
+    /// The compiled-code cache directory, if any: the flag, else the user's
+    /// cache directory; `off` (or empty) disables it.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        match &self.compile_cache_dir {
+            Some(dir) if dir.as_os_str().is_empty() || dir.as_os_str() == "off" => None,
+            Some(dir) => Some(dir.clone()),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|h| !h.is_empty())
+                        .map(|h| PathBuf::from(h).join(".cache"))
+                })
+                .map(|base| base.join("imgflow").join("compiled")),
+        }
+    }
+
     /// The runtime configuration for `max_concurrent_jobs` parallel calls.
     pub fn runtime_config(&self, max_concurrent_jobs: u32) -> RuntimeConfig {
         RuntimeConfig {
@@ -144,7 +163,7 @@ impl SandboxArgs {
             max_memory_bytes: self.max_memory_mb.max(1).saturating_mul(1024 * 1024),
             pooling: !self.no_pooling,
             max_concurrent_jobs,
-            cache_dir: self.compile_cache_dir.clone(),
+            cache_dir: self.cache_dir(),
             image_limits: self.image_limits(),
             ..RuntimeConfig::default()
         }

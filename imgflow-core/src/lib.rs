@@ -14,12 +14,14 @@
 //! - [`queue`]: the Redis stream that carries jobs to workers.
 //! - [`storage`]: where images and plugin components are kept.
 //! - [`shutdown`]: waiting for SIGTERM.
+//! - [`logging`]: JSON or text logs for the binaries.
 
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod config;
 pub mod db;
+pub mod logging;
 pub mod metadata;
 pub mod params;
 pub mod queue;

@@ -126,12 +126,4 @@ pub enum RuntimeError {
     /// The wasmtime engine rejected the configuration.
     #[error("cannot configure the WebAssembly engine: {0}")]
     Engine(String),
-    /// The compiled-code cache directory cannot be created.
-    #[error("cannot create the compiled-code cache directory {path}: {source}")]
-    CacheDir {
-        /// The directory.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
 }

@@ -201,14 +201,16 @@ impl Runtime {
             .instance(TYPES_INTERFACE)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
+        // The cache only saves time: a directory that cannot be created is
+        // reported, and the runtime works without it.
         let cache = match &config.cache_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-                Some(CompiledCache::new(dir.clone(), &engine))
-            }
+            Some(dir) => match std::fs::create_dir_all(dir) {
+                Ok(()) => Some(CompiledCache::new(dir.clone(), &engine)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot create the compiled-code cache directory; compiling without a cache");
+                    None
+                }
+            },
             None => None,
         };
         let ticker = EpochTicker::start(engine.clone())?;
