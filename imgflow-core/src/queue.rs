@@ -84,8 +84,17 @@ impl Queue {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(TIMEOUT)
                     .set_response_timeout(TIMEOUT)
-                    .set_number_of_retries(2);
-                self.client.get_connection_manager_with_config(config).await
+                    .set_number_of_retries(1);
+                // Bound the first connection as a whole (the manager's own
+                // retries back off), so callers learn quickly that Redis is down.
+                tokio::time::timeout(
+                    TIMEOUT,
+                    self.client.get_connection_manager_with_config(config),
+                )
+                .await
+                .map_err(|_| {
+                    RedisError::from((redis::ErrorKind::IoError, "timed out connecting to Redis"))
+                })?
             })
             .await?;
         Ok(manager.clone())
