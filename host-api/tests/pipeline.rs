@@ -616,3 +616,80 @@ async fn a_job_lost_from_redis_is_requeued_by_the_sweeper() {
     wait_all_finished(&stack, std::slice::from_ref(&id), Duration::from_secs(60)).await;
     assert_eq!(job(&stack, &id).await["status"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[]).await;
+    let w = stack.start_worker("leaving", &[("CONCURRENCY", "1"), ("LEASE_MS", "1500")]);
+    stack.wait_for_plugins().await;
+
+    let photo = fixture("photos/kodim07.png");
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let r = submit_raw(&stack, &photo, "action=blur&sigma=40").await;
+        assert_eq!(r.status(), 202);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let pool = stack.pool().await;
+    wait_until("the worker runs a job", Duration::from_secs(60), || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE status = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n > 0
+    })
+    .await;
+    let (in_flight,): (uuid::Uuid,) =
+        sqlx::query_as("SELECT id FROM jobs WHERE status = 'running' LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let pid = stack.workers[w].child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::task::block_in_place(|| stack.workers[w].child.wait()).unwrap();
+    assert!(
+        status.success(),
+        "the worker should exit cleanly on SIGTERM: {status:?}{}",
+        stack.logs()
+    );
+
+    // The job it was running completed; it took no new ones after SIGTERM.
+    let (state, worker): (String, Option<String>) =
+        sqlx::query_as("SELECT status, worker_id FROM jobs WHERE id = $1")
+            .bind(in_flight)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), worker.as_deref()),
+        ("completed", Some("leaving"))
+    );
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE status = 'queued'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        left > 0,
+        "all jobs finished before SIGTERM; make them slower"
+    );
+
+    // Nothing was lost: another worker finishes the rest.
+    stack.start_worker("staying", &[]);
+    wait_all_finished(&stack, &ids, Duration::from_secs(120)).await;
+    let (completed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(completed, 8);
+}
