@@ -70,14 +70,13 @@ pub async fn submit(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
-    if let Some(length) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if length > limit {
-            return Err(ApiError::too_large(limit));
-        }
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        crate::body::discard(request.into_body(), limit).await;
+        return Err(ApiError::too_large(limit));
     }
     let submission = read_submission(&state, &headers, request).await?;
     let result = accept(&state, &headers, submission).await;
@@ -165,9 +164,13 @@ async fn read_submission(
             Query::try_from_uri(request.uri()).map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
             })?;
-        let image = axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|_| ApiError::too_large(limit))?;
+        let image = match crate::body::read(request.into_body(), limit).await {
+            crate::body::Limited::Body(bytes) => bytes,
+            crate::body::Limited::TooLarge => return Err(ApiError::too_large(limit)),
+            crate::body::Limited::Broken(e) => {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))
+            }
+        };
         let mut action = None;
         let mut format = None;
         let mut pair_params = Vec::new();

@@ -5,6 +5,7 @@
 //! itself) before it stores the input, records the job in PostgreSQL and
 //! queues it in Redis.
 
+mod body;
 mod error;
 mod jobs;
 mod plugins;
@@ -60,22 +61,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    imgflow_core::logging::init("info", imgflow_core::logging::json_from_env());
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "API failed");
-            ExitCode::FAILURE
-        }
-    }
+    imgflow_core::logging::run_service("API", run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

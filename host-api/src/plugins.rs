@@ -247,6 +247,7 @@ async fn read_component(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if length.is_some_and(|l| l > limit) {
+        crate::body::discard(request.into_body(), limit).await;
         return Err(too_large());
     }
     let content_type = headers
@@ -280,9 +281,13 @@ async fn read_component(
             "the form has no file field (send it as `plugin`)",
         ))
     } else {
-        axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|_| too_large())
+        match crate::body::read(request.into_body(), limit).await {
+            crate::body::Limited::Body(bytes) => Ok(bytes),
+            crate::body::Limited::TooLarge => Err(too_large()),
+            crate::body::Limited::Broken(e) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))
+            }
+        }
     }
 }
 

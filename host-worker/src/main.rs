@@ -62,19 +62,5 @@ fn main() -> ExitCode {
 }
 
 fn serve_main(args: serve::ServeArgs) -> ExitCode {
-    imgflow_core::logging::init("info", imgflow_core::logging::json_from_env());
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve::serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "worker failed");
-            ExitCode::FAILURE
-        }
-    }
+    imgflow_core::logging::run_service("worker", serve::serve(args))
 }

@@ -1,4 +1,4 @@
-//! Log output for the binaries.
+//! Log output and the async entry point of the service binaries.
 
 /// Logs to stderr as JSON lines (for production) or text (`json = false`);
 /// `RUST_LOG` overrides `default` (for example `RUST_LOG=debug`, or
@@ -19,4 +19,28 @@ pub fn init(default: &str, json: bool) {
 /// Whether services log JSON: yes unless `LOG_FORMAT=text`.
 pub fn json_from_env() -> bool {
     std::env::var("LOG_FORMAT").map_or(true, |f| f != "text")
+}
+
+/// Runs a service's main future on a new multi-threaded tokio runtime with
+/// logs set up (JSON unless `LOG_FORMAT=text`), and turns its outcome into
+/// the process exit code; a failure is logged with its whole cause chain.
+pub fn run_service<E: std::fmt::Display>(
+    what: &str,
+    main: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    init("info", json_from_env());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{what} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

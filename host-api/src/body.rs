@@ -1,0 +1,55 @@
+//! Reading request bodies under a size limit.
+//!
+//! A body over the limit is answered with 413, but only after reading (and
+//! discarding) what the client is still sending, up to twice the limit: an
+//! HTTP/1 client that is still writing when the server answers and closes
+//! would otherwise see a broken pipe instead of the 413 and its message.
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt as _;
+
+/// What reading a limited body found.
+pub enum Limited {
+    /// The whole body, within the limit.
+    Body(Bytes),
+    /// The body was over the limit (and was drained, as far as reasonable).
+    TooLarge,
+    /// The client went away or sent a broken body.
+    Broken(String),
+}
+
+/// Reads `body` if it is at most `limit` bytes.
+pub async fn read(body: Body, limit: usize) -> Limited {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return Limited::Broken(e.to_string()),
+        };
+        total = total.saturating_add(chunk.len());
+        if total > limit {
+            drain(stream, limit, total).await;
+            return Limited::TooLarge;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Limited::Body(buf.freeze())
+}
+
+/// Discards the rest of an oversized body, up to twice the limit in all.
+pub async fn discard(body: Body, limit: usize) {
+    drain(body.into_data_stream(), limit, 0).await;
+}
+
+async fn drain(mut stream: axum::body::BodyDataStream, limit: usize, mut seen: usize) {
+    let cap = limit.saturating_mul(2).max(1 << 20);
+    while seen <= cap {
+        match stream.next().await {
+            Some(Ok(chunk)) => seen = seen.saturating_add(chunk.len()),
+            _ => return,
+        }
+    }
+}
