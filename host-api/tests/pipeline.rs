@@ -66,15 +66,7 @@ async fn submit_raw(stack: &Stack, file: &PathBuf, query: &str) -> reqwest::Resp
 }
 
 async fn job(stack: &Stack, id: &str) -> Value {
-    stack
-        .client
-        .get(format!("{}/v1/jobs/{id}", stack.api_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    stack.get_json(&format!("/v1/jobs/{id}")).await
 }
 
 async fn wait_all_finished(stack: &Stack, ids: &[String], timeout: Duration) {
@@ -237,15 +229,7 @@ async fn a_hundred_jobs_through_the_api_and_two_workers() {
     assert_eq!(stack.stored("outputs").len(), 100);
 
     // Listing, newest first, with a cursor.
-    let page: Value = stack
-        .client
-        .get(format!("{}/v1/jobs?limit=60&action=blur", stack.api_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = stack.get_json("/v1/jobs?limit=60&action=blur").await;
     let listed = page["jobs"].as_array().unwrap();
     assert_eq!(listed.len(), 50);
     assert_eq!(page["next_cursor"], Value::Null);
@@ -253,31 +237,13 @@ async fn a_hundred_jobs_through_the_api_and_two_workers() {
         listed[0]["id"].as_str().unwrap(),
         submitted.iter().rev().find(|s| s.2 == "blur").unwrap().0
     );
-    let page: Value = stack
-        .client
-        .get(format!(
-            "{}/v1/jobs?limit=30&status=completed",
-            stack.api_url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = stack.get_json("/v1/jobs?limit=30&status=completed").await;
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
     let next: Value = stack
-        .client
-        .get(format!(
-            "{}/v1/jobs?limit=100&status=completed&cursor={cursor}",
-            stack.api_url
+        .get_json(&format!(
+            "/v1/jobs?limit=100&status=completed&cursor={cursor}"
         ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(next["jobs"].as_array().unwrap().len(), 70);
 }
 

@@ -59,22 +59,10 @@ async fn submit(stack: &Stack, action: &str) -> Value {
     body
 }
 
-async fn get_json(stack: &Stack, path: &str) -> Value {
-    stack
-        .client
-        .get(format!("{}{path}", stack.api_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn wait_done(stack: &Stack, id: &str) -> Value {
     let started = Instant::now();
     loop {
-        let job = get_json(stack, &format!("/v1/jobs/{id}")).await;
+        let job = stack.get_json(&format!("/v1/jobs/{id}")).await;
         if job["status"] == "completed" || job["status"] == "failed" {
             return job;
         }
@@ -236,7 +224,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
         .unwrap();
     let (code, _) = error_code(r, 404).await;
     assert_eq!(code, "unknown_action");
-    let listed = get_json(&stack, "/v1/plugins").await;
+    let listed = stack.get_json("/v1/plugins").await;
     assert!(!listed.to_string().contains("\"invert\""), "{listed}");
 
     // A deleted plugin keeps its versions and can be activated again.

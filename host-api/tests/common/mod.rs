@@ -215,6 +215,18 @@ impl Stack {
         .await;
     }
 
+    /// GETs `path` from the API and parses the JSON answer.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.api_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// A pool on the test's database.
     pub async fn pool(&self) -> PgPool {
         PgPool::connect(&self.db_url).await.unwrap()
