@@ -5,11 +5,13 @@
 #   make test      every test (builds what it needs first)
 #   make bench     benchmark figures (see docs/BENCHMARKS.md)
 #   make lint      rustfmt and clippy, warnings are errors
+#   make up        the whole system, natively (scripts/native.sh); make down,
+#                  make status, make logs
 
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: all build plugins plugins-component template test test-plugins test-hosts bench lint fmt clean
+.PHONY: all build plugins plugins-component template test test-plugins test-hosts test-prometheus bench lint fmt clean up down status logs
 
 all: build
 
@@ -42,7 +44,15 @@ template:
 	cd $(TEMPLATE_BUILD) && $(CARGO) component build --release
 
 # End-to-end tests spawn the release binaries that `make build` made.
-test: build plugins-component template test-plugins test-hosts
+test: build plugins-component template test-prometheus test-plugins test-hosts
+
+# The Prometheus config and rules, and the alerts' unit tests (promtool,
+# from the Debian package prometheus).
+PROMTOOL ?= promtool
+test-prometheus:
+	$(PROMTOOL) check config prometheus/prometheus.yml
+	$(PROMTOOL) check rules prometheus/rules/*.yml
+	cd prometheus && $(PROMTOOL) test rules tests/alerts.test.yml
 
 # The filters' math, natively.
 test-plugins:
@@ -60,6 +70,11 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	cd plugins && $(CARGO) clippy --target wasm32-wasip2 --workspace --exclude imgflow-filters -- -D warnings
 	$(CARGO) clippy --manifest-path $(PLUGINS_MANIFEST) -p imgflow-filters --all-targets -- -D warnings
+
+# The whole system without Docker: Redis, PostgreSQL, Prometheus, the API
+# and a worker (see scripts/native.sh; state and logs in .imgflow/).
+up down status logs:
+	@scripts/native.sh $@
 
 fmt:
 	$(CARGO) fmt --all

@@ -69,6 +69,19 @@ pub async fn submit(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let result = read_and_accept(&state, &headers, request).await;
+    if let Err(e) = &result {
+        state.metrics.rejected(e.code());
+        tracing::info!(code = e.code(), "job rejected");
+    }
+    result
+}
+
+async fn read_and_accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -78,12 +91,8 @@ pub async fn submit(
         crate::body::discard(request.into_body(), limit).await;
         return Err(ApiError::too_large(limit));
     }
-    let submission = read_submission(&state, &headers, request).await?;
-    let result = accept(&state, &headers, submission).await;
-    if let Err(e) = &result {
-        tracing::info!(code = e.code(), "job rejected");
-    }
-    result
+    let submission = read_submission(state, headers, request).await?;
+    accept(state, headers, submission).await
 }
 
 async fn read_submission(
@@ -390,6 +399,7 @@ async fn accept(
             return Err(ApiError::queue(e));
         }
     }
+    state.metrics.submitted(&job.action);
     tracing::info!(job_id = %id, action = %job.action, size = job.input_size, "job accepted");
     Ok(answer(StatusCode::ACCEPTED, &job))
 }

@@ -8,12 +8,14 @@
 mod body;
 mod error;
 mod jobs;
+mod metrics;
 mod plugins;
 mod routes;
 mod state;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -25,6 +27,7 @@ use imgflow_core::runtime::Runtime;
 use imgflow_core::storage::Storage;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::metrics::ApiMetrics;
 use crate::state::AppState;
 
 /// The imgflow HTTP API.
@@ -72,20 +75,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .acquire_timeout(Duration::from_secs(3))
         .connect_lazy(&args.db.url())
         .context("invalid database URL")?;
-    let migrations = pool.clone();
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match db::migrate(&migrations).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot run migrations yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-    });
+    let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
+    tokio::spawn(migrate_then_watch_actions(pool.clone(), metrics.clone()));
     let state = AppState {
         db: pool,
         queue: Queue::new(&args.redis.url(), &args.redis.queue).context("invalid Redis URL")?,
@@ -93,13 +84,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits: args.sandbox.image_limits(),
         max_body_bytes: args.max_body_bytes,
         queue_max_depth: args.queue_max_depth,
-        runtime: std::sync::Arc::new(
+        runtime: Arc::new(
             Runtime::new(args.sandbox.runtime_config(2))
                 .context("cannot start the plugin sandbox")?,
         ),
         admin_token: args.admin_token.filter(|t| !t.is_empty()),
         plugin_max_bytes: args.plugin_max_bytes,
         plugin_compile_timeout: Duration::from_millis(args.plugin_compile_timeout_ms),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
@@ -109,4 +101,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_graceful_shutdown(imgflow_core::shutdown::signal())
         .await?;
     Ok(())
+}
+
+/// Runs the migrations (retrying while PostgreSQL is down), then keeps the
+/// metrics' per-action series in step with the registered plugins, so each
+/// action's submission counter exists at zero before its first job.
+async fn migrate_then_watch_actions(pool: sqlx::PgPool, metrics: Arc<ApiMetrics>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db::migrate(&pool).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot run migrations yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    loop {
+        if let Ok(active) = db::active_plugins(&pool).await {
+            metrics.known_actions(active.iter().map(|p| p.name.as_str()));
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }

@@ -123,7 +123,22 @@ pub async fn upload(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    let result = store_upload(&state, name, &headers, request).await;
+    state.metrics.upload(match &result {
+        Ok(r) if r.status() == StatusCode::CREATED => "created",
+        Ok(_) => "unchanged",
+        Err(e) => e.code(),
+    });
+    result
+}
+
+async fn store_upload(
+    state: &AppState,
+    name: String,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    authorize(state, headers)?;
     check_name(&name)?;
     let limit = state.plugin_max_bytes;
     let too_large = || {
@@ -133,7 +148,7 @@ pub async fn upload(
             format!("the component is over the limit of {limit} bytes (PLUGIN_MAX_BYTES)"),
         )
     };
-    let wasm = read_component(&state, &headers, request, limit, too_large).await?;
+    let wasm = read_component(state, headers, request, limit, too_large).await?;
 
     let runtime = state.runtime.clone();
     let bytes = wasm.clone();
@@ -212,7 +227,8 @@ pub async fn upload(
         Upload::Unchanged => StatusCode::OK,
         Upload::Conflict => return Err(version_conflict(&name, &meta.version)),
     };
-    notify(&state, &name).await;
+    notify(state, &name).await;
+    state.metrics.known_actions([name.as_str()]);
     tracing::info!(plugin = %name, version = %meta.version, digest = plugin.digest(), created = status == StatusCode::CREATED, "plugin uploaded");
     let record = db::plugin_version(&state.db, &name, &meta.version)
         .await

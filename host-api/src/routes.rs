@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::state::AppState;
-use crate::{jobs, plugins};
+use crate::{jobs, metrics, plugins};
 
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
@@ -29,9 +29,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/plugins/{name}/activate", post(plugins::activate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::scrape))
         // Multipart bodies are cut off at the limit while streaming (413);
         // raw bodies are limited by the handler itself.
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 

@@ -9,8 +9,10 @@ use imgflow_core::runtime::Runtime;
 use imgflow_core::storage::Storage;
 use sqlx::PgPool;
 
+use crate::metrics::ApiMetrics;
+
 /// The API's shared state; cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AppState {
     /// PostgreSQL (connects lazily, so the API starts while it is down).
     pub db: PgPool,
@@ -32,4 +34,6 @@ pub struct AppState {
     pub plugin_max_bytes: usize,
     /// How long compiling an uploaded plugin may take.
     pub plugin_compile_timeout: Duration,
+    /// The API's metrics.
+    pub metrics: Arc<ApiMetrics>,
 }

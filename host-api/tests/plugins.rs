@@ -45,34 +45,12 @@ async fn activate(stack: &Stack, version: &str) -> reqwest::Response {
 }
 
 async fn submit(stack: &Stack, action: &str) -> Value {
-    let r = stack
-        .client
-        .post(format!("{}/v1/jobs?action={action}", stack.api_url))
-        .header("content-type", "image/png")
-        .body(std::fs::read(repo().join("tests/fixtures/pngsuite/basn6a08.png")).unwrap())
-        .send()
+    stack
+        .submit_raw(
+            &format!("action={action}"),
+            "tests/fixtures/pngsuite/basn6a08.png",
+        )
         .await
-        .unwrap();
-    let status = r.status();
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(status, 202, "{body}");
-    body
-}
-
-async fn wait_done(stack: &Stack, id: &str) -> Value {
-    let started = Instant::now();
-    loop {
-        let job = stack.get_json(&format!("/v1/jobs/{id}")).await;
-        if job["status"] == "completed" || job["status"] == "failed" {
-            return job;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "job {id} not finished: {job}{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn digest_of(stack: &Stack, id: &str) -> (String, String) {
@@ -129,7 +107,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
         .into_rgba8();
     let mut workers = HashSet::new();
     for id in &ids {
-        let job = wait_done(&stack, id).await;
+        let job = stack.wait_done(id).await;
         assert_eq!(job["status"], "completed", "{job}");
         assert_eq!(job["plugin_version"], "0.1.0");
         let bytes = stack
@@ -169,7 +147,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(wait_done(&stack, &id).await["status"], "completed");
+    assert_eq!(stack.wait_done(&id).await["status"], "completed");
     assert_eq!(
         digest_of(&stack, &id).await,
         (
@@ -183,7 +161,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(wait_done(&stack, &id).await["status"], "completed");
+    assert_eq!(stack.wait_done(&id).await["status"], "completed");
     assert_eq!(digest_of(&stack, &id).await.0, "0.1.0");
 
     // Same version number, different bytes: 409, nothing changes.
@@ -202,7 +180,7 @@ async fn upload_versions_activate_and_delete_while_two_workers_run() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(wait_done(&stack, &id).await["status"], "completed");
+    assert_eq!(stack.wait_done(&id).await["status"], "completed");
     assert_eq!(digest_of(&stack, &id).await.0, "0.1.0");
 
     // Delete: new jobs are refused with the unknown-action error.

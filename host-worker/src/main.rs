@@ -6,6 +6,7 @@
 //!   file, no Redis or PostgreSQL needed.
 //! - `host-worker plugin-info`: prints a plugin's metadata as JSON.
 
+mod metrics;
 mod process;
 mod registry;
 mod retry;

@@ -1,7 +1,7 @@
 //! Running one job: from a queue delivery to a recorded outcome.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imgflow_core::codec::{self, ImageFormat, ImageLimits};
 use imgflow_core::db::{self, JobRecord};
@@ -10,6 +10,7 @@ use imgflow_core::storage::{self, Storage};
 use sqlx::PgPool;
 use tracing::Instrument;
 
+use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
 use crate::retry::retry;
 
@@ -34,6 +35,8 @@ pub struct Context {
     pub max_attempts: i32,
     /// The queue lease; renewed at a third of it while a job runs.
     pub lease: Duration,
+    /// The worker's metrics.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// Why a job did not complete.
@@ -72,6 +75,7 @@ impl Failure {
 pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     let span = tracing::info_span!("job", job_id = %delivery.job, action = tracing::field::Empty);
     async move {
+        let began = Instant::now();
         let started = retry("start job", STEP_ATTEMPTS, || db::start_job(&ctx.db, delivery.job, &ctx.worker_id)).await;
         let job = match started {
             Ok(Some(job)) => job,
@@ -86,9 +90,14 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
             }
         };
         tracing::Span::current().record("action", job.action.as_str());
+        let _running = ctx.metrics.in_flight(&job.action);
+        if job.attempts == 1 {
+            let waited = job.started_at.unwrap_or_else(chrono::Utc::now) - job.created_at;
+            ctx.metrics.queue_wait(&job.action, waited.to_std().unwrap_or_default());
+        }
         if job.attempts > ctx.max_attempts {
             let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempts - 1, ctx.max_attempts);
-            record_failure(&ctx, &job, &Failure::permanent("max_attempts", message)).await;
+            record_failure(&ctx, &job, &Failure::permanent("max_attempts", message), began).await;
             ack(&ctx, &delivery).await;
             return;
         }
@@ -114,7 +123,10 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         match outcome {
             Ok((key, size)) => {
                 match retry("complete job", STEP_ATTEMPTS, || db::complete_job(&ctx.db, job.id, &key, size)).await {
-                    Ok(true) => tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed"),
+                    Ok(true) => {
+                        ctx.metrics.finished(&job.action, Ok(()), began.elapsed());
+                        tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed");
+                    }
                     Ok(false) => tracing::info!("job was already finished by another delivery"),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot record completion; leaving it for redelivery");
@@ -127,7 +139,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 tracing::warn!(code = failure.code, error = %failure.message, "transient failure; the job will be delivered again");
             }
             Err(failure) => {
-                if record_failure(&ctx, &job, &failure).await {
+                if record_failure(&ctx, &job, &failure, began).await {
                     ack(&ctx, &delivery).await;
                 }
             }
@@ -137,13 +149,17 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     .await
 }
 
-async fn record_failure(ctx: &Context, job: &JobRecord, failure: &Failure) -> bool {
+/// Records a permanent failure in PostgreSQL and the metrics; `false` if it
+/// could not be recorded (the job is then left for redelivery).
+async fn record_failure(ctx: &Context, job: &JobRecord, failure: &Failure, began: Instant) -> bool {
     match retry("fail job", STEP_ATTEMPTS, || {
         db::fail_job(&ctx.db, job.id, failure.code, &failure.message)
     })
     .await
     {
         Ok(_) => {
+            ctx.metrics
+                .finished(&job.action, Err(failure.code), began.elapsed());
             tracing::warn!(code = failure.code, error = %failure.message, "job failed");
             true
         }
@@ -211,16 +227,32 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
 
     let runtime = ctx.registry.runtime().clone();
     let limits = ctx.limits;
+    let metrics = ctx.metrics.clone();
+    let action = job.action.clone();
     let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Failure> {
         let (image, _) = codec::decode(&input, &limits)
             .map_err(|e| Failure::permanent("invalid_input", e.to_string()))?;
-        let applied = runtime
-            .apply(&plugin, image, &params)
-            .map_err(|e| Failure {
-                code: e.code(),
-                message: e.to_string(),
-                transient: e.is_transient(),
-            })?;
+        let called = Instant::now();
+        let mut instantiation = None;
+        let applied = runtime.apply_observed(&plugin, image, &params, |t| instantiation = Some(t));
+        let applied = match applied {
+            Ok(applied) => {
+                metrics.plugin_call(&action, instantiation, applied.run_time);
+                applied
+            }
+            Err(e) => {
+                // The call's time: all of it after instantiation.
+                let spent = called
+                    .elapsed()
+                    .saturating_sub(instantiation.unwrap_or_default());
+                metrics.plugin_call(&action, instantiation, spent);
+                return Err(Failure {
+                    code: e.code(),
+                    message: e.to_string(),
+                    transient: e.is_transient(),
+                });
+            }
+        };
         codec::encode(&applied.image, output_format)
             .map_err(|e| Failure::permanent("internal", e.to_string()))
     })

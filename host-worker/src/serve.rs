@@ -16,6 +16,7 @@ use imgflow_core::storage::Storage;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::metrics::{PluginLabel, WorkerMetrics};
 use crate::process::{self, Context};
 use crate::registry::Registry;
 use crate::retry::backoff;
@@ -90,7 +91,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let storage = Storage::open(&args.storage.storage_url)?;
     let queue = Queue::new(&args.redis.url(), &args.redis.queue).context("invalid Redis URL")?;
-    let health = tokio::spawn(health_server(args.metrics_addr));
+    let metrics = Arc::new(WorkerMetrics::new().context("cannot set up the metrics")?);
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on METRICS_ADDR {}", args.metrics_addr))?;
+    tracing::info!(addr = %args.metrics_addr, "metrics and health endpoint listening");
+    let health = tokio::spawn(metrics_server(listener, metrics.clone(), queue.clone()));
 
     // Wait for the services rather than crash-looping while they start.
     let db_url = args.db.url();
@@ -114,6 +120,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits: args.sandbox.image_limits(),
         max_attempts: args.max_attempts,
         lease: Duration::from_millis(args.lease_ms.max(300)),
+        metrics,
     });
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -214,6 +221,7 @@ async fn reclaim(ctx: Arc<Context>, permits: Arc<Semaphore>, mut stop: watch::Re
         };
         for delivery in deliveries {
             tracing::info!(job_id = %delivery.job, "took over a job abandoned by another worker");
+            ctx.metrics.reclaimed();
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
@@ -241,9 +249,18 @@ async fn watch_plugins(
     use futures::StreamExt as _;
     let channel = ctx.queue.key("plugins");
     let mut notices: Option<imgflow_core::redis::aio::PubSubStream> = None;
+    // The first round runs at once: it creates the metrics of every active
+    // plugin (uploaded ones included) before the first scrape.
+    let mut first = true;
     loop {
         if notices.is_none() {
             notices = subscribe(&redis_url, &channel).await;
+        }
+        if std::mem::take(&mut first) {
+            if let Err(e) = reconcile_plugins(&ctx).await {
+                tracing::warn!(error = %e, "cannot reconcile plugins");
+            }
+            continue;
         }
         let notice = async {
             match notices.as_mut() {
@@ -261,17 +278,30 @@ async fn watch_plugins(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match db::active_plugins(&ctx.db).await {
-            Ok(active) => {
-                for plugin in active {
-                    if let Err(e) = ctx.registry.get(&plugin.digest).await {
-                        tracing::warn!(plugin = %plugin.name, version = %plugin.version, error = %e, "cannot load an active plugin");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot reconcile plugins"),
+        if let Err(e) = reconcile_plugins(&ctx).await {
+            tracing::warn!(error = %e, "cannot reconcile plugins");
         }
     }
+}
+
+/// Loads every active plugin version not loaded yet, and shows the loaded
+/// ones in the metrics (with their job series created at zero).
+async fn reconcile_plugins(ctx: &Context) -> Result<(), sqlx::Error> {
+    let mut loaded = Vec::new();
+    for plugin in db::active_plugins(&ctx.db).await? {
+        match ctx.registry.get(&plugin.digest).await {
+            Ok(_) => loaded.push(PluginLabel {
+                action: plugin.name,
+                version: plugin.version,
+                digest: plugin.digest,
+            }),
+            Err(e) => {
+                tracing::warn!(plugin = %plugin.name, version = %plugin.version, error = %e, "cannot load an active plugin")
+            }
+        }
+    }
+    ctx.metrics.set_plugins(&loaded);
+    Ok(())
 }
 
 async fn subscribe(url: &str, channel: &str) -> Option<imgflow_core::redis::aio::PubSubStream> {
@@ -385,16 +415,44 @@ where
     }
 }
 
-/// Serves `/healthz` on the metrics address.
-async fn health_server(addr: SocketAddr) {
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(%addr, error = %e, "health server stopped");
+/// Serves `/metrics` and `/healthz` on the metrics address. The queue's
+/// depth and oldest-job age are read from Redis at each scrape (bounded to
+/// two seconds; the last values are kept when Redis does not answer).
+async fn metrics_server(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<WorkerMetrics>,
+    queue: Queue,
+) {
+    use axum::http::header;
+    let scrape = move || {
+        let (metrics, queue) = (metrics.clone(), queue.clone());
+        async move {
+            let read = async {
+                Ok::<_, imgflow_core::redis::RedisError>((
+                    queue.depth().await?,
+                    queue.oldest_age().await?,
+                ))
+            };
+            match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok((depth, oldest))) => metrics.set_queue(depth, oldest),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the queue's depth for the metrics")
+                }
+                Err(_) => {
+                    tracing::warn!("Redis did not answer within 2 s; queue metrics are stale")
+                }
             }
+            (
+                [(header::CONTENT_TYPE, imgflow_core::metrics::CONTENT_TYPE)],
+                metrics.render(),
+            )
         }
-        Err(e) => tracing::error!(%addr, error = %e, "cannot listen on METRICS_ADDR"),
+    };
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/metrics", axum::routing::get(scrape));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`storage`]: where images and plugin components are kept.
 //! - [`shutdown`]: waiting for SIGTERM.
 //! - [`logging`]: JSON or text logs for the binaries.
+//! - [`metrics`]: what both services' `/metrics` endpoints share.
 
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod logging;
 pub mod metadata;
+pub mod metrics;
 pub mod params;
 pub mod queue;
 pub mod runtime;

@@ -87,6 +87,8 @@ pub struct Stack {
     pub api: Option<Proc>,
     pub api_url: String,
     pub workers: Vec<Proc>,
+    /// Each worker's METRICS_ADDR (host:port), in start order.
+    pub worker_metrics: Vec<String>,
     pub client: reqwest::Client,
 }
 
@@ -113,6 +115,7 @@ impl Stack {
             api: None,
             api_url: String::new(),
             workers: Vec::new(),
+            worker_metrics: Vec::new(),
             dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -177,8 +180,11 @@ impl Stack {
         let mut cmd = Command::new(binary("host-worker"));
         cmd.arg("serve");
         self.base_env(&mut cmd);
+        let metrics_port = free_port();
+        self.worker_metrics
+            .push(format!("127.0.0.1:{metrics_port}"));
         cmd.env("WORKER_ID", id)
-            .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("PLUGINS_DIR", repo().join("target/builtin-plugins"))
             .env("COMPILE_CACHE_DIR", self.dir.path().join("compile-cache"))
             .env("CONCURRENCY", "2")
@@ -225,6 +231,40 @@ impl Stack {
             .json()
             .await
             .unwrap()
+    }
+
+    /// Submits the repository file `image` as a raw body with `query`
+    /// (`action=NAME&PARAM=VALUE...`); asserts 202 and returns the job.
+    pub async fn submit_raw(&self, query: &str, image: &str) -> serde_json::Value {
+        let r = self
+            .client
+            .post(format!("{}/v1/jobs?{query}", self.api_url))
+            .header("content-type", "image/png")
+            .body(std::fs::read(repo().join(image)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, 202, "{body}");
+        body
+    }
+
+    /// Polls job `id` until it is completed or failed (at most a minute).
+    pub async fn wait_done(&self, id: &str) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let job = self.get_json(&format!("/v1/jobs/{id}")).await;
+            if job["status"] == "completed" || job["status"] == "failed" {
+                return job;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "job {id} not finished: {job}{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A pool on the test's database.

@@ -110,9 +110,10 @@ impl CompiledCache {
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into
-/// place, so readers never see a partial file.
+/// place, so readers never see a partial file. The temporary name is random:
+/// workers in containers sharing the directory all have process id 1.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp{:016x}", rand::random::<u64>()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);

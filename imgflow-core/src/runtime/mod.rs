@@ -331,6 +331,19 @@ impl Runtime {
         image: RgbaImage,
         params: &Params,
     ) -> Result<Applied, JobError> {
+        self.apply_observed(plugin, image, params, |_| {})
+    }
+
+    /// [`Runtime::apply`], calling `on_instantiated` with the time the
+    /// sandbox took to instantiate the plugin as soon as it is known, so the
+    /// caller can measure it even when the call then fails.
+    pub fn apply_observed(
+        &self,
+        plugin: &Plugin,
+        image: RgbaImage,
+        params: &Params,
+        on_instantiated: impl FnOnce(Duration),
+    ) -> Result<Applied, JobError> {
         let (width, height) = image.dimensions();
         let input = wit::Image {
             width,
@@ -349,6 +362,7 @@ impl Runtime {
         let mut store = self.new_store();
         let instance = plugin.pre.instantiate(&mut store);
         let instantiate_time = started.elapsed();
+        on_instantiated(instantiate_time);
         let filter = match instance {
             Ok(filter) => filter,
             Err(e) => {

@@ -1,0 +1,160 @@
+//! The API's metrics, served at `/metrics`, and the middleware that counts
+//! every request by its matched route template (never the raw path, so job
+//! ids do not become label values).
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use imgflow_core::metrics::{self, prometheus};
+use prometheus::{HistogramVec, IntCounterVec, Opts};
+
+use crate::state::AppState;
+
+/// The `route` of requests that matched no route (404s for unknown paths).
+const UNMATCHED: &str = "unmatched";
+
+/// The API's metric families.
+pub struct ApiMetrics {
+    registry: prometheus::Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    submitted: IntCounterVec,
+    rejected: IntCounterVec,
+    uploads: IntCounterVec,
+}
+
+impl ApiMetrics {
+    /// Creates and registers every family.
+    pub fn new() -> Result<ApiMetrics, prometheus::Error> {
+        let registry = metrics::registry("api")?;
+        let m = ApiMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "http_requests_total",
+                    "HTTP requests answered, by method, matched route template and status code.",
+                ),
+                &["method", "route", "status"],
+            )?,
+            duration: metrics::histogram_vec(
+                "http_request_duration_seconds",
+                "Time from a request's arrival to its response being ready (a streamed download's body not included), by method and matched route template.",
+                &["method", "route"],
+                metrics::HTTP_SECONDS,
+            )?,
+            submitted: IntCounterVec::new(
+                Opts::new(
+                    "api_jobs_submitted_total",
+                    "Jobs accepted and queued, by action.",
+                ),
+                &["action"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "api_jobs_rejected_total",
+                    "Job submissions refused, by reason (the error code of the answer).",
+                ),
+                &["reason"],
+            )?,
+            uploads: IntCounterVec::new(
+                Opts::new(
+                    "api_plugin_uploads_total",
+                    "Plugin uploads, by result: created, unchanged, or the error code of the refusal.",
+                ),
+                &["result"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.duration.clone()))?;
+        m.registry.register(Box::new(m.submitted.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
+        m.registry.register(Box::new(m.uploads.clone()))?;
+        for result in ["created", "unchanged"] {
+            m.uploads.with_label_values(&[result]);
+        }
+        for reason in [
+            "invalid_request",
+            "unknown_action",
+            "invalid_params",
+            "corrupt_image",
+            "image_too_large",
+            "body_too_large",
+            "queue_full",
+        ] {
+            m.rejected.with_label_values(&[reason]);
+        }
+        Ok(m)
+    }
+
+    /// Creates `api_jobs_submitted_total{action}` at zero for each action.
+    pub fn known_actions<'a>(&self, actions: impl IntoIterator<Item = &'a str>) {
+        for action in actions {
+            self.submitted.with_label_values(&[action]);
+        }
+    }
+
+    /// Counts an accepted job of `action` (a registered plugin's name).
+    pub fn submitted(&self, action: &str) {
+        self.submitted.with_label_values(&[action]).inc();
+    }
+
+    /// Counts a refused submission; `reason` is the answer's error code.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts an upload: `created`, `unchanged` or the refusal's error code.
+    pub fn upload(&self, result: &'static str) {
+        self.uploads.with_label_values(&[result]).inc();
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        metrics::render(&self.registry)
+    }
+}
+
+/// Middleware: counts and times every request.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| UNMATCHED.to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[method, route.as_str(), response.status().as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[method, route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The method as a label; unusual methods share one value.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+/// `GET /metrics`: the API's metrics in the Prometheus text format.
+pub async fn scrape(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
+}
