@@ -11,7 +11,7 @@
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: all build plugins plugins-component template test test-plugins test-hosts test-prometheus bench lint fmt clean up down status logs
+.PHONY: all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
 
 all: build
 
@@ -44,7 +44,11 @@ template:
 	cd $(TEMPLATE_BUILD) && $(CARGO) component build --release
 
 # End-to-end tests spawn the release binaries that `make build` made.
-test: build plugins-component template test-prometheus test-plugins test-hosts
+test: test-deps build plugins-component template test-prometheus test-plugins test-hosts
+
+# Tools the tests need, installed when missing (scripts/test-deps.sh).
+test-deps:
+	@scripts/test-deps.sh
 
 # The Prometheus config and rules, and the alerts' unit tests (promtool,
 # from the Debian package prometheus).
@@ -58,8 +62,11 @@ test-prometheus:
 test-plugins:
 	$(CARGO) test --manifest-path $(PLUGINS_MANIFEST) -p imgflow-filters
 
+# The end-to-end tests create a database each, as IMGFLOW_TEST_PG (default:
+# the postgres role if the server trusts local connections, else the role
+# `make up` created).
 test-hosts:
-	$(CARGO) test --workspace
+	IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --workspace
 
 bench: plugins
 	$(CARGO) bench -p imgflow-core --bench runtime

@@ -127,6 +127,9 @@ create_database() {
     say "creating role $DB_USER"
     admin_psql -c "CREATE ROLE \"$DB_USER\" LOGIN PASSWORD '$DB_PASSWORD'" >/dev/null
   fi
+  # CREATEDB: `make test` creates a database per test as this role when the
+  # server does not trust local connections (scripts/test-deps.sh --pg-url).
+  admin_psql -c "ALTER ROLE \"$DB_USER\" CREATEDB" >/dev/null
   if [ "$(admin_psql -c "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'")" != 1 ]; then
     say "creating database $DB_NAME"
     admin_psql -c "CREATE DATABASE \"$DB_NAME\" OWNER \"$DB_USER\"" >/dev/null

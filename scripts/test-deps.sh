@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# What `make test` needs beyond Rust, installed only when missing (so a run
+# on a prepared machine costs a few checks):
+#   - the wasm32-wasip2 and wasm32-wasip1 targets, clippy and rustfmt;
+#   - cargo-component 0.21.1 (about ten minutes to build the first time);
+#   - Debian packages: jq, curl, prometheus (prometheus and promtool, for the
+#     rule tests and the real-Prometheus test), docker-compose (validates
+#     compose.yml; no Docker engine is needed).
+# Redis and PostgreSQL must run: `make up` starts them on a fresh machine.
+#
+#   scripts/test-deps.sh           install what is missing
+#   scripts/test-deps.sh --pg-url  print the PostgreSQL URL the tests create
+#                                  their databases with: the postgres role
+#                                  when the server trusts local connections,
+#                                  else the role `make up` created (CREATEDB)
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ "${1:-}" = --pg-url ]; then
+  if ! command -v psql >/dev/null 2>&1 \
+    || psql -h 127.0.0.1 -p "${PG_PORT:-5432}" -U postgres -d postgres -w -tAc 'SELECT 1' >/dev/null 2>&1; then
+    echo "postgres://postgres@127.0.0.1:${PG_PORT:-5432}/postgres"
+  else
+    echo "postgres://${IMGFLOW_DB_USER:-imgflow}:${IMGFLOW_DB_PASSWORD:-imgflow}@127.0.0.1:${PG_PORT:-5432}/postgres"
+  fi
+  exit 0
+fi
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else echo "error: need root (or sudo) to run: $*" >&2; exit 1
+  fi
+}
+
+installed=$(rustup target list --installed)
+for target in wasm32-wasip2 wasm32-wasip1; do
+  grep -qx "$target" <<<"$installed" || rustup target add "$target"
+done
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+if ! command -v cargo-component >/dev/null 2>&1; then
+  echo "==> installing cargo-component (about ten minutes, once)"
+  cargo install cargo-component --locked --version 0.21.1
+fi
+
+missing=()
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]} (Debian packages)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
