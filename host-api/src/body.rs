@@ -39,7 +39,8 @@ pub async fn read(body: Body, limit: usize) -> Limited {
     Limited::Body(buf.freeze())
 }
 
-/// Discards the rest of an oversized body, up to twice the limit in all.
+/// Discards the rest of a body that will be refused, up to twice `limit`
+/// (at least 1 MiB) in all.
 pub async fn discard(body: Body, limit: usize) {
     drain(body.into_data_stream(), limit, 0).await;
 }

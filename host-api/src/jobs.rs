@@ -111,6 +111,9 @@ async fn read_submission(
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
         })?;
         let (mut image, mut action, mut json_params, mut format) = (None, None, None, None);
+        // A bad field is reported after the whole form is read, so the
+        // client sees the answer instead of a connection closed mid-upload.
+        let mut bad_field = None;
         loop {
             let field = match multipart.next_field().await {
                 Ok(Some(f)) => f,
@@ -119,31 +122,38 @@ async fn read_submission(
             };
             let name = field.name().unwrap_or("").to_string();
             let data = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
-            match name.as_str() {
-                "image" => image = Some(data),
-                "action" => action = Some(text(&data, "action")?),
-                "format" => format = Some(text(&data, "format")?),
-                "params" => {
-                    let raw = text(&data, "params")?;
-                    let value = serde_json::from_str(&raw).map_err(|e| {
-                        ApiError::new(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            "invalid_params",
-                            format!("params is not valid JSON: {e}"),
-                        )
-                    })?;
-                    json_params = Some(value);
+            let parsed = match name.as_str() {
+                "image" => {
+                    image = Some(data);
+                    Ok(())
                 }
-                other => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        format!(
+                "action" => text(&data, "action").map(|t| action = Some(t)),
+                "format" => text(&data, "format").map(|t| format = Some(t)),
+                "params" => text(&data, "params").and_then(|raw| {
+                    serde_json::from_str(&raw)
+                        .map(|value| json_params = Some(value))
+                        .map_err(|e| {
+                            ApiError::new(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "invalid_params",
+                                format!("params is not valid JSON: {e}"),
+                            )
+                        })
+                }),
+                other => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!(
                         "unexpected form field {other:?}; expected image, action, params, format"
                     ),
-                    ))
-                }
+                )),
+            };
+            if let Err(e) = parsed {
+                bad_field.get_or_insert(e);
             }
+        }
+        if let Some(e) = bad_field {
+            return Err(e);
         }
         let image = image.ok_or_else(|| {
             ApiError::new(
@@ -169,10 +179,17 @@ async fn read_submission(
     } else if content_type.starts_with("image/")
         || content_type.starts_with("application/octet-stream")
     {
-        let query: Query<Vec<(String, String)>> =
-            Query::try_from_uri(request.uri()).map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-            })?;
+        let query: Query<Vec<(String, String)>> = match Query::try_from_uri(request.uri()) {
+            Ok(q) => q,
+            Err(e) => {
+                crate::body::discard(request.into_body(), limit).await;
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    e.body_text(),
+                ));
+            }
+        };
         let image = match crate::body::read(request.into_body(), limit).await {
             crate::body::Limited::Body(bytes) => bytes,
             crate::body::Limited::TooLarge => return Err(ApiError::too_large(limit)),
@@ -205,6 +222,7 @@ async fn read_submission(
             format,
         })
     } else {
+        crate::body::discard(request.into_body(), limit).await;
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

@@ -138,8 +138,12 @@ async fn store_upload(
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    authorize(state, headers)?;
-    check_name(&name)?;
+    if let Err(e) = authorize(state, headers).and_then(|()| check_name(&name)) {
+        // Read what the client is still sending (up to 1 MiB; nothing is
+        // kept), so it sees this answer instead of a reset connection.
+        crate::body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
     let limit = state.plugin_max_bytes;
     let too_large = || {
         ApiError::new(
