@@ -6,6 +6,7 @@
 //! would otherwise see a broken pipe instead of the 413 and its message.
 
 use axum::body::Body;
+use axum::http::{header, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 
@@ -17,6 +18,16 @@ pub enum Limited {
     TooLarge,
     /// The client went away or sent a broken body.
     Broken(String),
+}
+
+/// Whether the request declares (`Content-Length`) a body over `limit`, so
+/// it can be refused before any of it is read into memory.
+pub fn declared_over(headers: &HeaderMap, limit: usize) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|length| length > limit)
 }
 
 /// Reads `body` if it is at most `limit` bytes.

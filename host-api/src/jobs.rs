@@ -83,11 +83,7 @@ async fn read_and_accept(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > limit) {
+    if crate::body::declared_over(headers, limit) {
         crate::body::discard(request.into_body(), limit).await;
         return Err(ApiError::too_large(limit));
     }

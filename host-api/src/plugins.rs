@@ -262,11 +262,7 @@ async fn read_component(
     limit: usize,
     too_large: impl Fn() -> ApiError,
 ) -> Result<Bytes, ApiError> {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if length.is_some_and(|l| l > limit) {
+    if crate::body::declared_over(headers, limit) {
         crate::body::discard(request.into_body(), limit).await;
         return Err(too_large());
     }
