@@ -69,7 +69,7 @@ test-hosts:
 	IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --workspace
 
 bench: plugins
-	$(CARGO) bench -p imgflow-core --bench runtime
+	$(CARGO) bench -p imgflow-runtime --bench runtime
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -5,7 +5,9 @@
 #   - cargo-component 0.21.1 (about ten minutes to build the first time);
 #   - Debian packages: jq, curl, prometheus (prometheus and promtool, for the
 #     rule tests and the real-Prometheus test), docker-compose (validates
-#     compose.yml; no Docker engine is needed).
+#     compose.yml; no Docker engine is needed);
+#   - from PyPI: openapi-spec-validator (validates the API's OpenAPI
+#     document) and schemathesis (`st`, fuzzes the API from that document).
 # Redis and PostgreSQL must run: `make up` starts them on a fresh machine.
 #
 #   scripts/test-deps.sh           install what is missing
@@ -54,4 +56,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v st >/dev/null 2>&1 || ! command -v openapi-spec-validator >/dev/null 2>&1; then
+  echo "==> installing schemathesis and openapi-spec-validator (PyPI)"
+  command -v python3 >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3; }
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip
+  fi
+  pkgs=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+  python3 -m pip install -q "${pkgs[@]}" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "${pkgs[@]}"
+  # pyenv installs console scripts behind shims that need a rehash.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 fi

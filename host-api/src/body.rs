@@ -65,3 +65,17 @@ async fn drain(mut stream: axum::body::BodyDataStream, limit: usize, mut seen: u
         }
     }
 }
+
+/// The answer to a multipart body that could not be read: 413 when it went
+/// over `limit` (named by `setting`), else 400.
+pub fn multipart_error(
+    e: axum::extract::multipart::MultipartError,
+    limit: usize,
+    setting: &str,
+) -> crate::error::ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        crate::error::ApiError::too_large(limit, setting)
+    } else {
+        crate::error::ApiError::bad_request(e.body_text())
+    }
+}

@@ -1,102 +1,161 @@
 //! API errors: JSON `{"error": {"code": "...", "message": "..."}}` with a
-//! stable code and the right status.
+//! stable [`ErrorCode`] and the status that code carries. Transient codes
+//! (a service unavailable, the queue full) add `Retry-After`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use imgflow_core::codec::CodecError;
-use imgflow_core::storage::StorageError;
+use imgflow_platform::jobs::JobsError;
+use imgflow_platform::plugins::CatalogueError;
+use imgflow_platform::queue::QueueError;
+use imgflow_platform::storage::StorageError;
+use imgflow_runtime::codec::CodecError;
+use imgflow_runtime::{ErrorCode, LoadError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// How long a client should wait before retrying a transient error, in
+/// seconds.
+const RETRY_AFTER_SECONDS: u64 = 5;
 
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
-    retry_after: Option<u64>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// An error's code and message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code (see the README's "Error codes").
+    pub code: String,
+    /// What went wrong, for humans.
+    pub message: String,
 }
 
 impl ApiError {
-    /// An error with `status`, stable `code` and a message for humans.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// An error with `code` (which decides the status) and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
             code,
             message: message.into(),
-            retry_after: None,
         }
     }
 
-    /// Adds a `Retry-After` header, in seconds.
-    pub fn retry_after(mut self, seconds: u64) -> ApiError {
-        self.retry_after = Some(seconds);
-        self
+    /// The request is malformed.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::InvalidRequest, message)
     }
 
-    /// PostgreSQL is unreachable or failing.
-    pub fn database(e: sqlx::Error) -> ApiError {
-        tracing::error!(error = %e, "database error");
+    /// The host failed in a way the client cannot fix.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Internal, message)
+    }
+
+    /// The request body is over the limit named by `setting`.
+    pub fn too_large(limit: usize, setting: &str) -> ApiError {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "the database is unavailable; try again later",
-        )
-        .retry_after(5)
-    }
-
-    /// Redis is unreachable or failing.
-    pub fn queue(e: imgflow_core::redis::RedisError) -> ApiError {
-        tracing::error!(error = %e, "queue error");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue_unavailable",
-            "the job queue is unavailable; try again later",
-        )
-        .retry_after(5)
-    }
-
-    /// The object store is failing.
-    pub fn storage(e: StorageError) -> ApiError {
-        tracing::error!(error = %e, "storage error");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
-            "image storage is unavailable; try again later",
-        )
-        .retry_after(5)
-    }
-
-    /// An image that cannot be accepted.
-    pub fn image(e: CodecError) -> ApiError {
-        let status = match e {
-            CodecError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, e.code(), e.to_string())
-    }
-
-    /// The request body is over the limit.
-    pub fn too_large(limit: usize) -> ApiError {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body is over the limit of {limit} bytes (MAX_BODY_BYTES)"),
+            ErrorCode::BodyTooLarge,
+            format!("the request body is over the limit of {limit} bytes ({setting})"),
         )
     }
 
     /// The error's code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         self.code
+    }
+
+    fn unavailable(code: ErrorCode, what: &str, error: &dyn std::fmt::Display) -> ApiError {
+        if code.is_transient() {
+            tracing::error!(error = %error, "{what} error");
+            ApiError::new(code, format!("the {what} is unavailable; try again later"))
+        } else {
+            ApiError::new(
+                code,
+                format!("the request was refused by the {what}: {error}"),
+            )
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> ApiError {
+        let code = if imgflow_platform::db::is_bad_input(&e) {
+            ErrorCode::InvalidRequest
+        } else {
+            ErrorCode::DatabaseUnavailable
+        };
+        ApiError::unavailable(code, "database", &e)
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> ApiError {
+        ApiError::unavailable(ErrorCode::QueueUnavailable, "job queue", &e)
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        ApiError::unavailable(ErrorCode::StorageUnavailable, "image storage", &e)
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> ApiError {
+        match e {
+            JobsError::Database(e) => e.into(),
+            JobsError::Queue(e) => e.into(),
+            JobsError::Storage(e) => e.into(),
+            JobsError::Conflict => ApiError::new(ErrorCode::Conflict, e.to_string()),
+        }
+    }
+}
+
+impl From<CatalogueError> for ApiError {
+    fn from(e: CatalogueError) -> ApiError {
+        match e {
+            CatalogueError::Database(e) => e.into(),
+            CatalogueError::Storage(e) => e.into(),
+            other => ApiError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<CodecError> for ApiError {
+    fn from(e: CodecError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if let Some(seconds) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.as_str().to_string(),
+                message: self.message,
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
         response
     }

@@ -1,4 +1,7 @@
 //! `/v1/jobs`: submit a job, read it, list jobs, download the result.
+//!
+//! The handlers read and validate the request; the job's life (storing the
+//! input, recording, queueing) is [`imgflow_platform::jobs`].
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
@@ -6,49 +9,132 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use imgflow_core::codec::{self, ImageFormat};
-use imgflow_core::db::{self, JobRecord, JobStatus, NewJob};
-use imgflow_core::params;
-use imgflow_core::storage;
-use serde::Deserialize;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use imgflow_platform::jobs::{JobRecord, JobStatus, ListFilter, NewJob, Submitted};
+use imgflow_platform::plugins::PluginRecord;
+use imgflow_runtime::codec::{self, ImageFormat};
+use imgflow_runtime::metadata::is_valid_plugin_name;
+use imgflow_runtime::{params, ErrorCode};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::body::{self, Limited};
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 /// A job as the API shows it.
-pub fn job_json(job: &JobRecord) -> serde_json::Value {
-    let error = match (&job.error_code, &job.error_message) {
-        (Some(code), message) => {
-            json!({"code": code, "message": message.clone().unwrap_or_default()})
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Job {
+    /// The job's id (a UUIDv7: ids sort by submission time).
+    pub id: Uuid,
+    /// The plugin that runs it.
+    #[schema(example = "grayscale")]
+    pub action: String,
+    /// The plugin version it runs.
+    #[schema(example = "0.1.0")]
+    pub plugin_version: String,
+    /// The validated parameters, defaults filled in.
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    /// Where the job is: `queued`, `running`, `completed` or `failed`.
+    #[schema(value_type = String)]
+    pub status: JobStatus,
+    /// How many times a worker started it.
+    pub attempts: i32,
+    /// Why it failed; `null` unless `status` is `failed`.
+    pub error: Option<JobError>,
+    /// The result's format.
+    #[schema(example = "png")]
+    pub output_format: String,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When a worker last started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed or failed.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Where to download the result, once `completed`.
+    pub result_url: Option<String>,
+}
+
+/// Why a job failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobError {
+    /// A stable code (see the README's "Error codes").
+    pub code: String,
+    /// What happened, for humans.
+    pub message: String,
+}
+
+impl From<&JobRecord> for Job {
+    fn from(job: &JobRecord) -> Job {
+        Job {
+            id: job.id,
+            action: job.action.clone(),
+            plugin_version: job.plugin_version.clone(),
+            params: job.params.0.clone(),
+            status: job.status,
+            attempts: job.attempts,
+            error: job.error_code.as_ref().map(|code| JobError {
+                code: code.clone(),
+                message: job.error_message.clone().unwrap_or_default(),
+            }),
+            output_format: job.output_format.clone(),
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            result_url: (job.status == JobStatus::Completed)
+                .then(|| format!("/v1/jobs/{}/result", job.id)),
         }
-        _ => serde_json::Value::Null,
-    };
-    let result_url =
-        (job.status() == JobStatus::Completed).then(|| format!("/v1/jobs/{}/result", job.id));
-    json!({
-        "id": job.id,
-        "action": job.action,
-        "plugin_version": job.plugin_version,
-        "params": job.params.0,
-        "status": job.status,
-        "attempts": job.attempts,
-        "error": error,
-        "output_format": job.output_format,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "result_url": result_url,
-    })
+    }
+}
+
+/// A page of jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 fn answer(status: StatusCode, job: &JobRecord) -> Response {
-    let mut response = (status, Json(job_json(job))).into_response();
+    let mut response = (status, Json(Job::from(job))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+/// A job submitted as a form.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct SubmitForm {
+    /// The image: PNG, JPEG, WebP or GIF.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+    /// The plugin to run; `name@version` pins a version.
+    #[schema(example = "blur")]
+    action: String,
+    /// The plugin's parameters as a JSON object.
+    #[schema(example = r#"{"sigma": 2.5}"#)]
+    params: Option<String>,
+    /// The output format: `png`, `jpeg`, `webp` or `gif` (default: the
+    /// input's).
+    format: Option<String>,
+}
+
+/// The query of a raw-body submission.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct SubmitQuery {
+    /// The plugin to run (raw bodies only; forms send it as a field);
+    /// `name@version` pins a version. Every other query parameter is a
+    /// plugin parameter (`sigma=2.5`).
+    action: Option<String>,
+    /// The output format: `png`, `jpeg`, `webp` or `gif`.
+    format: Option<String>,
 }
 
 /// What a submission carries, whatever its encoding.
@@ -62,8 +148,47 @@ struct Submission {
     format: Option<String>,
 }
 
-/// `POST /v1/jobs`: multipart (`image`, `action`, optional `params` JSON and
-/// `format`) or a raw `image/*` body with `?action=NAME&PARAM=VALUE...`.
+/// Submits a job: an image and the action (plugin) to run on it.
+///
+/// Send `multipart/form-data` (`image`, `action`, optional `params` JSON
+/// and `format`), or the image as a raw `image/*` body with
+/// `?action=NAME&PARAM=VALUE...`. Everything is validated (the action, the
+/// parameters against the plugin's schema, the image itself) before
+/// anything is stored.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "submitJob",
+    tag = "jobs",
+    params(
+        SubmitQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "Submitting again with the same key (1 to 200 characters) returns the first job instead of a new one."),
+    ),
+    request_body(
+        description = "A form, or the image itself",
+        content(
+            (SubmitForm = "multipart/form-data"),
+            (Vec<u8> = "image/png"),
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "image/webp"),
+            (Vec<u8> = "image/gif"),
+            (Vec<u8> = "application/octet-stream"),
+        )
+    ),
+    responses(
+        (status = 202, description = "Accepted and queued", body = Job, headers(("Location" = String, description = "The job's URL"))),
+        (status = 200, description = "The job submitted earlier with this Idempotency-Key", body = Job, headers(("Location" = String, description = "The job's URL"))),
+        (status = 400, description = "Malformed request (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
+        (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not a form or an image body, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
+        (status = 422, description = "Bad parameters, format or image (`invalid_params`, `invalid_format`, `corrupt_image`, `image_too_large`)", body = ErrorBody),
+        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL, Redis or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -72,7 +197,7 @@ pub async fn submit(
     let result = read_and_accept(&state, &headers, request).await;
     if let Err(e) = &result {
         state.metrics.rejected(e.code());
-        tracing::info!(code = e.code(), "job rejected");
+        tracing::info!(code = %e.code(), "job rejected");
     }
     result
 }
@@ -83,9 +208,9 @@ async fn read_and_accept(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
-    if crate::body::declared_over(headers, limit) {
-        crate::body::discard(request.into_body(), limit).await;
-        return Err(ApiError::too_large(limit));
+    if body::declared_over(headers, limit) {
+        body::discard(request.into_body(), limit).await;
+        return Err(ApiError::too_large(limit, "MAX_BODY_BYTES"));
     }
     let submission = read_submission(state, headers, request).await?;
     accept(state, headers, submission).await
@@ -103,9 +228,9 @@ async fn read_submission(
         .unwrap_or("")
         .to_ascii_lowercase();
     if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, state).await.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-        })?;
+        let mut multipart = Multipart::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
         let (mut image, mut action, mut json_params, mut format) = (None, None, None, None);
         // A bad field is reported after the whole form is read, so the
         // client sees the answer instead of a connection closed mid-upload.
@@ -114,10 +239,13 @@ async fn read_submission(
             let field = match multipart.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(multipart_error(e, limit)),
+                Err(e) => return Err(body::multipart_error(e, limit, "MAX_BODY_BYTES")),
             };
             let name = field.name().unwrap_or("").to_string();
-            let data = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| body::multipart_error(e, limit, "MAX_BODY_BYTES"))?;
             let parsed = match name.as_str() {
                 "image" => {
                     image = Some(data);
@@ -130,19 +258,14 @@ async fn read_submission(
                         .map(|value| json_params = Some(value))
                         .map_err(|e| {
                             ApiError::new(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                "invalid_params",
+                                ErrorCode::InvalidParams,
                                 format!("params is not valid JSON: {e}"),
                             )
                         })
                 }),
-                other => Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!(
-                        "unexpected form field {other:?}; expected image, action, params, format"
-                    ),
-                )),
+                other => Err(ApiError::bad_request(format!(
+                    "unexpected form field {other:?}; expected image, action, params, format"
+                ))),
             };
             if let Err(e) = parsed {
                 bad_field.get_or_insert(e);
@@ -151,20 +274,10 @@ async fn read_submission(
         if let Some(e) = bad_field {
             return Err(e);
         }
-        let image = image.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the form has no `image` file field",
-            )
-        })?;
-        let action = action.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the form has no `action` field",
-            )
-        })?;
+        let image =
+            image.ok_or_else(|| ApiError::bad_request("the form has no `image` file field"))?;
+        let action =
+            action.ok_or_else(|| ApiError::bad_request("the form has no `action` field"))?;
         Ok(Submission {
             image,
             action,
@@ -178,20 +291,14 @@ async fn read_submission(
         let query: Query<Vec<(String, String)>> = match Query::try_from_uri(request.uri()) {
             Ok(q) => q,
             Err(e) => {
-                crate::body::discard(request.into_body(), limit).await;
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    e.body_text(),
-                ));
+                body::discard(request.into_body(), limit).await;
+                return Err(ApiError::bad_request(e.body_text()));
             }
         };
-        let image = match crate::body::read(request.into_body(), limit).await {
-            crate::body::Limited::Body(bytes) => bytes,
-            crate::body::Limited::TooLarge => return Err(ApiError::too_large(limit)),
-            crate::body::Limited::Broken(e) => {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))
-            }
+        let image = match body::read(request.into_body(), limit).await {
+            Limited::Body(bytes) => bytes,
+            Limited::TooLarge => return Err(ApiError::too_large(limit, "MAX_BODY_BYTES")),
+            Limited::Broken(e) => return Err(ApiError::bad_request(e)),
         };
         let mut action = None;
         let mut format = None;
@@ -203,13 +310,7 @@ async fn read_submission(
                 _ => pair_params.push((k, v)),
             }
         }
-        let action = action.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "missing ?action=NAME",
-            )
-        })?;
+        let action = action.ok_or_else(|| ApiError::bad_request("missing ?action=NAME"))?;
         Ok(Submission {
             image,
             action,
@@ -218,99 +319,53 @@ async fn read_submission(
             format,
         })
     } else {
-        crate::body::discard(request.into_body(), limit).await;
+        body::discard(request.into_body(), limit).await;
         Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send multipart/form-data (image, action, params) or a raw image/* body with ?action=NAME",
         ))
-    }
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large(limit)
-    } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
     }
 }
 
 fn text(data: &Bytes, field: &str) -> Result<String, ApiError> {
     String::from_utf8(data.to_vec())
         .map(|s| s.trim().to_string())
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("field {field} is not UTF-8 text"),
-            )
-        })
+        .map_err(|_| ApiError::bad_request(format!("field {field} is not UTF-8 text")))
 }
 
-/// Validates everything, then stores the input, records the job and queues
-/// it. Nothing is stored or queued for a rejected request.
+/// The idempotency key of a request, checked: 1 to 200 visible ASCII
+/// characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key)
+            if (1..=200).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+        {
+            Ok(Some(key.to_string()))
+        }
+        _ => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1 to 200 printable ASCII characters",
+        )),
+    }
+}
+
+/// Validates everything, then hands the job to the jobs service. Nothing
+/// is stored or queued for a rejected request.
 async fn accept(
     state: &AppState,
     headers: &HeaderMap,
     s: Submission,
 ) -> Result<Response, ApiError> {
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let idempotency_key = idempotency_key(headers)?;
     if let Some(key) = &idempotency_key {
-        if key.is_empty() || key.len() > 200 {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Idempotency-Key must be 1 to 200 characters",
-            ));
-        }
-        if let Some(job) = db::job_by_idempotency_key(&state.db, key)
-            .await
-            .map_err(ApiError::database)?
-        {
+        if let Some(job) = state.jobs.by_idempotency_key(key).await? {
             return Ok(answer(StatusCode::OK, &job));
         }
     }
-
-    // `name@version` pins a version; plain `name` runs the active one.
-    let (name, pinned) = match s.action.split_once('@') {
-        Some((name, version)) => (name, Some(version)),
-        None => (s.action.as_str(), None),
-    };
-    let active = db::active_plugin(&state.db, name)
-        .await
-        .map_err(ApiError::database)?;
-    let plugin = match (active, pinned) {
-        (Some(active), None) => active,
-        (Some(_), Some(version)) => db::plugin_version(&state.db, name, version)
-            .await
-            .map_err(ApiError::database)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "version_not_found",
-                    format!("plugin {name:?} has no version {version:?}"),
-                )
-            })?,
-        (None, _) => {
-            let names: Vec<String> = db::active_plugins(&state.db)
-                .await
-                .map_err(ApiError::database)?
-                .into_iter()
-                .map(|p| p.name)
-                .collect();
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_action",
-                format!(
-                    "unknown action {name:?}; available actions: {}",
-                    names.join(", ")
-                ),
-            ));
-        }
-    };
+    let plugin = resolve_action(state, &s.action).await?;
     let meta = &plugin.metadata.0;
     let validated = match &s.json_params {
         Some(json) => params::from_json(&meta.name, &meta.params, json),
@@ -320,18 +375,11 @@ async fn accept(
             s.pair_params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         ),
     }
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_params",
-            e.to_string(),
-        )
-    })?;
+    .map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.to_string()))?;
     let requested_format = match &s.format {
         Some(f) if !f.is_empty() => Some(ImageFormat::parse(f).ok_or_else(|| {
             ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_format",
+                ErrorCode::InvalidFormat,
                 format!("unknown format {f:?}; use png, jpeg, webp or gif"),
             )
         })?),
@@ -346,103 +394,103 @@ async fn accept(
         codec::decode(&image, &limits).map(|(_, format)| format)
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(ApiError::image)?;
+    .map_err(|e| ApiError::internal(e.to_string()))??;
 
-    let depth = state.queue.depth().await.map_err(ApiError::queue)?;
+    let depth = state.queue.depth().await?;
     if depth >= state.queue_max_depth {
         return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
+            ErrorCode::QueueFull,
             format!("the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"),
-        )
-        .retry_after(5));
+        ));
     }
 
-    let id = Uuid::now_v7();
     let new = NewJob {
-        id,
         action: meta.name.clone(),
         plugin_version: plugin.version.clone(),
         plugin_digest: plugin.digest.clone(),
         params: serde_json::to_value(&validated).unwrap_or_default(),
-        input_key: storage::input_key(id),
-        input_size: s.image.len() as i64,
         input_format: input_format.name().to_string(),
         output_format: requested_format.unwrap_or(input_format).name().to_string(),
         idempotency_key,
     };
-    state
-        .storage
-        .put(&new.input_key, s.image)
-        .await
-        .map_err(ApiError::storage)?;
-    let job = match db::insert_job(&state.db, &new).await {
-        Ok(Some(job)) => job,
-        Ok(None) => {
-            // Another request with the same Idempotency-Key won the race.
-            let _ = state.storage.delete(&new.input_key).await;
-            let key = new.idempotency_key.as_deref().unwrap_or_default();
-            let existing = db::job_by_idempotency_key(&state.db, key)
-                .await
-                .map_err(ApiError::database)?;
-            return match existing {
-                Some(job) => Ok(answer(StatusCode::OK, &job)),
-                None => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    "retry the request",
-                )),
-            };
-        }
-        Err(e) => {
-            let _ = state.storage.delete(&new.input_key).await;
-            return Err(ApiError::database(e));
-        }
-    };
-    match state.queue.enqueue(id).await {
-        Ok(entry) => {
-            if let Err(e) = db::mark_enqueued(&state.db, id, &entry).await {
-                // The sweeper will notice and settle it; the job is safe.
-                tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
-            }
-        }
-        Err(e) => {
-            let _ = db::delete_job(&state.db, id).await;
-            let _ = state.storage.delete(&new.input_key).await;
-            return Err(ApiError::queue(e));
+    match state.jobs.submit(new, s.image).await? {
+        Submitted::Existing(job) => Ok(answer(StatusCode::OK, &job)),
+        Submitted::Created(job) => {
+            state.metrics.submitted(&job.action);
+            tracing::info!(job_id = %job.id, action = %job.action, size = job.input_size, "job accepted");
+            Ok(answer(StatusCode::ACCEPTED, &job))
         }
     }
-    state.metrics.submitted(&job.action);
-    tracing::info!(job_id = %id, action = %job.action, size = job.input_size, "job accepted");
-    Ok(answer(StatusCode::ACCEPTED, &job))
 }
 
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "job_not_found",
-            format!("no job {id:?}"),
-        )
-    })
+/// The plugin version an action names: `name` runs the active version,
+/// `name@version` pins one.
+async fn resolve_action(state: &AppState, action: &str) -> Result<PluginRecord, ApiError> {
+    let (name, pinned) = match action.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (action, None),
+    };
+    let active = if is_valid_plugin_name(name) {
+        state.catalogue.active_version(name).await?
+    } else {
+        None
+    };
+    match (active, pinned) {
+        (Some(active), None) => Ok(active),
+        (Some(_), Some(version)) => {
+            let found = if imgflow_runtime::metadata::is_valid_version(version) {
+                state.catalogue.version(name, version).await?
+            } else {
+                None
+            };
+            found.ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::VersionNotFound,
+                    format!("plugin {name:?} has no version {version:?}"),
+                )
+            })
+        }
+        (None, _) => {
+            let names: Vec<String> = state
+                .catalogue
+                .active()
+                .await?
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            Err(ApiError::new(
+                ErrorCode::UnknownAction,
+                format!(
+                    "unknown action {name:?}; available actions: {}",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::JobNotFound, format!("no job {id:?}"))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    let uuid = parse_id(id)?;
-    db::get_job(&state.db, uuid)
-        .await
-        .map_err(ApiError::database)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "job_not_found",
-                format!("no job {id}"),
-            )
-        })
+    let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
+    state.jobs.get(uuid).await?.ok_or_else(|| not_found(id))
 }
 
-/// `GET /v1/jobs/{id}`.
+/// Reads a job.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "getJob",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 404, description = "No such job (`job_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -451,18 +499,35 @@ pub async fn get(
     Ok(answer(StatusCode::OK, &job))
 }
 
-/// `GET /v1/jobs/{id}/result`: the output image.
+/// Downloads a completed job's result, in its `output_format`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/result",
+    operation_id = "getJobResult",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The result image", content(
+            (Vec<u8> = "image/png"),
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "image/webp"),
+            (Vec<u8> = "image/gif"),
+        )),
+        (status = 404, description = "No such job (`job_not_found`)", body = ErrorBody),
+        (status = 409, description = "The job failed or has not finished (`job_failed`, `job_not_finished`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn result(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = find(&state, &id).await?;
-    match job.status() {
+    match job.status {
         JobStatus::Completed => {}
         JobStatus::Failed => {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "job_failed",
+                ErrorCode::JobFailed,
                 format!(
                     "the job failed ({}): {}",
                     job.error_code.as_deref().unwrap_or("unknown"),
@@ -472,18 +537,19 @@ pub async fn result(
         }
         status => {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "job_not_finished",
+                ErrorCode::JobNotFinished,
                 format!(
-                    "the job is {}; poll /v1/jobs/{} until it is completed",
-                    status.as_str(),
+                    "the job is {status}; poll /v1/jobs/{} until it is completed",
                     job.id
                 ),
             ))
         }
     }
-    let key = job.output_key.clone().unwrap_or_default();
-    let bytes = state.storage.get(&key).await.map_err(ApiError::storage)?;
+    let bytes = state
+        .jobs
+        .result(&job)
+        .await?
+        .ok_or_else(|| ApiError::internal("the completed job has no result"))?;
     let format = ImageFormat::parse(&job.output_format).unwrap_or(ImageFormat::Png);
     let disposition = format!("inline; filename=\"{}.{}\"", job.id, format.extension());
     Ok((
@@ -497,55 +563,71 @@ pub async fn result(
 }
 
 /// Query of `GET /v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only jobs in this status: `queued`, `running`, `completed` or `failed`.
     status: Option<String>,
+    /// Only jobs of this action.
     action: Option<String>,
+    /// At most this many (1 to 500; default 50).
     limit: Option<i64>,
+    /// The previous page's `next_cursor`.
     cursor: Option<String>,
 }
 
-/// `GET /v1/jobs?status=&action=&limit=&cursor=`: newest first.
-pub async fn list(
-    State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> Result<Response, ApiError> {
+/// Lists jobs, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    operation_id = "listJobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "A bad filter, limit or cursor (`invalid_request`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
+pub async fn list(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let Query(q): Query<ListQuery> =
+        Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
     let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "status must be queued, running, completed or failed",
-            )
+            ApiError::bad_request("status must be queued, running, completed or failed")
         })?),
         None => None,
     };
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "limit must be 1 to 500",
-        ));
+        return Err(ApiError::bad_request("limit must be 1 to 500"));
     }
-    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(Uuid::parse_str(c).map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "invalid cursor")
-        })?),
+    let before = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::bad_request("invalid cursor"))?),
         None => None,
     };
-    let jobs = db::list_jobs(
-        &state.db,
-        status,
-        q.action.as_deref().filter(|a| !a.is_empty()),
-        cursor,
-        limit,
-    )
-    .await
-    .map_err(ApiError::database)?;
-    let next = (jobs.len() as i64 == limit)
+    let action = q.action.filter(|a| !a.is_empty());
+    let jobs = match &action {
+        // A name no plugin can have matches no job.
+        Some(a) if !is_valid_plugin_name(a) => Vec::new(),
+        _ => {
+            state
+                .jobs
+                .list(&ListFilter {
+                    status,
+                    action,
+                    before,
+                    limit,
+                })
+                .await?
+        }
+    };
+    let next_cursor = (jobs.len() as i64 == limit)
         .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();
-    let items: Vec<_> = jobs.iter().map(job_json).collect();
-    Ok(Json(json!({"jobs": items, "next_cursor": next})).into_response())
+    Ok(Json(JobList {
+        jobs: jobs.iter().map(Job::from).collect(),
+        next_cursor,
+    })
+    .into_response())
 }

@@ -8,13 +8,18 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use imgflow_core::metrics::{self, prometheus};
-use prometheus::{HistogramVec, IntCounterVec, Opts};
+use std::sync::Arc;
 
-use crate::state::AppState;
+use imgflow_platform::metrics::{self, prometheus};
+use imgflow_runtime::ErrorCode;
+use prometheus::{HistogramVec, IntCounterVec, Opts};
 
 /// The `route` of requests that matched no route (404s for unknown paths).
 const UNMATCHED: &str = "unmatched";
+/// The `result` of an upload that created a version.
+const UPLOAD_CREATED: &str = "created";
+/// The `result` of an upload of bytes the version already had.
+const UPLOAD_UNCHANGED: &str = "unchanged";
 
 /// The API's metric families.
 pub struct ApiMetrics {
@@ -72,19 +77,14 @@ impl ApiMetrics {
         m.registry.register(Box::new(m.submitted.clone()))?;
         m.registry.register(Box::new(m.rejected.clone()))?;
         m.registry.register(Box::new(m.uploads.clone()))?;
-        for result in ["created", "unchanged"] {
+        for result in [UPLOAD_CREATED, UPLOAD_UNCHANGED] {
             m.uploads.with_label_values(&[result]);
         }
-        for reason in [
-            "invalid_request",
-            "unknown_action",
-            "invalid_params",
-            "corrupt_image",
-            "image_too_large",
-            "body_too_large",
-            "queue_full",
-        ] {
-            m.rejected.with_label_values(&[reason]);
+        for reason in ErrorCode::ALL
+            .iter()
+            .filter(|c| c.is_submission_rejection())
+        {
+            m.rejected.with_label_values(&[reason.as_str()]);
         }
         Ok(m)
     }
@@ -102,13 +102,23 @@ impl ApiMetrics {
     }
 
     /// Counts a refused submission; `reason` is the answer's error code.
-    pub fn rejected(&self, reason: &'static str) {
-        self.rejected.with_label_values(&[reason]).inc();
+    pub fn rejected(&self, reason: ErrorCode) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
     }
 
-    /// Counts an upload: `created`, `unchanged` or the refusal's error code.
-    pub fn upload(&self, result: &'static str) {
-        self.uploads.with_label_values(&[result]).inc();
+    /// Counts an upload that created a version.
+    pub fn upload_created(&self) {
+        self.uploads.with_label_values(&[UPLOAD_CREATED]).inc();
+    }
+
+    /// Counts an upload of bytes the version already had.
+    pub fn upload_unchanged(&self) {
+        self.uploads.with_label_values(&[UPLOAD_UNCHANGED]).inc();
+    }
+
+    /// Counts a refused upload by its error code.
+    pub fn upload_refused(&self, code: ErrorCode) {
+        self.uploads.with_label_values(&[code.as_str()]).inc();
     }
 
     /// Every metric in the Prometheus text format.
@@ -118,7 +128,7 @@ impl ApiMetrics {
 }
 
 /// Middleware: counts and times every request.
-pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn track(State(m): State<Arc<ApiMetrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
     let route = request
@@ -126,7 +136,6 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .get::<MatchedPath>()
         .map_or_else(|| UNMATCHED.to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
-    let m = &state.metrics;
     m.requests
         .with_label_values(&[method, route.as_str(), response.status().as_str()])
         .inc();
@@ -150,11 +159,14 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// `GET /metrics`: the API's metrics in the Prometheus text format.
-pub async fn scrape(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-        .into_response()
+/// The API's metrics in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "getMetrics",
+    tag = "operations",
+    responses((status = 200, description = "Every metric", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+)]
+pub async fn scrape(State(m): State<Arc<ApiMetrics>>) -> Response {
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], m.render()).into_response()
 }

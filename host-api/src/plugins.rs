@@ -2,77 +2,157 @@
 //! delete them.
 //!
 //! Management needs `Authorization: Bearer <IMGFLOW_ADMIN_TOKEN>`. With no
-//! token configured, management is off (403), never open.
+//! token configured, management is off (403), never open. The lifecycle
+//! itself is [`imgflow_platform::plugins`].
 
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use imgflow_core::db::{self, PluginRecord, Upload};
-use imgflow_core::metadata::is_valid_plugin_name;
-use imgflow_core::runtime::LoadError;
-use imgflow_core::storage;
-use serde::Deserialize;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use imgflow_platform::plugins::{Origin, PluginRecord, Published};
+use imgflow_runtime::metadata::is_valid_plugin_name;
+use imgflow_runtime::ErrorCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::body::{self, Limited};
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-/// How a plugin version is shown.
-fn plugin_json(p: &PluginRecord) -> serde_json::Value {
-    json!({
-        "name": p.name,
-        "version": p.version,
-        "description": p.metadata.0.description,
-        "params": p.metadata.0.params,
-        "digest": p.digest,
-        "size": p.size,
-        "builtin": p.builtin,
-        "active": p.active,
-        "uploader": p.uploader,
-        "created_at": p.created_at,
-    })
+/// A plugin version as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginVersion {
+    /// The plugin's name: the `action` of its jobs.
+    #[schema(example = "blur")]
+    pub name: String,
+    /// Its semantic version.
+    #[schema(example = "0.1.0")]
+    pub version: String,
+    /// What it does, in one line.
+    pub description: String,
+    /// The parameters it declares: name, kind, default, allowed values,
+    /// description.
+    #[schema(value_type = Vec<Object>)]
+    pub params: serde_json::Value,
+    /// The SHA-256 of its component.
+    pub digest: String,
+    /// The component's size in bytes.
+    pub size: i64,
+    /// Whether it ships with imgflow.
+    pub builtin: bool,
+    /// Whether new jobs run this version.
+    pub active: bool,
+    /// Who registered it (`builtin`, `admin`).
+    pub uploader: String,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
 }
 
-/// `GET /v1/plugins`: the active version of every plugin.
+impl From<&PluginRecord> for PluginVersion {
+    fn from(p: &PluginRecord) -> PluginVersion {
+        PluginVersion {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            description: p.metadata.0.description.clone(),
+            params: serde_json::to_value(&p.metadata.0.params).unwrap_or_default(),
+            digest: p.digest.clone(),
+            size: p.size,
+            builtin: p.builtin,
+            active: p.active,
+            uploader: p.uploader.clone(),
+            created_at: p.created_at,
+        }
+    }
+}
+
+/// The active version of every plugin.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginList {
+    /// By name.
+    pub plugins: Vec<PluginVersion>,
+}
+
+/// Every version of one plugin.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginVersions {
+    /// The plugin's name.
+    pub name: String,
+    /// The version new jobs run; `null` when the plugin is deleted.
+    pub active_version: Option<String>,
+    /// Oldest first (empty after a delete answer).
+    pub versions: Vec<PluginVersion>,
+}
+
+/// Lists the active version of every plugin: the actions jobs can name.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    operation_id = "listPlugins",
+    tag = "plugins",
+    responses(
+        (status = 200, description = "The plugins", body = PluginList),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let plugins = db::active_plugins(&state.db)
-        .await
-        .map_err(ApiError::database)?;
-    let items: Vec<_> = plugins.iter().map(plugin_json).collect();
-    Ok(Json(json!({ "plugins": items })).into_response())
+    let plugins = state.catalogue.active().await?;
+    Ok(Json(PluginList {
+        plugins: plugins.iter().map(PluginVersion::from).collect(),
+    })
+    .into_response())
 }
 
-/// `GET /v1/plugins/{name}`: every version of a plugin.
+/// Lists every version of a plugin.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}",
+    operation_id = "getPluginVersions",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    responses(
+        (status = 200, description = "Its versions", body = PluginVersions),
+        (status = 404, description = "No such plugin (`plugin_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn versions(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let versions = db::plugin_versions(&state.db, &name)
-        .await
-        .map_err(ApiError::database)?;
+    versions_of(&state, &name).await
+}
+
+async fn versions_of(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    let versions = if is_valid_plugin_name(name) {
+        state.catalogue.versions(name).await?
+    } else {
+        Vec::new()
+    };
     if versions.is_empty() {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "plugin_not_found",
+            ErrorCode::PluginNotFound,
             format!("no plugin {name:?}"),
         ));
     }
-    let active = versions
+    let active_version = versions
         .iter()
         .find(|v| v.active)
         .map(|v| v.version.clone());
-    let items: Vec<_> = versions.iter().map(plugin_json).collect();
-    Ok(Json(json!({"name": name, "active_version": active, "versions": items})).into_response())
+    Ok(Json(PluginVersions {
+        name: name.to_string(),
+        active_version,
+        versions: versions.iter().map(PluginVersion::from).collect(),
+    })
+    .into_response())
 }
 
 /// Checks the bearer token in constant time.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = state.admin_token.as_deref() else {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin_disabled",
+            ErrorCode::AdminDisabled,
             "plugin management is disabled: set IMGFLOW_ADMIN_TOKEN on the API and send it as `Authorization: Bearer <token>`",
         ));
     };
@@ -85,8 +165,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or wrong `Authorization: Bearer` token",
         ))
     }
@@ -95,11 +174,10 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// Compares two secrets without an early exit, so the time taken does not
 /// tell how much of a guess was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xFF);
-    }
-    diff == 0
+    use subtle::ConstantTimeEq as _;
+    // `ct_eq` on slices of different lengths is false at once; the length
+    // of the token is not the secret.
+    bool::from(a.ct_eq(b))
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -107,16 +185,45 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_name",
+            ErrorCode::InvalidName,
             format!("{name:?} is not a plugin name: use [a-z][a-z0-9_-]*, at most 64 characters"),
         ))
     }
 }
 
-/// `PUT /v1/plugins/{name}`: uploads a version. The component must load in
-/// the sandbox (WASI preview 2 imports only, the `filter` world exported,
-/// valid metadata naming `{name}`) before anything is stored.
+/// Uploads a plugin version (operators).
+///
+/// The component must load in the sandbox (WASI preview 2 imports only,
+/// the `imgflow:filter` world exported, valid metadata naming `{name}`)
+/// before anything is stored. The version becomes active at once.
+#[utoipa::path(
+    put,
+    path = "/v1/plugins/{name}",
+    operation_id = "uploadPlugin",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name; the component's metadata must agree")),
+    request_body(
+        description = "The component (.wasm), raw or as a form's file field",
+        content(
+            (Vec<u8> = "application/wasm"),
+            (Vec<u8> = "application/octet-stream"),
+            (UploadForm = "multipart/form-data"),
+        )
+    ),
+    responses(
+        (status = 201, description = "A new version; now active", body = PluginVersion),
+        (status = 200, description = "The same bytes as this version already had; now active", body = PluginVersion),
+        (status = 400, description = "Not a component, a bad name or form (`not_a_component`, `invalid_name`, `invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 409, description = "This version exists with other bytes (`version_conflict`)", body = ErrorBody),
+        (status = 413, description = "Over PLUGIN_MAX_BYTES (`body_too_large`)", body = ErrorBody),
+        (status = 422, description = "The component does not load or describes itself wrongly (`compile_failed`, `forbidden_import`, `wrong_world`, `metadata_failed`, `invalid_metadata`, `name_mismatch`, `compile_timeout`)", body = ErrorBody),
+        (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn upload(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -124,12 +231,21 @@ pub async fn upload(
     request: Request,
 ) -> Result<Response, ApiError> {
     let result = store_upload(&state, name, &headers, request).await;
-    state.metrics.upload(match &result {
-        Ok(r) if r.status() == StatusCode::CREATED => "created",
-        Ok(_) => "unchanged",
-        Err(e) => e.code(),
-    });
+    match &result {
+        Ok(r) if r.status() == StatusCode::CREATED => state.metrics.upload_created(),
+        Ok(_) => state.metrics.upload_unchanged(),
+        Err(e) => state.metrics.upload_refused(e.code()),
+    }
     result
+}
+
+/// A plugin uploaded as a form.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// The component (any file field is taken).
+    #[schema(value_type = String, format = Binary)]
+    plugin: Vec<u8>,
 }
 
 async fn store_upload(
@@ -141,18 +257,10 @@ async fn store_upload(
     if let Err(e) = authorize(state, headers).and_then(|()| check_name(&name)) {
         // Read what the client is still sending (up to 1 MiB; nothing is
         // kept), so it sees this answer instead of a reset connection.
-        crate::body::discard(request.into_body(), 0).await;
+        body::discard(request.into_body(), 0).await;
         return Err(e);
     }
-    let limit = state.plugin_max_bytes;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the component is over the limit of {limit} bytes (PLUGIN_MAX_BYTES)"),
-        )
-    };
-    let wasm = read_component(state, headers, request, limit, too_large).await?;
+    let wasm = read_component(state, headers, request).await?;
 
     let runtime = state.runtime.clone();
     let bytes = wasm.clone();
@@ -160,110 +268,44 @@ async fn store_upload(
     let plugin = match tokio::time::timeout(state.plugin_compile_timeout, loading).await {
         Err(_) => {
             return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "compile_timeout",
+                ErrorCode::CompileTimeout,
                 format!(
                     "the component did not compile within {} s",
                     state.plugin_compile_timeout.as_secs()
                 ),
             ))
         }
-        Ok(Err(e)) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            ))
-        }
-        Ok(Ok(Err(e))) => {
-            let status = match e {
-                LoadError::NotAComponent(_) => StatusCode::BAD_REQUEST,
-                _ => StatusCode::UNPROCESSABLE_ENTITY,
-            };
-            return Err(ApiError::new(status, e.code(), e.to_string()));
-        }
-        Ok(Ok(Ok(plugin))) => plugin,
+        Ok(joined) => joined.map_err(|e| ApiError::internal(e.to_string()))??,
     };
-    let meta = plugin.metadata().clone();
-    if meta.name != name {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "name_mismatch",
-            format!(
-                "the component's metadata names it {:?}, but it was uploaded as {name:?}",
-                meta.name
-            ),
-        ));
-    }
-    // Refuse a version conflict before storing anything.
-    if let Some(existing) = db::plugin_version(&state.db, &name, &meta.version)
-        .await
-        .map_err(ApiError::database)?
-    {
-        if existing.digest != plugin.digest() {
-            return Err(version_conflict(&name, &meta.version));
-        }
-    }
-    let key = storage::plugin_key(plugin.digest());
-    if !state
-        .storage
-        .exists(&key)
-        .await
-        .map_err(ApiError::storage)?
-    {
-        state
-            .storage
-            .put(&key, wasm)
-            .await
-            .map_err(ApiError::storage)?;
-    }
-    let outcome = db::record_upload(
-        &state.db,
-        &meta,
-        plugin.digest(),
-        plugin.size() as i64,
-        "admin",
-    )
-    .await
-    .map_err(ApiError::database)?;
+    let (outcome, record) = state
+        .catalogue
+        .publish(
+            &plugin,
+            wasm,
+            Origin::Upload {
+                name: &name,
+                uploader: "admin",
+            },
+        )
+        .await?;
     let status = match outcome {
-        Upload::Created => StatusCode::CREATED,
-        Upload::Unchanged => StatusCode::OK,
-        Upload::Conflict => return Err(version_conflict(&name, &meta.version)),
+        Published::Created => StatusCode::CREATED,
+        Published::Unchanged => StatusCode::OK,
     };
-    notify(state, &name).await;
     state.metrics.known_actions([name.as_str()]);
-    tracing::info!(plugin = %name, version = %meta.version, digest = plugin.digest(), created = status == StatusCode::CREATED, "plugin uploaded");
-    let record = db::plugin_version(&state.db, &name, &meta.version)
-        .await
-        .map_err(ApiError::database)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the upload was not recorded",
-            )
-        })?;
-    Ok((status, Json(plugin_json(&record))).into_response())
-}
-
-fn version_conflict(name: &str, version: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "version_conflict",
-        format!("{name} {version} already exists with different bytes; bump the version"),
-    )
+    tracing::info!(plugin = %name, version = %record.version, digest = plugin.digest(), created = status == StatusCode::CREATED, "plugin uploaded");
+    Ok((status, Json(PluginVersion::from(&record))).into_response())
 }
 
 async fn read_component(
     state: &AppState,
     headers: &HeaderMap,
     request: Request,
-    limit: usize,
-    too_large: impl Fn() -> ApiError,
 ) -> Result<Bytes, ApiError> {
-    if crate::body::declared_over(headers, limit) {
-        crate::body::discard(request.into_body(), limit).await;
+    let limit = state.plugin_max_bytes;
+    let too_large = || ApiError::too_large(limit, "PLUGIN_MAX_BYTES");
+    if body::declared_over(headers, limit) {
+        body::discard(request.into_body(), limit).await;
         return Err(too_large());
     }
     let content_type = headers
@@ -271,100 +313,112 @@ async fn read_component(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if content_type.starts_with("multipart/form-data") {
-        let mut form = Multipart::from_request(request, state).await.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-        })?;
-        while let Some(field) = form.next_field().await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-            }
-        })? {
+        let mut form = Multipart::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| body::multipart_error(e, limit, "PLUGIN_MAX_BYTES"))?
+        {
             if field.file_name().is_some() || field.name() == Some("plugin") {
-                return field.bytes().await.map_err(|e| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        too_large()
-                    } else {
-                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-                    }
-                });
+                return field
+                    .bytes()
+                    .await
+                    .map_err(|e| body::multipart_error(e, limit, "PLUGIN_MAX_BYTES"));
             }
         }
-        Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        Err(ApiError::bad_request(
             "the form has no file field (send it as `plugin`)",
         ))
     } else {
-        match crate::body::read(request.into_body(), limit).await {
-            crate::body::Limited::Body(bytes) => Ok(bytes),
-            crate::body::Limited::TooLarge => Err(too_large()),
-            crate::body::Limited::Broken(e) => {
-                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))
-            }
+        match body::read(request.into_body(), limit).await {
+            Limited::Body(bytes) => Ok(bytes),
+            Limited::TooLarge => Err(too_large()),
+            Limited::Broken(e) => Err(ApiError::bad_request(e)),
         }
-    }
-}
-
-/// Tells every worker that plugin `name` changed, so they load it now
-/// rather than at their next reconciliation.
-async fn notify(state: &AppState, name: &str) {
-    let channel = state.queue.key("plugins");
-    let published = async {
-        let mut conn = state.queue.conn().await?;
-        imgflow_core::redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(name)
-            .query_async::<i64>(&mut conn)
-            .await
-    };
-    if let Err(e) = published.await {
-        tracing::warn!(plugin = name, error = %e, "cannot notify workers; they will reconcile shortly");
     }
 }
 
 /// Body of `POST /v1/plugins/{name}/activate`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Activate {
+    /// The version to make active.
+    #[schema(example = "0.1.0")]
     version: String,
 }
 
-/// `POST /v1/plugins/{name}/activate` with `{"version": "..."}`: rolls back
-/// or forward.
+/// The largest activation body read.
+const ACTIVATE_MAX_BYTES: usize = 4096;
+
+/// Makes a version the active one: roll back or forward (operators).
+#[utoipa::path(
+    post,
+    path = "/v1/plugins/{name}/activate",
+    operation_id = "activatePlugin",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    request_body(content = Activate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Its versions, the chosen one active", body = PluginVersions),
+        (status = 400, description = "A bad name or body (`invalid_name`, `invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No such version (`version_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body over 4 KiB (`body_too_large`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn activate(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
-    check_name(&name)?;
-    let Activate { version } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("expected {{\"version\": \"...\"}}: {e}"),
-        )
-    })?;
-    if !db::activate_plugin(&state.db, &name, &version)
-        .await
-        .map_err(ApiError::database)?
-    {
+    if let Err(e) = authorize(&state, &headers).and_then(|()| check_name(&name)) {
+        body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
+    let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
+        Limited::Body(bytes) => bytes,
+        Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
+        Limited::Broken(e) => return Err(ApiError::bad_request(e)),
+    };
+    let Activate { version } = serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(format!("expected {{\"version\": \"...\"}}: {e}")))?;
+    let known = imgflow_runtime::metadata::is_valid_version(&version)
+        && state.catalogue.activate(&name, &version).await?;
+    if !known {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "version_not_found",
+            ErrorCode::VersionNotFound,
             format!("no version {version:?} of {name:?}"),
         ));
     }
-    notify(&state, &name).await;
     tracing::info!(plugin = %name, %version, "plugin version activated");
-    versions(State(state), Path(name)).await
+    versions_of(&state, &name).await
 }
 
-/// `DELETE /v1/plugins/{name}`: deactivates the plugin. New jobs for it are
-/// refused; queued ones fail with `plugin_deleted`. Its versions stay
-/// recorded, so it can be activated again.
+/// Deletes (deactivates) a plugin (operators).
+///
+/// New jobs for it are refused; queued ones fail with `plugin_deleted`. Its
+/// versions stay recorded, so it can be activated again.
+#[utoipa::path(
+    delete,
+    path = "/v1/plugins/{name}",
+    operation_id = "deletePlugin",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    responses(
+        (status = 200, description = "Deleted: no version active", body = PluginVersions),
+        (status = 400, description = "Not a plugin name (`invalid_name`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No active plugin of that name (`plugin_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -372,19 +426,19 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     check_name(&name)?;
-    if !db::deactivate_plugin(&state.db, &name)
-        .await
-        .map_err(ApiError::database)?
-    {
+    if !state.catalogue.delete(&name).await? {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "plugin_not_found",
+            ErrorCode::PluginNotFound,
             format!("no active plugin {name:?}"),
         ));
     }
-    notify(&state, &name).await;
     tracing::info!(plugin = %name, "plugin deleted (deactivated)");
-    Ok(Json(json!({"name": name, "active_version": null})).into_response())
+    Ok(Json(PluginVersions {
+        name,
+        active_version: None,
+        versions: Vec::new(),
+    })
+    .into_response())
 }
 
 #[cfg(test)]

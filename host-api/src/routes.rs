@@ -1,53 +1,144 @@
-//! The router, plus the health endpoints.
+//! The router, its OpenAPI document, and the health endpoints.
+//!
+//! Every route is declared once, with its documentation (`utoipa`), so the
+//! document served at `/openapi.json` cannot drift from the code.
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::AppState;
 use crate::{jobs, metrics, plugins};
 
-/// Every route of the API.
+/// The document's fixed parts; the paths come from the routes.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "imgflow API",
+        description = "Submit image jobs that run sandboxed WebAssembly filter plugins, read them, download results; operators upload, version and delete plugins.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    tags(
+        (name = "jobs", description = "Image jobs"),
+        (name = "plugins", description = "Filter plugins (the actions jobs name)"),
+        (name = "operations", description = "Health, readiness, metrics, this document"),
+    ),
+    modifiers(&AdminToken),
+)]
+struct ApiDoc;
+
+/// The operators' bearer token, for plugin management.
+struct AdminToken;
+
+impl Modify for AdminToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "IMGFLOW_ADMIN_TOKEN, as `Authorization: Bearer <token>`",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route with its documentation. Multipart bodies are cut off at the
+/// limits while streaming (413); raw bodies are limited by the handlers.
+fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState> {
+    let (schemas, paths, method) = routes!(plugins::versions, plugins::upload, plugins::delete);
+    let plugin_routes = (
+        schemas,
+        paths,
+        method.layer(DefaultBodyLimit::max(plugin_max_bytes)),
+    );
+    let (schemas, paths, method) = routes!(jobs::submit, jobs::list);
+    let job_routes = (
+        schemas,
+        paths,
+        method.layer(DefaultBodyLimit::max(max_body_bytes)),
+    );
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(job_routes)
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::result))
+        .routes(routes!(plugins::list))
+        .routes(plugin_routes)
+        .routes(routes!(plugins::activate))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics::scrape))
+        .routes(routes!(openapi_json))
+}
+
+/// The API's OpenAPI 3.1 document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api(0, 0).into_openapi()
+}
+
+/// Every route of the API, ready to serve.
 pub fn router(state: AppState) -> Router {
-    let limit = state.max_body_bytes;
-    let plugin_limit = state.plugin_max_bytes;
-    Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/result", get(jobs::result))
-        .route("/v1/plugins", get(plugins::list))
-        .route(
-            "/v1/plugins/{name}",
-            get(plugins::versions)
-                .put(plugins::upload)
-                .delete(plugins::delete)
-                .layer(DefaultBodyLimit::max(plugin_limit)),
-        )
-        .route("/v1/plugins/{name}/activate", post(plugins::activate))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics::scrape))
-        // Multipart bodies are cut off at the limit while streaming (413);
-        // raw bodies are limited by the handler itself.
-        .layer(DefaultBodyLimit::max(limit))
+    let (router, _) = api(state.max_body_bytes, state.plugin_max_bytes).split_for_parts();
+    router
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state.metrics.clone(),
             metrics::track,
         ))
         .with_state(state)
 }
 
-/// `GET /healthz`: the process is alive.
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// The answer of `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
-/// `GET /readyz`: PostgreSQL and Redis answer.
+/// The process is alive (it depends on nothing else).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Health))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The answer of `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+struct Readiness {
+    /// `ok` or `unavailable`.
+    database: &'static str,
+    /// `ok` or `unavailable`.
+    queue: &'static str,
+}
+
+/// PostgreSQL and Redis answer, so requests can be served.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "PostgreSQL or Redis does not answer", body = Readiness),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database = sqlx::query("SELECT 1").execute(&state.db).await.is_ok();
+    let database = imgflow_platform::db::ping(&state.db).await.is_ok();
     let queue = state.queue.ping().await.is_ok();
     let status = if database && queue {
         StatusCode::OK
@@ -57,7 +148,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     (
         status,
-        Json(json!({"database": word(database), "queue": word(queue)})),
+        Json(Readiness {
+            database: word(database),
+            queue: word(queue),
+        }),
     )
         .into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "getOpenApi",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+async fn openapi_json() -> Response {
+    Json(openapi()).into_response()
 }

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use imgflow_core::codec::ImageLimits;
-use imgflow_core::queue::Queue;
-use imgflow_core::runtime::Runtime;
-use imgflow_core::storage::Storage;
+use axum::extract::FromRef;
+use imgflow_platform::jobs::Jobs;
+use imgflow_platform::plugins::Catalogue;
+use imgflow_platform::queue::Queue;
+use imgflow_runtime::codec::ImageLimits;
+use imgflow_runtime::Runtime;
 use sqlx::PgPool;
 
 use crate::metrics::ApiMetrics;
@@ -16,10 +18,12 @@ use crate::metrics::ApiMetrics;
 pub struct AppState {
     /// PostgreSQL (connects lazily, so the API starts while it is down).
     pub db: PgPool,
-    /// The Redis queue.
+    /// Jobs and their states.
+    pub jobs: Jobs,
+    /// The plugin catalogue.
+    pub catalogue: Catalogue,
+    /// The Redis queue (its depth, for admission).
     pub queue: Queue,
-    /// Images and components.
-    pub storage: Storage,
     /// Input image limits.
     pub limits: ImageLimits,
     /// Largest accepted request body.
@@ -36,4 +40,10 @@ pub struct AppState {
     pub plugin_compile_timeout: Duration,
     /// The API's metrics.
     pub metrics: Arc<ApiMetrics>,
+}
+
+impl FromRef<AppState> for Arc<ApiMetrics> {
+    fn from_ref(state: &AppState) -> Arc<ApiMetrics> {
+        state.metrics.clone()
+    }
 }

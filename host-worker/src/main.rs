@@ -2,20 +2,14 @@
 //!
 //! - `host-worker serve`: the worker: takes jobs from the Redis queue, runs
 //!   them in their plugins, records the outcome in PostgreSQL.
-//! - `host-worker run`: the local runner for plugin authors, one filter on one
-//!   file, no Redis or PostgreSQL needed.
-//! - `host-worker plugin-info`: prints a plugin's metadata as JSON.
-
-mod metrics;
-mod process;
-mod registry;
-mod retry;
-mod runner;
-mod serve;
+//! - `host-worker run` and `host-worker plugin-info`: the plugin author's
+//!   commands, the same as `imgflow run` and `imgflow plugin-info`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use host_worker::{Settings, Worker};
+use imgflow_cli::{runner, InfoArgs, RunArgs};
 
 /// Runs imgflow filter plugins (WebAssembly components) in a sandbox.
 #[derive(Debug, Parser)]
@@ -28,40 +22,31 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs the worker: takes jobs from the queue until SIGTERM.
-    Serve(Box<serve::ServeArgs>),
-    /// Runs one plugin on one image file, without Redis or PostgreSQL.
-    Run(runner::RunArgs),
-    /// Prints a plugin's metadata (name, version, description, parameters) as JSON.
-    PluginInfo(runner::InfoArgs),
+    Serve(Box<Settings>),
+    /// Runs one plugin on one image file (the same as `imgflow run`).
+    Run(RunArgs),
+    /// Prints a plugin's metadata as JSON (the same as `imgflow plugin-info`).
+    PluginInfo(InfoArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(args) => return serve_main(*args),
+    match Cli::parse().command {
+        Command::Serve(settings) => {
+            let log = settings.log.clone();
+            imgflow_platform::logging::run_service("worker", &log, async move {
+                Worker::build(*settings)
+                    .await?
+                    .run_until(imgflow_platform::shutdown::signal())
+                    .await
+            })
+        }
         Command::Run(args) => {
-            imgflow_core::logging::init("error", false);
-            runner::run(args)
+            imgflow_cli::init_logging();
+            imgflow_cli::exit(runner::run(args))
         }
         Command::PluginInfo(args) => {
-            imgflow_core::logging::init("error", false);
-            runner::info(args)
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            // One line naming the cause, for humans and for scripts.
-            eprintln!(
-                "error: {}: {}",
-                failure.code,
-                failure.message.replace('\n', " ")
-            );
-            ExitCode::FAILURE
+            imgflow_cli::init_logging();
+            imgflow_cli::exit(runner::info(args))
         }
     }
-}
-
-fn serve_main(args: serve::ServeArgs) -> ExitCode {
-    imgflow_core::logging::run_service("worker", serve::serve(args))
 }

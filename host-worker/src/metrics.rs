@@ -10,27 +10,13 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use imgflow_core::metrics::{self, prometheus};
+use imgflow_platform::jobs::JobStatus;
+use imgflow_platform::metrics::{self, prometheus};
+use imgflow_runtime::ErrorCode;
 use prometheus::{Gauge, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
-/// Every `reason` of `worker_job_failures_total`: the error codes a failed
-/// job records.
-pub const FAILURE_REASONS: &[&str] = &[
-    "invalid_params",
-    "invalid_input",
-    "timeout",
-    "out_of_memory",
-    "trap",
-    "invalid_output",
-    "plugin_failed",
-    "plugin_deleted",
-    "plugin_unavailable",
-    "max_attempts",
-    "internal",
-];
-
 /// The two final statuses of `worker_jobs_processed_total`.
-const STATUSES: &[&str] = &["completed", "failed"];
+const STATUSES: [JobStatus; 2] = [JobStatus::Completed, JobStatus::Failed];
 
 /// A plugin version as `worker_plugin_info` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -150,11 +136,11 @@ impl WorkerMetrics {
     pub fn set_plugins(&self, active: &[PluginLabel]) {
         for plugin in active {
             let action = plugin.action.as_str();
-            for &status in STATUSES {
-                self.processed.with_label_values(&[action, status]);
+            for status in STATUSES {
+                self.processed.with_label_values(&[action, status.as_str()]);
             }
-            for &reason in FAILURE_REASONS {
-                self.failures.with_label_values(&[action, reason]);
+            for reason in ErrorCode::ALL.iter().filter(|c| c.is_job_failure()) {
+                self.failures.with_label_values(&[action, reason.as_str()]);
             }
             self.duration.with_label_values(&[action]);
             self.execution.with_label_values(&[action]);
@@ -210,15 +196,19 @@ impl WorkerMetrics {
 
     /// Records a finished job: `Ok` when it completed, `Err(reason)` with
     /// its error code when it failed.
-    pub fn finished(&self, action: &str, outcome: Result<(), &str>, took: Duration) {
+    pub fn finished(&self, action: &str, outcome: Result<(), ErrorCode>, took: Duration) {
         let status = match outcome {
-            Ok(()) => "completed",
+            Ok(()) => JobStatus::Completed,
             Err(reason) => {
-                self.failures.with_label_values(&[action, reason]).inc();
-                "failed"
+                self.failures
+                    .with_label_values(&[action, reason.as_str()])
+                    .inc();
+                JobStatus::Failed
             }
         };
-        self.processed.with_label_values(&[action, status]).inc();
+        self.processed
+            .with_label_values(&[action, status.as_str()])
+            .inc();
         self.duration
             .with_label_values(&[action])
             .observe(took.as_secs_f64());
@@ -288,7 +278,7 @@ mod tests {
             assert!(m
                 .render()
                 .contains(r#"worker_jobs_in_flight{action="blur"} 1"#));
-            m.finished("blur", Err("timeout"), Duration::from_millis(20));
+            m.finished("blur", Err(ErrorCode::Timeout), Duration::from_millis(20));
         }
         m.finished("blur", Ok(()), Duration::from_millis(20));
         let text = m.render();

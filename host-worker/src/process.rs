@@ -3,16 +3,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imgflow_core::codec::{self, ImageFormat, ImageLimits};
-use imgflow_core::db::{self, JobRecord};
-use imgflow_core::queue::{Delivery, Queue};
-use imgflow_core::storage::{self, Storage};
-use sqlx::PgPool;
+use imgflow_platform::jobs::{JobRecord, Jobs};
+use imgflow_platform::plugins::Catalogue;
+use imgflow_platform::queue::{Delivery, Queue};
+use imgflow_platform::retry::retry;
+use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
+use imgflow_runtime::{ErrorCode, Failure};
 use tracing::Instrument;
 
 use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
-use crate::retry::retry;
 
 /// How many times a storage or database step is tried within one delivery.
 const STEP_ATTEMPTS: u32 = 4;
@@ -21,12 +21,12 @@ const STEP_ATTEMPTS: u32 = 4;
 pub struct Context {
     /// This worker's id (also its Redis consumer name).
     pub worker_id: String,
-    /// PostgreSQL.
-    pub db: PgPool,
-    /// The queue.
+    /// Jobs and their states.
+    pub jobs: Jobs,
+    /// The plugin catalogue.
+    pub catalogue: Catalogue,
+    /// The queue (deliveries, leases).
     pub queue: Queue,
-    /// Images and components.
-    pub storage: Storage,
     /// Compiled plugins.
     pub registry: Registry,
     /// Input limits.
@@ -39,35 +39,6 @@ pub struct Context {
     pub metrics: Arc<WorkerMetrics>,
 }
 
-/// Why a job did not complete.
-#[derive(Debug)]
-pub struct Failure {
-    /// The error code stored in the job.
-    pub code: &'static str,
-    /// The message stored in the job.
-    pub message: String,
-    /// Whether another attempt may succeed (host trouble, not the plugin's).
-    pub transient: bool,
-}
-
-impl Failure {
-    fn permanent(code: &'static str, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-            transient: false,
-        }
-    }
-
-    fn transient(code: &'static str, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-            transient: true,
-        }
-    }
-}
-
 /// Handles one delivery to the end: runs the job (unless it is already
 /// finished), records the outcome, then acknowledges the entry. A transient
 /// failure leaves the entry unacknowledged, so it is delivered again after
@@ -76,7 +47,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     let span = tracing::info_span!("job", job_id = %delivery.job, action = tracing::field::Empty);
     async move {
         let began = Instant::now();
-        let started = retry("start job", STEP_ATTEMPTS, || db::start_job(&ctx.db, delivery.job, &ctx.worker_id)).await;
+        let started = retry("start job", STEP_ATTEMPTS, || ctx.jobs.start(delivery.job, &ctx.worker_id)).await;
         let job = match started {
             Ok(Some(job)) => job,
             Ok(None) => {
@@ -97,7 +68,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         }
         if job.attempts > ctx.max_attempts {
             let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempts - 1, ctx.max_attempts);
-            record_failure(&ctx, &job, &Failure::permanent("max_attempts", message), began).await;
+            record_failure(&ctx, &job, &Failure::permanent(ErrorCode::MaxAttempts, message), began).await;
             ack(&ctx, &delivery).await;
             return;
         }
@@ -122,7 +93,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
 
         match outcome {
             Ok((key, size)) => {
-                match retry("complete job", STEP_ATTEMPTS, || db::complete_job(&ctx.db, job.id, &key, size)).await {
+                match retry("complete job", STEP_ATTEMPTS, || ctx.jobs.complete(job.id, &key, size)).await {
                     Ok(true) => {
                         ctx.metrics.finished(&job.action, Ok(()), began.elapsed());
                         tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed");
@@ -136,7 +107,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 ack(&ctx, &delivery).await;
             }
             Err(failure) if failure.transient => {
-                tracing::warn!(code = failure.code, error = %failure.message, "transient failure; the job will be delivered again");
+                tracing::warn!(code = %failure.code, error = %failure.message, "transient failure; the job will be delivered again");
             }
             Err(failure) => {
                 if record_failure(&ctx, &job, &failure, began).await {
@@ -153,14 +124,14 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
 /// could not be recorded (the job is then left for redelivery).
 async fn record_failure(ctx: &Context, job: &JobRecord, failure: &Failure, began: Instant) -> bool {
     match retry("fail job", STEP_ATTEMPTS, || {
-        db::fail_job(&ctx.db, job.id, failure.code, &failure.message)
+        ctx.jobs.fail(job.id, failure.code, &failure.message)
     })
     .await
     {
         Ok(_) => {
             ctx.metrics
                 .finished(&job.action, Err(failure.code), began.elapsed());
-            tracing::warn!(code = failure.code, error = %failure.message, "job failed");
+            tracing::warn!(code = %failure.code, error = %failure.message, "job failed");
             true
         }
         Err(e) => {
@@ -185,13 +156,13 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
 /// output's key and size.
 async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
     let active = retry("check plugin", STEP_ATTEMPTS, || {
-        db::active_plugin(&ctx.db, &job.action)
+        ctx.catalogue.active_version(&job.action)
     })
     .await
-    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+    .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     if active.is_none() {
         return Err(Failure::permanent(
-            "plugin_deleted",
+            ErrorCode::PluginDeleted,
             format!(
                 "plugin {} was deleted after the job was submitted",
                 job.action
@@ -201,29 +172,27 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
     let plugin = match ctx.registry.get(&job.plugin_digest).await {
         Ok(p) => p,
         Err(RegistryError::Storage(e)) => {
-            return Err(Failure::transient("internal", e.to_string()))
+            return Err(Failure::transient(ErrorCode::Internal, e.to_string()))
         }
         Err(RegistryError::Load(e)) => {
             return Err(Failure::permanent(
-                "plugin_unavailable",
+                ErrorCode::PluginUnavailable,
                 format!("plugin {} cannot be loaded: {e}", job.action),
             ))
         }
     };
     let params = plugin
         .params_from_json(&job.params.0)
-        .map_err(|e| Failure::permanent("invalid_params", e.to_string()))?;
+        .map_err(|e| Failure::permanent(ErrorCode::InvalidParams, e.to_string()))?;
     let output_format = ImageFormat::parse(&job.output_format).ok_or_else(|| {
         Failure::permanent(
-            "invalid_params",
+            ErrorCode::InvalidParams,
             format!("unknown output format {}", job.output_format),
         )
     })?;
-    let input = retry("read input", STEP_ATTEMPTS, || {
-        ctx.storage.get(&job.input_key)
-    })
-    .await
-    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+    let input = retry("read input", STEP_ATTEMPTS, || ctx.jobs.input(job))
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
     let runtime = ctx.registry.runtime().clone();
     let limits = ctx.limits;
@@ -231,7 +200,7 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
     let action = job.action.clone();
     let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Failure> {
         let (image, _) = codec::decode(&input, &limits)
-            .map_err(|e| Failure::permanent("invalid_input", e.to_string()))?;
+            .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
         let called = Instant::now();
         let mut instantiation = None;
         let applied = runtime.apply_observed(&plugin, image, &params, |t| instantiation = Some(t));
@@ -246,26 +215,21 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
                     .elapsed()
                     .saturating_sub(instantiation.unwrap_or_default());
                 metrics.plugin_call(&action, instantiation, spent);
-                return Err(Failure {
-                    code: e.code(),
-                    message: e.to_string(),
-                    transient: e.is_transient(),
-                });
+                return Err(e.into());
             }
         };
         codec::encode(&applied.image, output_format)
-            .map_err(|e| Failure::permanent("internal", e.to_string()))
+            .map_err(|e| Failure::permanent(ErrorCode::Internal, e.to_string()))
     })
     .await
-    .map_err(|e| Failure::transient("internal", format!("job thread failed: {e}")))??;
+    .map_err(|e| Failure::transient(ErrorCode::Internal, format!("job thread failed: {e}")))??;
 
-    let key = storage::output_key(job.id, output_format);
     let size = encoded.len() as i64;
     let bytes = bytes::Bytes::from(encoded);
-    retry("write output", STEP_ATTEMPTS, || {
-        ctx.storage.put(&key, bytes.clone())
+    let key = retry("write output", STEP_ATTEMPTS, || {
+        ctx.jobs.store_result(job, output_format, bytes.clone())
     })
     .await
-    .map_err(|e| Failure::transient("internal", e.to_string()))?;
+    .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     Ok((key, size))
 }

@@ -8,43 +8,36 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use imgflow_core::db;
-use imgflow_core::runtime::{LoadError, Plugin, Runtime};
-use imgflow_core::storage::{self, Storage, StorageError};
-use sqlx::PgPool;
+use imgflow_platform::plugins::{Catalogue, CatalogueError, Origin};
+use imgflow_platform::storage::StorageError;
+use imgflow_runtime::{LoadError, Plugin, Runtime};
+use thiserror::Error;
 use tokio::sync::RwLock;
 
 /// Why a plugin could not be made ready.
-#[derive(Debug)]
+#[derive(Debug, Error)]
 pub enum RegistryError {
     /// The component could not be read from storage (transient).
+    #[error("{0}")]
     Storage(StorageError),
     /// The component does not load (deterministic).
+    #[error("{0}")]
     Load(LoadError),
-}
-
-impl std::fmt::Display for RegistryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RegistryError::Storage(e) => write!(f, "{e}"),
-            RegistryError::Load(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 /// Compiled plugins, shared by the worker's tasks.
 pub struct Registry {
     runtime: Arc<Runtime>,
-    storage: Storage,
+    catalogue: Catalogue,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
 }
 
 impl Registry {
     /// An empty registry.
-    pub fn new(runtime: Arc<Runtime>, storage: Storage) -> Registry {
+    pub fn new(runtime: Arc<Runtime>, catalogue: Catalogue) -> Registry {
         Registry {
             runtime,
-            storage,
+            catalogue,
             plugins: RwLock::new(HashMap::new()),
         }
     }
@@ -60,8 +53,8 @@ impl Registry {
             return Ok(plugin.clone());
         }
         let bytes = self
-            .storage
-            .get(&storage::plugin_key(digest))
+            .catalogue
+            .component(digest)
             .await
             .map_err(RegistryError::Storage)?;
         let plugin = self
@@ -91,10 +84,10 @@ impl Registry {
         Ok(plugin)
     }
 
-    /// Registers every `*.wasm` in `dir` as a built-in plugin: stores the
-    /// component by digest and records it in PostgreSQL. A file that does
-    /// not load is logged and skipped, so one bad file cannot stop the worker.
-    pub async fn register_builtins(&self, dir: &Path, db: &PgPool) -> anyhow::Result<Vec<String>> {
+    /// Publishes every `*.wasm` in `dir` as a built-in plugin. A file that
+    /// does not load is logged and skipped, so one bad file cannot stop the
+    /// worker.
+    pub async fn register_builtins(&self, dir: &Path) -> anyhow::Result<Vec<String>> {
         let mut names = Vec::new();
         let entries = std::fs::read_dir(dir)
             .map_err(|e| anyhow::anyhow!("cannot read PLUGINS_DIR {}: {e}", dir.display()))?;
@@ -108,16 +101,16 @@ impl Registry {
             let plugin = match self.load(wasm.clone()).await {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(path = %path.display(), code = e.code(), error = %e, "skipping built-in plugin that does not load");
+                    tracing::error!(path = %path.display(), code = %e.code(), error = %e, "skipping built-in plugin that does not load");
                     continue;
                 }
             };
-            let key = storage::plugin_key(plugin.digest());
-            if !self.storage.exists(&key).await? {
-                self.storage.put(&key, wasm.into()).await?;
-            }
-            db::register_builtin(db, plugin.metadata(), plugin.digest(), plugin.size() as i64)
-                .await?;
+            self.catalogue
+                .publish(&plugin, wasm.into(), Origin::Builtin)
+                .await
+                .map_err(|e: CatalogueError| {
+                    anyhow::anyhow!("cannot register {}: {e}", path.display())
+                })?;
             tracing::info!(plugin = %plugin.metadata().name, version = %plugin.metadata().version, digest = plugin.digest(), "registered built-in plugin");
             names.push(plugin.metadata().name.clone());
         }

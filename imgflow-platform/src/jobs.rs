@@ -1,0 +1,496 @@
+//! A job's life, in one place: its states, how it is submitted (input
+//! stored, row inserted, entry queued), started, completed, failed, and
+//! queued again when its entry went missing.
+//!
+//! ```text
+//!            submit            start              complete
+//!   (none) ---------> queued ---------> running ------------> completed
+//!                       ^                  |  \
+//!                       |   requeue_missing|   \  fail
+//!                       +------------------+    +-----------> failed
+//! ```
+//!
+//! PostgreSQL holds the truth; every state change is one conditional
+//! `UPDATE` (only an unfinished job changes), so two workers that both got
+//! the same job cannot both complete it, and a finished job never changes.
+//! Redis only carries the work ([`crate::queue`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use imgflow_runtime::codec::ImageFormat;
+use imgflow_runtime::ErrorCode;
+use serde::Serialize;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::queue::{Lock, Queue, QueueError};
+use crate::storage::{self, Storage, StorageError};
+
+/// A job's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Done; the result can be downloaded.
+    Completed,
+    /// Ended with an error.
+    Failed,
+}
+
+impl JobStatus {
+    /// Every status, in the order a job goes through them.
+    pub const ALL: [JobStatus; 4] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Completed,
+        JobStatus::Failed,
+    ];
+
+    /// The status as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored or requested status.
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+
+    /// Whether the job has ended (it will never change again).
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobStatus::Completed | JobStatus::Failed)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl sqlx::Type<Postgres> for JobStatus {
+    fn type_info() -> PgTypeInfo {
+        <&str as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <&str as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for JobStatus {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+        JobStatus::parse(text).ok_or_else(|| format!("unknown job status {text:?}").into())
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for JobStatus {
+    fn encode_by_ref(
+        &self,
+        buf: &mut PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+/// The SQL condition "the job has not finished", the one every state change
+/// requires.
+macro_rules! unfinished {
+    () => {
+        "status IN ('queued', 'running')"
+    };
+}
+
+/// A row of the `jobs` table.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRecord {
+    /// The job's id (a UUIDv7, so ids sort by creation time).
+    pub id: Uuid,
+    /// The plugin that runs it.
+    pub action: String,
+    /// The plugin version recorded for it.
+    pub plugin_version: String,
+    /// The SHA-256 of that plugin version's component.
+    pub plugin_digest: String,
+    /// The validated parameters, defaults filled in.
+    pub params: Json<serde_json::Value>,
+    /// Where it is in its life.
+    pub status: JobStatus,
+    /// How many times a worker started it.
+    pub attempts: i32,
+    /// Why it failed (an [`ErrorCode`]).
+    pub error_code: Option<String>,
+    /// Why it failed, for humans.
+    pub error_message: Option<String>,
+    /// Storage key of the input image.
+    pub input_key: String,
+    /// Input size in bytes.
+    pub input_size: i64,
+    /// Input format.
+    pub input_format: String,
+    /// Format of the result.
+    pub output_format: String,
+    /// Storage key of the result.
+    pub output_key: Option<String>,
+    /// Result size in bytes.
+    pub output_size: Option<i64>,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+    /// The Redis stream entry that carries it.
+    pub stream_id: Option<String>,
+    /// The worker that ran it last.
+    pub worker_id: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it was last put on the queue.
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// When a worker last started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it completed or failed.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a client submits, validated: recorded as a new `queued` job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The plugin's name.
+    pub action: String,
+    /// The plugin version it was validated against.
+    pub plugin_version: String,
+    /// That version's digest.
+    pub plugin_digest: String,
+    /// The validated parameters.
+    pub params: serde_json::Value,
+    /// Input format name.
+    pub input_format: String,
+    /// Output format name.
+    pub output_format: String,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// What [`Jobs::submit`] did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// A new job, stored and queued.
+    Created(JobRecord),
+    /// The idempotency key was already used: the earlier job, nothing new.
+    Existing(JobRecord),
+}
+
+/// A page of [`Jobs::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs of this action.
+    pub action: Option<String>,
+    /// Only jobs older than this one (the previous page's last id).
+    pub before: Option<Uuid>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Why a job operation failed: which service was unavailable.
+#[derive(Debug, Error)]
+pub enum JobsError {
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Redis failed.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// The object store failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// An idempotency key's job vanished while it was being looked up.
+    #[error("a request with the same Idempotency-Key is being recorded; retry")]
+    Conflict,
+}
+
+impl JobsError {
+    /// The error's stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            JobsError::Database(e) if crate::db::is_bad_input(e) => ErrorCode::InvalidRequest,
+            JobsError::Database(_) => ErrorCode::DatabaseUnavailable,
+            JobsError::Queue(_) => ErrorCode::QueueUnavailable,
+            JobsError::Storage(_) => ErrorCode::StorageUnavailable,
+            JobsError::Conflict => ErrorCode::Conflict,
+        }
+    }
+}
+
+/// Every job operation, for the API and the worker alike. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    db: PgPool,
+    queue: Queue,
+    storage: Storage,
+}
+
+impl Jobs {
+    /// The service over these stores.
+    pub fn new(db: PgPool, queue: Queue, storage: Storage) -> Jobs {
+        Jobs { db, queue, storage }
+    }
+
+    /// Records a new job: stores its input, inserts it as `queued`, queues
+    /// it. On any failure nothing is left behind (input deleted, row
+    /// deleted). With an idempotency key already used, returns that job and
+    /// keeps nothing new (callers may look the key up first, with
+    /// [`Jobs::by_idempotency_key`], to skip the work of validating).
+    pub async fn submit(&self, new: NewJob, input: Bytes) -> Result<Submitted, JobsError> {
+        let id = Uuid::now_v7();
+        let input_key = storage::input_key(id);
+        let input_size = input.len() as i64;
+        self.storage.put(&input_key, input).await?;
+        let inserted = sqlx::query_as::<_, JobRecord>(
+            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
+                               input_size, input_format, output_format, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(&new.action)
+        .bind(&new.plugin_version)
+        .bind(&new.plugin_digest)
+        .bind(Json(&new.params))
+        .bind(JobStatus::Queued)
+        .bind(&input_key)
+        .bind(input_size)
+        .bind(&new.input_format)
+        .bind(&new.output_format)
+        .bind(&new.idempotency_key)
+        .fetch_optional(&self.db)
+        .await;
+        let job = match inserted {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                // Another request with the same Idempotency-Key won the race.
+                let _ = self.storage.delete(&input_key).await;
+                let key = new.idempotency_key.as_deref().unwrap_or_default();
+                return match self.by_idempotency_key(key).await? {
+                    Some(job) => Ok(Submitted::Existing(job)),
+                    None => Err(JobsError::Conflict),
+                };
+            }
+            Err(e) => {
+                let _ = self.storage.delete(&input_key).await;
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.enqueue(id).await {
+            if let JobsError::Queue(_) = e {
+                let _ = sqlx::query("DELETE FROM jobs WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.db)
+                    .await;
+                let _ = self.storage.delete(&input_key).await;
+                return Err(e);
+            }
+            // Queued, but the entry is not recorded: the sweeper will see
+            // the entry and settle it; the job is safe.
+            tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
+        }
+        Ok(Submitted::Created(job))
+    }
+
+    /// Puts the job on the queue and records its entry.
+    async fn enqueue(&self, id: Uuid) -> Result<(), JobsError> {
+        let entry = self.queue.enqueue(id).await?;
+        self.mark_enqueued(id, &entry).await
+    }
+
+    async fn mark_enqueued(&self, id: Uuid, entry: &str) -> Result<(), JobsError> {
+        sqlx::query("UPDATE jobs SET stream_id = $2, enqueued_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(entry)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The job with this id.
+    pub async fn get(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
+        Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await?)
+    }
+
+    /// The job submitted with this idempotency key.
+    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, JobsError> {
+        Ok(
+            sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.db)
+                .await?,
+        )
+    }
+
+    /// A page of jobs, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, JobsError> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs
+             WHERE ($1::text IS NULL OR status = $1)
+               AND ($2::text IS NULL OR action = $2)
+               AND ($3::uuid IS NULL OR id < $3)
+             ORDER BY id DESC
+             LIMIT $4",
+        )
+        .bind(filter.status)
+        .bind(filter.action.as_deref())
+        .bind(filter.before)
+        .bind(filter.limit)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    /// Marks the job `running` for `worker` and counts the attempt. Returns
+    /// the updated row, or `None` if the job is finished (or gone): then
+    /// there is nothing to do.
+    pub async fn start(&self, id: Uuid, worker: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+        sqlx::query_as(concat!(
+            "UPDATE jobs SET status = $3, attempts = attempts + 1, started_at = now(), worker_id = $2
+             WHERE id = $1 AND ",
+            unfinished!(),
+            " RETURNING *"
+        ))
+        .bind(id)
+        .bind(worker)
+        .bind(JobStatus::Running)
+        .fetch_optional(&self.db)
+        .await
+    }
+
+    /// Marks the job `completed` with its stored result. Returns false if
+    /// it had already finished (a duplicate delivery): nothing changes.
+    pub async fn complete(
+        &self,
+        id: Uuid,
+        output_key: &str,
+        output_size: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(concat!(
+            "UPDATE jobs SET status = $4, output_key = $2, output_size = $3, finished_at = now(),
+                             error_code = NULL, error_message = NULL
+             WHERE id = $1 AND ",
+            unfinished!()
+        ))
+        .bind(id)
+        .bind(output_key)
+        .bind(output_size)
+        .bind(JobStatus::Completed)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks the job `failed` with a code and message. Returns false if it
+    /// had already finished.
+    pub async fn fail(
+        &self,
+        id: Uuid,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(concat!(
+            "UPDATE jobs SET status = $4, error_code = $2, error_message = $3, finished_at = now()
+             WHERE id = $1 AND ",
+            unfinished!()
+        ))
+        .bind(id)
+        .bind(code.as_str())
+        .bind(message)
+        .bind(JobStatus::Failed)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The sweeper's round: if `holder` gets the sweeper lock (for `every`),
+    /// queues again every unfinished job whose queue entry has been missing
+    /// for longer than `after` (it never reached Redis because the API died
+    /// in between, or Redis lost it). Returns how many were queued again.
+    pub async fn requeue_missing(
+        &self,
+        holder: &str,
+        every: Duration,
+        after: Duration,
+    ) -> Result<usize, JobsError> {
+        if !self.queue.try_lock(Lock::Sweeper, holder, every).await? {
+            return Ok(0);
+        }
+        let stale: Vec<JobRecord> = sqlx::query_as(concat!(
+            "SELECT * FROM jobs
+             WHERE ",
+            unfinished!(),
+            " AND COALESCE(enqueued_at, created_at) < now() - make_interval(secs => $1)
+             ORDER BY COALESCE(enqueued_at, created_at)
+             LIMIT 500"
+        ))
+        .bind(after.as_secs_f64())
+        .fetch_all(&self.db)
+        .await?;
+        let mut requeued = 0;
+        for job in stale {
+            if let Some(entry) = &job.stream_id {
+                if self.queue.contains(entry).await? {
+                    // Still on the queue (waiting, or pending with a worker
+                    // whose lease the reclaimer watches): just note that it
+                    // was seen.
+                    self.mark_enqueued(job.id, entry).await?;
+                    continue;
+                }
+            }
+            self.enqueue(job.id).await?;
+            requeued += 1;
+            tracing::warn!(job_id = %job.id, action = %job.action, "re-queued a job missing from Redis");
+        }
+        Ok(requeued)
+    }
+
+    /// The job's input image.
+    pub async fn input(&self, job: &JobRecord) -> Result<Bytes, StorageError> {
+        self.storage.get(&job.input_key).await
+    }
+
+    /// Stores the job's result (named by the job, so running it twice
+    /// writes one object twice); returns its key.
+    pub async fn store_result(
+        &self,
+        job: &JobRecord,
+        format: ImageFormat,
+        bytes: Bytes,
+    ) -> Result<String, StorageError> {
+        let key = storage::output_key(job.id, format);
+        self.storage.put(&key, bytes).await?;
+        Ok(key)
+    }
+
+    /// The completed job's result, or `None` if it has none.
+    pub async fn result(&self, job: &JobRecord) -> Result<Option<Bytes>, StorageError> {
+        match (&job.status, &job.output_key) {
+            (JobStatus::Completed, Some(key)) => self.storage.get(key).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+}

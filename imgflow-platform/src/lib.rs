@@ -1,0 +1,29 @@
+//! The imgflow platform: what the API and the worker share beyond the
+//! sandbox (which is `imgflow-runtime`).
+//!
+//! Each behaviour has one home:
+//! - [`jobs`]: a job's states and every change of state (submit, start,
+//!   complete, fail, queue again when missing).
+//! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
+//!   notices that tell workers).
+//! - [`queue`]: every Redis key and command (the job stream, plugin-change
+//!   notices, the sweeper's lock).
+//! - [`storage`]: where images and plugin components are kept.
+//! - [`db`]: the PostgreSQL connection and migrations.
+//! - [`config`]: connection settings (flags and environment variables).
+//! - [`retry`]: backoff for transient failures.
+//! - [`metrics`]: what both services' `/metrics` endpoints share.
+//! - [`logging`], [`shutdown`]: the service binaries' plumbing.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod db;
+pub mod jobs;
+pub mod logging;
+pub mod metrics;
+pub mod plugins;
+pub mod queue;
+pub mod retry;
+pub mod shutdown;
+pub mod storage;

@@ -1,0 +1,62 @@
+//! Log output and the async entry point of the service binaries.
+
+/// Logs to stderr as JSON lines (for production) or text (`json = false`);
+/// `RUST_LOG` overrides `default` (for example `RUST_LOG=debug`, or
+/// `RUST_LOG=info` to see what plugins print in the runner).
+pub fn init(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: not in log files (make up) or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+/// How a service writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line (for production and log collectors).
+    Json,
+    /// Plain text lines (for a terminal).
+    Text,
+}
+
+/// The logging setting of the service binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format: `json` (default) or `text`. `RUST_LOG` sets the level.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// Runs a service's main future on a new multi-threaded tokio runtime with
+/// logs set up as `log` says, and turns its outcome into the process exit
+/// code; a failure is logged with its whole cause chain.
+pub fn run_service<E: std::fmt::Display>(
+    what: &str,
+    log: &LogArgs,
+    main: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    init("info", log.log_format == LogFormat::Json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{what} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! A plugin's lifecycle, in one place: the catalogue of plugin versions.
+//!
+//! A version is **published** (an operator's upload, or a built-in plugin a
+//! worker finds at start): its component is stored by digest and it is
+//! recorded in PostgreSQL. One version of each plugin is **active** (new jobs
+//! run it); an operator **activates** another (roll back or forward) or
+//! **deletes** the plugin (no version active; its versions stay recorded).
+//! Every change is announced on Redis so workers load the new version at
+//! once; [`Catalogue::changes`] is how they hear it.
+//!
+//! Publishing rules: an upload becomes active; the same bytes again change
+//! nothing but make it active; the same version number with other bytes is
+//! refused. The first version ever registered under a name becomes active;
+//! a newer built-in version replaces an active built-in one, but an
+//! operator's choice (an uploaded version active, a deleted plugin) is never
+//! undone by a worker's start. Changes to one name are serialised across
+//! processes by an advisory lock.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use imgflow_runtime::metadata::PluginMetadata;
+use imgflow_runtime::{ErrorCode, Plugin};
+use sqlx::types::Json;
+use sqlx::PgPool;
+use thiserror::Error;
+
+use crate::queue::{PluginChanges, Queue, QueueError};
+use crate::storage::{self, Storage, StorageError};
+
+/// A row of the `plugins` table.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PluginRecord {
+    /// The plugin's name (the job action).
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// SHA-256 of the component.
+    pub digest: String,
+    /// Component size in bytes.
+    pub size: i64,
+    /// What `metadata()` returned.
+    pub metadata: Json<PluginMetadata>,
+    /// Who registered it (`builtin` for the built-in plugins).
+    pub uploader: String,
+    /// Whether it ships with imgflow.
+    pub builtin: bool,
+    /// Whether this is the version new jobs run.
+    pub active: bool,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a published version comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// An operator uploaded it as plugin `name`.
+    Upload {
+        /// The name it was uploaded as; the component's metadata must agree.
+        name: &'a str,
+        /// Who uploaded it.
+        uploader: &'a str,
+    },
+    /// A worker found it in its `PLUGINS_DIR` at start.
+    Builtin,
+}
+
+/// What publishing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// A new version, now active (for a built-in: recorded).
+    Created,
+    /// The same bytes were already this version (an upload makes it active).
+    Unchanged,
+}
+
+/// Why a catalogue operation failed.
+#[derive(Debug, Error)]
+pub enum CatalogueError {
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The object store failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The component's metadata names another plugin.
+    #[error("the component's metadata names it {found:?}, but it was uploaded as {expected:?}")]
+    NameMismatch {
+        /// The name in the URL.
+        expected: String,
+        /// The name in the metadata.
+        found: String,
+    },
+    /// This version number exists with other bytes.
+    #[error("{name} {version} already exists with different bytes; bump the version")]
+    VersionConflict {
+        /// The plugin.
+        name: String,
+        /// The version.
+        version: String,
+    },
+}
+
+impl CatalogueError {
+    /// The error's stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CatalogueError::Database(e) if crate::db::is_bad_input(e) => ErrorCode::InvalidRequest,
+            CatalogueError::Database(_) => ErrorCode::DatabaseUnavailable,
+            CatalogueError::Storage(_) => ErrorCode::StorageUnavailable,
+            CatalogueError::NameMismatch { .. } => ErrorCode::NameMismatch,
+            CatalogueError::VersionConflict { .. } => ErrorCode::VersionConflict,
+        }
+    }
+}
+
+/// The plugin catalogue. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Catalogue {
+    db: PgPool,
+    storage: Storage,
+    queue: Queue,
+}
+
+impl Catalogue {
+    /// The catalogue over these stores.
+    pub fn new(db: PgPool, storage: Storage, queue: Queue) -> Catalogue {
+        Catalogue { db, storage, queue }
+    }
+
+    /// Publishes a loaded (validated) plugin whose component is `wasm`:
+    /// stores the component, records the version by the rules of its
+    /// `origin`, announces an upload, and returns the recorded version.
+    pub async fn publish(
+        &self,
+        plugin: &Plugin,
+        wasm: Bytes,
+        origin: Origin<'_>,
+    ) -> Result<(Published, PluginRecord), CatalogueError> {
+        let meta = plugin.metadata();
+        if let Origin::Upload { name, .. } = origin {
+            if meta.name != name {
+                return Err(CatalogueError::NameMismatch {
+                    expected: name.to_string(),
+                    found: meta.name.clone(),
+                });
+            }
+            // Refuse a version conflict before storing anything.
+            if let Some(existing) = self.version(&meta.name, &meta.version).await? {
+                if existing.digest != plugin.digest() {
+                    return Err(conflict(meta));
+                }
+            }
+        }
+        let key = storage::plugin_key(plugin.digest());
+        if !self.storage.exists(&key).await? {
+            self.storage.put(&key, wasm).await?;
+        }
+        let outcome = self.record(plugin, origin).await?;
+        if let Origin::Upload { .. } = origin {
+            self.announce(&meta.name).await;
+        }
+        let record = self
+            .version(&meta.name, &meta.version)
+            .await?
+            .ok_or(CatalogueError::Database(sqlx::Error::RowNotFound))?;
+        Ok((outcome, record))
+    }
+
+    async fn record(
+        &self,
+        plugin: &Plugin,
+        origin: Origin<'_>,
+    ) -> Result<Published, CatalogueError> {
+        let meta = plugin.metadata();
+        let (uploader, builtin) = match origin {
+            Origin::Upload { uploader, .. } => (uploader, false),
+            Origin::Builtin => ("builtin", true),
+        };
+        let mut tx = self.db.begin().await?;
+        lock_name(&mut tx, &meta.name).await?;
+        let existing: Option<(String,)> =
+            sqlx::query_as("SELECT digest FROM plugins WHERE name = $1 AND version = $2")
+                .bind(&meta.name)
+                .bind(&meta.version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (known,): (i64,) = sqlx::query_as("SELECT count(*) FROM plugins WHERE name = $1")
+            .bind(&meta.name)
+            .fetch_one(&mut *tx)
+            .await?;
+        let active: Option<(String, bool)> =
+            sqlx::query_as("SELECT version, builtin FROM plugins WHERE name = $1 AND active")
+                .bind(&meta.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let outcome = match existing {
+            Some((digest,)) if digest == plugin.digest() => Published::Unchanged,
+            Some(_) if builtin => Published::Unchanged,
+            Some(_) => return Err(conflict(meta)),
+            None => {
+                sqlx::query(
+                    "INSERT INTO plugins (name, version, digest, size, metadata, uploader, builtin, active)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, false)",
+                )
+                .bind(&meta.name)
+                .bind(&meta.version)
+                .bind(plugin.digest())
+                .bind(plugin.size() as i64)
+                .bind(Json(meta))
+                .bind(uploader)
+                .bind(builtin)
+                .execute(&mut *tx)
+                .await?;
+                Published::Created
+            }
+        };
+        let activate = match origin {
+            Origin::Upload { .. } => true,
+            Origin::Builtin => match active {
+                None => known == 0,
+                Some((version, was_builtin)) => {
+                    was_builtin && outcome == Published::Created && version != meta.version
+                }
+            },
+        };
+        if activate {
+            activate_in(&mut tx, &meta.name, &meta.version).await?;
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Makes `version` the active version of `name` (roll back or forward).
+    /// Returns false if there is no such version.
+    pub async fn activate(&self, name: &str, version: &str) -> Result<bool, CatalogueError> {
+        let mut tx = self.db.begin().await?;
+        lock_name(&mut tx, name).await?;
+        let exists: Option<(String,)> =
+            sqlx::query_as("SELECT version FROM plugins WHERE name = $1 AND version = $2")
+                .bind(name)
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        activate_in(&mut tx, name, version).await?;
+        tx.commit().await?;
+        self.announce(name).await;
+        Ok(true)
+    }
+
+    /// Deactivates every version of `name`: new jobs for it are refused,
+    /// queued ones fail with `plugin_deleted`. Returns false if it had no
+    /// active version.
+    pub async fn delete(&self, name: &str) -> Result<bool, CatalogueError> {
+        let done = sqlx::query("UPDATE plugins SET active = false WHERE name = $1 AND active")
+            .bind(name)
+            .execute(&self.db)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        self.announce(name).await;
+        Ok(true)
+    }
+
+    /// Tells every worker that `name` changed. A notice that cannot be sent
+    /// only delays the change until the workers' next reconciliation.
+    async fn announce(&self, name: &str) {
+        if let Err(e) = self.queue.announce_plugin_change(name).await {
+            tracing::warn!(plugin = name, error = %e, "cannot notify workers; they will reconcile shortly");
+        }
+    }
+
+    /// The names of plugins as they change (see [`Queue::plugin_changes`]).
+    pub async fn changes(&self) -> Result<PluginChanges, QueueError> {
+        self.queue.plugin_changes().await
+    }
+
+    /// The active version of every plugin, by name.
+    pub async fn active(&self) -> Result<Vec<PluginRecord>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM plugins WHERE active ORDER BY name")
+            .fetch_all(&self.db)
+            .await
+    }
+
+    /// The active version of plugin `name`.
+    pub async fn active_version(&self, name: &str) -> Result<Option<PluginRecord>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM plugins WHERE name = $1 AND active")
+            .bind(name)
+            .fetch_optional(&self.db)
+            .await
+    }
+
+    /// Every version of plugin `name`, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<PluginRecord>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM plugins WHERE name = $1 ORDER BY created_at, version")
+            .bind(name)
+            .fetch_all(&self.db)
+            .await
+    }
+
+    /// One version of plugin `name`.
+    pub async fn version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<PluginRecord>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM plugins WHERE name = $1 AND version = $2")
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.db)
+            .await
+    }
+
+    /// The stored component with SHA-256 `digest`.
+    pub async fn component(&self, digest: &str) -> Result<Bytes, StorageError> {
+        self.storage.get(&storage::plugin_key(digest)).await
+    }
+}
+
+fn conflict(meta: &PluginMetadata) -> CatalogueError {
+    CatalogueError::VersionConflict {
+        name: meta.name.clone(),
+        version: meta.version.clone(),
+    }
+}
+
+/// Serialises changes to one plugin name across processes.
+async fn lock_name(tx: &mut sqlx::PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map(|_| ())
+}
+
+async fn activate_in(
+    tx: &mut sqlx::PgConnection,
+    name: &str,
+    version: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE plugins SET active = false WHERE name = $1 AND active AND version <> $2")
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE plugins SET active = true WHERE name = $1 AND version = $2")
+        .bind(name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! The work queue: a Redis stream with a consumer group.
+//!
+//! - The API adds one entry (`job` = the job id) per accepted job (`XADD`).
+//! - Workers read new entries through the group (`XREADGROUP`); an entry
+//!   stays pending, owned by its worker, until that worker acknowledges and
+//!   deletes it (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
+//! - A worker that dies leaves its entries pending; after the lease (idle
+//!   time) another worker takes them over (`XAUTOCLAIM`). A worker running a
+//!   long job renews its lease by re-claiming the entry for itself.
+//! - The stream's length is therefore the number of unfinished jobs, which
+//!   is what the API's admission limit counts.
+//!
+//! Redis is only the carrier: the sweeper re-queues from PostgreSQL any
+//! unfinished job whose entry is missing, so even a Redis that lost its data
+//! loses no job.
+//!
+//! This module is the only place that knows Redis: every key (all under the
+//! deployment's prefix, `IMGFLOW_QUEUE`) and every command, including the
+//! plugin-change notices (pub/sub on `<prefix>:plugins`) and the sweeper's
+//! lock (`<prefix>:sweeper`). No connection or key leaves it.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use redis::{AsyncCommands, RedisError, RedisResult};
+
+pub use redis::RedisError as QueueError;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// The consumer group every worker joins.
+pub const GROUP: &str = "workers";
+
+/// How long a Redis call may take before it counts as "Redis is down".
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One job handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The stream entry's id, used to acknowledge it.
+    pub entry: String,
+    /// The job.
+    pub job: Uuid,
+}
+
+/// A handle on the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    client: redis::Client,
+    conn: std::sync::Arc<OnceCell<ConnectionManager>>,
+    stream: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// A queue at `url` whose keys start with `prefix`. Connects lazily, so
+    /// a process can start while Redis is down and serve "unavailable".
+    pub fn new(url: &str, prefix: &str) -> RedisResult<Queue> {
+        Ok(Queue {
+            client: redis::Client::open(url)?,
+            conn: std::sync::Arc::new(OnceCell::new()),
+            stream: format!("{prefix}:jobs"),
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// A key under this queue's prefix.
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// The shared, self-reconnecting connection.
+    async fn conn(&self) -> RedisResult<ConnectionManager> {
+        let manager = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(TIMEOUT)
+                    .set_response_timeout(TIMEOUT)
+                    .set_number_of_retries(1);
+                // Bound the first connection as a whole (the manager's own
+                // retries back off), so callers learn quickly that Redis is down.
+                bounded(self.client.get_connection_manager_with_config(config)).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Creates the stream and the consumer group if they do not exist. The
+    /// group starts at the beginning of the stream, so entries added before
+    /// it existed (after Redis lost its data) are not skipped.
+    pub async fn ensure_group(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let created: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING").query_async(&mut conn).await
+    }
+
+    /// Adds a job; returns its entry id.
+    pub async fn enqueue(&self, job: Uuid) -> RedisResult<String> {
+        let mut conn = self.conn().await?;
+        conn.xadd(&self.stream, "*", &[("job", job.to_string())])
+            .await
+    }
+
+    /// How many jobs are on the queue (waiting or being run).
+    pub async fn depth(&self) -> RedisResult<u64> {
+        let mut conn = self.conn().await?;
+        conn.xlen(&self.stream).await
+    }
+
+    /// Whether the entry is still on the stream.
+    pub async fn contains(&self, entry: &str) -> RedisResult<bool> {
+        let mut conn = self.conn().await?;
+        let found: redis::streams::StreamRangeReply =
+            conn.xrange(&self.stream, entry, entry).await?;
+        Ok(!found.ids.is_empty())
+    }
+
+    /// Acknowledges and deletes an entry: the job's outcome is recorded.
+    pub async fn finish(&self, entry: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .atomic()
+            .xack(&self.stream, GROUP, &[entry])
+            .ignore()
+            .xdel(&self.stream, &[entry])
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Renews `consumer`'s lease on an entry (resets its idle time).
+    pub async fn renew(&self, consumer: &str, entry: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Takes over up to `count` entries idle for longer than `lease` (their
+    /// worker died or hung) for `consumer`.
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        lease: Duration,
+        count: usize,
+    ) -> RedisResult<Vec<Delivery>> {
+        let mut conn = self.conn().await?;
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(lease.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(deliveries(reply.claimed))
+    }
+
+    /// A dedicated connection for blocking reads by `consumer`.
+    pub async fn reader(&self, consumer: &str) -> RedisResult<Reader> {
+        let conn = bounded(self.client.get_multiplexed_async_connection()).await?;
+        Ok(Reader {
+            conn,
+            queue: self.clone(),
+            consumer: consumer.to_string(),
+        })
+    }
+
+    /// The age of the oldest entry on the stream (entry ids start with their
+    /// creation time in milliseconds), or zero if it is empty.
+    pub async fn oldest_age(&self) -> RedisResult<Duration> {
+        let mut conn = self.conn().await?;
+        let first: redis::streams::StreamRangeReply =
+            conn.xrange_count(&self.stream, "-", "+", 1).await?;
+        let Some(entry) = first.ids.first() else {
+            return Ok(Duration::ZERO);
+        };
+        let millis: u64 = entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        Ok(Duration::from_millis(now.saturating_sub(millis)))
+    }
+
+    /// Tells every worker that plugin `name` changed (uploaded, activated
+    /// or deleted), so they load it now rather than at their next
+    /// reconciliation. Returns how many subscribers heard it.
+    pub async fn announce_plugin_change(&self, name: &str) -> RedisResult<i64> {
+        let mut conn = self.conn().await?;
+        conn.publish(self.key(PLUGIN_NOTICES), name).await
+    }
+
+    /// Subscribes to plugin-change notices on a connection of its own: a
+    /// stream of plugin names that ends when the connection drops.
+    pub async fn plugin_changes(&self) -> RedisResult<PluginChanges> {
+        let mut pubsub = bounded(self.client.get_async_pubsub()).await?;
+        pubsub.subscribe(self.key(PLUGIN_NOTICES)).await?;
+        Ok(Box::pin(pubsub.into_on_message().filter_map(|m| {
+            futures::future::ready(m.get_payload::<String>().ok())
+        })))
+    }
+
+    /// Takes `lock` for `holder` for `ttl`, unless another holder has it:
+    /// `true` if this call took it. The lock expires by itself, so a holder
+    /// that dies never blocks the others for longer than `ttl`.
+    pub async fn try_lock(&self, lock: Lock, holder: &str, ttl: Duration) -> RedisResult<bool> {
+        let mut conn = self.conn().await?;
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(self.key(lock.key()))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Deletes every key of this queue: the stream (and so every queued
+    /// entry) and the locks. For tests and for tearing a deployment down;
+    /// PostgreSQL still knows every unfinished job, and the sweeper queues
+    /// them again.
+    pub async fn purge(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let keys = [self.stream.clone(), self.key(Lock::Sweeper.key())];
+        conn.del(&keys).await
+    }
+}
+
+/// The channel of plugin-change notices, under the prefix.
+const PLUGIN_NOTICES: &str = "plugins";
+
+/// Plugin names, as [`Queue::plugin_changes`] hears them.
+pub type PluginChanges = std::pin::Pin<Box<dyn futures::Stream<Item = String> + Send>>;
+
+/// A lock shared by every process of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Held by the one process that sweeps for jobs missing from the queue.
+    Sweeper,
+}
+
+impl Lock {
+    fn key(self) -> &'static str {
+        match self {
+            Lock::Sweeper => "sweeper",
+        }
+    }
+}
+
+/// Bounds a connection attempt, so callers learn quickly that Redis is down.
+async fn bounded<T>(connect: impl std::future::Future<Output = RedisResult<T>>) -> RedisResult<T> {
+    tokio::time::timeout(TIMEOUT, connect).await.map_err(|_| {
+        RedisError::from((redis::ErrorKind::IoError, "timed out connecting to Redis"))
+    })?
+}
+
+/// Reads new entries for one consumer on its own connection (a blocking
+/// read holds its connection).
+pub struct Reader {
+    conn: redis::aio::MultiplexedConnection,
+    queue: Queue,
+    consumer: String,
+}
+
+impl Reader {
+    /// Waits up to `block` for one new entry.
+    pub async fn next(&mut self, block: Duration) -> RedisResult<Option<Delivery>> {
+        let mut command = redis::cmd("XREADGROUP");
+        command
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.queue.stream)
+            .arg(">");
+        let read = command.query_async::<Option<StreamReadReply>>(&mut self.conn);
+        let reply = match tokio::time::timeout(block + TIMEOUT, read).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                // Redis lost the group (restart without persistence).
+                self.queue.ensure_group().await?;
+                return Ok(None);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "XREADGROUP timed out",
+                )))
+            }
+        };
+        Ok(reply
+            .and_then(|r| r.keys.into_iter().next())
+            .and_then(|k| deliveries(k.ids).into_iter().next()))
+    }
+}
+
+fn deliveries(ids: Vec<redis::streams::StreamId>) -> Vec<Delivery> {
+    ids.into_iter()
+        .filter_map(|e| {
+            let job = e
+                .get::<String>("job")
+                .and_then(|j| Uuid::parse_str(&j).ok());
+            match job {
+                Some(job) => Some(Delivery { entry: e.id, job }),
+                None => {
+                    tracing::warn!(entry = %e.id, "ignoring a queue entry without a valid job id");
+                    None
+                }
+            }
+        })
+        .collect()
+}

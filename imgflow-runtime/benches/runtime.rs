@@ -1,0 +1,127 @@
+//! `make bench`: figures, not assertions.
+//!
+//! 1. For grayscale and blur (sigma 2) on each Kodak photo: the component's
+//!    time per image through the host (fresh store, instantiate, pixels in,
+//!    filter, pixels out, checks), the same filter code compiled natively,
+//!    and their ratio.
+//! 2. The per-job sandbox overhead: fresh store + instantiate + call + drop
+//!    on a 1x1 image, with the pooling allocator on and off.
+//!
+//! Each figure is the median of several runs after a warm-up.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use image::RgbaImage;
+use imgflow_runtime::codec::{self, ImageLimits};
+use imgflow_runtime::{Runtime, RuntimeConfig};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+    std::hint::black_box(f());
+    median(
+        (0..runs)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(f());
+                started.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let plugins = repo().join("plugins/target/wasm32-wasip2/release");
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let grayscale = runtime
+        .load_file(&plugins.join("grayscale.wasm"))
+        .expect("make plugins first");
+    let blur = runtime
+        .load_file(&plugins.join("blur.wasm"))
+        .expect("make plugins first");
+    let no_params = grayscale.params_from_pairs([]).unwrap();
+    let sigma = blur.params_from_pairs([("sigma", "2")]).unwrap();
+
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/fixtures/photos"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    photos.sort();
+
+    println!("## Filters on the Kodak photos (median, ms per image)\n");
+    println!("| photo | size | filter | component via host | native | ratio |");
+    println!("|---|---|---|---:|---:|---:|");
+    for path in &photos {
+        let bytes = std::fs::read(path).unwrap();
+        let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+        let (w, h) = image.dimensions();
+        let name = path.file_name().unwrap().to_string_lossy();
+
+        let wasm = time(15, || {
+            runtime
+                .apply(&grayscale, image.clone(), &no_params)
+                .unwrap()
+        });
+        let native = time(15, || {
+            let mut px = image.as_raw().clone();
+            imgflow_filters::grayscale_in_place(&mut px);
+            px
+        });
+        println!(
+            "| {name} | {w}x{h} | grayscale | {:.2} | {:.2} | {:.2} |",
+            ms(wasm),
+            ms(native),
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+
+        let wasm = time(7, || runtime.apply(&blur, image.clone(), &sigma).unwrap());
+        let native = time(7, || {
+            imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
+        });
+        println!(
+            "| {name} | {w}x{h} | blur sigma=2 | {:.2} | {:.2} | {:.2} |",
+            ms(wasm),
+            ms(native),
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+    }
+
+    println!("\n## Per-job sandbox overhead (1x1 image through grayscale)\n");
+    println!("| pooling allocator | median µs per job | mean µs per job (2000 jobs) |");
+    println!("|---|---:|---:|");
+    for pooling in [true, false] {
+        let runtime = Runtime::new(RuntimeConfig {
+            pooling,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let plugin = runtime.load_file(&plugins.join("grayscale.wasm")).unwrap();
+        let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
+        let job = || runtime.apply(&plugin, pixel.clone(), &no_params).unwrap();
+        let med = time(2000, job);
+        let started = Instant::now();
+        for _ in 0..2000 {
+            std::hint::black_box(job());
+        }
+        let mean = started.elapsed() / 2000;
+        println!(
+            "| {} | {:.1} | {:.1} |",
+            if pooling { "on" } else { "off" },
+            med.as_secs_f64() * 1e6,
+            mean.as_secs_f64() * 1e6
+        );
+    }
+}

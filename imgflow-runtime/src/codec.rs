@@ -1,0 +1,349 @@
+//! Decoding and encoding images in the host.
+//!
+//! Plugins only ever see 8-bit RGBA pixels; the host turns the client's file
+//! into pixels and the plugin's pixels back into a file. Input may be PNG,
+//! JPEG, WebP or GIF (its first frame). The output uses the input's format
+//! unless another is asked for.
+//!
+//! Dimensions are read from the file's header and checked against
+//! [`ImageLimits`] **before** any pixel is decoded, so a tiny file claiming to
+//! be 100000 x 100000 pixels costs nothing.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use image::{DynamicImage, ImageReader, RgbaImage};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Limits on image dimensions, applied to inputs (from their header) and to
+/// plugin outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageLimits {
+    /// The largest width or height, in pixels.
+    pub max_side: u32,
+    /// The largest `width * height`.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    /// 16384 pixels a side and 64 megapixels.
+    fn default() -> Self {
+        ImageLimits {
+            max_side: 16_384,
+            max_pixels: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl ImageLimits {
+    /// Checks `width x height` against the limits.
+    pub fn check(&self, width: u32, height: u32) -> Result<(), CodecError> {
+        if width == 0 || height == 0 {
+            return Err(CodecError::Corrupt(format!(
+                "image has no pixels ({width}x{height})"
+            )));
+        }
+        if width > self.max_side
+            || height > self.max_side
+            || u64::from(width) * u64::from(height) > self.max_pixels
+        {
+            return Err(CodecError::TooLarge {
+                width,
+                height,
+                limits: *self,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An image file format the host reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// PNG (lossless, keeps alpha).
+    Png,
+    /// JPEG (lossy, quality 90; alpha is dropped).
+    Jpeg,
+    /// WebP (written lossless, keeps alpha).
+    Webp,
+    /// GIF (first frame only on input; written as one frame with a palette).
+    Gif,
+}
+
+impl ImageFormat {
+    /// Every supported format.
+    pub const ALL: [ImageFormat; 4] = [
+        ImageFormat::Png,
+        ImageFormat::Jpeg,
+        ImageFormat::Webp,
+        ImageFormat::Gif,
+    ];
+
+    /// The format's name as used by the `format` option (`png`, `jpeg`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Webp => "webp",
+            ImageFormat::Gif => "gif",
+        }
+    }
+
+    /// The MIME type, for `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Webp => "image/webp",
+            ImageFormat::Gif => "image/gif",
+        }
+    }
+
+    /// The usual file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpg",
+            other => other.name(),
+        }
+    }
+
+    /// Parses a format name, MIME type or extension (`png`, `image/jpeg`,
+    /// `jpg`, ...), ignoring case.
+    pub fn parse(text: &str) -> Option<ImageFormat> {
+        let t = text.trim().to_ascii_lowercase();
+        let t = t.strip_prefix("image/").unwrap_or(&t);
+        match t {
+            "png" => Some(ImageFormat::Png),
+            "jpeg" | "jpg" => Some(ImageFormat::Jpeg),
+            "webp" => Some(ImageFormat::Webp),
+            "gif" => Some(ImageFormat::Gif),
+            _ => None,
+        }
+    }
+
+    fn from_image(format: image::ImageFormat) -> Option<ImageFormat> {
+        match format {
+            image::ImageFormat::Png => Some(ImageFormat::Png),
+            image::ImageFormat::Jpeg => Some(ImageFormat::Jpeg),
+            image::ImageFormat::WebP => Some(ImageFormat::Webp),
+            image::ImageFormat::Gif => Some(ImageFormat::Gif),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why an image could not be read or written.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// Not a PNG, JPEG, WebP or GIF file.
+    #[error("unsupported image format: {0} (supported: PNG, JPEG, WebP, GIF)")]
+    Unsupported(String),
+    /// The file claims a supported format but cannot be decoded.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// The dimensions exceed the limits.
+    #[error(
+        "image is {width}x{height} pixels, over the limit of {} pixels a side and {} pixels in all",
+        limits.max_side,
+        limits.max_pixels
+    )]
+    TooLarge {
+        /// The image's width.
+        width: u32,
+        /// The image's height.
+        height: u32,
+        /// The limits it broke.
+        limits: ImageLimits,
+    },
+    /// Encoding the result failed.
+    #[error("could not encode the result as {format}: {message}")]
+    Encode {
+        /// The output format.
+        format: ImageFormat,
+        /// The encoder's message.
+        message: String,
+    },
+}
+
+impl CodecError {
+    /// The error's stable code.
+    pub fn code(&self) -> crate::code::ErrorCode {
+        use crate::code::ErrorCode;
+        match self {
+            CodecError::Unsupported(_) => ErrorCode::UnsupportedFormat,
+            CodecError::Corrupt(_) => ErrorCode::CorruptImage,
+            CodecError::TooLarge { .. } => ErrorCode::ImageTooLarge,
+            CodecError::Encode { .. } => ErrorCode::EncodeFailed,
+        }
+    }
+}
+
+/// What the header of an image file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The file's format.
+    pub format: ImageFormat,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// A reader over an in-memory file.
+type MemReader<'a> = ImageReader<Cursor<&'a [u8]>>;
+
+fn reader(bytes: &[u8]) -> Result<(MemReader<'_>, ImageFormat), CodecError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let format = match reader.format() {
+        Some(f) => {
+            ImageFormat::from_image(f).ok_or_else(|| CodecError::Unsupported(format!("{f:?}")))?
+        }
+        None => {
+            return Err(CodecError::Unsupported(
+                "unrecognised file signature".into(),
+            ))
+        }
+    };
+    Ok((reader, format))
+}
+
+/// Reads the format and dimensions from the header and checks them against
+/// `limits`, without decoding pixels.
+pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
+    let (reader, format) = reader(bytes)?;
+    let (width, height) =
+        guard(|| reader.into_dimensions())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    limits.check(width, height)?;
+    Ok(Probe {
+        format,
+        width,
+        height,
+    })
+}
+
+/// Decodes an image to 8-bit RGBA after checking its header against `limits`.
+/// Higher bit depths are scaled to 8 bits; for GIF, the first frame is used.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<(RgbaImage, ImageFormat), CodecError> {
+    let probe = probe(bytes, limits)?;
+    let (mut reader, _) = reader(bytes)?;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    // Room for the widest pixel type (16-bit RGBA) plus the 8-bit copy.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(12));
+    reader.limits(decoder_limits);
+    let decoded: DynamicImage =
+        guard(|| reader.decode())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let rgba = decoded.into_rgba8();
+    if rgba.dimensions() != (probe.width, probe.height) {
+        return Err(CodecError::Corrupt(format!(
+            "header says {}x{} but the data decodes to {}x{}",
+            probe.width,
+            probe.height,
+            rgba.width(),
+            rgba.height()
+        )));
+    }
+    Ok((rgba, probe.format))
+}
+
+/// Encodes RGBA pixels as `format`. JPEG drops alpha; the others keep it.
+pub fn encode(image: &RgbaImage, format: ImageFormat) -> Result<Vec<u8>, CodecError> {
+    let mut out = Cursor::new(Vec::new());
+    let result = match format {
+        ImageFormat::Png => image.write_to(&mut out, image::ImageFormat::Png),
+        ImageFormat::Webp => image.write_to(&mut out, image::ImageFormat::WebP),
+        ImageFormat::Gif => image.write_to(&mut out, image::ImageFormat::Gif),
+        ImageFormat::Jpeg => {
+            let rgb = DynamicImage::ImageRgba8(image.clone()).into_rgb8();
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+            rgb.write_with_encoder(encoder)
+        }
+    };
+    result.map_err(|e| CodecError::Encode {
+        format,
+        message: e.to_string(),
+    })?;
+    Ok(out.into_inner())
+}
+
+/// Runs a decoder step, turning a panic inside a codec (a bug there, but one
+/// an input could reach) into a [`CodecError::Corrupt`] instead of a crash.
+fn guard<T>(f: impl FnOnce() -> T) -> Result<T, CodecError> {
+    catch_unwind(AssertUnwindSafe(f))
+        .map_err(|_| CodecError::Corrupt("the decoder rejected the data".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RgbaImage {
+        RgbaImage::from_fn(5, 3, |x, y| {
+            image::Rgba([x as u8 * 40, y as u8 * 80, 7, 200])
+        })
+    }
+
+    #[test]
+    fn round_trips_every_format() {
+        let img = sample();
+        for format in ImageFormat::ALL {
+            let bytes = encode(&img, format).unwrap();
+            let (back, detected) = decode(&bytes, &ImageLimits::default()).unwrap();
+            assert_eq!(detected, format);
+            assert_eq!(back.dimensions(), (5, 3));
+            if matches!(format, ImageFormat::Png | ImageFormat::Webp) {
+                assert_eq!(back, img, "{format} is lossless");
+            }
+        }
+    }
+
+    #[test]
+    fn checks_dimensions_before_decoding() {
+        let bytes = encode(&sample(), ImageFormat::Png).unwrap();
+        let tight = ImageLimits {
+            max_side: 4,
+            max_pixels: 100,
+        };
+        let err = decode(&bytes, &tight).unwrap_err();
+        assert_eq!(err.code().as_str(), "image_too_large", "{err}");
+        let few = ImageLimits {
+            max_side: 100,
+            max_pixels: 14,
+        };
+        assert_eq!(
+            probe(&bytes, &few).unwrap_err().code().as_str(),
+            "image_too_large"
+        );
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncation() {
+        assert_eq!(
+            decode(b"hello", &ImageLimits::default())
+                .unwrap_err()
+                .code(),
+            crate::code::ErrorCode::UnsupportedFormat
+        );
+        let bytes = encode(&sample(), ImageFormat::Png).unwrap();
+        let err = decode(&bytes[..bytes.len() / 2], &ImageLimits::default()).unwrap_err();
+        assert_eq!(err.code().as_str(), "corrupt_image", "{err}");
+    }
+
+    #[test]
+    fn parses_format_names() {
+        assert_eq!(ImageFormat::parse("JPG"), Some(ImageFormat::Jpeg));
+        assert_eq!(ImageFormat::parse("image/webp"), Some(ImageFormat::Webp));
+        assert_eq!(ImageFormat::parse("tiff"), None);
+    }
+}

@@ -1,0 +1,34 @@
+//! The imgflow plugin sandbox, usable on its own (the `imgflow` plugin
+//! author's CLI and the benchmarks depend on nothing else).
+//!
+//! - [`Runtime`]: one wasmtime engine per process, compiled plugins kept
+//!   ready to instantiate ([`Plugin`]), a fresh store per call with time and
+//!   memory limits, and the call's errors classified ([`JobError`]).
+//! - [`cache`]: the on-disk cache of compiled plugins.
+//! - [`codec`]: decoding and encoding images, with size limits checked from
+//!   the header before any pixel is decoded.
+//! - [`params`]: validating a job's parameters against a plugin's declared
+//!   schema, without running the plugin.
+//! - [`metadata`]: what a plugin says about itself, as plain serialisable
+//!   Rust types.
+//! - [`code`]: every error code imgflow answers, records or prints
+//!   ([`ErrorCode`]).
+//! - [`config`]: the sandbox's settings as command-line flags and
+//!   environment variables ([`config::SandboxArgs`]).
+
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod code;
+pub mod codec;
+pub mod config;
+mod error;
+pub mod metadata;
+pub mod params;
+mod runtime;
+mod sandbox;
+
+pub use cache::{sha256_hex, CompiledCache};
+pub use code::{ErrorCode, Failure};
+pub use error::{JobError, LoadError, RuntimeError};
+pub use runtime::{Applied, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};

@@ -1,0 +1,239 @@
+//! The sandbox: each misbehaving test plugin ends with its own named error
+//! within its limit, escapes are denied, and the same runtime then runs a
+//! good job correctly. Also what `load` refuses, and the compiled-code cache.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use image::{Rgba, RgbaImage};
+use imgflow_runtime::{JobError, LoadError, Plugin, Runtime, RuntimeConfig};
+
+fn runtime(timeout: Duration, max_memory_mb: usize) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        timeout,
+        max_memory_bytes: max_memory_mb * 1024 * 1024,
+        max_concurrent_jobs: 4,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
+}
+
+fn load(runtime: &Runtime, name: &str) -> Plugin {
+    runtime
+        .load_file(&imgflow_testkit::plugin_path(name))
+        .expect("plugin loads")
+}
+
+fn small_image() -> RgbaImage {
+    RgbaImage::from_fn(4, 3, |x, y| Rgba([x as u8 * 60, y as u8 * 100, 200, 255]))
+}
+
+fn run(runtime: &Runtime, plugin: &Plugin, pairs: &[(&str, &str)]) -> Result<RgbaImage, JobError> {
+    let params = plugin
+        .params_from_pairs(pairs.iter().copied())
+        .expect("params");
+    runtime
+        .apply(plugin, small_image(), &params)
+        .map(|a| a.image)
+}
+
+/// After any failure, the same runtime still runs a good job correctly.
+fn assert_still_works(runtime: &Runtime) {
+    let gray = load(runtime, "grayscale");
+    let out = run(runtime, &gray, &[]).expect("a good job after a bad one");
+    let px = out.get_pixel(1, 1);
+    // R=60, G=100, B=200: 0.2126*60 + 0.7152*100 + 0.0722*200 = 98.716 -> 99.
+    assert_eq!(px.0, [99, 99, 99, 255]);
+}
+
+#[test]
+fn an_endless_loop_times_out_within_the_limit_plus_one_second() {
+    let limit = Duration::from_secs(2);
+    let rt = runtime(limit, 128);
+    let plugin = load(&rt, "spin");
+    let started = Instant::now();
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err, JobError::Timeout { limit });
+    assert_eq!(err.code().as_str(), "timeout");
+    assert!(elapsed >= limit, "stopped early: {elapsed:?}");
+    assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn unbounded_allocation_is_out_of_memory() {
+    let rt = runtime(Duration::from_secs(10), 64);
+    let plugin = load(&rt, "hog");
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    assert_eq!(err.code().as_str(), "out_of_memory", "{err}");
+    assert!(err.to_string().contains("64 MiB"), "{err}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn unbounded_recursion_is_a_trap_naming_the_stack_overflow() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "recurse");
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    assert_eq!(err.code().as_str(), "trap", "{err}");
+    assert!(err.to_string().contains("stack overflow"), "{err}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn a_panic_is_a_trap_carrying_the_plugins_message() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "panicky");
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    assert_eq!(err.code().as_str(), "trap", "{err}");
+    assert!(err.to_string().contains("panicked on purpose"), "{err}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn a_buffer_of_the_wrong_length_is_invalid_output() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "bad_output");
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    assert_eq!(err.code().as_str(), "invalid_output", "{err}");
+    assert!(err.to_string().contains("47 bytes"), "{err}");
+    assert!(err.to_string().contains("48"), "{err}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn files_environment_and_network_are_denied() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "escape");
+
+    // A file that certainly exists and is readable by this process.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    let err = run(
+        &rt,
+        &plugin,
+        &[("probe", "file"), ("target", secret.to_str().unwrap())],
+    )
+    .unwrap_err();
+    assert_eq!(err.code().as_str(), "plugin_failed", "{err}");
+    assert!(err.to_string().contains("file access denied"), "{err}");
+
+    // An environment variable the host process has.
+    std::env::set_var("IMGFLOW_TEST_SECRET", "top secret");
+    let err = run(
+        &rt,
+        &plugin,
+        &[("probe", "env"), ("target", "IMGFLOW_TEST_SECRET")],
+    )
+    .unwrap_err();
+    assert_eq!(err.code().as_str(), "plugin_failed", "{err}");
+    assert!(err.to_string().contains("env access denied"), "{err}");
+    assert!(err.to_string().contains("(0 variables visible)"), "{err}");
+
+    // A TCP listener on loopback that must never see a connection.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let err = run(&rt, &plugin, &[("probe", "net"), ("target", &addr)]).unwrap_err();
+    assert_eq!(err.code().as_str(), "plugin_failed", "{err}");
+    assert!(err.to_string().contains("net access denied"), "{err}");
+    assert!(
+        listener.accept().is_err(),
+        "the plugin reached the listener"
+    );
+
+    assert_still_works(&rt);
+}
+
+#[test]
+fn each_job_gets_a_fresh_instance() {
+    // Many jobs through one plugin: the pool's slots are reused, and every
+    // result is the same, so no state survives a job.
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "grayscale");
+    let first = run(&rt, &plugin, &[]).unwrap();
+    for _ in 0..50 {
+        assert_eq!(run(&rt, &plugin, &[]).unwrap(), first);
+    }
+}
+
+#[test]
+fn load_refuses_what_is_not_a_filter_component() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let code = |r: Result<Plugin, LoadError>| r.map(|_| ()).unwrap_err();
+
+    let e = code(rt.load(b"definitely not wasm"));
+    assert_eq!(e.code().as_str(), "not_a_component", "{e}");
+
+    let core = wat::parse_str("(module (func (export \"apply\")))").unwrap();
+    let e = code(rt.load(&core));
+    assert_eq!(e.code().as_str(), "not_a_component", "{e}");
+    assert!(e.to_string().contains("core WebAssembly module"), "{e}");
+
+    let empty = wat::parse_str("(component)").unwrap();
+    let e = code(rt.load(&empty));
+    assert_eq!(e.code().as_str(), "wrong_world", "{e}");
+
+    let foreign = wat::parse_str(
+        r#"(component (import "evil:host/launch-missiles" (instance (export "fire" (func)))))"#,
+    )
+    .unwrap();
+    let e = code(rt.load(&foreign));
+    assert_eq!(e.code().as_str(), "forbidden_import", "{e}");
+    assert!(e.to_string().contains("evil:host/launch-missiles"), "{e}");
+}
+
+#[test]
+fn compiled_code_is_cached_on_disk_by_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        max_concurrent_jobs: 2,
+        ..RuntimeConfig::default()
+    };
+    let bytes = std::fs::read(imgflow_testkit::plugin_path("grayscale")).unwrap();
+    let digest = {
+        let rt = Runtime::new(config.clone()).unwrap();
+        let plugin = rt.load(&bytes).unwrap();
+        plugin.digest().to_string()
+    };
+    let entries: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0].starts_with(&digest) && entries[0].ends_with(".cwasm"),
+        "{entries:?}"
+    );
+
+    // A new runtime (as after a restart) loads the cached code and runs it.
+    let rt = Runtime::new(config.clone()).unwrap();
+    let plugin = rt.load(&bytes).unwrap();
+    assert_eq!(
+        run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
+        [99, 99, 99, 255]
+    );
+
+    // A damaged entry is discarded and replaced, not trusted.
+    let path = dir.path().join(&entries[0]);
+    std::fs::write(&path, b"garbage").unwrap();
+    let rt = Runtime::new(config).unwrap();
+    let plugin = rt.load(&bytes).unwrap();
+    assert_eq!(
+        run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
+        [99, 99, 99, 255]
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+}
+
+#[test]
+fn metadata_is_read_at_load_time() {
+    let rt = runtime(Duration::from_secs(10), 128);
+    let plugin = load(&rt, "blur");
+    let m = plugin.metadata();
+    assert_eq!((m.name.as_str(), m.version.as_str()), ("blur", "0.1.0"));
+    assert_eq!(plugin.digest().len(), 64);
+}

@@ -1,0 +1,82 @@
+//! Where the fixtures, the built plugins and the release binaries are.
+
+use std::path::PathBuf;
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A built plugin, `plugins/target/wasm32-wasip2/release/<name>.wasm`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = repo()
+        .join("plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first (make plugins)",
+        path.display()
+    );
+    path
+}
+
+/// The Kodak photos.
+pub fn photos() -> Vec<PathBuf> {
+    sorted_pngs("tests/fixtures/photos", |_| true)
+}
+
+/// A built-in plugin as the worker finds it, `target/builtin-plugins/<name>.wasm`.
+pub fn builtin_plugin(name: &str) -> PathBuf {
+    let path = repo()
+        .join("target/builtin-plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run make plugins",
+        path.display()
+    );
+    path
+}
+
+/// A release binary made by `make build` (or from `IMGFLOW_BIN_DIR`).
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var("IMGFLOW_BIN_DIR")
+        .map_or_else(|_| repo().join("target/release"), PathBuf::from);
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run make build first",
+        path.display()
+    );
+    path
+}
+
+/// A file of the repository.
+pub fn fixture(path: &str) -> PathBuf {
+    repo().join(path)
+}
+
+/// The valid PngSuite files (every file not starting with `x`).
+pub fn valid_pngsuite() -> Vec<PathBuf> {
+    sorted_pngs("tests/fixtures/pngsuite", |n| !n.starts_with('x'))
+}
+
+/// The deliberately corrupt PngSuite files (`x*.png`).
+pub fn corrupt_pngsuite() -> Vec<PathBuf> {
+    sorted_pngs("tests/fixtures/pngsuite", |n| n.starts_with('x'))
+}
+
+/// The PNG files of a fixtures folder whose names `keep` accepts, sorted.
+pub fn sorted_pngs(dir: &str, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join(dir))
+        .expect("fixtures directory")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(".png") && keep(name)
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no fixtures in {dir}");
+    files
+}

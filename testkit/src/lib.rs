@@ -1,0 +1,14 @@
+//! What imgflow's tests share, in one place.
+//!
+//! - [`fixtures`]: the repository, its fixtures (PngSuite, the Kodak
+//!   photos), the built plugins and release binaries.
+//! - [`stack`] (feature `stack`): an isolated imgflow stack (its own
+//!   database, Redis key prefix and storage) with the API and workers
+//!   in-process, or as real processes where a process matters (SIGKILL,
+//!   SIGTERM).
+
+pub mod fixtures;
+#[cfg(feature = "stack")]
+pub mod stack;
+
+pub use fixtures::*;

@@ -1,0 +1,541 @@
+//! A whole imgflow stack for one test, against the real PostgreSQL (a fresh
+//! database per stack) and Redis (a fresh key prefix per stack), with
+//! storage in a temporary directory.
+//!
+//! The API and the workers run in the test's process by default
+//! ([`host_api::App`], [`host_worker::Worker`]), configured with the same
+//! flags their binaries take. Where a process matters (SIGKILL, SIGTERM)
+//! [`Stack::start_worker_process`] runs the release binary instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use imgflow_platform::queue::Queue;
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub use crate::fixtures::{binary, builtin_plugin, repo};
+
+/// PostgreSQL server URL for administration (creating test databases).
+pub fn pg_admin_url() -> String {
+    std::env::var("IMGFLOW_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Redis URL for tests.
+pub fn redis_url() -> String {
+    std::env::var("IMGFLOW_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Logs of in-process services go to the test's output (shown when a test
+/// fails), at `RUST_LOG` or `info`.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Settings as environment variables, turned into the flags of the same
+/// meaning (`MAX_BODY_BYTES=1` is `--max-body-bytes=1`): every setting's
+/// flag is its variable's name in lower case with dashes.
+/// A later setting of the same name replaces an earlier one.
+fn flags(vars: &[(String, String)]) -> Vec<String> {
+    let mut last: Vec<(String, String)> = Vec::new();
+    for (k, v) in vars {
+        last.retain(|(name, _)| name != k);
+        last.push((k.clone(), v.clone()));
+    }
+    last.iter()
+        .filter(|(k, _)| k != "RUST_LOG")
+        .map(|(k, v)| format!("--{}={v}", k.to_ascii_lowercase().replace('_', "-")))
+        .collect()
+}
+
+/// A running process, killed when dropped; its output goes to a log file.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+    /// Its name in failure messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last lines of the log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A service running in the test's process: stopped gracefully with
+/// [`InProcess::stop`], or abandoned at once (like a crash) when dropped.
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn spawn<F, Fut>(run: F) -> InProcess
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = rx.await;
+        });
+        InProcess {
+            stop: Some(tx),
+            task: tokio::spawn(run(shutdown)),
+        }
+    }
+
+    /// Asks it to stop as SIGTERM would, and waits until it has.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A worker of the stack.
+pub enum WorkerHandle {
+    /// In the test's process.
+    InProcess(InProcess),
+    /// The release binary.
+    Process(Proc),
+}
+
+impl WorkerHandle {
+    /// Stops it at once, as a crash would (SIGKILL for a process; an
+    /// in-process worker is abandoned mid-job).
+    pub fn kill(&mut self) {
+        match self {
+            WorkerHandle::InProcess(w) => w.task.abort(),
+            WorkerHandle::Process(p) => p.kill(),
+        }
+    }
+
+    /// The process, for tests that signal it.
+    pub fn process(&mut self) -> &mut Proc {
+        match self {
+            WorkerHandle::Process(p) => p,
+            WorkerHandle::InProcess(_) => {
+                panic!("this worker runs in-process; start it with start_worker_process")
+            }
+        }
+    }
+}
+
+/// One isolated stack.
+pub struct Stack {
+    /// Storage, logs, the compile cache.
+    pub dir: tempfile::TempDir,
+    /// The test database's name.
+    pub db_name: String,
+    /// The test database's URL.
+    pub db_url: String,
+    /// The Redis key prefix (IMGFLOW_QUEUE).
+    pub queue: String,
+    /// The storage directory.
+    pub storage: PathBuf,
+    /// The API, once started.
+    pub api: Option<InProcess>,
+    /// The API's base URL.
+    pub api_url: String,
+    /// The workers, in start order.
+    pub workers: Vec<WorkerHandle>,
+    /// Each worker's METRICS_ADDR (host:port), in start order.
+    pub worker_metrics: Vec<String>,
+    /// A client with a 30 s timeout.
+    pub client: reqwest::Client,
+}
+
+impl Stack {
+    /// A new database, queue prefix and storage directory; nothing running.
+    pub async fn new() -> Stack {
+        init_logs();
+        let db_name = format!("imgflow_test_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = PgConnection::connect(&pg_admin_url())
+            .await
+            .expect("PostgreSQL is running");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let base = pg_admin_url();
+        let db_url = format!(
+            "{}/{db_name}",
+            base.rsplit_once('/').map_or(base.as_str(), |(b, _)| b)
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let storage = dir.path().join("storage");
+        Stack {
+            queue: format!("imgflow-test-{}", uuid::Uuid::now_v7().simple()),
+            db_name,
+            db_url,
+            storage,
+            api: None,
+            api_url: String::new(),
+            workers: Vec::new(),
+            worker_metrics: Vec::new(),
+            dir,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("an HTTP client"),
+        }
+    }
+
+    /// The settings every service of the stack shares, as environment
+    /// variables.
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", self.db_url.clone()),
+            ("REDIS_URL", redis_url()),
+            ("IMGFLOW_QUEUE", self.queue.clone()),
+            ("STORAGE_URL", self.storage.display().to_string()),
+            ("LOG_FORMAT", "text".to_string()),
+            (
+                "COMPILE_CACHE_DIR",
+                self.dir.path().join("compile-cache").display().to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The queue of the stack, for what tests do to Redis directly.
+    pub fn redis_queue(&self) -> Queue {
+        Queue::new(&redis_url(), &self.queue).expect("a Redis URL")
+    }
+
+    /// Starts the API in-process with extra settings; waits for /healthz.
+    pub async fn start_api(&mut self, extra: &[(&str, &str)]) {
+        let mut vars = self.base_env();
+        vars.push(("API_ADDR".into(), "127.0.0.1:0".into()));
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cli =
+            ApiCli::try_parse_from(std::iter::once("host-api".to_string()).chain(flags(&vars)))
+                .unwrap_or_else(|e| panic!("API settings {vars:?}: {e}"));
+        let app = host_api::App::build(cli.settings)
+            .await
+            .expect("the API builds");
+        let addr = app.local_addr().expect("the API's address");
+        self.api = Some(InProcess::spawn(|shutdown| app.run_until(shutdown)));
+        self.api_url = format!("http://{addr}");
+        let url = format!("{}/healthz", self.api_url);
+        wait_until(
+            "the API answers /healthz",
+            Duration::from_secs(20),
+            || async {
+                self.client
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+
+    fn worker_env(&mut self, id: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let metrics_port = free_port();
+        self.worker_metrics
+            .push(format!("127.0.0.1:{metrics_port}"));
+        let mut vars = self.base_env();
+        let builtins = builtin_plugin("grayscale");
+        let plugins_dir = builtins.parent().unwrap_or(Path::new("."));
+        for (k, v) in [
+            ("WORKER_ID", id.to_string()),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("PLUGINS_DIR", plugins_dir.display().to_string()),
+            ("CONCURRENCY", "2".to_string()),
+            ("SWEEP_INTERVAL_MS", "500".to_string()),
+            ("SWEEP_AFTER_MS", "3000".to_string()),
+        ] {
+            vars.push((k.to_string(), v));
+        }
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        vars
+    }
+
+    /// Starts a worker named `id` in-process; returns its index.
+    pub async fn start_worker(&mut self, id: &str, extra: &[(&str, &str)]) -> usize {
+        let vars = self.worker_env(id, extra);
+        let cli = WorkerCli::try_parse_from(
+            ["host-worker".to_string(), "serve".to_string()]
+                .into_iter()
+                .chain(flags(&vars)),
+        )
+        .unwrap_or_else(|e| panic!("worker settings {vars:?}: {e}"));
+        let WorkerCommand::Serve(settings) = cli.command;
+        let worker = host_worker::Worker::build(*settings)
+            .await
+            .expect("the worker builds");
+        self.workers
+            .push(WorkerHandle::InProcess(InProcess::spawn(|shutdown| {
+                worker.run_until(shutdown)
+            })));
+        self.workers.len() - 1
+    }
+
+    /// Starts a worker named `id` as a real process (the release binary),
+    /// for tests that kill or signal it; returns its index.
+    pub fn start_worker_process(&mut self, id: &str, extra: &[(&str, &str)]) -> usize {
+        let vars = self.worker_env(id, extra);
+        let mut cmd = Command::new(binary("host-worker"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(vars); // a later setting of the same name wins, as in `flags`
+        let log = self.dir.path().join(format!("{id}.log"));
+        let file = std::fs::File::create(&log).expect("a log file");
+        cmd.stdout(Stdio::from(file.try_clone().expect("a log file")))
+            .stderr(Stdio::from(file));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {id}: {e}"));
+        self.workers.push(WorkerHandle::Process(Proc {
+            child,
+            log,
+            name: id.to_string(),
+        }));
+        self.workers.len() - 1
+    }
+
+    /// Waits until the built-in plugins are listed by the API.
+    pub async fn wait_for_plugins(&self) {
+        let url = format!("{}/v1/plugins", self.api_url);
+        wait_until(
+            "the built-in plugins are registered",
+            Duration::from_secs(60),
+            || async {
+                match self.client.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        let names: Vec<&str> = body["plugins"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+                            .unwrap_or_default();
+                        names.contains(&"grayscale") && names.contains(&"blur")
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+    }
+
+    /// GETs `path` from the API and parses the JSON answer.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.api_url))
+            .send()
+            .await
+            .expect("the API answers")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
+    /// Submits the repository file `image` as a raw body with `query`
+    /// (`action=NAME&PARAM=VALUE...`); asserts 202 and returns the job.
+    pub async fn submit_raw(&self, query: &str, image: &str) -> serde_json::Value {
+        let r = self
+            .client
+            .post(format!("{}/v1/jobs?{query}", self.api_url))
+            .header("content-type", "image/png")
+            .body(std::fs::read(repo().join(image)).expect("the image"))
+            .send()
+            .await
+            .expect("the API answers");
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.expect("a JSON answer");
+        assert_eq!(status, 202, "{body}");
+        body
+    }
+
+    /// Polls job `id` until it is completed or failed (at most a minute).
+    pub async fn wait_done(&self, id: &str) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let job = self.get_json(&format!("/v1/jobs/{id}")).await;
+            if job["status"] == "completed" || job["status"] == "failed" {
+                return job;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "job {id} not finished: {job}{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A pool on the test's database.
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.db_url)
+            .await
+            .expect("the test database")
+    }
+
+    /// Logs of every worker process, for failure messages (in-process
+    /// services log to the test's own output).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for w in &self.workers {
+            if let WorkerHandle::Process(p) = w {
+                out.push_str(&format!("\n--- {} ---\n{}\n", p.name, p.log_tail()));
+            }
+        }
+        out
+    }
+
+    /// The length of the test's Redis stream.
+    pub async fn stream_len(&self) -> u64 {
+        self.redis_queue().depth().await.expect("Redis answers")
+    }
+
+    /// Files under the storage directory's `sub` folder.
+    pub fn stored(&self, sub: &str) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.storage.join(sub)) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.kill();
+        }
+        if let Some(api) = &mut self.api {
+            api.task.abort();
+        }
+        // Best effort: drop the test database and the queue's keys.
+        let db_name = self.db_name.clone();
+        let queue = self.queue.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&pg_admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+                if let Ok(q) = Queue::new(&redis_url(), &queue) {
+                    let _ = q.purge().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(clap::Parser)]
+struct ApiCli {
+    #[command(flatten)]
+    settings: host_api::Settings,
+}
+
+#[derive(clap::Parser)]
+struct WorkerCli {
+    #[command(subcommand)]
+    command: WorkerCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum WorkerCommand {
+    Serve(Box<host_worker::Settings>),
+}
+
+/// Polls `check` every 100 ms until it holds; panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the local runner (`imgflow run`) on `input` and returns the
+/// output's pixels: the reference a job's result must equal.
+pub fn run_locally(
+    plugin: &str,
+    input: &Path,
+    params: &[(&str, &str)],
+    cache: &Path,
+) -> image::RgbaImage {
+    let out = tempfile::Builder::new()
+        .suffix(".png")
+        .tempfile()
+        .expect("a temporary file");
+    let mut cmd = Command::new(binary("imgflow"));
+    cmd.args(["run", "--plugin"])
+        .arg(builtin_plugin(plugin))
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(out.path())
+        .args(["--format", "png"])
+        .env("COMPILE_CACHE_DIR", cache);
+    for (k, v) in params {
+        cmd.arg("--param").arg(format!("{k}={v}"));
+    }
+    let status = cmd.output().expect("imgflow runs");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    image::open(out.path())
+        .expect("the runner's output")
+        .into_rgba8()
+}
