@@ -70,6 +70,7 @@ pub struct Settings {
     /// upload, activation and deletion are refused (403).
     #[arg(
         long = "imgflow-admin-token",
+        value_name = "IMGFLOW_ADMIN_TOKEN",
         alias = "admin-token",
         env = "IMGFLOW_ADMIN_TOKEN",
         hide_env_values = true

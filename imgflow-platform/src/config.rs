@@ -67,6 +67,7 @@ pub struct RedisArgs {
     /// share one Redis.
     #[arg(
         long = "imgflow-queue",
+        value_name = "IMGFLOW_QUEUE",
         alias = "queue",
         env = "IMGFLOW_QUEUE",
         default_value = "imgflow"

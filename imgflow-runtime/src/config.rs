@@ -16,6 +16,7 @@ pub struct SandboxArgs {
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(
         long = "job-timeout-ms",
+        value_name = "JOB_TIMEOUT_MS",
         alias = "timeout-ms",
         env = "JOB_TIMEOUT_MS",
         default_value_t = 10_000
@@ -24,6 +25,7 @@ pub struct SandboxArgs {
     /// Linear-memory limit of one plugin call, in MiB.
     #[arg(
         long = "job-max-memory-mb",
+        value_name = "JOB_MAX_MEMORY_MB",
         alias = "max-memory-mb",
         env = "JOB_MAX_MEMORY_MB",
         default_value_t = 512

@@ -90,8 +90,9 @@ fn logging_env() -> BTreeSet<String> {
     ["RUST_LOG".to_string()].into_iter().collect()
 }
 
-/// A setting: its environment variable and its flag's long name.
-type Setting = (String, Option<String>);
+/// A setting: its environment variable, its flag's long name and the
+/// flag's value name in `--help`.
+type Setting = (String, Option<String>, Option<String>);
 
 /// Every setting of a binary.
 fn settings_of(command: clap::Command) -> Vec<Setting> {
@@ -99,7 +100,11 @@ fn settings_of(command: clap::Command) -> Vec<Setting> {
         .get_arguments()
         .filter_map(|a| {
             let env = a.get_env()?.to_string_lossy().into_owned();
-            Some((env, a.get_long().map(str::to_string)))
+            let value = a
+                .get_value_names()
+                .and_then(|names| names.first())
+                .map(|n| n.to_string());
+            Some((env, a.get_long().map(str::to_string), value))
         })
         .collect()
 }
@@ -132,13 +137,19 @@ fn all_settings() -> Vec<(&'static str, Vec<Setting>)> {
 fn each_setting_has_one_name_in_flags_environment_compose_and_readme() {
     let mut every = BTreeSet::new();
     for (binary, settings) in all_settings() {
-        for (env, long) in settings {
+        for (env, long, value) in settings {
             let expected = env.to_ascii_lowercase().replace('_', "-");
             assert_eq!(
                 long.as_deref(),
                 Some(expected.as_str()),
                 "{binary}: the flag of {env} must be --{expected}"
             );
+            if let Some(value) = value {
+                assert_eq!(
+                    value, env,
+                    "{binary}: --help must show --{expected} <{env}>"
+                );
+            }
             every.insert(env);
         }
     }
