@@ -262,10 +262,13 @@ async fn store_upload(
     }
     let wasm = read_component(state, headers, request).await?;
 
+    // Compiling is CPU work on a blocking thread, bounded by
+    // PLUGIN_COMPILE_TIMEOUT_MS; metadata() then runs in the sandbox under
+    // the job time limit, abandoned at its deadline like any call.
     let runtime = state.runtime.clone();
     let bytes = wasm.clone();
-    let loading = tokio::task::spawn_blocking(move || runtime.load(&bytes));
-    let plugin = match tokio::time::timeout(state.plugin_compile_timeout, loading).await {
+    let compiling = tokio::task::spawn_blocking(move || runtime.compile(&bytes));
+    let compiled = match tokio::time::timeout(state.plugin_compile_timeout, compiling).await {
         Err(_) => {
             return Err(ApiError::new(
                 ErrorCode::CompileTimeout,
@@ -277,6 +280,7 @@ async fn store_upload(
         }
         Ok(joined) => joined.map_err(|e| ApiError::internal(e.to_string()))??,
     };
+    let plugin = state.runtime.describe(compiled).await?;
     let (outcome, record) = state
         .catalogue
         .publish(

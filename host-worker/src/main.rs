@@ -42,11 +42,11 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             imgflow_cli::init_logging();
-            imgflow_cli::exit(runner::run(args))
+            imgflow_cli::exit(imgflow_cli::block_on(runner::run(args)))
         }
         Command::PluginInfo(args) => {
             imgflow_cli::init_logging();
-            imgflow_cli::exit(runner::info(args))
+            imgflow_cli::exit(imgflow_cli::block_on(runner::info(args)))
         }
     }
 }

@@ -194,35 +194,39 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
-    let runtime = ctx.registry.runtime().clone();
     let limits = ctx.limits;
-    let metrics = ctx.metrics.clone();
-    let action = job.action.clone();
-    let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Failure> {
-        let (image, _) = codec::decode(&input, &limits)
-            .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
-        let called = Instant::now();
-        let mut instantiation = None;
-        let applied = runtime.apply_observed(&plugin, image, &params, |t| instantiation = Some(t));
-        let applied = match applied {
-            Ok(applied) => {
-                metrics.plugin_call(&action, instantiation, applied.run_time);
-                applied
-            }
-            Err(e) => {
-                // The call's time: all of it after instantiation.
-                let spent = called
-                    .elapsed()
-                    .saturating_sub(instantiation.unwrap_or_default());
-                metrics.plugin_call(&action, instantiation, spent);
-                return Err(e.into());
-            }
-        };
-        codec::encode(&applied.image, output_format)
-            .map_err(|e| Failure::permanent(ErrorCode::Internal, e.to_string()))
-    })
-    .await
-    .map_err(|e| Failure::transient(ErrorCode::Internal, format!("job thread failed: {e}")))??;
+    let (image, _) = tokio::task::spawn_blocking(move || codec::decode(&input, &limits))
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("decode thread failed: {e}")))?
+        .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
+    // The plugin call is async: at its deadline it is abandoned wherever it
+    // is, even blocked in a host call, and its sandbox is dropped.
+    let called = Instant::now();
+    let mut instantiation = None;
+    let applied = ctx
+        .registry
+        .runtime()
+        .apply_observed(&plugin, image, &params, |t| instantiation = Some(t))
+        .await;
+    let applied = match applied {
+        Ok(applied) => {
+            ctx.metrics
+                .plugin_call(&job.action, instantiation, applied.run_time);
+            applied
+        }
+        Err(e) => {
+            // The call's time: all of it after instantiation.
+            let spent = called
+                .elapsed()
+                .saturating_sub(instantiation.unwrap_or_default());
+            ctx.metrics.plugin_call(&job.action, instantiation, spent);
+            return Err(e.into());
+        }
+    };
+    let encoded = tokio::task::spawn_blocking(move || codec::encode(&applied.image, output_format))
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("encode thread failed: {e}")))?
+        .map_err(|e| Failure::permanent(ErrorCode::Internal, e.to_string()))?;
 
     let size = encoded.len() as i64;
     let bytes = bytes::Bytes::from(encoded);

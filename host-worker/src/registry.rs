@@ -70,13 +70,14 @@ impl Registry {
         Ok(plugin)
     }
 
-    /// Compiles `wasm` in a blocking thread and keeps it.
+    /// Compiles `wasm` on a blocking thread, reads its metadata (within the
+    /// time limit) and keeps it.
     async fn load(&self, wasm: Vec<u8>) -> Result<Arc<Plugin>, LoadError> {
         let runtime = self.runtime.clone();
-        let plugin = tokio::task::spawn_blocking(move || runtime.load(&wasm))
+        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
             .await
             .map_err(|e| LoadError::Compile(format!("compilation thread failed: {e}")))??;
-        let plugin = Arc::new(plugin);
+        let plugin = Arc::new(self.runtime.describe(compiled).await?);
         self.plugins
             .write()
             .await

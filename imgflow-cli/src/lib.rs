@@ -25,6 +25,23 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Runs a command on a single-threaded async runtime (plugin calls are
+/// async, so their deadline can abandon a call blocked in a host call).
+pub fn block_on(
+    command: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Failure::new(
+                imgflow_runtime::ErrorCode::RuntimeUnavailable,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?;
+    runtime.block_on(command)
+}
+
 /// Turns a command's outcome into the exit code, printing a failure as one
 /// line `error: <code>: <message>` for humans and scripts.
 pub fn exit(result: Result<(), Failure>) -> ExitCode {

@@ -28,7 +28,7 @@ enum Command {
 fn main() -> ExitCode {
     imgflow_cli::init_logging();
     imgflow_cli::exit(match Cli::parse().command {
-        Command::Run(args) => runner::run(args),
-        Command::PluginInfo(args) => runner::info(args),
+        Command::Run(args) => imgflow_cli::block_on(runner::run(args)),
+        Command::PluginInfo(args) => imgflow_cli::block_on(runner::info(args)),
     })
 }

@@ -45,7 +45,7 @@ fn runtime(sandbox: &SandboxArgs) -> Result<Runtime, Failure> {
 }
 
 /// Runs the plugin on the input and writes the output.
-pub fn run(args: RunArgs) -> Result<(), Failure> {
+pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let format = match &args.format {
         Some(f) => Some(ImageFormat::parse(f).ok_or_else(|| {
             Failure::new(
@@ -67,7 +67,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 
     let runtime = runtime(&args.sandbox)?;
-    let plugin = runtime.load_file(&args.plugin).map_err(Failure::from)?;
+    let plugin = runtime.load_file(&args.plugin).await?;
     let params = plugin
         .params_from_pairs(pairs)
         .map_err(|e| Failure::new(ErrorCode::InvalidParams, e.to_string()))?;
@@ -80,9 +80,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     })?;
     let (image, input_format) =
         codec::decode(&bytes, &args.sandbox.image_limits()).map_err(Failure::from)?;
-    let applied = runtime
-        .apply(&plugin, image, &params)
-        .map_err(Failure::from)?;
+    let applied = runtime.apply(&plugin, image, &params).await?;
     let format = format.unwrap_or(input_format);
     let encoded = codec::encode(&applied.image, format).map_err(Failure::from)?;
     std::fs::write(&args.output, encoded).map_err(|e| {
@@ -101,9 +99,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 /// Prints the plugin's metadata as JSON on stdout.
-pub fn info(args: InfoArgs) -> Result<(), Failure> {
+pub async fn info(args: InfoArgs) -> Result<(), Failure> {
     let runtime = runtime(&args.sandbox)?;
-    let plugin = runtime.load_file(&args.plugin).map_err(Failure::from)?;
+    let plugin = runtime.load_file(&args.plugin).await?;
     let json = serde_json::to_string_pretty(plugin.metadata())
         .map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
     println!("{json}");

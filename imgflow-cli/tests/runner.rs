@@ -339,3 +339,44 @@ fn host_worker_run_is_the_same_command_under_its_old_name() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(pixels(&new), pixels(&old));
 }
+
+#[test]
+fn a_plugin_blocked_in_a_host_call_ends_as_a_timeout() {
+    let runner = Runner::new();
+    let input = repo().join("tests/fixtures/pngsuite/basn2c08.png");
+    let output = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+    let started = Instant::now();
+    let out = runner.run(
+        "sleep",
+        &input,
+        output.path(),
+        &["--job-timeout-ms", "2000"],
+    );
+    let took = started.elapsed();
+    let line = one_line_error(&out);
+    assert!(line.starts_with("error: timeout: "), "{line}");
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_millis(500),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_metadata_call_that_sleeps_ends_as_a_timeout() {
+    let runner = Runner::new();
+    let started = Instant::now();
+    let out = runner
+        .cmd()
+        .args(["plugin-info", "--job-timeout-ms", "1000", "--plugin"])
+        .arg(plugin("sleepy_metadata"))
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let line = one_line_error(&out);
+    assert!(line.starts_with("error: metadata_failed: "), "{line}");
+    assert!(line.contains("time limit"), "{line}");
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(500),
+        "took {took:?}"
+    );
+}

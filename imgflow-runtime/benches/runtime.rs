@@ -43,13 +43,19 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
+    // Plugin calls are async (their deadline can abandon them anywhere); a
+    // single-threaded executor drives them, as in the local runner.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
     let plugins = repo().join("plugins/target/wasm32-wasip2/release");
     let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
-    let grayscale = runtime
-        .load_file(&plugins.join("grayscale.wasm"))
+    let grayscale = rt
+        .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
         .expect("make plugins first");
-    let blur = runtime
-        .load_file(&plugins.join("blur.wasm"))
+    let blur = rt
+        .block_on(runtime.load_file(&plugins.join("blur.wasm")))
         .expect("make plugins first");
     let no_params = grayscale.params_from_pairs([]).unwrap();
     let sigma = blur.params_from_pairs([("sigma", "2")]).unwrap();
@@ -71,8 +77,7 @@ fn main() {
         let name = path.file_name().unwrap().to_string_lossy();
 
         let wasm = time(15, || {
-            runtime
-                .apply(&grayscale, image.clone(), &no_params)
+            rt.block_on(runtime.apply(&grayscale, image.clone(), &no_params))
                 .unwrap()
         });
         let native = time(15, || {
@@ -87,7 +92,10 @@ fn main() {
             wasm.as_secs_f64() / native.as_secs_f64()
         );
 
-        let wasm = time(7, || runtime.apply(&blur, image.clone(), &sigma).unwrap());
+        let wasm = time(7, || {
+            rt.block_on(runtime.apply(&blur, image.clone(), &sigma))
+                .unwrap()
+        });
         let native = time(7, || {
             imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
         });
@@ -108,9 +116,14 @@ fn main() {
             ..RuntimeConfig::default()
         })
         .unwrap();
-        let plugin = runtime.load_file(&plugins.join("grayscale.wasm")).unwrap();
+        let plugin = rt
+            .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
+            .unwrap();
         let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
-        let job = || runtime.apply(&plugin, pixel.clone(), &no_params).unwrap();
+        let job = || {
+            rt.block_on(runtime.apply(&plugin, pixel.clone(), &no_params))
+                .unwrap()
+        };
         let med = time(2000, job);
         let started = Instant::now();
         for _ in 0..2000 {

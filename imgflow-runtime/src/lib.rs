@@ -31,4 +31,4 @@ mod sandbox;
 pub use cache::{sha256_hex, CompiledCache};
 pub use code::{ErrorCode, Failure};
 pub use error::{JobError, LoadError, RuntimeError};
-pub use runtime::{Applied, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};
+pub use runtime::{Applied, Compiled, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};

@@ -36,7 +36,11 @@ use crate::params::{self, Params};
 use crate::sandbox::{Limits, Sandbox};
 
 mod bindings {
-    wasmtime::component::bindgen!({ world: "filter", path: "../wit" });
+    wasmtime::component::bindgen!({
+        world: "filter",
+        path: "../wit",
+        exports: { default: async },
+    });
 }
 
 use bindings::imgflow::filter::types as wit;
@@ -146,6 +150,21 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+/// A compiled and linked plugin whose `metadata()` has not been read yet
+/// ([`Runtime::compile`]); [`Runtime::describe`] makes it a [`Plugin`].
+pub struct Compiled {
+    digest: String,
+    size: usize,
+    pre: bindings::FilterPre<Sandbox>,
+}
+
+impl Compiled {
+    /// The SHA-256 of the component, as hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
 /// The result of a successful call, with where the time went.
 #[derive(Debug)]
 pub struct Applied {
@@ -173,7 +192,10 @@ impl Runtime {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
-            .max_wasm_stack(1024 * 1024);
+            .max_wasm_stack(1024 * 1024)
+            // Calls run on their own stack (a fiber), so a call can be
+            // abandoned wherever it is, even blocked in a host call.
+            .async_stack_size(2 * 1024 * 1024);
         if config.pooling {
             let n = config.max_concurrent_jobs.max(1);
             let mut pool = PoolingAllocationConfig::default();
@@ -185,13 +207,14 @@ impl Runtime {
                 .total_tables(n.saturating_mul(8))
                 .max_tables_per_component(8)
                 .table_elements(config.max_table_elements)
-                .max_memory_size(config.max_memory_bytes);
+                .max_memory_size(config.max_memory_bytes)
+                .total_stacks(n);
             wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&wasm).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         // The contract's types-only interface has nothing to link, but a
         // plugin that uses its types imports it, so it must exist.
@@ -232,19 +255,28 @@ impl Runtime {
     }
 
     /// Loads a plugin from a file; see [`Runtime::load`].
-    pub fn load_file(&self, path: &Path) -> Result<Plugin, LoadError> {
+    pub async fn load_file(&self, path: &Path) -> Result<Plugin, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        self.load(&bytes)
+        self.load(&bytes).await
     }
 
     /// Checks, compiles (or loads from the cache), links and describes a
-    /// plugin: the bytes must be a component that exports the
-    /// `imgflow:filter` world, imports nothing beyond WASI preview 2, and
-    /// whose `metadata()` (run in the sandbox with the usual limits) is valid.
-    pub fn load(&self, wasm: &[u8]) -> Result<Plugin, LoadError> {
+    /// plugin: [`Runtime::compile`], then [`Runtime::describe`]. The compile
+    /// runs on the calling thread: from async code with a large component,
+    /// run [`Runtime::compile`] on a blocking thread first.
+    pub async fn load(&self, wasm: &[u8]) -> Result<Plugin, LoadError> {
+        let compiled = self.compile(wasm)?;
+        self.describe(compiled).await
+    }
+
+    /// Checks and compiles (or loads from the cache) and links a plugin:
+    /// the bytes must be a component that exports the `imgflow:filter`
+    /// world and imports nothing beyond WASI preview 2. CPU-bound and
+    /// blocking.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, LoadError> {
         if !wasm.starts_with(COMPONENT_HEADER) {
             let what = if wasm.starts_with(CORE_MODULE_HEADER) {
                 "this is a core WebAssembly module; build it as a component (cargo component build, or cargo build --target wasm32-wasip2)"
@@ -254,30 +286,54 @@ impl Runtime {
             return Err(LoadError::NotAComponent(what.into()));
         }
         let digest = sha256_hex(wasm);
-        let component = self.compile(wasm, &digest)?;
+        let component = self.compile_component(wasm, &digest)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::ForbiddenImport(format!("{e:#}")))?;
         let pre = bindings::FilterPre::new(instance_pre)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        Ok(Compiled {
+            digest,
+            size: wasm.len(),
+            pre,
+        })
+    }
 
+    /// Calls the compiled plugin's `metadata()` in a fresh sandbox, under
+    /// the same time and memory limits as a job, and checks what it says
+    /// (a safe name, a semantic version, valid parameters). A `metadata()`
+    /// that does not return in time, even blocked in a host call, is
+    /// abandoned and fails as a timeout.
+    pub async fn describe(&self, compiled: Compiled) -> Result<Plugin, LoadError> {
+        let Compiled { digest, size, pre } = compiled;
         let mut store = self.new_store();
-        let result = pre
-            .instantiate(&mut store)
-            .and_then(|filter| filter.call_metadata(&mut store));
+        let call = async {
+            let filter = pre.instantiate_async(&mut store).await?;
+            filter.call_metadata(&mut store).await
+        };
+        let result = tokio::time::timeout(self.config.timeout, call).await;
         let stderr = drain_output(&store, "(loading)");
-        let raw = result.map_err(|e| LoadError::Metadata(self.classify(&store, e, &stderr)))?;
+        let raw = match result {
+            Err(_) => {
+                return Err(LoadError::Metadata(JobError::Timeout {
+                    limit: self.config.timeout,
+                }))
+            }
+            Ok(result) => {
+                result.map_err(|e| LoadError::Metadata(self.classify(&store, e, &stderr)))?
+            }
+        };
         let metadata = validate_metadata(raw)?;
         Ok(Plugin {
             digest,
-            size: wasm.len(),
+            size,
             metadata,
             pre,
         })
     }
 
-    fn compile(&self, wasm: &[u8], digest: &str) -> Result<Component, LoadError> {
+    fn compile_component(&self, wasm: &[u8], digest: &str) -> Result<Component, LoadError> {
         if let Some(component) = self
             .cache
             .as_ref()
@@ -311,31 +367,47 @@ impl Runtime {
             Sandbox::new(limits, self.config.output_cap_bytes),
         );
         store.limiter(|s| &mut s.limiter);
-        let ticks = self
-            .config
-            .timeout
-            .as_nanos()
-            .div_ceil(EPOCH_TICK.as_nanos()) as u64;
-        store.set_epoch_deadline(ticks.max(1));
-        store.epoch_deadline_trap();
+        // Running code yields to the executor at every epoch tick, so the
+        // deadline around the call (a timer) can end it; the call's future
+        // is then dropped with the store.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
         store
     }
 
     /// Runs `plugin` on `image` with already validated `params`, in a fresh
-    /// sandbox. Blocking: call it from a blocking thread in async code.
-    pub fn apply(
+    /// sandbox, within the time limit: a call still running at the
+    /// deadline, whether computing or blocked in a host call, is abandoned
+    /// (its store and instance dropped) and fails as [`JobError::Timeout`].
+    pub async fn apply(
         &self,
         plugin: &Plugin,
         image: RgbaImage,
         params: &Params,
     ) -> Result<Applied, JobError> {
-        self.apply_observed(plugin, image, params, |_| {})
+        self.apply_observed(plugin, image, params, |_| {}).await
     }
 
     /// [`Runtime::apply`], calling `on_instantiated` with the time the
     /// sandbox took to instantiate the plugin as soon as it is known, so the
     /// caller can measure it even when the call then fails.
-    pub fn apply_observed(
+    pub async fn apply_observed(
+        &self,
+        plugin: &Plugin,
+        image: RgbaImage,
+        params: &Params,
+        on_instantiated: impl FnOnce(Duration),
+    ) -> Result<Applied, JobError> {
+        let call = self.call_apply(plugin, image, params, on_instantiated);
+        match tokio::time::timeout(self.config.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(JobError::Timeout {
+                limit: self.config.timeout,
+            }),
+        }
+    }
+
+    async fn call_apply(
         &self,
         plugin: &Plugin,
         image: RgbaImage,
@@ -358,7 +430,7 @@ impl Runtime {
 
         let started = Instant::now();
         let mut store = self.new_store();
-        let instance = plugin.pre.instantiate(&mut store);
+        let instance = plugin.pre.instantiate_async(&mut store).await;
         let instantiate_time = started.elapsed();
         on_instantiated(instantiate_time);
         let filter = match instance {
@@ -374,7 +446,7 @@ impl Runtime {
             }
         };
         let started = Instant::now();
-        let result = filter.call_apply(&mut store, &input, &wit_params);
+        let result = filter.call_apply(&mut store, &input, &wit_params).await;
         let run_time = started.elapsed();
         let stderr = drain_output(&store, &plugin.metadata.name);
         let output = match result {

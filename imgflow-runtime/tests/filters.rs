@@ -4,11 +4,10 @@
 use image::RgbaImage;
 use imgflow_runtime::codec::{self, ImageLimits};
 use imgflow_runtime::{Plugin, Runtime, RuntimeConfig};
+use imgflow_testkit::block_on;
 
 fn load(runtime: &Runtime, name: &str) -> Plugin {
-    runtime
-        .load_file(&imgflow_testkit::plugin_path(name))
-        .expect("plugin loads")
+    block_on(runtime.load_file(&imgflow_testkit::plugin_path(name))).expect("plugin loads")
 }
 
 fn decode(path: &std::path::Path) -> RgbaImage {
@@ -45,8 +44,7 @@ fn grayscale_equals_the_formula_on_every_photo_and_valid_pngsuite_file() {
     );
     for path in files {
         let input = decode(&path);
-        let output = runtime
-            .apply(&plugin, input.clone(), &params)
+        let output = block_on(runtime.apply(&plugin, input.clone(), &params))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .image;
         assert_eq!(
@@ -87,7 +85,9 @@ fn blur_component_equals_the_same_code_compiled_natively() {
             let native =
                 imgflow_filters::gaussian_blur(w, h, input.as_raw(), sigma.parse().unwrap())
                     .unwrap();
-            let output = runtime.apply(&plugin, input, &params).unwrap().image;
+            let output = block_on(runtime.apply(&plugin, input, &params))
+                .unwrap()
+                .image;
             assert!(
                 output.as_raw() == &native,
                 "{} at sigma {sigma}: component and native output differ",
@@ -114,7 +114,9 @@ fn blur_is_close_to_image_imageops_blur() {
         for path in imgflow_testkit::photos() {
             let input = decode(&path);
             let reference = image::imageops::blur(&input, sigma);
-            let output = runtime.apply(&plugin, input, &params).unwrap().image;
+            let output = block_on(runtime.apply(&plugin, input, &params))
+                .unwrap()
+                .image;
             let diffs: Vec<u32> = output
                 .as_raw()
                 .iter()

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use image::{Rgba, RgbaImage};
 use imgflow_runtime::{JobError, LoadError, Plugin, Runtime, RuntimeConfig};
+use imgflow_testkit::block_on;
 
 fn runtime(timeout: Duration, max_memory_mb: usize) -> Runtime {
     Runtime::new(RuntimeConfig {
@@ -19,9 +20,7 @@ fn runtime(timeout: Duration, max_memory_mb: usize) -> Runtime {
 }
 
 fn load(runtime: &Runtime, name: &str) -> Plugin {
-    runtime
-        .load_file(&imgflow_testkit::plugin_path(name))
-        .expect("plugin loads")
+    block_on(runtime.load_file(&imgflow_testkit::plugin_path(name))).expect("plugin loads")
 }
 
 fn small_image() -> RgbaImage {
@@ -32,9 +31,7 @@ fn run(runtime: &Runtime, plugin: &Plugin, pairs: &[(&str, &str)]) -> Result<Rgb
     let params = plugin
         .params_from_pairs(pairs.iter().copied())
         .expect("params");
-    runtime
-        .apply(plugin, small_image(), &params)
-        .map(|a| a.image)
+    block_on(runtime.apply(plugin, small_image(), &params)).map(|a| a.image)
 }
 
 /// After any failure, the same runtime still runs a good job correctly.
@@ -58,6 +55,42 @@ fn an_endless_loop_times_out_within_the_limit_plus_one_second() {
     assert_eq!(err.code().as_str(), "timeout");
     assert!(elapsed >= limit, "stopped early: {elapsed:?}");
     assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn a_plugin_blocked_in_a_host_call_times_out_within_the_limit_plus_one_second() {
+    // `sleep` asks WASI to wait an hour: no WebAssembly runs, so only a
+    // deadline around the whole call can end it.
+    let limit = Duration::from_secs(2);
+    let rt = runtime(limit, 128);
+    let plugin = load(&rt, "sleep");
+    let started = Instant::now();
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err, JobError::Timeout { limit });
+    assert!(elapsed >= limit, "stopped early: {elapsed:?}");
+    assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
+    assert_still_works(&rt);
+}
+
+#[test]
+fn a_metadata_call_that_sleeps_fails_to_load_within_the_limit_plus_one_second() {
+    let limit = Duration::from_secs(2);
+    let rt = runtime(limit, 128);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err =
+            block_on(rt.load_file(&imgflow_testkit::plugin_path("sleepy_metadata"))).unwrap_err();
+        let elapsed = started.elapsed();
+        assert_eq!(err.code().as_str(), "metadata_failed", "{err}");
+        assert!(
+            matches!(&err, LoadError::Metadata(JobError::Timeout { limit: l }) if *l == limit),
+            "{err:?}"
+        );
+        assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
+    }
+    // Every sandbox slot it took was given back.
     assert_still_works(&rt);
 }
 
@@ -164,23 +197,23 @@ fn load_refuses_what_is_not_a_filter_component() {
     let rt = runtime(Duration::from_secs(10), 128);
     let code = |r: Result<Plugin, LoadError>| r.map(|_| ()).unwrap_err();
 
-    let e = code(rt.load(b"definitely not wasm"));
+    let e = code(block_on(rt.load(b"definitely not wasm")));
     assert_eq!(e.code().as_str(), "not_a_component", "{e}");
 
     let core = wat::parse_str("(module (func (export \"apply\")))").unwrap();
-    let e = code(rt.load(&core));
+    let e = code(block_on(rt.load(&core)));
     assert_eq!(e.code().as_str(), "not_a_component", "{e}");
     assert!(e.to_string().contains("core WebAssembly module"), "{e}");
 
     let empty = wat::parse_str("(component)").unwrap();
-    let e = code(rt.load(&empty));
+    let e = code(block_on(rt.load(&empty)));
     assert_eq!(e.code().as_str(), "wrong_world", "{e}");
 
     let foreign = wat::parse_str(
         r#"(component (import "evil:host/launch-missiles" (instance (export "fire" (func)))))"#,
     )
     .unwrap();
-    let e = code(rt.load(&foreign));
+    let e = code(block_on(rt.load(&foreign)));
     assert_eq!(e.code().as_str(), "forbidden_import", "{e}");
     assert!(e.to_string().contains("evil:host/launch-missiles"), "{e}");
 }
@@ -196,7 +229,7 @@ fn compiled_code_is_cached_on_disk_by_digest() {
     let bytes = std::fs::read(imgflow_testkit::plugin_path("grayscale")).unwrap();
     let digest = {
         let rt = Runtime::new(config.clone()).unwrap();
-        let plugin = rt.load(&bytes).unwrap();
+        let plugin = block_on(rt.load(&bytes)).unwrap();
         plugin.digest().to_string()
     };
     let entries: Vec<String> = std::fs::read_dir(dir.path())
@@ -211,7 +244,7 @@ fn compiled_code_is_cached_on_disk_by_digest() {
 
     // A new runtime (as after a restart) loads the cached code and runs it.
     let rt = Runtime::new(config.clone()).unwrap();
-    let plugin = rt.load(&bytes).unwrap();
+    let plugin = block_on(rt.load(&bytes)).unwrap();
     assert_eq!(
         run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
         [99, 99, 99, 255]
@@ -221,7 +254,7 @@ fn compiled_code_is_cached_on_disk_by_digest() {
     let path = dir.path().join(&entries[0]);
     std::fs::write(&path, b"garbage").unwrap();
     let rt = Runtime::new(config).unwrap();
-    let plugin = rt.load(&bytes).unwrap();
+    let plugin = block_on(rt.load(&bytes)).unwrap();
     assert_eq!(
         run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
         [99, 99, 99, 255]

@@ -80,3 +80,13 @@ pub fn sorted_pngs(dir: &str, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     assert!(!files.is_empty(), "no fixtures in {dir}");
     files
 }
+
+/// Runs a future to completion on a fresh single-threaded async runtime
+/// (with timers), for tests of async code that are not async themselves.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
