@@ -165,5 +165,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
 )]
 async fn openapi_json() -> Response {
-    Json(openapi()).into_response()
+    // The document never changes while the process runs: build it once.
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(|| serde_json::to_value(openapi()).unwrap_or_default()))
+        .into_response()
 }
