@@ -196,6 +196,9 @@ up() {
   make -s build
   [ -s "$STATE/admin-token" ] || head -c 18 /dev/urandom | base64 | tr '+/' '-_' > "$STATE/admin-token"
   chmod 600 "$STATE/admin-token"
+  # The key that authenticates the worker's compiled-code cache.
+  [ -s "$STATE/cache-secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/cache-secret"
+  chmod 600 "$STATE/cache-secret"
 
   write_prometheus_config
   launch prometheus "$PROMETHEUS_PORT" prometheus \
@@ -218,6 +221,7 @@ up() {
     METRICS_ADDR="0.0.0.0:$METRICS_PORT" \
     PLUGINS_DIR="$ROOT/target/builtin-plugins" \
     COMPILE_CACHE_DIR="$STATE/compiled" \
+    COMPILE_CACHE_SECRET="$(cat "$STATE/cache-secret")" \
     "$ROOT/target/release/host-worker" serve
 
   wait_for Prometheus "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 30 "$STATE/logs/prometheus.log"

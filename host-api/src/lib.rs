@@ -38,6 +38,7 @@ use imgflow_platform::storage::Storage;
 use imgflow_platform::{db, retry};
 use imgflow_runtime::config::SandboxArgs;
 use imgflow_runtime::Runtime;
+use tokio::sync::Semaphore;
 
 use crate::metrics::ApiMetrics;
 use crate::state::AppState;
@@ -82,6 +83,11 @@ pub struct Settings {
     /// How long compiling an uploaded plugin may take, in milliseconds.
     #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
     pub plugin_compile_timeout_ms: u64,
+    /// Uploads compiled at once; an upload that finds every slot taken is
+    /// answered 503 `busy` with `Retry-After`. A slot is returned when its
+    /// compile really ends, not when the upload gives up waiting.
+    #[arg(long, env = "PLUGIN_COMPILE_SLOTS", default_value_t = 2)]
+    pub plugin_compile_slots: u32,
     /// Submissions are refused (429) while this many jobs are unfinished.
     #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
     pub queue_max_depth: u64,
@@ -121,9 +127,14 @@ impl App {
             max_body_bytes: settings.max_body_bytes,
             queue_max_depth: settings.queue_max_depth,
             runtime: Arc::new(
-                Runtime::new(settings.sandbox.runtime_config(2))
-                    .context("cannot start the plugin sandbox")?,
+                Runtime::new(
+                    settings
+                        .sandbox
+                        .runtime_config(settings.plugin_compile_slots.max(1)),
+                )
+                .context("cannot start the plugin sandbox")?,
             ),
+            compile_slots: Arc::new(Semaphore::new(settings.plugin_compile_slots.max(1) as usize)),
             admin_token: settings.admin_token.filter(|t| !t.is_empty()),
             plugin_max_bytes: settings.plugin_max_bytes,
             plugin_compile_timeout: Duration::from_millis(settings.plugin_compile_timeout_ms),

@@ -5,6 +5,8 @@
 //! token configured, management is off (403), never open. The lifecycle
 //! itself is [`imgflow_platform::plugins`].
 
+use std::sync::Arc;
+
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -220,7 +222,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         (status = 413, description = "Over PLUGIN_MAX_BYTES (`body_too_large`)", body = ErrorBody),
         (status = 422, description = "The component does not load or describes itself wrongly (`compile_failed`, `forbidden_import`, `wrong_world`, `metadata_failed`, `invalid_metadata`, `name_mismatch`, `compile_timeout`)", body = ErrorBody),
         (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
-        (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "PostgreSQL or storage unavailable, or every compile slot taken (`busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security(("admin_token" = []))
 )]
@@ -262,12 +264,31 @@ async fn store_upload(
     }
     let wasm = read_component(state, headers, request).await?;
 
-    // Compiling is CPU work on a blocking thread, bounded by
-    // PLUGIN_COMPILE_TIMEOUT_MS; metadata() then runs in the sandbox under
-    // the job time limit, abandoned at its deadline like any call.
+    // Compiling is CPU work on a blocking thread, in one of a few slots:
+    // an upload that finds them all taken is told to come back, rather than
+    // queued without end. The upload stops waiting at
+    // PLUGIN_COMPILE_TIMEOUT_MS, but a compile cannot be interrupted, so its
+    // slot is returned only when the thread ends. metadata() then runs in
+    // the sandbox under the job time limit, abandoned at its deadline like
+    // any call.
+    let slot = state
+        .compile_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::Busy,
+                "every plugin compile slot is taken (PLUGIN_COMPILE_SLOTS); try again later",
+            )
+        })?;
+    let slot = Arc::new(slot);
     let runtime = state.runtime.clone();
     let bytes = wasm.clone();
-    let compiling = tokio::task::spawn_blocking(move || runtime.compile(&bytes));
+    let held = slot.clone();
+    let compiling = tokio::task::spawn_blocking(move || {
+        let _slot = held;
+        runtime.compile(&bytes)
+    });
     let compiled = match tokio::time::timeout(state.plugin_compile_timeout, compiling).await {
         Err(_) => {
             return Err(ApiError::new(
@@ -281,6 +302,7 @@ async fn store_upload(
         Ok(joined) => joined.map_err(|e| ApiError::internal(e.to_string()))??,
     };
     let plugin = state.runtime.describe(compiled).await?;
+    drop(slot);
     let (outcome, record) = state
         .catalogue
         .publish(

@@ -10,6 +10,7 @@ use imgflow_platform::queue::Queue;
 use imgflow_runtime::codec::ImageLimits;
 use imgflow_runtime::Runtime;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 
 use crate::metrics::ApiMetrics;
 
@@ -38,6 +39,8 @@ pub struct AppState {
     pub plugin_max_bytes: usize,
     /// How long compiling an uploaded plugin may take.
     pub plugin_compile_timeout: Duration,
+    /// One permit per upload being compiled (`PLUGIN_COMPILE_SLOTS`).
+    pub compile_slots: Arc<Semaphore>,
     /// The API's metrics.
     pub metrics: Arc<ApiMetrics>,
 }

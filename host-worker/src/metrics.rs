@@ -43,6 +43,10 @@ pub struct WorkerMetrics {
     plugin_info: IntGaugeVec,
     queue_depth: IntGauge,
     queue_oldest: Gauge,
+    /// `WORKER_MEMORY_MB`, in bytes.
+    pub memory_budget: IntGauge,
+    /// The estimated working sets of the jobs admitted now, in bytes.
+    pub memory_reserved: IntGauge,
     /// The label sets `plugin_info` currently shows.
     shown: Mutex<HashSet<PluginLabel>>,
 }
@@ -113,6 +117,14 @@ impl WorkerMetrics {
                 "worker_queue_oldest_job_age_seconds",
                 "Age of the oldest job on the Redis queue, read at scrape time; 0 when it is empty.",
             )?,
+            memory_budget: IntGauge::new(
+                "worker_memory_budget_bytes",
+                "The worker's memory budget for jobs (WORKER_MEMORY_MB).",
+            )?,
+            memory_reserved: IntGauge::new(
+                "worker_memory_reserved_bytes",
+                "The estimated working sets of the jobs running now, reserved from the budget.",
+            )?,
             shown: Mutex::new(HashSet::new()),
             registry,
         };
@@ -127,6 +139,8 @@ impl WorkerMetrics {
         m.registry.register(Box::new(m.plugin_info.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.queue_oldest.clone()))?;
+        m.registry.register(Box::new(m.memory_budget.clone()))?;
+        m.registry.register(Box::new(m.memory_reserved.clone()))?;
         Ok(m)
     }
 

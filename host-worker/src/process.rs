@@ -1,6 +1,6 @@
 //! Running one job: from a queue delivery to a recorded outcome.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use imgflow_platform::jobs::{JobRecord, Jobs};
@@ -11,6 +11,7 @@ use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
 use imgflow_runtime::{ErrorCode, Failure};
 use tracing::Instrument;
 
+use crate::budget::MemoryBudget;
 use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
 
@@ -33,8 +34,14 @@ pub struct Context {
     pub limits: ImageLimits,
     /// Deliveries beyond this many attempts fail as `max_attempts`.
     pub max_attempts: i32,
-    /// The queue lease; renewed at a third of it while a job runs.
+    /// The queue lease; renewed at a third of it while a job runs, until
+    /// the job's deadline.
     pub lease: Duration,
+    /// The time limit of a whole job (decode, plugin, encode):
+    /// `JOB_TIMEOUT_MS`.
+    pub job_timeout: Duration,
+    /// The memory budget jobs reserve their working set from.
+    pub budget: MemoryBudget,
     /// The worker's metrics.
     pub metrics: Arc<WorkerMetrics>,
 }
@@ -73,22 +80,31 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
             return;
         }
 
-        // Keep the lease while the job runs, so no other worker takes it.
+        // Keep the lease while the job runs, so no other worker takes it;
+        // but only until the job's deadline (plus a tick): a job that is
+        // still running then is wedged, and its lease lapses so another
+        // worker takes it over and the attempt counts.
+        let deadline = Arc::new(OnceLock::new());
         let renewer = {
             let ctx = ctx.clone();
             let entry = delivery.entry.clone();
+            let deadline = deadline.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(ctx.lease / 3);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
+                    if deadline.get().is_some_and(|d: &Instant| d.elapsed() > Duration::from_secs(1)) {
+                        tracing::warn!("the job is past its deadline; no longer renewing its lease");
+                        return;
+                    }
                     if let Err(e) = ctx.queue.renew(&ctx.worker_id, &entry).await {
                         tracing::warn!(error = %e, "cannot renew the job's lease");
                     }
                 }
             })
         };
-        let outcome = run(&ctx, &job).await;
+        let outcome = run(&ctx, &job, &deadline).await;
         renewer.abort();
 
         match outcome {
@@ -154,7 +170,18 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
 
 /// Runs the plugin on the job's input and stores the result. Returns the
 /// output's key and size.
-async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
+///
+/// Once the job's working set is reserved from the memory budget, one
+/// deadline (`JOB_TIMEOUT_MS`, set in `deadline`) covers decoding, the
+/// plugin call and encoding. Decoding and encoding run on blocking threads
+/// that cannot be interrupted: past the deadline the job stops waiting for
+/// them, and the thread keeps the job's reservation until it ends (its work
+/// is bounded by the image limits).
+async fn run(
+    ctx: &Context,
+    job: &JobRecord,
+    deadline: &OnceLock<Instant>,
+) -> Result<(String, i64), Failure> {
     let active = retry("check plugin", STEP_ATTEMPTS, || {
         ctx.catalogue.active_version(&job.action)
     })
@@ -181,6 +208,17 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
             ))
         }
     };
+    // The loaded code must be the plugin the job names.
+    let meta = plugin.metadata();
+    if meta.name != job.action || meta.version != job.plugin_version {
+        return Err(Failure::permanent(
+            ErrorCode::PluginUnavailable,
+            format!(
+                "the component with digest {} describes itself as {} {}, but the job names {} {}",
+                job.plugin_digest, meta.name, meta.version, job.action, job.plugin_version
+            ),
+        ));
+    }
     let params = plugin
         .params_from_json(&job.params.0)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidParams, e.to_string()))?;
@@ -194,19 +232,42 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
+    // Reserve the job's working set before decoding anything.
     let limits = ctx.limits;
-    let (image, _) = tokio::task::spawn_blocking(move || codec::decode(&input, &limits))
+    let probe = codec::probe(&input, &limits)
+        .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
+    let runtime = ctx.registry.runtime();
+    let need = runtime.job_working_set(input.len(), probe.width, probe.height);
+    let reservation = ctx.budget.reserve(need).await?;
+
+    let due = Instant::now() + ctx.job_timeout;
+    let _ = deadline.set(due);
+    let past_deadline = |during: &str| {
+        Failure::permanent(
+            ErrorCode::Timeout,
+            format!(
+                "the job ran past its time limit of {} ms {during}",
+                ctx.job_timeout.as_millis()
+            ),
+        )
+    };
+
+    let held = reservation.clone();
+    let decoding = tokio::task::spawn_blocking(move || {
+        let _held = held;
+        codec::decode(&input, &limits)
+    });
+    let (image, _) = tokio::time::timeout_at(due.into(), decoding)
         .await
+        .map_err(|_| past_deadline("while decoding the input"))?
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("decode thread failed: {e}")))?
         .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
-    // The plugin call is async: at its deadline it is abandoned wherever it
+    // The plugin call is async: at the deadline it is abandoned wherever it
     // is, even blocked in a host call, and its sandbox is dropped.
     let called = Instant::now();
     let mut instantiation = None;
-    let applied = ctx
-        .registry
-        .runtime()
-        .apply_observed(&plugin, image, &params, |t| instantiation = Some(t))
+    let applied = runtime
+        .apply_by(&plugin, image, &params, due, |t| instantiation = Some(t))
         .await;
     let applied = match applied {
         Ok(applied) => {
@@ -223,10 +284,17 @@ async fn run(ctx: &Context, job: &JobRecord) -> Result<(String, i64), Failure> {
             return Err(e.into());
         }
     };
-    let encoded = tokio::task::spawn_blocking(move || codec::encode(&applied.image, output_format))
+    let held = reservation.clone();
+    let encoding = tokio::task::spawn_blocking(move || {
+        let _held = held;
+        codec::encode(&applied.image, output_format)
+    });
+    let encoded = tokio::time::timeout_at(due.into(), encoding)
         .await
+        .map_err(|_| past_deadline("while encoding the result"))?
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("encode thread failed: {e}")))?
-        .map_err(|e| Failure::permanent(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))?;
+    drop(reservation);
 
     let size = encoded.len() as i64;
     let bytes = bytes::Bytes::from(encoded);

@@ -21,6 +21,7 @@ use imgflow_runtime::Runtime;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::budget::{self, MemoryBudget};
 use crate::metrics::{PluginLabel, WorkerMetrics};
 use crate::process::{self, Context};
 use crate::registry::Registry;
@@ -50,6 +51,11 @@ pub struct Settings {
     /// Jobs run at once by this worker. Default: the number of CPUs.
     #[arg(long, env = "CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Memory the worker's jobs may hold together, in MiB: a job starts
+    /// only when its estimated working set fits. Default: three quarters of
+    /// the cgroup's memory limit, or of the machine's memory.
+    #[arg(long, env = "WORKER_MEMORY_MB")]
+    pub worker_memory_mb: Option<u32>,
     /// A job whose worker has not renewed it for this long is taken over
     /// by another worker, in milliseconds.
     #[arg(long, env = "LEASE_MS", default_value_t = 30_000)]
@@ -92,6 +98,7 @@ pub struct Worker {
     storage: Storage,
     queue: Queue,
     metrics: Arc<WorkerMetrics>,
+    budget: MemoryBudget,
     listener: tokio::net::TcpListener,
 }
 
@@ -112,6 +119,21 @@ impl Worker {
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
             .context("invalid Redis URL")?;
         let metrics = Arc::new(WorkerMetrics::new().context("cannot set up the metrics")?);
+        let budget_mib = settings
+            .worker_memory_mb
+            .unwrap_or_else(budget::default_mib);
+        // The smallest job may use the plugin's memory cap twice (its
+        // memories and the copy of its output): a budget below that would
+        // fail every job.
+        let smallest = runtime.job_working_set(0, 1, 1).div_ceil(1024 * 1024);
+        anyhow::ensure!(
+            u64::from(budget_mib) >= smallest,
+            "WORKER_MEMORY_MB ({budget_mib} MiB) cannot hold a single job: each may use up to twice JOB_MAX_MEMORY_MB ({smallest} MiB, the plugin's memories and its output); raise WORKER_MEMORY_MB or lower JOB_MAX_MEMORY_MB"
+        );
+        let budget = MemoryBudget::new(budget_mib, metrics.memory_reserved.clone());
+        metrics
+            .memory_budget
+            .set(i64::from(budget_mib) * 1024 * 1024);
         let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
             .await
             .with_context(|| format!("cannot listen on METRICS_ADDR {}", settings.metrics_addr))?;
@@ -123,6 +145,7 @@ impl Worker {
             storage,
             queue,
             metrics,
+            budget,
             listener,
         })
     }
@@ -148,6 +171,7 @@ impl Worker {
             storage,
             queue,
             metrics,
+            budget,
             listener,
         } = self;
         let (stop_tx, stop) = watch::channel(false);
@@ -174,7 +198,7 @@ impl Worker {
         let catalogue = Catalogue::new(pool.clone(), storage.clone(), queue.clone());
         let registry = Registry::new(runtime, catalogue.clone());
         let builtins = registry.register_builtins(&settings.plugins_dir).await?;
-        tracing::info!(%worker_id, concurrency, builtins = ?builtins, "worker ready");
+        tracing::info!(%worker_id, concurrency, memory_budget_mb = budget.mib(), builtins = ?builtins, "worker ready");
 
         let ctx = Arc::new(Context {
             worker_id: worker_id.clone(),
@@ -185,6 +209,8 @@ impl Worker {
             limits: settings.sandbox.image_limits(),
             max_attempts: settings.max_attempts,
             lease: Duration::from_millis(settings.lease_ms.max(300)),
+            job_timeout: Duration::from_millis(settings.sandbox.timeout_ms.max(1)),
+            budget,
             metrics,
         });
         let permits = Arc::new(Semaphore::new(concurrency));

@@ -32,6 +32,7 @@ impl Runner {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgflow"));
         // A shared compile cache keeps the many runs below fast.
         cmd.env("COMPILE_CACHE_DIR", self.cache.path())
+            .env("COMPILE_CACHE_SECRET", imgflow_testkit::TEST_CACHE_SECRET)
             .env_remove("RUST_LOG");
         cmd
     }
@@ -327,6 +328,7 @@ fn host_worker_run_is_the_same_command_under_its_old_name() {
     assert!(out.status.success(), "{out:?}");
     let out = Command::new(binary("host-worker"))
         .env("COMPILE_CACHE_DIR", runner.cache.path())
+        .env("COMPILE_CACHE_SECRET", imgflow_testkit::TEST_CACHE_SECRET)
         .args(["run", "--plugin"])
         .arg(plugin("blur"))
         .arg("--input")

@@ -52,7 +52,11 @@ pub fn run_service<E: std::fmt::Display>(
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main) {
+    let outcome = runtime.block_on(main);
+    // The service has had its grace period: threads still busy (a decode
+    // past its job's deadline) are not waited for.
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{what} failed");

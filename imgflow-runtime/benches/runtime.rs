@@ -6,8 +6,11 @@
 //!    and their ratio.
 //! 2. The per-job sandbox overhead: fresh store + instantiate + call + drop
 //!    on a 1x1 image, with the pooling allocator on and off.
+//! 3. GIF encoding of a photo at the encoder's default quantizer speed (1)
+//!    and at imgflow's `GIF_SPEED`.
 //!
-//! Each figure is the median of several runs after a warm-up.
+//! Each figure is the median of several runs after a warm-up. `BENCH_ONLY`
+//! (`filters`, `overhead` or `gif`) runs one section.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -66,75 +69,116 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
     photos.sort();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only == section;
 
-    println!("## Filters on the Kodak photos (median, ms per image)\n");
-    println!("| photo | size | filter | component via host | native | ratio |");
-    println!("|---|---|---|---:|---:|---:|");
-    for path in &photos {
-        let bytes = std::fs::read(path).unwrap();
-        let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
-        let (w, h) = image.dimensions();
-        let name = path.file_name().unwrap().to_string_lossy();
+    if run("filters") {
+        println!("## Filters on the Kodak photos (median, ms per image)\n");
+        println!("| photo | size | filter | component via host | native | ratio |");
+        println!("|---|---|---|---:|---:|---:|");
+        for path in &photos {
+            let bytes = std::fs::read(path).unwrap();
+            let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+            let (w, h) = image.dimensions();
+            let name = path.file_name().unwrap().to_string_lossy();
 
-        let wasm = time(15, || {
-            rt.block_on(runtime.apply(&grayscale, image.clone(), &no_params))
-                .unwrap()
-        });
-        let native = time(15, || {
-            let mut px = image.as_raw().clone();
-            imgflow_filters::grayscale_in_place(&mut px);
-            px
-        });
-        println!(
-            "| {name} | {w}x{h} | grayscale | {:.2} | {:.2} | {:.2} |",
-            ms(wasm),
-            ms(native),
-            wasm.as_secs_f64() / native.as_secs_f64()
-        );
+            let wasm = time(15, || {
+                rt.block_on(runtime.apply(&grayscale, image.clone(), &no_params))
+                    .unwrap()
+            });
+            let native = time(15, || {
+                let mut px = image.as_raw().clone();
+                imgflow_filters::grayscale_in_place(&mut px);
+                px
+            });
+            println!(
+                "| {name} | {w}x{h} | grayscale | {:.2} | {:.2} | {:.2} |",
+                ms(wasm),
+                ms(native),
+                wasm.as_secs_f64() / native.as_secs_f64()
+            );
 
-        let wasm = time(7, || {
-            rt.block_on(runtime.apply(&blur, image.clone(), &sigma))
-                .unwrap()
-        });
-        let native = time(7, || {
-            imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
-        });
-        println!(
-            "| {name} | {w}x{h} | blur sigma=2 | {:.2} | {:.2} | {:.2} |",
-            ms(wasm),
-            ms(native),
-            wasm.as_secs_f64() / native.as_secs_f64()
-        );
+            let wasm = time(7, || {
+                rt.block_on(runtime.apply(&blur, image.clone(), &sigma))
+                    .unwrap()
+            });
+            let native = time(7, || {
+                imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
+            });
+            println!(
+                "| {name} | {w}x{h} | blur sigma=2 | {:.2} | {:.2} | {:.2} |",
+                ms(wasm),
+                ms(native),
+                wasm.as_secs_f64() / native.as_secs_f64()
+            );
+        }
     }
 
-    println!("\n## Per-job sandbox overhead (1x1 image through grayscale)\n");
-    println!("| pooling allocator | median µs per job | mean µs per job (2000 jobs) |");
-    println!("|---|---:|---:|");
-    for pooling in [true, false] {
-        let runtime = Runtime::new(RuntimeConfig {
-            pooling,
-            ..RuntimeConfig::default()
-        })
-        .unwrap();
-        let plugin = rt
-            .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
+    if run("overhead") {
+        println!("\n## Per-job sandbox overhead (1x1 image through grayscale)\n");
+        println!("| pooling allocator | median µs per job | mean µs per job (2000 jobs) |");
+        println!("|---|---:|---:|");
+        for pooling in [true, false] {
+            let runtime = Runtime::new(RuntimeConfig {
+                pooling,
+                ..RuntimeConfig::default()
+            })
             .unwrap();
-        let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
-        let job = || {
-            rt.block_on(runtime.apply(&plugin, pixel.clone(), &no_params))
-                .unwrap()
-        };
-        let med = time(2000, job);
-        let started = Instant::now();
-        for _ in 0..2000 {
-            std::hint::black_box(job());
+            let plugin = rt
+                .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
+                .unwrap();
+            let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
+            let job = || {
+                rt.block_on(runtime.apply(&plugin, pixel.clone(), &no_params))
+                    .unwrap()
+            };
+            let med = time(2000, job);
+            let started = Instant::now();
+            for _ in 0..2000 {
+                std::hint::black_box(job());
+            }
+            let mean = started.elapsed() / 2000;
+            println!(
+                "| {} | {:.1} | {:.1} |",
+                if pooling { "on" } else { "off" },
+                med.as_secs_f64() * 1e6,
+                mean.as_secs_f64() * 1e6
+            );
         }
-        let mean = started.elapsed() / 2000;
+    }
+
+    if run("gif") {
+        println!("\n## GIF encoding (median of 3, ms per image)\n");
         println!(
-            "| {} | {:.1} | {:.1} |",
-            if pooling { "on" } else { "off" },
-            med.as_secs_f64() * 1e6,
-            mean.as_secs_f64() * 1e6
+            "| photo | size | quantizer speed 1 (encoder default) | speed {} (imgflow) | ratio |",
+            codec::GIF_SPEED
         );
+        println!("|---|---|---:|---:|---:|");
+        for path in photos.iter().take(2) {
+            let bytes = std::fs::read(path).unwrap();
+            let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+            let (w, h) = image.dimensions();
+            let at = |speed: i32| {
+                time(3, || {
+                    let mut out = Vec::new();
+                    image::codecs::gif::GifEncoder::new_with_speed(&mut out, speed)
+                        .encode(image.as_raw(), w, h, image::ExtendedColorType::Rgba8)
+                        .unwrap();
+                    out
+                })
+            };
+            let (slow, fast) = (at(1), at(codec::GIF_SPEED));
+            let ours = time(3, || {
+                codec::encode(&image, codec::ImageFormat::Gif).unwrap()
+            });
+            println!(
+                "| {} | {w}x{h} | {:.0} | {:.0} (codec::encode: {:.0}) | {:.1} |",
+                path.file_name().unwrap().to_string_lossy(),
+                ms(slow),
+                ms(fast),
+                ms(ours),
+                slow.as_secs_f64() / fast.as_secs_f64()
+            );
+        }
     }
 }

@@ -5,10 +5,19 @@
 //! engine's compatibility hash: a restart (or another worker sharing the
 //! directory) loads instead of recompiling, and a wasmtime upgrade or a
 //! different engine configuration never picks up incompatible code.
+//!
+//! An entry is native code that the process will run, so it is trusted only
+//! if it is ours: each file starts with an HMAC-SHA256 tag over the
+//! component's digest, the engine fingerprint and the code, keyed with the
+//! cache secret (`COMPILE_CACHE_SECRET`; without one there is no disk
+//! cache). A file written by anyone without the secret, or another plugin's
+//! code copied under this plugin's name, fails the check, is removed, and
+//! the component is compiled again.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -40,20 +49,85 @@ pub fn engine_fingerprint(engine: &Engine) -> String {
     hex::encode(&hasher.0.finalize()[..8])
 }
 
-/// A directory of compiled components.
-#[derive(Debug, Clone)]
+/// The key that authenticates cache entries (`COMPILE_CACHE_SECRET`): at
+/// least 16 bytes of text, shared by the processes that share a cache
+/// directory. Never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CacheSecret(Vec<u8>);
+
+impl CacheSecret {
+    /// The shortest secret accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    /// Whether this is the empty secret (an empty setting), which turns the
+    /// disk cache off like no setting at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::str::FromStr for CacheSecret {
+    type Err = String;
+
+    /// Parses a secret; the empty string is [`CacheSecret::is_empty`].
+    fn from_str(text: &str) -> Result<CacheSecret, String> {
+        if !text.is_empty() && text.len() < CacheSecret::MIN_LEN {
+            return Err(format!(
+                "the compiled-code cache secret must be at least {} bytes (for example `openssl rand -hex 32`)",
+                CacheSecret::MIN_LEN
+            ));
+        }
+        Ok(CacheSecret(text.as_bytes().to_vec()))
+    }
+}
+
+impl std::fmt::Debug for CacheSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheSecret(..)")
+    }
+}
+
+/// The length of an entry's authentication tag, in bytes.
+const TAG_LEN: usize = 32;
+
+/// A directory of compiled components, each entry authenticated.
+#[derive(Clone)]
 pub struct CompiledCache {
     dir: PathBuf,
     fingerprint: String,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for CompiledCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledCache")
+            .field("dir", &self.dir)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CompiledCache {
-    /// A cache in `dir` (which must exist) for code compiled by `engine`.
-    pub fn new(dir: PathBuf, engine: &Engine) -> CompiledCache {
+    /// A cache in `dir` (which must exist) for code compiled by `engine`,
+    /// whose entries are authenticated with `secret`.
+    pub fn new(dir: PathBuf, engine: &Engine, secret: &CacheSecret) -> CompiledCache {
         CompiledCache {
             dir,
             fingerprint: engine_fingerprint(engine),
+            key: secret.0.clone(),
         }
+    }
+
+    /// The tag of `code` stored as the compiled form of `digest`.
+    fn mac(&self, digest: &str, code: &[u8]) -> Hmac<Sha256> {
+        // HMAC takes a key of any length; `new_from_slice` cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        for part in [digest.as_bytes(), b"\n", self.fingerprint.as_bytes(), b"\n"] {
+            mac.update(part);
+        }
+        mac.update(code);
+        mac
     }
 
     /// The file that holds (or will hold) the compiled form of the component
@@ -63,8 +137,10 @@ impl CompiledCache {
             .join(format!("{digest}-{}.cwasm", self.fingerprint))
     }
 
-    /// Loads the compiled component with SHA-256 `digest` if it is cached.
-    /// An unreadable or stale entry is removed and reported as a miss.
+    /// Loads the compiled component with SHA-256 `digest` if it is cached
+    /// and its tag proves this cache's key wrote it for this digest. An
+    /// unreadable, unauthenticated or stale entry is removed and reported
+    /// as a miss.
     pub fn load(&self, engine: &Engine, digest: &str) -> Option<Component> {
         let path = self.path_for(digest);
         if !path.is_file() {
@@ -80,12 +156,20 @@ impl CompiledCache {
                 return None;
             }
         };
-        // SAFETY: the cache directory belongs to the operator (it is
-        // configuration, like the binary itself), and entries are only ever
-        // written by `store` below, from `Component::serialize` of an engine
-        // with the same fingerprint; wasmtime additionally checks the
-        // header's version and settings before using the code.
-        match unsafe { Component::deserialize(engine, &bytes) } {
+        let authentic = bytes.len() > TAG_LEN && {
+            let (tag, code) = bytes.split_at(TAG_LEN);
+            self.mac(digest, code).verify_slice(tag).is_ok()
+        };
+        if !authentic {
+            tracing::warn!(path = %path.display(), digest, "refusing a compiled-code cache entry this process cannot authenticate (written with another COMPILE_CACHE_SECRET, or tampered with); compiling again");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        // SAFETY: the tag proves the entry was written by `store` below, by
+        // a process holding the cache key, from `Component::serialize` of the
+        // component with this digest on an engine with the same fingerprint;
+        // wasmtime additionally checks the header's version and settings.
+        match unsafe { Component::deserialize(engine, &bytes[TAG_LEN..]) } {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled-code cache entry");
@@ -95,14 +179,20 @@ impl CompiledCache {
         }
     }
 
-    /// Stores the compiled form of `component`. Failures are logged, not
-    /// returned: the cache only saves time.
+    /// Stores the compiled form of `component`, tagged. Failures are
+    /// logged, not returned: the cache only saves time.
     pub fn store(&self, digest: &str, component: &Component) {
         let path = self.path_for(digest);
         let result = component
             .serialize()
             .map_err(|e| e.to_string())
-            .and_then(|bytes| write_atomically(&path, &bytes).map_err(|e| e.to_string()));
+            .and_then(|code| {
+                let tag = self.mac(digest, &code).finalize().into_bytes();
+                let mut entry = Vec::with_capacity(TAG_LEN + code.len());
+                entry.extend_from_slice(&tag);
+                entry.extend_from_slice(&code);
+                write_atomically(&path, &entry).map_err(|e| e.to_string())
+            });
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-code cache entry");
         }

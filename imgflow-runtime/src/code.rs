@@ -111,6 +111,9 @@ error_codes! {
     PluginDeleted = "plugin_deleted", 410, false, Job;
     /// The job's plugin cannot be loaded by the worker.
     PluginUnavailable = "plugin_unavailable", 500, false, Job;
+    /// The job's estimated working set is larger than the worker's whole
+    /// `WORKER_MEMORY_MB`.
+    OverMemoryBudget = "over_memory_budget", 422, false, Job;
     /// The job was delivered more than `MAX_ATTEMPTS` times.
     MaxAttempts = "max_attempts", 500, false, Job;
     /// The host failed (a thread, a sandbox slot, storage during a job).
@@ -142,6 +145,8 @@ error_codes! {
     NameMismatch = "name_mismatch", 422, false, Other;
     /// This version exists with other bytes.
     VersionConflict = "version_conflict", 409, false, Other;
+    /// Every compile slot (`PLUGIN_COMPILE_SLOTS`) is taken; retry later.
+    Busy = "busy", 503, true, Other;
     /// Compiling the component took longer than `PLUGIN_COMPILE_TIMEOUT_MS`.
     CompileTimeout = "compile_timeout", 422, false, Other;
     // Loading a plugin.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::cache::CacheSecret;
 use crate::codec::ImageLimits;
 use crate::runtime::RuntimeConfig;
 
@@ -42,6 +43,11 @@ pub struct SandboxArgs {
     /// `~/.cache/imgflow/compiled`; `off` disables the cache.
     #[arg(long, env = "COMPILE_CACHE_DIR")]
     pub compile_cache_dir: Option<PathBuf>,
+    /// Key that authenticates compiled-code cache entries (at least 16
+    /// bytes; processes sharing a cache directory need the same one).
+    /// Without it (or empty), compiled plugins are not cached on disk.
+    #[arg(long, env = "COMPILE_CACHE_SECRET", hide_env_values = true)]
+    pub compile_cache_secret: Option<CacheSecret>,
     /// Disable wasmtime's pooling allocator (slower instantiation, less
     /// virtual memory reserved up front).
     #[arg(long, env = "NO_POOLING", default_value_t = false)]
@@ -83,6 +89,7 @@ impl SandboxArgs {
             pooling: !self.no_pooling,
             max_concurrent_jobs,
             cache_dir: self.cache_dir(),
+            cache_secret: self.compile_cache_secret.clone().filter(|s| !s.is_empty()),
             image_limits: self.image_limits(),
             ..RuntimeConfig::default()
         }

@@ -28,7 +28,7 @@ pub mod params;
 mod runtime;
 mod sandbox;
 
-pub use cache::{sha256_hex, CompiledCache};
+pub use cache::{sha256_hex, CacheSecret, CompiledCache};
 pub use code::{ErrorCode, Failure};
 pub use error::{JobError, LoadError, RuntimeError};
 pub use runtime::{Applied, Compiled, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};

@@ -28,7 +28,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, WasmBacktrace,
 };
 
-use crate::cache::{sha256_hex, CompiledCache};
+use crate::cache::{sha256_hex, CacheSecret, CompiledCache};
 use crate::codec::ImageLimits;
 use crate::error::{JobError, LoadError, RuntimeError};
 use crate::metadata::{self, Constraint, ParamKind, ParamSpec, ParamValue, PluginMetadata};
@@ -76,6 +76,9 @@ pub struct RuntimeConfig {
     pub max_concurrent_jobs: u32,
     /// Where compiled plugins are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// The key that authenticates cache entries; `None` disables the cache
+    /// (compiled code is trusted only if this process can prove it wrote it).
+    pub cache_secret: Option<CacheSecret>,
     /// How much of a plugin's stdout and stderr is kept for the logs, per
     /// stream and call (default 64 KiB).
     pub output_cap_bytes: usize,
@@ -93,6 +96,7 @@ impl Default for RuntimeConfig {
             pooling: true,
             max_concurrent_jobs: 16,
             cache_dir: None,
+            cache_secret: None,
             output_cap_bytes: 64 * 1024,
             image_limits: ImageLimits::default(),
         }
@@ -223,16 +227,22 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
         // The cache only saves time: a directory that cannot be created is
-        // reported, and the runtime works without it.
-        let cache = match &config.cache_dir {
-            Some(dir) => match std::fs::create_dir_all(dir) {
-                Ok(()) => Some(CompiledCache::new(dir.clone(), &engine)),
+        // reported, and the runtime works without it. Its entries are native
+        // code, used only if authenticated with the secret: no secret, no
+        // disk cache.
+        let cache = match (&config.cache_dir, &config.cache_secret) {
+            (Some(dir), Some(secret)) if !secret.is_empty() => match std::fs::create_dir_all(dir) {
+                Ok(()) => Some(CompiledCache::new(dir.clone(), &engine, secret)),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot create the compiled-code cache directory; compiling without a cache");
                     None
                 }
             },
-            None => None,
+            (Some(dir), _) => {
+                tracing::info!(dir = %dir.display(), "no COMPILE_CACHE_SECRET: compiled plugins are not cached on disk (set one to reuse them across restarts)");
+                None
+            }
+            (None, _) => None,
         };
         let ticker = EpochTicker::start(engine.clone())?;
         Ok(Runtime {
@@ -247,6 +257,26 @@ impl Runtime {
     /// The runtime's configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// An upper estimate of the memory the host holds for one job on an
+    /// image of `width` x `height` whose file is `input_len` bytes, in
+    /// bytes: the file, plus the larger of the two peaks —
+    ///
+    /// - decoding: the decoder's buffer (up to 16-bit RGBA, 8 bytes a pixel)
+    ///   and the 8-bit RGBA copy (4 bytes a pixel);
+    /// - the plugin call: the decoded image, the plugin's memories (at most
+    ///   the memory cap, summed over all of them) and the copy of its output
+    ///   (which came out of those memories, so at most the cap too).
+    ///
+    /// Encoding holds the output and its encoding, less than the call's
+    /// peak. The caller reserves this much from its memory budget.
+    pub fn job_working_set(&self, input_len: usize, width: u32, height: u32) -> u64 {
+        let decoded = u64::from(width) * u64::from(height) * 4;
+        let cap = self.config.max_memory_bytes as u64;
+        let decoding = decoded * 3;
+        let calling = decoded + 2 * cap;
+        input_len as u64 + decoding.max(calling)
     }
 
     /// The wasmtime engine.
@@ -398,8 +428,26 @@ impl Runtime {
         params: &Params,
         on_instantiated: impl FnOnce(Duration),
     ) -> Result<Applied, JobError> {
+        let deadline = Instant::now() + self.config.timeout;
+        self.apply_by(plugin, image, params, deadline, on_instantiated)
+            .await
+    }
+
+    /// [`Runtime::apply_observed`] with the deadline given rather than
+    /// starting now: a caller whose time limit covers more than the plugin
+    /// call (the worker's covers decoding and encoding too) passes the
+    /// job's deadline, and a call past it fails as [`JobError::Timeout`]
+    /// with the configured limit.
+    pub async fn apply_by(
+        &self,
+        plugin: &Plugin,
+        image: RgbaImage,
+        params: &Params,
+        deadline: Instant,
+        on_instantiated: impl FnOnce(Duration),
+    ) -> Result<Applied, JobError> {
         let call = self.call_apply(plugin, image, params, on_instantiated);
-        match tokio::time::timeout(self.config.timeout, call).await {
+        match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
             Err(_) => Err(JobError::Timeout {
                 limit: self.config.timeout,

@@ -56,6 +56,7 @@ impl Sandbox {
             table: ResourceTable::new(),
             limiter: JobLimiter {
                 limits,
+                memory_bytes: 0,
                 exceeded: None,
             },
             stdout,
@@ -77,8 +78,14 @@ impl WasiView for Sandbox {
 /// limit was hit so the failure is reported as `out_of_memory` whatever shape
 /// the resulting error takes (a trap, an allocation-failure abort, an
 /// instantiation error).
+///
+/// The memory limit is one budget for the whole job: the sum of every linear
+/// memory of every core instance in the component, so a component made of
+/// several instances (or with several memories) cannot multiply it.
 pub(crate) struct JobLimiter {
     limits: Limits,
+    /// The bytes of linear memory the job's memories hold together.
+    memory_bytes: usize,
     /// What was asked for beyond the limit, if anything.
     pub exceeded: Option<String>,
 }
@@ -86,18 +93,32 @@ pub(crate) struct JobLimiter {
 impl ResourceLimiter for JobLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limits.max_memory_bytes {
-            let detail = format!(
-                "asked for {} MiB of linear memory",
-                desired.div_ceil(1024 * 1024)
-            );
+        // A new memory is reported growing from 0 to its initial size, so
+        // the sum covers every memory from its creation.
+        let total = self
+            .memory_bytes
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.limits.max_memory_bytes {
+            let mib = |b: usize| b.div_ceil(1024 * 1024);
+            let detail = if total == desired {
+                format!("asked for {} MiB of linear memory", mib(desired))
+            } else {
+                format!(
+                    "asked for {} MiB of linear memory in all (one memory growing to {} MiB while the others hold {} MiB)",
+                    mib(total),
+                    mib(desired),
+                    mib(total - desired)
+                )
+            };
             self.exceeded = Some(detail.clone());
             return Err(wasmtime::format_err!("memory limit exceeded: {detail}"));
         }
+        self.memory_bytes = total;
         Ok(true)
     }
 

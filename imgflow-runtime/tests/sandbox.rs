@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use image::{Rgba, RgbaImage};
-use imgflow_runtime::{JobError, LoadError, Plugin, Runtime, RuntimeConfig};
+use imgflow_runtime::{CacheSecret, JobError, LoadError, Plugin, Runtime, RuntimeConfig};
 use imgflow_testkit::block_on;
 
 fn runtime(timeout: Duration, max_memory_mb: usize) -> Runtime {
@@ -102,6 +102,36 @@ fn unbounded_allocation_is_out_of_memory() {
     assert_eq!(err.code().as_str(), "out_of_memory", "{err}");
     assert!(err.to_string().contains("64 MiB"), "{err}");
     assert_still_works(&rt);
+}
+
+/// `plugins/testing/two-memories`: a component of two core instances whose
+/// `apply` grows each instance's memory to 40 MiB.
+fn two_memories(rt: &Runtime) -> Plugin {
+    let path = imgflow_testkit::repo().join("plugins/testing/two-memories/two_memories.wat");
+    let wasm = wat::parse_file(&path).expect("two_memories.wat assembles");
+    block_on(rt.load(&wasm)).expect("two-memories loads")
+}
+
+#[test]
+fn the_memory_cap_is_the_sum_over_all_of_a_components_memories() {
+    // Each memory alone (40 MiB) is under the 64 MiB cap; together they
+    // are not: the second growth is stopped as out of memory.
+    let rt = runtime(Duration::from_secs(10), 64);
+    let plugin = two_memories(&rt);
+    let err = run(&rt, &plugin, &[]).unwrap_err();
+    assert_eq!(err.code().as_str(), "out_of_memory", "{err}");
+    assert!(err.to_string().contains("in all"), "{err}");
+    assert_still_works(&rt);
+
+    // Under a cap that holds both, the plugin really grows both memories
+    // and says so, so the refusal above is the sum at work.
+    let roomy = runtime(Duration::from_secs(10), 100);
+    let plugin = two_memories(&roomy);
+    let err = run(&roomy, &plugin, &[]).unwrap_err();
+    assert_eq!(
+        err,
+        JobError::PluginFailed("both memories grew to 40 MiB".into())
+    );
 }
 
 #[test]
@@ -218,11 +248,25 @@ fn load_refuses_what_is_not_a_filter_component() {
     assert!(e.to_string().contains("evil:host/launch-missiles"), "{e}");
 }
 
+fn secret(text: &str) -> Option<CacheSecret> {
+    Some(text.parse().expect("a long enough secret"))
+}
+
+fn cache_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    entries
+}
+
 #[test]
 fn compiled_code_is_cached_on_disk_by_digest() {
     let dir = tempfile::tempdir().unwrap();
     let config = RuntimeConfig {
         cache_dir: Some(dir.path().to_path_buf()),
+        cache_secret: secret("a test secret of some length"),
         max_concurrent_jobs: 2,
         ..RuntimeConfig::default()
     };
@@ -232,34 +276,102 @@ fn compiled_code_is_cached_on_disk_by_digest() {
         let plugin = block_on(rt.load(&bytes)).unwrap();
         plugin.digest().to_string()
     };
-    let entries: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let entries = cache_entries(dir.path());
     assert_eq!(entries.len(), 1, "{entries:?}");
+    let name = entries[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(
-        entries[0].starts_with(&digest) && entries[0].ends_with(".cwasm"),
+        name.starts_with(&digest) && name.ends_with(".cwasm"),
         "{entries:?}"
     );
+    let written = std::fs::read(&entries[0]).unwrap();
 
-    // A new runtime (as after a restart) loads the cached code and runs it.
+    // A new runtime with the same secret (as after a restart) loads the
+    // cached code, leaving the entry as it was, and runs it.
     let rt = Runtime::new(config.clone()).unwrap();
     let plugin = block_on(rt.load(&bytes)).unwrap();
     assert_eq!(
         run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
         [99, 99, 99, 255]
     );
+    assert_eq!(std::fs::read(&entries[0]).unwrap(), written, "a cache hit");
 
     // A damaged entry is discarded and replaced, not trusted.
-    let path = dir.path().join(&entries[0]);
-    std::fs::write(&path, b"garbage").unwrap();
-    let rt = Runtime::new(config).unwrap();
+    let path = &entries[0];
+    std::fs::write(path, b"garbage").unwrap();
+    let rt = Runtime::new(config.clone()).unwrap();
     let plugin = block_on(rt.load(&bytes)).unwrap();
     assert_eq!(
         run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
         [99, 99, 99, 255]
     );
-    assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+    assert!(std::fs::metadata(path).unwrap().len() > 1000);
+
+    // An entry written under another secret is refused and rewritten.
+    let other = RuntimeConfig {
+        cache_secret: secret("another secret, not the same"),
+        ..config.clone()
+    };
+    let rt = Runtime::new(other).unwrap();
+    block_on(rt.load(&bytes)).unwrap();
+    let rewritten = std::fs::read(path).unwrap();
+    assert_ne!(rewritten, written, "refused and compiled again");
+
+    // Without a secret there is no disk cache: nothing read or written.
+    let rt = Runtime::new(RuntimeConfig {
+        cache_secret: None,
+        ..config
+    })
+    .unwrap();
+    block_on(rt.load(&bytes)).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), rewritten);
+    assert_eq!(cache_entries(dir.path()).len(), 1);
+}
+
+#[test]
+fn another_plugins_code_under_this_plugins_cache_entry_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        cache_secret: secret("the same secret for both plugins"),
+        max_concurrent_jobs: 2,
+        ..RuntimeConfig::default()
+    };
+    let gray_wasm = std::fs::read(imgflow_testkit::plugin_path("grayscale")).unwrap();
+    let invert_wasm = std::fs::read(imgflow_testkit::plugin_path("invert")).unwrap();
+    let (gray_digest, invert_digest) = {
+        let rt = Runtime::new(config.clone()).unwrap();
+        let gray = block_on(rt.load(&gray_wasm)).unwrap();
+        let invert = block_on(rt.load(&invert_wasm)).unwrap();
+        (gray.digest().to_string(), invert.digest().to_string())
+    };
+    let entry = |digest: &str| {
+        cache_entries(dir.path())
+            .into_iter()
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(digest))
+            .expect("an entry")
+    };
+    // The attacker's move: invert's compiled code, tag and all, under
+    // grayscale's name.
+    let invert_entry = std::fs::read(entry(&invert_digest)).unwrap();
+    std::fs::write(entry(&gray_digest), &invert_entry).unwrap();
+
+    let rt = Runtime::new(config).unwrap();
+    let plugin = block_on(rt.load(&gray_wasm)).unwrap();
+    assert_eq!(plugin.metadata().name, "grayscale");
+    // The job runs grayscale, not invert (which would give 195,155,55).
+    assert_eq!(
+        run(&rt, &plugin, &[]).unwrap().get_pixel(1, 1).0,
+        [99, 99, 99, 255]
+    );
+    assert_ne!(
+        std::fs::read(entry(&gray_digest)).unwrap(),
+        invert_entry,
+        "the forged entry was replaced"
+    );
 }
 
 #[test]

@@ -608,12 +608,7 @@ async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
             .fetch_one(&pool)
             .await
             .unwrap();
-    let pid = stack.workers[w].process().child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    stack.workers[w].process().signal("TERM");
     let status = tokio::task::block_in_place(|| stack.workers[w].process().child.wait()).unwrap();
     assert!(
         status.success(),

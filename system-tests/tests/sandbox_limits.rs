@@ -1,11 +1,13 @@
 //! Sandbox limits against plugins that try to break them, on a live stack:
 //! a plugin that sleeps in a host call (no CPU, so the epoch alone never
-//! stops it), and one whose `metadata()` sleeps, so it never finishes
-//! loading.
+//! stops it), one whose `metadata()` sleeps, so it never finishes loading;
+//! uploads that find every compile slot taken; a job whose worker is killed
+//! on every attempt; SIGTERM while a plugin sleeps; and a burst of large
+//! images against the worker's memory budget, measured as RSS.
 
 use std::time::{Duration, Instant};
 
-use imgflow_testkit::stack::{repo, Stack};
+use imgflow_testkit::stack::{repo, wait_until, Stack};
 use serde_json::Value;
 
 const TOKEN: &str = "test-admin-token";
@@ -103,4 +105,282 @@ async fn sleeping_plugins_end_as_timeouts_and_the_jobs_behind_them_complete() {
     assert_eq!(done["status"], "completed", "{done}");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_that_finds_every_compile_slot_taken_is_told_to_retry() {
+    let mut stack = Stack::new().await;
+    stack
+        .start_api(&[
+            ("IMGFLOW_ADMIN_TOKEN", TOKEN),
+            ("JOB_TIMEOUT_MS", "3000"),
+            ("PLUGIN_COMPILE_SLOTS", "1"),
+        ])
+        .await;
+    // The one slot is held for 3 s by a metadata() that sleeps.
+    let first = {
+        let client = stack.client.clone();
+        let url = format!("{}/v1/plugins/sleepy-metadata", stack.api_url);
+        tokio::spawn(async move {
+            client
+                .put(url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/wasm")
+                .body(component("sleepy_metadata.wasm"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = stack
+        .client
+        .put(format!("{}/v1/plugins/sleep", stack.api_url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/wasm")
+        .body(component("sleep.wasm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    assert_eq!(first.await.unwrap(), 422);
+
+    // The slot came back when the first upload ended.
+    let (status, body, _) = upload(&stack, "sleep", "sleep.wasm").await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn job_row(stack: &Stack, id: &str) -> (String, i32, Option<String>) {
+    let pool = stack.pool().await;
+    sqlx::query_as("SELECT status::text, attempts, error_code FROM jobs WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_worker_dies_on_every_attempt_ends_failed_and_is_not_run_again() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("IMGFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    let (status, body, _) = upload(&stack, "sleep", "sleep.wasm").await;
+    assert_eq!(status, 201, "{body}");
+    let worker_env = [
+        ("CONCURRENCY", "1"),
+        ("JOB_TIMEOUT_MS", "60000"),
+        ("LEASE_MS", "1000"),
+        ("MAX_ATTEMPTS", "2"),
+    ];
+    let job = stack
+        .submit_raw("action=sleep", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Each worker takes the job (the first from the queue, the next one
+    // when the dead worker's lease lapses) and is killed mid-run.
+    for attempt in 1..=2 {
+        let w = stack.start_worker_process(&format!("doomed-{attempt}"), &worker_env);
+        wait_until(
+            &format!("attempt {attempt} runs"),
+            Duration::from_secs(60),
+            || async { job_row(&stack, &id).await.1 == attempt },
+        )
+        .await;
+        stack.workers[w].kill();
+    }
+
+    // The next worker counts a third start, over MAX_ATTEMPTS=2: the job
+    // fails with a named code instead of running again.
+    stack.start_worker_process("last", &worker_env);
+    let started = Instant::now();
+    let done = stack.wait_done(&id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "max_attempts", "{done}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (state, attempts, code) = job_row(&stack, &id).await;
+    assert_eq!(
+        (state.as_str(), attempts, code.as_deref()),
+        ("failed", 3, Some("max_attempts")),
+        "{}",
+        stack.logs()
+    );
+    assert_eq!(stack.stream_len().await, 0, "the entry was acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_while_a_plugin_sleeps_ends_the_worker_within_the_grace_and_loses_nothing() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("IMGFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    let (status, body, _) = upload(&stack, "sleep", "sleep.wasm").await;
+    assert_eq!(status, 201, "{body}");
+    let grace = Duration::from_millis(1000);
+    let w = stack.start_worker_process(
+        "sleeper",
+        &[
+            ("CONCURRENCY", "1"),
+            ("JOB_TIMEOUT_MS", "60000"),
+            ("LEASE_MS", "1000"),
+            ("SHUTDOWN_GRACE_MS", "1000"),
+        ],
+    );
+    let job = stack
+        .submit_raw("action=sleep", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_until("the plugin runs", Duration::from_secs(60), || async {
+        job_row(&stack, &id).await.0 == "running"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stack.workers[w].process().signal("TERM");
+    let signalled = Instant::now();
+    let exit = loop {
+        if let Some(status) = stack.workers[w].process().child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < grace + Duration::from_secs(1),
+            "the worker is still running {:?} after SIGTERM{}",
+            signalled.elapsed(),
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}{}", stack.logs());
+    assert!(took <= grace + Duration::from_secs(1), "took {took:?}");
+
+    // The job was left, not lost: it is still unfinished, and another
+    // worker takes it over when the lease lapses and ends it.
+    let (state, attempts, _) = job_row(&stack, &id).await;
+    assert_eq!((state.as_str(), attempts), ("running", 1));
+    stack
+        .start_worker(
+            "rescuer",
+            &[("JOB_TIMEOUT_MS", "2000"), ("LEASE_MS", "1000")],
+        )
+        .await;
+    let done = stack.wait_done(&id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "timeout", "{done}");
+    assert_eq!(job_row(&stack, &id).await.1, 2);
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_large_images_stays_within_the_workers_memory_budget() {
+    const BUDGET_MB: u64 = 250;
+    let mut stack = Stack::new().await;
+    stack.start_api(&[]).await;
+    // Eight jobs may run at once, but each 3000x3000 image is estimated at
+    // ~229 MiB (36 MiB decoded + twice the 96 MiB plugin cap), so the
+    // budget admits one at a time. (Without the budget, eight at once
+    // peaked at several times one job's RSS.)
+    let w = stack.start_worker_process(
+        "budgeted",
+        &[
+            ("CONCURRENCY", "8"),
+            ("WORKER_MEMORY_MB", "250"),
+            ("JOB_MAX_MEMORY_MB", "96"),
+            ("JOB_TIMEOUT_MS", "60000"),
+        ],
+    );
+    stack.wait_for_plugins().await;
+    let metrics = format!("http://{}/metrics", stack.worker_metrics[w]);
+    wait_until("the worker is ready", Duration::from_secs(60), || async {
+        stack
+            .client
+            .get(&metrics)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let pid = stack.workers[w].process().child.id();
+    let idle_kib = proc_status_kib(pid, "VmRSS:");
+    // Reset the peak, so it measures the burst alone.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+    let big = image::RgbaImage::from_fn(3000, 3000, |x, y| {
+        image::Rgba([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8, 255])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    big.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    // The worker is stopped (SIGSTOP) while the jobs are submitted, then
+    // resumed: the burst arrives at once, and each of its eight consumers
+    // holds a job.
+    stack.workers[w].process().signal("STOP");
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let r = stack
+            .client
+            .post(format!("{}/v1/jobs?action=grayscale", stack.api_url))
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let body: Value = r.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    stack.workers[w].process().signal("CONT");
+    for id in &ids {
+        let done = stack.wait_done(id).await;
+        assert_eq!(done["status"], "completed", "{done}{}", stack.logs());
+    }
+    let peak_kib = proc_status_kib(pid, "VmHWM:");
+    let bound_kib = idle_kib + BUDGET_MB * 1024 * 11 / 10;
+    println!(
+        "worker RSS: idle {} MiB, peak over the burst {} MiB, bound {} MiB (idle + WORKER_MEMORY_MB + 10%)",
+        idle_kib / 1024,
+        peak_kib / 1024,
+        bound_kib / 1024
+    );
+    assert!(
+        peak_kib <= bound_kib,
+        "peak RSS {} MiB over the bound {} MiB",
+        peak_kib / 1024,
+        bound_kib / 1024
+    );
+    let text = stack
+        .client
+        .get(&metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "worker_memory_budget_bytes {}",
+            BUDGET_MB * 1024 * 1024
+        )),
+        "{text}"
+    );
+    assert!(text.contains("worker_memory_reserved_bytes 0"), "{text}");
 }

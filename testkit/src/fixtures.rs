@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+/// The `COMPILE_CACHE_SECRET` every test process shares, so compiled plugins
+/// are reused across the many processes a test run starts.
+pub const TEST_CACHE_SECRET: &str = "imgflow-test-compile-cache-secret";
+
 /// The repository's root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -15,7 +15,7 @@ use clap::Parser as _;
 use imgflow_platform::queue::Queue;
 use sqlx::{Connection, PgConnection, PgPool};
 
-pub use crate::fixtures::{binary, builtin_plugin, repo};
+pub use crate::fixtures::{binary, builtin_plugin, repo, TEST_CACHE_SECRET};
 
 /// PostgreSQL server URL for administration (creating test databases).
 pub fn pg_admin_url() -> String {
@@ -78,6 +78,17 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends the process a signal (`"TERM"`, `"STOP"`, `"CONT"`, ...) with
+    /// `kill`, as an operator or an orchestrator would.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} {}", self.name);
     }
 
     /// The last lines of the log.
@@ -234,6 +245,7 @@ impl Stack {
                 "COMPILE_CACHE_DIR",
                 self.dir.path().join("compile-cache").display().to_string(),
             ),
+            ("COMPILE_CACHE_SECRET", TEST_CACHE_SECRET.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -525,7 +537,8 @@ pub fn run_locally(
         .arg("--output")
         .arg(out.path())
         .args(["--format", "png"])
-        .env("COMPILE_CACHE_DIR", cache);
+        .env("COMPILE_CACHE_DIR", cache)
+        .env("COMPILE_CACHE_SECRET", TEST_CACHE_SECRET);
     for (k, v) in params {
         cmd.arg("--param").arg(format!("{k}={v}"));
     }
