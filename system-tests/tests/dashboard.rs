@@ -173,6 +173,8 @@ fn the_overview_answers_the_operators_questions() {
         "worker_job_queue_wait_seconds_bucket",
         "worker_jobs_in_flight",
         "worker_job_failures_total",
+        "worker_memory_reserved_bytes",
+        "worker_memory_budget_bytes",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric)),
