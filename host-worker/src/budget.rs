@@ -29,7 +29,9 @@ pub struct MemoryBudget {
 /// A job's reservation; returned to the budget when the last clone drops.
 /// Clone it into every thread that holds one of the job's buffers.
 #[derive(Debug, Clone)]
-pub struct Reservation(#[allow(dead_code)] Arc<Held>);
+pub struct Reservation {
+    _held: Arc<Held>,
+}
 
 #[derive(Debug)]
 struct Held {
@@ -82,11 +84,13 @@ impl MemoryBudget {
             .map_err(|_| Failure::transient(ErrorCode::Internal, "the memory budget is closed"))?;
         let bytes = i64::try_from(need * MIB).unwrap_or(i64::MAX);
         self.reserved.add(bytes);
-        Ok(Reservation(Arc::new(Held {
-            _permit: permit,
-            bytes,
-            reserved: self.reserved.clone(),
-        })))
+        Ok(Reservation {
+            _held: Arc::new(Held {
+                _permit: permit,
+                bytes,
+                reserved: self.reserved.clone(),
+            }),
+        })
     }
 }
 

@@ -89,7 +89,7 @@ impl SandboxArgs {
             pooling: !self.no_pooling,
             max_concurrent_jobs,
             cache_dir: self.cache_dir(),
-            cache_secret: self.compile_cache_secret.clone().filter(|s| !s.is_empty()),
+            cache_secret: self.compile_cache_secret.clone(),
             image_limits: self.image_limits(),
             ..RuntimeConfig::default()
         }

@@ -76,8 +76,9 @@ pub struct RuntimeConfig {
     pub max_concurrent_jobs: u32,
     /// Where compiled plugins are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
-    /// The key that authenticates cache entries; `None` disables the cache
-    /// (compiled code is trusted only if this process can prove it wrote it).
+    /// The key that authenticates cache entries; `None` (or an empty
+    /// secret) disables the cache (compiled code is trusted only if this
+    /// process can prove it wrote it).
     pub cache_secret: Option<CacheSecret>,
     /// How much of a plugin's stdout and stderr is kept for the logs, per
     /// stream and call (default 64 KiB).
