@@ -7,11 +7,12 @@
 #   make lint      rustfmt and clippy, warnings are errors
 #   make up        the whole system, natively (scripts/native.sh); make down,
 #                  make status, make logs
+#   make env       an .env with fresh secrets, for `docker compose up`
 
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
+.PHONY: env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
 
 all: build
 
@@ -90,3 +91,12 @@ fmt:
 clean:
 	$(CARGO) clean
 	$(CARGO) clean --manifest-path $(PLUGINS_MANIFEST)
+
+# The secrets compose requires, generated once into .env (never
+# overwritten: delete a line to have it generated again).
+env:
+	@touch .env && chmod 600 .env
+	@for v in IMGFLOW_ADMIN_TOKEN RESULT_URL_SECRET COMPILE_CACHE_SECRET POSTGRES_PASSWORD GRAFANA_ADMIN_PASSWORD; do \
+	  grep -q "^$$v=" .env || echo "$$v=$$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >> .env; \
+	done
+	@echo ".env has IMGFLOW_ADMIN_TOKEN, RESULT_URL_SECRET, COMPILE_CACHE_SECRET, POSTGRES_PASSWORD, GRAFANA_ADMIN_PASSWORD"

@@ -194,11 +194,16 @@ up() {
   create_database
   say "building (make build)"
   make -s build
-  [ -s "$STATE/admin-token" ] || head -c 18 /dev/urandom | base64 | tr '+/' '-_' > "$STATE/admin-token"
-  chmod 600 "$STATE/admin-token"
-  # The key that authenticates the worker's compiled-code cache.
-  [ -s "$STATE/cache-secret" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/cache-secret"
-  chmod 600 "$STATE/cache-secret"
+  # Secrets, generated once (256 random bits each, 64 hex digits): the
+  # admin token, the key of the worker's compiled-code cache, and the key
+  # that signs result URLs. A token from an older launcher, shorter than
+  # the API accepts, is replaced.
+  for secret in admin-token cache-secret result-url-secret; do
+    if [ ! -s "$STATE/$secret" ] || [ "$(wc -c < "$STATE/$secret")" -lt 32 ]; then
+      head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/$secret"
+    fi
+    chmod 600 "$STATE/$secret"
+  done
 
   write_prometheus_config
   launch prometheus "$PROMETHEUS_PORT" prometheus \
@@ -215,7 +220,9 @@ up() {
   )
   launch api "$API_PORT" env "${common[@]}" \
     API_ADDR="0.0.0.0:$API_PORT" \
+    AUTH_REQUIRED=true \
     IMGFLOW_ADMIN_TOKEN="$(cat "$STATE/admin-token")" \
+    RESULT_URL_SECRET="$(cat "$STATE/result-url-secret")" \
     "$ROOT/target/release/host-api"
   launch worker "$METRICS_PORT" env "${common[@]}" \
     METRICS_ADDR="0.0.0.0:$METRICS_PORT" \
@@ -233,18 +240,27 @@ up() {
   done
   curl -fsS "http://127.0.0.1:$API_PORT/v1/plugins" | grep -q '"grayscale"' \
     || die "the worker did not register the built-in plugins; see $STATE/logs/worker.log"
+  # A first client key, for the README quickstart (jobs need one).
+  if [ ! -s "$STATE/client-key" ]; then
+    curl -fsS -X POST -H "Authorization: Bearer $(cat "$STATE/admin-token")" \
+      -H 'Content-Type: application/json' -d '{"name": "make-up"}' \
+      "http://127.0.0.1:$API_PORT/v1/keys" | jq -r .key > "$STATE/client-key.new" \
+      || die "cannot create the first client key; see $STATE/logs/api.log"
+    mv "$STATE/client-key.new" "$STATE/client-key"
+    chmod 600 "$STATE/client-key"
+  fi
 
   cat <<EOF
 
 imgflow is up.
-  API          http://localhost:$API_PORT      (admin token: cat ${STATE#"$ROOT"/}/admin-token)
+  API          http://localhost:$API_PORT      (client key: cat ${STATE#"$ROOT"/}/client-key; admin token: cat ${STATE#"$ROOT"/}/admin-token)
   Worker       http://localhost:$METRICS_PORT/metrics
   Prometheus   http://localhost:$PROMETHEUS_PORT
   Grafana      with Docker only (docker compose up): http://localhost:3000
   Logs         make logs     State: make status     Stop: make down
 
 Try it:
-  curl -s -F image=@tests/fixtures/photos/kodim23.png -F action=grayscale http://localhost:$API_PORT/v1/jobs
+  curl -s -H "Authorization: Bearer \$(cat ${STATE#"$ROOT"/}/client-key)" -F image=@tests/fixtures/photos/kodim23.png -F action=grayscale http://localhost:$API_PORT/v1/jobs
 EOF
 }
 

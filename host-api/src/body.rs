@@ -16,8 +16,9 @@ pub enum Limited {
     Body(Bytes),
     /// The body was over the limit (and was drained, as far as reasonable).
     TooLarge,
-    /// The client went away or sent a broken body.
-    Broken(String),
+    /// The client went away, sent a broken body, or sent it too slowly
+    /// (408): the answer to give.
+    Broken(crate::error::ApiError),
 }
 
 /// Whether the request declares (`Content-Length`) a body over `limit`, so
@@ -38,7 +39,7 @@ pub async fn read(body: Body, limit: usize) -> Limited {
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => return Limited::Broken(e.to_string()),
+            Err(e) => return Limited::Broken(read_error(&e)),
         };
         total = total.saturating_add(chunk.len());
         if total > limit {
@@ -67,7 +68,7 @@ async fn drain(mut stream: axum::body::BodyDataStream, limit: usize, mut seen: u
 }
 
 /// The answer to a multipart body that could not be read: 413 when it went
-/// over `limit` (named by `setting`), else 400.
+/// over `limit` (named by `setting`), 408 when it came too slowly, else 400.
 pub fn multipart_error(
     e: axum::extract::multipart::MultipartError,
     limit: usize,
@@ -76,6 +77,99 @@ pub fn multipart_error(
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         crate::error::ApiError::too_large(limit, setting)
     } else {
-        crate::error::ApiError::bad_request(e.body_text())
+        read_error(&e)
     }
+}
+
+/// The answer to a body that could not be read: 408 when the body read
+/// timeout (`BODY_READ_TIMEOUT`) cut it, else 400.
+fn read_error(e: &(dyn std::error::Error + 'static)) -> crate::error::ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut timed_out = false;
+    while let Some(c) = cause {
+        timed_out |= c.is::<BodyTimedOut>();
+        cause = c.source();
+    }
+    // Multipart parsing keeps only the text of the error it met.
+    timed_out |= e.to_string().contains(BODY_TIMED_OUT);
+    if timed_out {
+        crate::error::ApiError::new(
+            imgflow_runtime::ErrorCode::RequestTimeout,
+            "the request body did not arrive within BODY_READ_TIMEOUT",
+        )
+    } else {
+        crate::error::ApiError::bad_request(format!("cannot read the request body: {e}"))
+    }
+}
+
+const BODY_TIMED_OUT: &str = "the request body did not arrive within BODY_READ_TIMEOUT";
+
+/// The error of a body cut by [`Deadline`].
+#[derive(Debug)]
+pub struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(BODY_TIMED_OUT)
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+/// A request body that must arrive whole by a deadline: after it, reading
+/// fails with [`BodyTimedOut`] (answered 408). Unlike a timeout between
+/// chunks, a client cannot stretch it by trickling a byte at a time.
+pub struct Deadline {
+    body: Body,
+    due: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    /// `body`, due within `timeout` from now.
+    pub fn new(body: Body, timeout: std::time::Duration) -> Deadline {
+        Deadline {
+            body,
+            due: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.due.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Middleware: every request body gets the `BODY_READ_TIMEOUT` deadline,
+/// counted from when its headers were read.
+pub async fn with_deadline(
+    axum::extract::State(timeout): axum::extract::State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let request = request.map(|body| Body::new(Deadline::new(body, timeout)));
+    next.run(request).await
 }

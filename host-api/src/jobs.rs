@@ -1,4 +1,6 @@
-//! `/v1/jobs`: submit a job, read it, list jobs, download the result.
+//! `/v1/jobs`: submit a job, read it, list jobs, download the result,
+//! delete it. Each needs a client key or the admin token when
+//! `AUTH_REQUIRED` is true ([`crate::auth`]); a client sees only its own jobs.
 //!
 //! The handlers read and validate the request; the job's life (storing the
 //! input, recording, queueing) is [`imgflow_platform::jobs`].
@@ -10,17 +12,21 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use imgflow_platform::budget::BudgetError;
 use imgflow_platform::jobs::{JobRecord, JobStatus, ListFilter, NewJob, Submitted};
 use imgflow_platform::plugins::PluginRecord;
 use imgflow_runtime::codec::{self, ImageFormat};
 use imgflow_runtime::metadata::is_valid_plugin_name;
 use imgflow_runtime::{params, ErrorCode};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::auth::{Caller, ResultUrls, Signature};
 use crate::body::{self, Limited};
 use crate::error::{ApiError, ErrorBody};
+use crate::metrics::Deletion;
 use crate::state::AppState;
 
 /// A job as the API shows it.
@@ -53,7 +59,9 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When it completed or failed.
     pub finished_at: Option<DateTime<Utc>>,
-    /// Where to download the result, once `completed`.
+    /// Where to download the result, once `completed`. With
+    /// `RESULT_URL_SECRET` set, a signed URL that needs no credentials
+    /// until its `expires` (read the job again for a fresh one).
     pub result_url: Option<String>,
 }
 
@@ -66,8 +74,9 @@ pub struct JobError {
     pub message: String,
 }
 
-impl From<&JobRecord> for Job {
-    fn from(job: &JobRecord) -> Job {
+impl Job {
+    /// The job as shown, its result URL made by `urls`.
+    pub fn new(job: &JobRecord, urls: &ResultUrls) -> Job {
         Job {
             id: job.id,
             action: job.action.clone(),
@@ -83,8 +92,7 @@ impl From<&JobRecord> for Job {
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
-            result_url: (job.status == JobStatus::Completed)
-                .then(|| format!("/v1/jobs/{}/result", job.id)),
+            result_url: (job.status == JobStatus::Completed).then(|| urls.url(job.id)),
         }
     }
 }
@@ -98,8 +106,8 @@ pub struct JobList {
     pub next_cursor: Option<String>,
 }
 
-fn answer(status: StatusCode, job: &JobRecord) -> Response {
-    let mut response = (status, Json(Job::from(job))).into_response();
+fn answer(state: &AppState, status: StatusCode, job: &JobRecord) -> Response {
+    let mut response = (status, Json(Job::new(job, &state.result_urls))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -162,7 +170,7 @@ struct Submission {
     tag = "jobs",
     params(
         SubmitQuery,
-        ("Idempotency-Key" = Option<String>, Header, description = "Submitting again with the same key (1 to 200 characters) returns the first job instead of a new one."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Submitting the same request again with the same key (1 to 200 printable ASCII characters) returns the first job instead of a new one. Keys belong to the client: another client's key never matches. The same key with a different request is refused (422)."),
     ),
     request_body(
         description = "A form, or the image itself",
@@ -179,15 +187,18 @@ struct Submission {
         (status = 202, description = "Accepted and queued", body = Job, headers(("Location" = String, description = "The job's URL"))),
         (status = 200, description = "The job submitted earlier with this Idempotency-Key", body = Job, headers(("Location" = String, description = "The job's URL"))),
         (status = 400, description = "Malformed request (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
+        (status = 408, description = "The body arrived too slowly (`request_timeout`)", body = ErrorBody),
         (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`)", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
         (status = 415, description = "Not a form or an image body, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
-        (status = 422, description = "Bad parameters, format or image (`invalid_params`, `invalid_format`, `corrupt_image`, `image_too_large`)", body = ErrorBody),
-        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 422, description = "Bad parameters, format or image, or an Idempotency-Key reused for another request (`invalid_params`, `invalid_format`, `corrupt_image`, `image_too_large`, `idempotency_key_reused`)", body = ErrorBody),
+        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
-        (status = 503, description = "PostgreSQL, Redis or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-    )
+        (status = 503, description = "PostgreSQL, Redis or storage unavailable, or the decoding budget spent (`decode_busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
 )]
 pub async fn submit(
     State(state): State<AppState>,
@@ -202,18 +213,81 @@ pub async fn submit(
     result
 }
 
+/// Admission, cheapest first: credentials, the declared size, the queue's
+/// room (and this client's share of it), then the body is read, then the
+/// request validated, and only then the image decoded, within the
+/// decoding budget.
 async fn read_and_accept(
     state: &AppState,
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
+    let caller = match state.auth.caller(headers).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            body::discard(request.into_body(), 0).await;
+            return Err(e);
+        }
+    };
     if body::declared_over(headers, limit) {
         body::discard(request.into_body(), limit).await;
         return Err(ApiError::too_large(limit, "MAX_BODY_BYTES"));
     }
+    // A repeated request (same Idempotency-Key) is answered with its job
+    // even when the queue is full; only a new job needs room.
+    let earlier = match earlier_job(state, caller, headers).await {
+        Ok(earlier) => earlier,
+        Err(e) => {
+            body::discard(request.into_body(), limit).await;
+            return Err(e);
+        }
+    };
+    if earlier.is_none() {
+        if let Err(e) = admit(state, caller).await {
+            body::discard(request.into_body(), limit).await;
+            return Err(e);
+        }
+    }
     let submission = read_submission(state, headers, request).await?;
-    accept(state, headers, submission).await
+    if let Some(job) = earlier {
+        return repeated(state, &job, &submission.digest());
+    }
+    accept(state, caller, headers, submission).await
+}
+
+/// The job the caller submitted earlier with this request's
+/// `Idempotency-Key`, if any.
+async fn earlier_job(
+    state: &AppState,
+    caller: Caller,
+    headers: &HeaderMap,
+) -> Result<Option<JobRecord>, ApiError> {
+    match idempotency_key(headers)? {
+        Some(key) => Ok(state.jobs.by_idempotency_key(&caller.owner(), &key).await?),
+        None => Ok(None),
+    }
+}
+
+/// Whether the queue, and the caller's share of it, has room.
+async fn admit(state: &AppState, caller: Caller) -> Result<(), ApiError> {
+    let depth = state.queue.depth().await?;
+    if depth >= state.queue_max_depth {
+        return Err(ApiError::new(
+            ErrorCode::QueueFull,
+            format!("the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"),
+        ));
+    }
+    if let Caller::Client(_) = caller {
+        let mine = state.jobs.unfinished_of(&caller.owner()).await?;
+        if mine >= state.key_max_unfinished {
+            return Err(ApiError::new(
+                ErrorCode::QueueFull,
+                format!("this key has {mine} unfinished jobs, its limit (KEY_MAX_UNFINISHED_JOBS); try again when some finish"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn read_submission(
@@ -298,7 +372,7 @@ async fn read_submission(
         let image = match body::read(request.into_body(), limit).await {
             Limited::Body(bytes) => bytes,
             Limited::TooLarge => return Err(ApiError::too_large(limit, "MAX_BODY_BYTES")),
-            Limited::Broken(e) => return Err(ApiError::bad_request(e)),
+            Limited::Broken(e) => return Err(e),
         };
         let mut action = None;
         let mut format = None;
@@ -352,19 +426,59 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+impl Submission {
+    /// A digest of everything submitted, so a reused idempotency key can be
+    /// told apart from a repeated request. Each field is length-prefixed.
+    fn digest(&self) -> String {
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        field(self.action.as_bytes());
+        field(self.format.as_deref().unwrap_or("").as_bytes());
+        match &self.json_params {
+            Some(json) => field(json.to_string().as_bytes()),
+            None => {
+                let mut pairs = self.pair_params.clone();
+                pairs.sort();
+                for (k, v) in pairs {
+                    field(k.as_bytes());
+                    field(v.as_bytes());
+                }
+            }
+        }
+        field(&self.image);
+        hex::encode(hash.finalize())
+    }
+}
+
+/// The job an earlier request with the same idempotency key made: the same
+/// request gets it back (200), another request is refused (422).
+fn repeated(state: &AppState, job: &JobRecord, digest: &str) -> Result<Response, ApiError> {
+    if job.request_hash.as_deref().is_some_and(|h| h != digest) {
+        return Err(ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            format!(
+                "this Idempotency-Key was used for job {} with a different request; use a new key",
+                job.id
+            ),
+        ));
+    }
+    Ok(answer(state, StatusCode::OK, job))
+}
+
 /// Validates everything, then hands the job to the jobs service. Nothing
 /// is stored or queued for a rejected request.
 async fn accept(
     state: &AppState,
+    caller: Caller,
     headers: &HeaderMap,
     s: Submission,
 ) -> Result<Response, ApiError> {
+    let owner = caller.owner();
     let idempotency_key = idempotency_key(headers)?;
-    if let Some(key) = &idempotency_key {
-        if let Some(job) = state.jobs.by_idempotency_key(key).await? {
-            return Ok(answer(StatusCode::OK, &job));
-        }
-    }
+    let digest = s.digest();
     let plugin = resolve_action(state, &s.action).await?;
     let meta = &plugin.metadata.0;
     let validated = match &s.json_params {
@@ -386,23 +500,7 @@ async fn accept(
         _ => None,
     };
 
-    // Decode it all once, so a corrupt file is refused now rather than
-    // failing later in a worker.
-    let limits = state.limits;
-    let image = s.image.clone();
-    let input_format = tokio::task::spawn_blocking(move || {
-        codec::decode(&image, &limits).map(|(_, format)| format)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
-
-    let depth = state.queue.depth().await?;
-    if depth >= state.queue_max_depth {
-        return Err(ApiError::new(
-            ErrorCode::QueueFull,
-            format!("the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"),
-        ));
-    }
+    let input_format = validate_image(state, &s.image).await?;
 
     let new = NewJob {
         action: meta.name.clone(),
@@ -412,15 +510,50 @@ async fn accept(
         input_format: input_format.name().to_string(),
         output_format: requested_format.unwrap_or(input_format).name().to_string(),
         idempotency_key,
+        owner,
+        request_hash: digest.clone(),
     };
     match state.jobs.submit(new, s.image).await? {
-        Submitted::Existing(job) => Ok(answer(StatusCode::OK, &job)),
+        Submitted::Existing(job) => repeated(state, &job, &digest),
         Submitted::Created(job) => {
             state.metrics.submitted(&job.action);
-            tracing::info!(job_id = %job.id, action = %job.action, size = job.input_size, "job accepted");
-            Ok(answer(StatusCode::ACCEPTED, &job))
+            tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, size = job.input_size, "job accepted");
+            Ok(answer(state, StatusCode::ACCEPTED, &job))
         }
     }
+}
+
+/// Decodes the whole image once, so a corrupt file is refused now rather
+/// than failing later in a worker; returns its format. The decoded size is
+/// read from the header and reserved from `API_DECODE_MEMORY_MB` first,
+/// waiting at most `API_DECODE_WAIT` for room (then 503 `decode_busy`), so
+/// however many submissions arrive at once, their pixels together stay
+/// within the budget.
+async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, ApiError> {
+    let limits = state.limits;
+    let (_, need) = codec::decoded_size(image, &limits)?;
+    let reservation = state
+        .decode_budget
+        .reserve_within(need, state.decode_wait)
+        .await
+        .map_err(|e| match e {
+            BudgetError::Never { .. } => ApiError::new(
+                ErrorCode::ImageTooLarge,
+                format!("decoding this image takes more memory than the API may use: {e}"),
+            ),
+            BudgetError::Busy { .. } => ApiError::new(
+                ErrorCode::DecodeBusy,
+                format!("the API is decoding other images: {e}; try again shortly"),
+            ),
+        })?;
+    let image = image.clone();
+    tokio::task::spawn_blocking(move || {
+        let _reservation = reservation;
+        codec::validate(&image, &limits).map(|probe| probe.format)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::from)
 }
 
 /// The plugin version an action names: `name` runs the active version,
@@ -473,9 +606,14 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::JobNotFound, format!("no job {id:?}"))
 }
 
-async fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
-    let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
-    state.jobs.get(uuid).await?.ok_or_else(|| not_found(id))
+/// The job `id`, if `caller` may see it: another client's job is answered
+/// exactly like a job that does not exist.
+async fn find(state: &AppState, caller: Caller, id: &str) -> Result<JobRecord, ApiError> {
+    let uuid = Uuid::try_parse(id).map_err(|_| not_found(id))?;
+    match state.jobs.get(uuid).await? {
+        Some(job) if caller.may_see(&job) => Ok(job),
+        _ => Err(not_found(id)),
+    }
 }
 
 /// Reads a job.
@@ -487,42 +625,117 @@ async fn find(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, description = "The job", body = Job),
-        (status = 404, description = "No such job (`job_not_found`)", body = ErrorBody),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-    )
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
 )]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id).await?;
-    Ok(answer(StatusCode::OK, &job))
+    let caller = state.auth.caller(&headers).await?;
+    let job = find(&state, caller, &id).await?;
+    Ok(answer(&state, StatusCode::OK, &job))
 }
 
-/// Downloads a completed job's result, in its `output_format`.
+/// Deletes a job: its input, its result and its record. A queued job is
+/// taken off the queue first; a running job's result is discarded when it
+/// ends.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    operation_id = "deleteJob",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL, Redis or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let job = find(&state, caller, &id).await?;
+    if state.jobs.delete(job.id).await?.is_none() {
+        return Err(not_found(&id));
+    }
+    state.metrics.deleted(Deletion::JobRequested, 1);
+    tracing::info!(job_id = %job.id, owner = %job.owner, "job deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A signed result URL's query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ResultQuery {
+    /// When a signed URL expires (seconds since 1970); from `result_url`.
+    expires: Option<u64>,
+    /// A signed URL's signature; from `result_url`.
+    sig: Option<String>,
+}
+
+/// Downloads a completed job's result, in its `output_format`, streamed
+/// from storage. Either with the owner's (or an operator's) credentials,
+/// or through the signed `result_url`, which needs none until it expires.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/result",
     operation_id = "getJobResult",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job's id")),
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ResultQuery,
+        ("If-None-Match" = Option<String>, Header, description = "The ETag of a copy the client has"),
+    ),
     responses(
         (status = 200, description = "The result image", content(
             (Vec<u8> = "image/png"),
             (Vec<u8> = "image/jpeg"),
             (Vec<u8> = "image/webp"),
             (Vec<u8> = "image/gif"),
+        ), headers(
+            ("Content-Length" = u64, description = "Bytes"),
+            ("ETag" = String, description = "The result's tag (results never change)"),
+            ("Cache-Control" = String, description = "immutable; private with credentials, public until expiry with a signed URL"),
         )),
-        (status = 404, description = "No such job (`job_not_found`)", body = ErrorBody),
+        (status = 304, description = "The client's copy (If-None-Match) is current"),
+        (status = 400, description = "A malformed `expires` or `sig` (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 403, description = "A signed URL with a wrong signature, or expired (`invalid_signature`)", body = ErrorBody),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
         (status = 409, description = "The job failed or has not finished (`job_failed`, `job_not_finished`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-    )
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
 )]
 pub async fn result(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id).await?;
+    let Query(signature): Query<Signature> =
+        Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (job, cache) = if signature.sig.is_some() || signature.expires.is_some() {
+        let uuid = Uuid::try_parse(&id).map_err(|_| not_found(&id))?;
+        let left = state.result_urls.check(uuid, &signature)?;
+        let job = state.jobs.get(uuid).await?.ok_or_else(|| not_found(&id))?;
+        (job, format!("public, max-age={left}, immutable"))
+    } else {
+        let caller = state.auth.caller(&headers).await?;
+        let job = find(&state, caller, &id).await?;
+        (job, "private, max-age=31536000, immutable".to_string())
+    };
     match job.status {
         JobStatus::Completed => {}
         JobStatus::Failed => {
@@ -545,7 +758,17 @@ pub async fn result(
             ))
         }
     }
-    let bytes = state
+    // A finished job's result never changes: its id is its tag.
+    let etag = format!("\"{}\"", job.id);
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let common = [(header::ETAG, etag), (header::CACHE_CONTROL, cache)];
+    if cached {
+        return Ok((StatusCode::NOT_MODIFIED, common).into_response());
+    }
+    let object = state
         .jobs
         .result(&job)
         .await?
@@ -553,11 +776,13 @@ pub async fn result(
     let format = ImageFormat::parse(&job.output_format).unwrap_or(ImageFormat::Png);
     let disposition = format!("inline; filename=\"{}.{}\"", job.id, format.extension());
     Ok((
+        common,
         [
             (header::CONTENT_TYPE, format.content_type().to_string()),
             (header::CONTENT_DISPOSITION, disposition),
+            (header::CONTENT_LENGTH, object.size.to_string()),
         ],
-        Body::from(bytes),
+        Body::from_stream(object.chunks),
     )
         .into_response())
 }
@@ -576,7 +801,8 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-/// Lists jobs, newest first.
+/// Lists jobs, newest first: a client's own jobs, or every job for an
+/// operator.
 #[utoipa::path(
     get,
     path = "/v1/jobs",
@@ -586,10 +812,17 @@ pub struct ListQuery {
     responses(
         (status = 200, description = "A page of jobs", body = JobList),
         (status = 400, description = "A bad filter, limit or cursor (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-    )
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
 )]
-pub async fn list(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
     let Query(q): Query<ListQuery> =
         Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
     let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
@@ -603,7 +836,7 @@ pub async fn list(State(state): State<AppState>, request: Request) -> Result<Res
         return Err(ApiError::bad_request("limit must be 1 to 500"));
     }
     let before = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(Uuid::parse_str(c).map_err(|_| ApiError::bad_request("invalid cursor"))?),
+        Some(c) => Some(Uuid::try_parse(c).map_err(|_| ApiError::bad_request("invalid cursor"))?),
         None => None,
     };
     let action = q.action.filter(|a| !a.is_empty());
@@ -616,6 +849,7 @@ pub async fn list(State(state): State<AppState>, request: Request) -> Result<Res
                 .list(&ListFilter {
                     status,
                     action,
+                    owner: caller.scope(),
                     before,
                     limit,
                 })
@@ -626,7 +860,10 @@ pub async fn list(State(state): State<AppState>, request: Request) -> Result<Res
         .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();
     Ok(Json(JobList {
-        jobs: jobs.iter().map(Job::from).collect(),
+        jobs: jobs
+            .iter()
+            .map(|j| Job::new(j, &state.result_urls))
+            .collect(),
         next_cursor,
     })
     .into_response())

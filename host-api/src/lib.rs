@@ -7,7 +7,11 @@
 //! itself) before the job is recorded and queued.
 //!
 //! - [`routes`]: the router and its OpenAPI document (`/openapi.json`).
-//! - [`jobs`], [`plugins`]: the handlers.
+//! - [`server`]: serving HTTP with timeouts, a connection cap and a
+//!   shutdown deadline.
+//! - [`auth`]: who is calling (admin token, client key, signed URL).
+//! - [`jobs`], [`plugins`], [`keys`]: the handlers.
+//! - [`retention`]: deleting finished jobs after `JOB_RETENTION`.
 //! - [`error`]: error answers, from [`imgflow_runtime::ErrorCode`].
 //! - [`body`]: reading request bodies under a limit.
 //! - [`metrics`]: the API's metric families and request tracking.
@@ -15,12 +19,16 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod jobs;
+pub mod keys;
 pub mod metrics;
 pub mod plugins;
+pub mod retention;
 pub mod routes;
+pub mod server;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -29,8 +37,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use imgflow_platform::config::{DatabaseArgs, RedisArgs, StorageArgs};
+use imgflow_platform::budget::MemoryBudget;
+use imgflow_platform::config::{DatabaseArgs, HumanDuration, RedisArgs, StorageArgs};
 use imgflow_platform::jobs::Jobs;
+use imgflow_platform::keys::Keys;
 use imgflow_platform::logging::LogArgs;
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::Queue;
@@ -40,7 +50,9 @@ use imgflow_runtime::config::SandboxArgs;
 use imgflow_runtime::Runtime;
 use tokio::sync::Semaphore;
 
+use crate::auth::{Auth, ResultUrls};
 use crate::metrics::ApiMetrics;
+use crate::server::HttpLimits;
 use crate::state::AppState;
 
 pub use routes::openapi;
@@ -67,8 +79,9 @@ pub struct Settings {
     /// The sandbox that validates uploads, and the image limits.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
-    /// The operators' bearer token for plugin management. Unset: plugin
-    /// upload, activation and deletion are refused (403).
+    /// The operators' bearer token: plugin management, client keys, every
+    /// job. At least 32 characters, and not a documented default (the API
+    /// refuses to start otherwise). Unset: management is refused (403).
     #[arg(
         long = "imgflow-admin-token",
         value_name = "IMGFLOW_ADMIN_TOKEN",
@@ -77,6 +90,50 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// The previous admin token, still accepted while clients move to the
+    /// new one (a rotation); unset it afterwards.
+    #[arg(
+        long = "imgflow-admin-token-previous",
+        value_name = "IMGFLOW_ADMIN_TOKEN_PREVIOUS",
+        env = "IMGFLOW_ADMIN_TOKEN_PREVIOUS",
+        hide_env_values = true
+    )]
+    pub admin_token_previous: Option<String>,
+    /// Whether `/v1/jobs` needs a client key or the admin token. `false` is
+    /// for local development only: anyone who reaches the API sees every
+    /// job (a warning is logged at start).
+    #[arg(long, env = "AUTH_REQUIRED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auth_required: bool,
+    /// The secret that signs result URLs (at least 32 characters; the same
+    /// on every API instance). Unset: result URLs are plain and need
+    /// credentials.
+    #[arg(long, env = "RESULT_URL_SECRET", hide_env_values = true)]
+    pub result_url_secret: Option<String>,
+    /// How long a signed result URL stays valid.
+    #[arg(long, env = "RESULT_URL_TTL", default_value = "1h")]
+    pub result_url_ttl: HumanDuration,
+    /// Unfinished jobs one client key may have (429 beyond), so one client
+    /// cannot fill the queue.
+    #[arg(long, env = "KEY_MAX_UNFINISHED_JOBS", default_value_t = 1000)]
+    pub key_max_unfinished_jobs: u32,
+    /// Memory for decoding submitted images to validate them, in MiB: a
+    /// submission reserves its decoded size (from the header) first.
+    #[arg(long, env = "API_DECODE_MEMORY_MB", default_value_t = 1024)]
+    pub api_decode_memory_mb: u32,
+    /// How long a submission waits for room in API_DECODE_MEMORY_MB before
+    /// it is answered 503 `decode_busy`.
+    #[arg(long, env = "API_DECODE_WAIT", default_value = "2s")]
+    pub api_decode_wait: HumanDuration,
+    /// Finished jobs (rows, inputs, results, idempotency keys) are deleted
+    /// this long after they finished; `0` keeps them for ever.
+    #[arg(long, env = "JOB_RETENTION", default_value = "7d")]
+    pub job_retention: HumanDuration,
+    /// How often the retention sweep runs (one API instance at a time).
+    #[arg(long, env = "RETENTION_SWEEP_INTERVAL", default_value = "1m")]
+    pub retention_sweep_interval: HumanDuration,
+    /// HTTP timeouts and limits.
+    #[command(flatten)]
+    pub http: HttpLimits,
     /// Largest accepted plugin upload, in bytes (413 beyond).
     #[arg(long, env = "PLUGIN_MAX_BYTES", default_value_t = 50 * 1024 * 1024)]
     pub plugin_max_bytes: usize,
@@ -100,6 +157,29 @@ pub struct Settings {
 pub struct App {
     state: AppState,
     listener: tokio::net::TcpListener,
+    http: HttpLimits,
+    retention: retention::Retention,
+}
+
+/// The admin tokens in force (current, then previous), each checked.
+fn admin_tokens(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    for (token, setting) in [
+        (&settings.admin_token, "IMGFLOW_ADMIN_TOKEN"),
+        (
+            &settings.admin_token_previous,
+            "IMGFLOW_ADMIN_TOKEN_PREVIOUS",
+        ),
+    ] {
+        if let Some(token) = token.as_deref().filter(|t| !t.is_empty()) {
+            auth::check_admin_token(token, setting).map_err(anyhow::Error::msg)?;
+            tokens.push(token.to_string());
+        }
+    }
+    if settings.admin_token_previous.is_some() && settings.admin_token.is_none() {
+        anyhow::bail!("IMGFLOW_ADMIN_TOKEN_PREVIOUS is set without IMGFLOW_ADMIN_TOKEN");
+    }
+    Ok(tokens)
 }
 
 impl App {
@@ -107,6 +187,21 @@ impl App {
     /// starts, and answers 503, while they are down), binds the address and
     /// starts the migrations in the background.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let admin_tokens = admin_tokens(&settings)?;
+        if let Some(secret) = settings.result_url_secret.as_deref() {
+            if secret.len() < auth::MIN_ADMIN_TOKEN_LEN {
+                anyhow::bail!(
+                    "RESULT_URL_SECRET has {} characters; it needs at least {} (e.g. `head -c 32 /dev/urandom | base64`)",
+                    secret.len(),
+                    auth::MIN_ADMIN_TOKEN_LEN
+                );
+            }
+        }
+        if !settings.auth_required {
+            tracing::warn!("AUTH_REQUIRED=false: anyone who can reach this API can submit jobs and read every job and result; for local development only");
+        } else if admin_tokens.is_empty() {
+            tracing::warn!("AUTH_REQUIRED=true without IMGFLOW_ADMIN_TOKEN: no client key can be created through this instance");
+        }
         let pool = db::connect_lazy(&settings.db.url(), 20).context("invalid database URL")?;
         let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
@@ -118,8 +213,34 @@ impl App {
             catalogue.clone(),
             metrics.clone(),
         ));
+        let keys = Keys::new(pool.clone());
+        let decode_budget = MemoryBudget::new(
+            settings.api_decode_memory_mb,
+            "API_DECODE_MEMORY_MB",
+            metrics.decode_reserved.clone(),
+        );
+        metrics
+            .decode_budget
+            .set(i64::from(decode_budget.mib()) * 1024 * 1024);
+        let jobs = Jobs::new(pool.clone(), queue.clone(), storage);
+        let retention = retention::Retention {
+            jobs: jobs.clone(),
+            metrics: metrics.clone(),
+            keep: settings.job_retention.0,
+            every: settings.retention_sweep_interval.0,
+        };
         let state = AppState {
-            jobs: Jobs::new(pool.clone(), queue.clone(), storage),
+            jobs,
+            auth: Auth::new(settings.auth_required, admin_tokens, keys.clone()),
+            keys,
+            result_urls: ResultUrls::new(
+                settings.result_url_secret.clone(),
+                settings.result_url_ttl.0,
+            ),
+            key_max_unfinished: i64::from(settings.key_max_unfinished_jobs),
+            decode_budget: Arc::new(decode_budget),
+            decode_wait: settings.api_decode_wait.0,
+            body_read_timeout: settings.http.body_read_timeout.0,
             catalogue,
             db: pool,
             queue,
@@ -135,7 +256,6 @@ impl App {
                 .context("cannot start the plugin sandbox")?,
             ),
             compile_slots: Arc::new(Semaphore::new(settings.plugin_compile_slots.max(1) as usize)),
-            admin_token: settings.admin_token.filter(|t| !t.is_empty()),
             plugin_max_bytes: settings.plugin_max_bytes,
             plugin_compile_timeout: Duration::from_millis(settings.plugin_compile_timeout_ms),
             metrics,
@@ -143,7 +263,12 @@ impl App {
         let listener = tokio::net::TcpListener::bind(settings.api_addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.api_addr))?;
-        Ok(App { state, listener })
+        Ok(App {
+            state,
+            listener,
+            http: settings.http,
+            retention,
+        })
     }
 
     /// The address it listens on (useful with port 0).
@@ -157,15 +282,23 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then finishes the requests in
-    /// flight.
+    /// flight, for at most `SHUTDOWN_TIMEOUT`. Runs the retention sweep
+    /// meanwhile.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr()?, "API listening");
-        axum::serve(self.listener, routes::router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let sweeping = tokio::spawn(self.retention.run());
+        let served = server::serve(
+            self.listener,
+            routes::router(self.state),
+            self.http,
+            shutdown,
+        )
+        .await;
+        sweeping.abort();
+        served?;
         Ok(())
     }
 }

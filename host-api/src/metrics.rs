@@ -29,6 +29,39 @@ pub struct ApiMetrics {
     submitted: IntCounterVec,
     rejected: IntCounterVec,
     uploads: IntCounterVec,
+    deleted: IntCounterVec,
+    /// `API_DECODE_MEMORY_MB`, in bytes.
+    pub decode_budget: prometheus::IntGauge,
+    /// What submissions being decoded hold of it, in bytes.
+    pub decode_reserved: prometheus::IntGauge,
+}
+
+/// What a deletion removed, and why: the labels of
+/// `api_deletions_total{what, reason}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Deletion {
+    /// A job deleted by its owner or an operator.
+    JobRequested,
+    /// A job past `JOB_RETENTION`.
+    JobExpired,
+    /// A plugin version an operator deleted.
+    PluginVersion,
+}
+
+impl Deletion {
+    const ALL: [Deletion; 3] = [
+        Deletion::JobRequested,
+        Deletion::JobExpired,
+        Deletion::PluginVersion,
+    ];
+
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Deletion::JobRequested => ["job", "request"],
+            Deletion::JobExpired => ["job", "retention"],
+            Deletion::PluginVersion => ["plugin_version", "request"],
+        }
+    }
 }
 
 impl ApiMetrics {
@@ -70,8 +103,29 @@ impl ApiMetrics {
                 ),
                 &["result"],
             )?,
+            deleted: IntCounterVec::new(
+                Opts::new(
+                    "api_deletions_total",
+                    "What this API instance deleted (with its files): what (job, plugin_version) and why (request, retention).",
+                ),
+                &["what", "reason"],
+            )?,
+            decode_budget: prometheus::IntGauge::new(
+                "api_decode_memory_budget_bytes",
+                "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
+            )?,
+            decode_reserved: prometheus::IntGauge::new(
+                "api_decode_memory_reserved_bytes",
+                "What the submissions being decoded now hold of the decoding budget.",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.deleted.clone()))?;
+        m.registry.register(Box::new(m.decode_budget.clone()))?;
+        m.registry.register(Box::new(m.decode_reserved.clone()))?;
+        for deletion in Deletion::ALL {
+            m.deleted.with_label_values(&deletion.labels());
+        }
         m.registry.register(Box::new(m.requests.clone()))?;
         m.registry.register(Box::new(m.duration.clone()))?;
         m.registry.register(Box::new(m.submitted.clone()))?;
@@ -104,6 +158,13 @@ impl ApiMetrics {
     /// Counts a refused submission; `reason` is the answer's error code.
     pub fn rejected(&self, reason: ErrorCode) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts `count` deletions of one kind.
+    pub fn deleted(&self, what: Deletion, count: usize) {
+        self.deleted
+            .with_label_values(&what.labels())
+            .inc_by(count as u64);
     }
 
     /// Counts an upload that created a version.

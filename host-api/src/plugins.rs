@@ -1,26 +1,27 @@
 //! `/v1/plugins`: list plugins, and (for operators) upload, activate and
 //! delete them.
 //!
-//! Management needs `Authorization: Bearer <IMGFLOW_ADMIN_TOKEN>`. With no
+//! Management needs `Authorization: Bearer <IMGFLOW_ADMIN_TOKEN>` ([`crate::auth`]). With no
 //! token configured, management is off (403), never open. The lifecycle
 //! itself is [`imgflow_platform::plugins`].
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use imgflow_platform::plugins::{Origin, PluginRecord, Published};
+use imgflow_platform::plugins::{Origin, PluginRecord, Published, VersionDeleted};
 use imgflow_runtime::metadata::is_valid_plugin_name;
 use imgflow_runtime::ErrorCode;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::body::{self, Limited};
 use crate::error::{ApiError, ErrorBody};
+use crate::metrics::Deletion;
 use crate::state::AppState;
 
 /// A plugin version as the API shows it.
@@ -150,38 +151,6 @@ async fn versions_of(state: &AppState, name: &str) -> Result<Response, ApiError>
     .into_response())
 }
 
-/// Checks the bearer token in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = state.admin_token.as_deref() else {
-        return Err(ApiError::new(
-            ErrorCode::AdminDisabled,
-            "plugin management is disabled: set IMGFLOW_ADMIN_TOKEN on the API and send it as `Authorization: Bearer <token>`",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing or wrong `Authorization: Bearer` token",
-        ))
-    }
-}
-
-/// Compares two secrets without an early exit, so the time taken does not
-/// tell how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq as _;
-    // `ct_eq` on slices of different lengths is false at once; the length
-    // of the token is not the secret.
-    bool::from(a.ct_eq(b))
-}
-
 fn check_name(name: &str) -> Result<(), ApiError> {
     if is_valid_plugin_name(name) {
         Ok(())
@@ -197,13 +166,17 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 ///
 /// The component must load in the sandbox (WASI preview 2 imports only,
 /// the `imgflow:filter` world exported, valid metadata naming `{name}`)
-/// before anything is stored. The version becomes active at once.
+/// before anything is stored. The version becomes active at once, unless
+/// `?activate=false` stages it (activate it later with `.../activate`).
 #[utoipa::path(
     put,
     path = "/v1/plugins/{name}",
     operation_id = "uploadPlugin",
     tag = "plugins",
-    params(("name" = String, Path, description = "The plugin's name; the component's metadata must agree")),
+    params(
+        ("name" = String, Path, description = "The plugin's name; the component's metadata must agree"),
+        UploadQuery,
+    ),
     request_body(
         description = "The component (.wasm), raw or as a form's file field",
         content(
@@ -213,8 +186,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         )
     ),
     responses(
-        (status = 201, description = "A new version; now active", body = PluginVersion),
-        (status = 200, description = "The same bytes as this version already had; now active", body = PluginVersion),
+        (status = 201, description = "A new version; now active (unless `activate=false`)", body = PluginVersion),
+        (status = 200, description = "The same bytes as this version already had; now active (unless `activate=false`)", body = PluginVersion),
         (status = 400, description = "Not a component, a bad name or form (`not_a_component`, `invalid_name`, `invalid_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
         (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
@@ -232,7 +205,13 @@ pub async fn upload(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let result = store_upload(&state, name, &headers, request).await;
+    let result = match Query::<UploadQuery>::try_from_uri(request.uri()) {
+        Ok(Query(query)) => store_upload(&state, name, query, &headers, request).await,
+        Err(e) => {
+            body::discard(request.into_body(), 0).await;
+            Err(ApiError::bad_request(e.body_text()))
+        }
+    };
     match &result {
         Ok(r) if r.status() == StatusCode::CREATED => state.metrics.upload_created(),
         Ok(_) => state.metrics.upload_unchanged(),
@@ -250,13 +229,22 @@ pub struct UploadForm {
     plugin: Vec<u8>,
 }
 
+/// The query of an upload.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// `false` stages the version without making it active (default `true`).
+    activate: Option<bool>,
+}
+
 async fn store_upload(
     state: &AppState,
     name: String,
+    query: UploadQuery,
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = authorize(state, headers).and_then(|()| check_name(&name)) {
+    if let Err(e) = state.auth.admin(headers).and_then(|()| check_name(&name)) {
         // Read what the client is still sending (up to 1 MiB; nothing is
         // kept), so it sees this answer instead of a reset connection.
         body::discard(request.into_body(), 0).await;
@@ -311,6 +299,7 @@ async fn store_upload(
             Origin::Upload {
                 name: &name,
                 uploader: "admin",
+                activate: query.activate.unwrap_or(true),
             },
         )
         .await?;
@@ -361,7 +350,7 @@ async fn read_component(
         match body::read(request.into_body(), limit).await {
             Limited::Body(bytes) => Ok(bytes),
             Limited::TooLarge => Err(too_large()),
-            Limited::Broken(e) => Err(ApiError::bad_request(e)),
+            Limited::Broken(e) => Err(e),
         }
     }
 }
@@ -402,14 +391,14 @@ pub async fn activate(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = authorize(&state, &headers).and_then(|()| check_name(&name)) {
+    if let Err(e) = state.auth.admin(&headers).and_then(|()| check_name(&name)) {
         body::discard(request.into_body(), 0).await;
         return Err(e);
     }
     let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
         Limited::Body(bytes) => bytes,
         Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
-        Limited::Broken(e) => return Err(ApiError::bad_request(e)),
+        Limited::Broken(e) => return Err(e),
     };
     let Activate { version } = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request(format!("expected {{\"version\": \"...\"}}: {e}")))?;
@@ -450,7 +439,7 @@ pub async fn delete(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    state.auth.admin(&headers)?;
     check_name(&name)?;
     if !state.catalogue.delete(&name).await? {
         return Err(ApiError::new(
@@ -467,16 +456,58 @@ pub async fn delete(
     .into_response())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn compares_tokens() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
+/// Deletes one version of a plugin (operators), with its component unless
+/// another version has the same bytes: only a version that is not active
+/// and that no unfinished job needs.
+#[utoipa::path(
+    delete,
+    path = "/v1/plugins/{name}/versions/{version}",
+    operation_id = "deletePluginVersion",
+    tag = "plugins",
+    params(
+        ("name" = String, Path, description = "The plugin's name"),
+        ("version" = String, Path, description = "The version to delete"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Not a plugin name (`invalid_name`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No such version (`version_not_found`)", body = ErrorBody),
+        (status = 409, description = "The version is active or unfinished jobs need it (`version_in_use`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn delete_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.auth.admin(&headers)?;
+    check_name(&name)?;
+    let outcome = if imgflow_runtime::metadata::is_valid_version(&version) {
+        state.catalogue.delete_version(&name, &version).await?
+    } else {
+        VersionDeleted::NotFound
+    };
+    match outcome {
+        VersionDeleted::Deleted => {
+            state.metrics.deleted(Deletion::PluginVersion, 1);
+            tracing::info!(plugin = %name, %version, "plugin version deleted");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        VersionDeleted::NotFound => Err(ApiError::new(
+            ErrorCode::VersionNotFound,
+            format!("no version {version:?} of {name:?}"),
+        )),
+        VersionDeleted::Active => Err(ApiError::new(
+            ErrorCode::VersionInUse,
+            format!("{name} {version} is the active version; activate another or delete the plugin first"),
+        )),
+        VersionDeleted::Needed(jobs) => Err(ApiError::new(
+            ErrorCode::VersionInUse,
+            format!("{jobs} unfinished jobs still run {name} {version}; try again once they finish"),
+        )),
     }
 }

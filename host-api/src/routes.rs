@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::state::AppState;
-use crate::{jobs, metrics, plugins};
+use crate::{jobs, keys, metrics, plugins};
 
 /// The document's fixed parts; the paths come from the routes.
 #[derive(OpenApi)]
@@ -27,28 +27,36 @@ use crate::{jobs, metrics, plugins};
     tags(
         (name = "jobs", description = "Image jobs"),
         (name = "plugins", description = "Filter plugins (the actions jobs name)"),
+        (name = "keys", description = "Client API keys (operators)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     ),
-    modifiers(&AdminToken),
+    modifiers(&Credentials),
 )]
 struct ApiDoc;
 
-/// The operators' bearer token, for plugin management.
-struct AdminToken;
+/// The two bearer credentials: the operators' token and client keys.
+struct Credentials;
 
-impl Modify for AdminToken {
+impl Modify for Credentials {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "admin_token",
+        let bearer = |description: &str| {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "IMGFLOW_ADMIN_TOKEN, as `Authorization: Bearer <token>`",
-                    ))
+                    .description(Some(description))
                     .build(),
+            )
+        };
+        components.add_security_scheme(
+            "admin_token",
+            bearer(
+                "IMGFLOW_ADMIN_TOKEN, as `Authorization: Bearer <token>`: plugins, keys, every job",
             ),
+        );
+        components.add_security_scheme(
+            "client_key",
+            bearer("A client key from POST /v1/keys, as `Authorization: Bearer <key>`: that client's jobs. Not needed when the API runs with AUTH_REQUIRED=false"),
         );
     }
 }
@@ -70,11 +78,14 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
     );
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(job_routes)
-        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::get, jobs::delete))
         .routes(routes!(jobs::result))
         .routes(routes!(plugins::list))
         .routes(plugin_routes)
         .routes(routes!(plugins::activate))
+        .routes(routes!(plugins::delete_version))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics::scrape))
@@ -90,6 +101,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let (router, _) = api(state.max_body_bytes, state.plugin_max_bytes).split_for_parts();
     router
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_read_timeout,
+            crate::body::with_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             metrics::track,

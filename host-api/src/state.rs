@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRef;
+use imgflow_platform::budget::MemoryBudget;
 use imgflow_platform::jobs::Jobs;
+use imgflow_platform::keys::Keys;
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::Queue;
 use imgflow_runtime::codec::ImageLimits;
@@ -12,6 +14,7 @@ use imgflow_runtime::Runtime;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 
+use crate::auth::{Auth, ResultUrls};
 use crate::metrics::ApiMetrics;
 
 /// The API's shared state; cheap to clone.
@@ -33,8 +36,20 @@ pub struct AppState {
     pub queue_max_depth: u64,
     /// The sandbox that validates uploaded plugins.
     pub runtime: Arc<Runtime>,
-    /// The operators' token; `None` turns plugin management off.
-    pub admin_token: Option<String>,
+    /// Who may do what: the admin token(s) and client keys.
+    pub auth: Auth,
+    /// The client key store.
+    pub keys: Keys,
+    /// Signs result URLs (`RESULT_URL_SECRET`).
+    pub result_urls: ResultUrls,
+    /// A client key may have at most this many unfinished jobs.
+    pub key_max_unfinished: i64,
+    /// What submissions being decoded may hold (`API_DECODE_MEMORY_MB`).
+    pub decode_budget: Arc<MemoryBudget>,
+    /// How long a submission waits for room in the decoding budget.
+    pub decode_wait: Duration,
+    /// How long a request body may take to arrive (`BODY_READ_TIMEOUT`).
+    pub body_read_timeout: Duration,
     /// Largest accepted plugin upload.
     pub plugin_max_bytes: usize,
     /// How long compiling an uploaded plugin may take.

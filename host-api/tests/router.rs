@@ -14,15 +14,15 @@ struct Cli {
     settings: host_api::Settings,
 }
 
-async fn app() -> host_api::App {
-    let cli = Cli::try_parse_from([
+async fn app(extra: &[&str]) -> host_api::App {
+    let base = [
         "host-api",
         "--api-addr=127.0.0.1:0",
         "--database-url=postgres://postgres@127.0.0.1:1/none",
         "--redis-url=redis://127.0.0.1:1/0",
         "--compile-cache-dir=off",
-    ])
-    .unwrap();
+    ];
+    let cli = Cli::try_parse_from(base.iter().chain(extra)).unwrap();
     host_api::App::build(cli.settings).await.unwrap()
 }
 
@@ -43,7 +43,14 @@ async fn call(app: &host_api::App, uri: &str) -> (StatusCode, serde_json::Value,
 
 #[tokio::test]
 async fn answers_in_process_and_says_when_a_service_is_down() {
-    let app = app().await;
+    // Credentials are required by default, and checked before anything
+    // else (no database call for a request without them).
+    let secured = app(&[]).await;
+    let (status, body, _) = call(&secured, "/v1/jobs/not-a-job").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "unauthorized");
+
+    let app = app(&["--auth-required=false"]).await;
     let (status, body, _) = call(&app, "/healthz").await;
     assert_eq!(
         (status, body["status"].as_str()),

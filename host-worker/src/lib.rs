@@ -6,12 +6,10 @@
 //!   plugins loaded, sweep for lost jobs) and the metrics endpoint.
 //! - [`process`]: one job, from a queue delivery to a recorded outcome.
 //! - [`registry`]: compiled plugins by digest, and the built-in plugins.
-//! - [`budget`]: the memory budget jobs reserve their working set from.
 //! - [`metrics`]: the worker's metric families.
 
 #![warn(missing_docs)]
 
-pub mod budget;
 pub mod metrics;
 pub mod process;
 pub mod registry;

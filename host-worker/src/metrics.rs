@@ -42,6 +42,7 @@ pub struct WorkerMetrics {
     reclaimed: IntCounter,
     plugin_info: IntGaugeVec,
     queue_depth: IntGauge,
+    cache_evictions: prometheus::IntCounter,
     queue_oldest: Gauge,
     /// `WORKER_MEMORY_MB`, in bytes.
     pub memory_budget: IntGauge,
@@ -109,6 +110,10 @@ impl WorkerMetrics {
                 ),
                 &["action", "version", "digest"],
             )?,
+            cache_evictions: prometheus::IntCounter::new(
+                "worker_compiled_cache_evictions_total",
+                "Compiled-code cache entries this worker deleted to keep the cache within COMPILE_CACHE_MAX_MB (least recently used first).",
+            )?,
             queue_depth: IntGauge::new(
                 "worker_queue_depth",
                 "Jobs on the Redis queue (waiting or running), read at scrape time.",
@@ -138,6 +143,7 @@ impl WorkerMetrics {
         m.registry.register(Box::new(m.reclaimed.clone()))?;
         m.registry.register(Box::new(m.plugin_info.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.cache_evictions.clone()))?;
         m.registry.register(Box::new(m.queue_oldest.clone()))?;
         m.registry.register(Box::new(m.memory_budget.clone()))?;
         m.registry.register(Box::new(m.memory_reserved.clone()))?;
@@ -231,6 +237,12 @@ impl WorkerMetrics {
     /// Counts a job taken over from another worker.
     pub fn reclaimed(&self) {
         self.reclaimed.inc();
+    }
+
+    /// Brings the eviction counter up to the runtime's `total`.
+    pub fn set_cache_evictions(&self, total: u64) {
+        let seen = self.cache_evictions.get();
+        self.cache_evictions.inc_by(total.saturating_sub(seen));
     }
 
     /// Sets the queue gauges.

@@ -11,9 +11,9 @@ use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
 use imgflow_runtime::{ErrorCode, Failure};
 use tracing::Instrument;
 
-use crate::budget::MemoryBudget;
 use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
+use imgflow_platform::budget::MemoryBudget;
 
 /// How many times a storage or database step is tried within one delivery.
 const STEP_ATTEMPTS: u32 = 4;
@@ -114,7 +114,11 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                         ctx.metrics.finished(&job.action, Ok(()), began.elapsed());
                         tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed");
                     }
-                    Ok(false) => tracing::info!("job was already finished by another delivery"),
+                    Ok(false) => match ctx.jobs.discard_orphan_result(job.id, &key).await {
+                        Ok(true) => tracing::info!("job was deleted while it ran; its result is discarded"),
+                        Ok(false) => tracing::info!("job was already finished by another delivery"),
+                        Err(e) => tracing::warn!(error = %e, "cannot check whether the job was deleted"),
+                    },
                     Err(e) => {
                         tracing::error!(error = %e, "cannot record completion; leaving it for redelivery");
                         return;
@@ -238,7 +242,12 @@ async fn run(
         .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
     let runtime = ctx.registry.runtime();
     let need = runtime.job_working_set(input.len(), probe.width, probe.height);
-    let reservation = ctx.budget.reserve(need).await?;
+    let reservation = ctx.budget.reserve(need).await.map_err(|e| {
+        Failure::permanent(
+            ErrorCode::OverMemoryBudget,
+            format!("the job's estimated working set (decoded image, the plugin's memory cap and its output): {e}"),
+        )
+    })?;
 
     let due = Instant::now() + ctx.job_timeout;
     let _ = deadline.set(due);

@@ -21,10 +21,10 @@ use imgflow_runtime::Runtime;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::budget::{self, MemoryBudget};
 use crate::metrics::{PluginLabel, WorkerMetrics};
 use crate::process::{self, Context};
 use crate::registry::Registry;
+use imgflow_platform::budget::{self, MemoryBudget};
 
 /// The worker's settings (`host-worker serve`): each flag also reads the
 /// environment variable of the same name.
@@ -130,7 +130,11 @@ impl Worker {
             u64::from(budget_mib) >= smallest,
             "WORKER_MEMORY_MB ({budget_mib} MiB) cannot hold a single job: each may use up to twice JOB_MAX_MEMORY_MB ({smallest} MiB, the plugin's memories and its output); raise WORKER_MEMORY_MB or lower JOB_MAX_MEMORY_MB"
         );
-        let budget = MemoryBudget::new(budget_mib, metrics.memory_reserved.clone());
+        let budget = MemoryBudget::new(
+            budget_mib,
+            "WORKER_MEMORY_MB",
+            metrics.memory_reserved.clone(),
+        );
         metrics
             .memory_budget
             .set(i64::from(budget_mib) * 1024 * 1024);
@@ -181,7 +185,12 @@ impl Worker {
             let _ = stop_tx.send(true);
         });
         tracing::info!(addr = %settings.metrics_addr, "metrics and health endpoint listening");
-        let health = tokio::spawn(metrics_server(listener, metrics.clone(), queue.clone()));
+        let health = tokio::spawn(metrics_server(
+            listener,
+            metrics.clone(),
+            queue.clone(),
+            runtime.clone(),
+        ));
 
         // Wait for the services rather than crash-looping while they start.
         let db_url = settings.db.url();
@@ -427,10 +436,12 @@ async fn metrics_server(
     listener: tokio::net::TcpListener,
     metrics: Arc<WorkerMetrics>,
     queue: Queue,
+    runtime: Arc<Runtime>,
 ) {
     use axum::http::header;
     let scrape = move || {
         let (metrics, queue) = (metrics.clone(), queue.clone());
+        metrics.set_cache_evictions(runtime.cache_evictions());
         async move {
             let read =
                 async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };

@@ -4,6 +4,7 @@
 //! or `PG_HOST`/`PG_PORT`/`PG_USER`/`PG_PASSWORD`/`PG_DBNAME`; `REDIS_URL` or
 //! `REDIS_HOST`/`REDIS_PORT`/`REDIS_PASSWORD`; `IMGFLOW_QUEUE`;
 //! `STORAGE_URL`. The sandbox's limits are `imgflow_runtime::config`.
+//! [`HumanDuration`] reads the durations written like `7d`.
 
 use clap::Args;
 use url::Url;
@@ -104,6 +105,33 @@ pub struct StorageArgs {
     pub storage_url: String,
 }
 
+/// A duration written for humans: `7d`, `90s`, `1h 30m`, `500ms`, or `0`.
+/// Used by the settings whose names do not end in `_MS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HumanDuration, String> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(HumanDuration(std::time::Duration::ZERO));
+        }
+        humantime::parse_duration(text)
+            .map(HumanDuration)
+            .map_err(|e| {
+                format!("{text:?} is not a duration ({e}); write it like 7d, 12h, 90s or 500ms")
+            })
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
 fn build_url(
     scheme: &str,
     host: &str,
@@ -154,5 +182,17 @@ mod tests {
             ..db
         };
         assert_eq!(explicit.url(), "postgres://x/y");
+    }
+
+    #[test]
+    fn reads_human_durations() {
+        use std::time::Duration;
+        let parse = |t: &str| t.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(parse("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        assert!(parse("soon").unwrap_err().contains("7d"));
+        assert_eq!(HumanDuration(Duration::from_secs(120)).to_string(), "2m");
     }
 }

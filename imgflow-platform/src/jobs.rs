@@ -10,6 +10,10 @@
 //!                       +------------------+    +-----------> failed
 //! ```
 //!
+//! A job leaves by [`Jobs::delete`] (its owner asks; queued or running, it
+//! is taken off the queue first) or by [`Jobs::expire`] (`JOB_RETENTION`
+//! after it finished); either removes its row, input and result.
+//!
 //! PostgreSQL holds the truth; every state change is one conditional
 //! `UPDATE` (only an unfinished job changes), so two workers that both got
 //! the same job cannot both complete it, and a finished job never changes.
@@ -29,7 +33,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::queue::{Lock, Queue, QueueError};
-use crate::storage::{self, Storage, StorageError};
+use crate::storage::{self, Object, Storage, StorageError};
 
 /// A job's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -116,6 +120,7 @@ macro_rules! unfinished {
         "status IN ('queued', 'running')"
     };
 }
+pub(crate) use unfinished;
 
 /// A row of the `jobs` table.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -152,6 +157,10 @@ pub struct JobRecord {
     pub output_size: Option<i64>,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+    /// Who submitted it: a client key's id, `admin` or `anonymous`.
+    pub owner: String,
+    /// The SHA-256 of the request (see [`NewJob::request_hash`]).
+    pub request_hash: Option<String>,
     /// The Redis stream entry that carries it.
     pub stream_id: Option<String>,
     /// The worker that ran it last.
@@ -181,8 +190,13 @@ pub struct NewJob {
     pub input_format: String,
     /// Output format name.
     pub output_format: String,
-    /// The client's idempotency key.
+    /// The client's idempotency key (unique per owner).
     pub idempotency_key: Option<String>,
+    /// Who submits it.
+    pub owner: String,
+    /// A digest of everything submitted (action, parameters, format,
+    /// image): a reused idempotency key must come with the same request.
+    pub request_hash: String,
 }
 
 /// What [`Jobs::submit`] did.
@@ -201,6 +215,8 @@ pub struct ListFilter {
     pub status: Option<JobStatus>,
     /// Only jobs of this action.
     pub action: Option<String>,
+    /// Only jobs of this owner (`None`: everyone's).
+    pub owner: Option<String>,
     /// Only jobs older than this one (the previous page's last id).
     pub before: Option<Uuid>,
     /// At most this many.
@@ -263,9 +279,10 @@ impl Jobs {
         self.storage.put(&input_key, input).await?;
         let inserted = sqlx::query_as::<_, JobRecord>(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
-                               input_size, input_format, output_format, idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (idempotency_key) DO NOTHING
+                               input_size, input_format, output_format, idempotency_key,
+                               owner, request_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING *",
         )
         .bind(id)
@@ -279,6 +296,8 @@ impl Jobs {
         .bind(&new.input_format)
         .bind(&new.output_format)
         .bind(&new.idempotency_key)
+        .bind(&new.owner)
+        .bind(&new.request_hash)
         .fetch_optional(&self.db)
         .await;
         let job = match inserted {
@@ -287,7 +306,7 @@ impl Jobs {
                 // Another request with the same Idempotency-Key won the race.
                 let _ = self.storage.delete(&input_key).await;
                 let key = new.idempotency_key.as_deref().unwrap_or_default();
-                return match self.by_idempotency_key(key).await? {
+                return match self.by_idempotency_key(&new.owner, key).await? {
                     Some(job) => Ok(Submitted::Existing(job)),
                     None => Err(JobsError::Conflict),
                 };
@@ -336,14 +355,31 @@ impl Jobs {
             .await?)
     }
 
-    /// The job submitted with this idempotency key.
-    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, JobsError> {
+    /// The job `owner` submitted with this idempotency key.
+    pub async fn by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, JobsError> {
         Ok(
-            sqlx::query_as("SELECT * FROM jobs WHERE idempotency_key = $1")
+            sqlx::query_as("SELECT * FROM jobs WHERE owner = $1 AND idempotency_key = $2")
+                .bind(owner)
                 .bind(key)
                 .fetch_optional(&self.db)
                 .await?,
         )
+    }
+
+    /// How many of `owner`'s jobs are unfinished (its share of the queue).
+    pub async fn unfinished_of(&self, owner: &str) -> Result<i64, JobsError> {
+        let (count,): (i64,) = sqlx::query_as(concat!(
+            "SELECT count(*) FROM jobs WHERE owner = $1 AND ",
+            unfinished!()
+        ))
+        .bind(owner)
+        .fetch_one(&self.db)
+        .await?;
+        Ok(count)
     }
 
     /// A page of jobs, newest first.
@@ -353,6 +389,7 @@ impl Jobs {
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR action = $2)
                AND ($3::uuid IS NULL OR id < $3)
+               AND ($5::text IS NULL OR owner = $5)
              ORDER BY id DESC
              LIMIT $4",
         )
@@ -360,6 +397,7 @@ impl Jobs {
         .bind(filter.action.as_deref())
         .bind(filter.before)
         .bind(filter.limit)
+        .bind(filter.owner.as_deref())
         .fetch_all(&self.db)
         .await?)
     }
@@ -468,6 +506,97 @@ impl Jobs {
         Ok(requeued)
     }
 
+    /// Deletes a job: its queue entry (so no worker starts it), its row,
+    /// its input and its result. Returns the deleted row, or `None` if there
+    /// was no such job. A worker already running it finds the row gone when
+    /// it records the outcome, and deletes the result it wrote
+    /// ([`Jobs::discard_orphan_result`]).
+    pub async fn delete(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
+        let Some(job) = self.get(id).await? else {
+            return Ok(None);
+        };
+        if let (false, Some(entry)) = (job.status.is_finished(), &job.stream_id) {
+            self.queue.finish(entry).await?;
+        }
+        let deleted: Option<JobRecord> =
+            sqlx::query_as("DELETE FROM jobs WHERE id = $1 RETURNING *")
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?;
+        let Some(deleted) = deleted else {
+            // Deleted meanwhile by another request or the retention sweep.
+            return Ok(None);
+        };
+        self.delete_files(&deleted).await?;
+        Ok(Some(deleted))
+    }
+
+    /// The retention sweep's round: if `holder` gets the retention lock (for
+    /// `every`), deletes up to `batch` jobs that finished more than
+    /// `retention` ago, with their files (and so their idempotency keys).
+    /// Each job is deleted by exactly one caller, even when several sweep
+    /// at once. Returns how many were deleted.
+    pub async fn expire(
+        &self,
+        holder: &str,
+        every: Duration,
+        retention: Duration,
+        batch: i64,
+    ) -> Result<usize, JobsError> {
+        if !self.queue.try_lock(Lock::Retention, holder, every).await? {
+            return Ok(0);
+        }
+        let mut tx = self.db.begin().await?;
+        // Rows locked until the commit, skipped by any other sweeper: the
+        // files go first, then the rows, so a failure leaves the job (and
+        // the next round deletes it) rather than an orphan file.
+        let expired: Vec<JobRecord> = sqlx::query_as(
+            "SELECT * FROM jobs
+             WHERE status IN ('completed', 'failed')
+               AND finished_at < now() - make_interval(secs => $1)
+             ORDER BY finished_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(retention.as_secs_f64())
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for job in &expired {
+            self.delete_files(job).await?;
+        }
+        let ids: Vec<Uuid> = expired.iter().map(|j| j.id).collect();
+        let done = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() as usize)
+    }
+
+    async fn delete_files(&self, job: &JobRecord) -> Result<(), StorageError> {
+        self.storage.delete(&job.input_key).await?;
+        // A result may exist even when not recorded (a worker that stored
+        // it just before the job was deleted or failed).
+        for format in ImageFormat::ALL {
+            self.storage
+                .delete(&storage::output_key(job.id, format))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After [`Jobs::complete`] found nothing to complete: if the job was
+    /// deleted meanwhile, deletes the result the worker stored for it, so
+    /// nothing of a deleted job stays behind. Returns whether it did.
+    pub async fn discard_orphan_result(&self, id: Uuid, key: &str) -> Result<bool, JobsError> {
+        if self.get(id).await?.is_some() {
+            return Ok(false);
+        }
+        self.storage.delete(key).await?;
+        Ok(true)
+    }
+
     /// The job's input image.
     pub async fn input(&self, job: &JobRecord) -> Result<Bytes, StorageError> {
         self.storage.get(&job.input_key).await
@@ -486,10 +615,11 @@ impl Jobs {
         Ok(key)
     }
 
-    /// The completed job's result, or `None` if it has none.
-    pub async fn result(&self, job: &JobRecord) -> Result<Option<Bytes>, StorageError> {
+    /// The completed job's result, opened to be streamed, or `None` if it
+    /// has none.
+    pub async fn result(&self, job: &JobRecord) -> Result<Option<Object>, StorageError> {
         match (&job.status, &job.output_key) {
-            (JobStatus::Completed, Some(key)) => self.storage.get(key).await.map(Some),
+            (JobStatus::Completed, Some(key)) => self.storage.read_stream(key).await.map(Some),
             _ => Ok(None),
         }
     }

@@ -2,10 +2,12 @@
 //! sandbox (which is `imgflow-runtime`).
 //!
 //! Each behaviour has one home:
+//! - [`budget`]: a memory budget that large allocations reserve from.
 //! - [`jobs`]: a job's states and every change of state (submit, start,
 //!   complete, fail, queue again when missing).
 //! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
 //!   notices that tell workers).
+//! - [`keys`]: client API keys (create, list, revoke, verify).
 //! - [`queue`]: every Redis key and command (the job stream, plugin-change
 //!   notices, the sweeper's lock).
 //! - [`storage`]: where images and plugin components are kept.
@@ -17,9 +19,11 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod config;
 pub mod db;
 pub mod jobs;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod plugins;

@@ -8,7 +8,7 @@
 //! Every change is announced on Redis so workers load the new version at
 //! once; [`Catalogue::changes`] is how they hear it.
 //!
-//! Publishing rules: an upload becomes active; the same bytes again change
+//! Publishing rules: an upload becomes active (unless staged); the same bytes again change
 //! nothing but make it active; the same version number with other bytes is
 //! refused. The first version ever registered under a name becomes active;
 //! a newer built-in version replaces an active built-in one, but an
@@ -59,6 +59,9 @@ pub enum Origin<'a> {
         name: &'a str,
         /// Who uploaded it.
         uploader: &'a str,
+        /// Whether it becomes the active version (`false`: staged, to be
+        /// activated later).
+        activate: bool,
     },
     /// A worker found it in its `PLUGINS_DIR` at start.
     Builtin,
@@ -71,6 +74,20 @@ pub enum Published {
     Created,
     /// The same bytes were already this version (an upload makes it active).
     Unchanged,
+}
+
+/// What [`Catalogue::delete_version`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionDeleted {
+    /// The version and (unless shared) its component are gone.
+    Deleted,
+    /// No such version.
+    NotFound,
+    /// It is the active version: activate another or delete the plugin
+    /// first.
+    Active,
+    /// This many unfinished jobs still need it.
+    Needed(i64),
 }
 
 /// Why a catalogue operation failed.
@@ -215,7 +232,7 @@ impl Catalogue {
             }
         };
         let activate = match origin {
-            Origin::Upload { .. } => true,
+            Origin::Upload { activate, .. } => activate,
             Origin::Builtin => match active {
                 None => known == 0,
                 Some((version, was_builtin)) => {
@@ -263,6 +280,56 @@ impl Catalogue {
         }
         self.announce(name).await;
         Ok(true)
+    }
+
+    /// Deletes one version of `name` that is neither active nor needed by
+    /// an unfinished job, and its component unless another version has the
+    /// same bytes. Workers drop it from memory as they reconcile.
+    pub async fn delete_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<VersionDeleted, CatalogueError> {
+        let mut tx = self.db.begin().await?;
+        lock_name(&mut tx, name).await?;
+        let found: Option<(String, bool)> =
+            sqlx::query_as("SELECT digest, active FROM plugins WHERE name = $1 AND version = $2")
+                .bind(name)
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((digest, active)) = found else {
+            return Ok(VersionDeleted::NotFound);
+        };
+        if active {
+            return Ok(VersionDeleted::Active);
+        }
+        let (waiting,): (i64,) = sqlx::query_as(concat!(
+            "SELECT count(*) FROM jobs WHERE action = $1 AND plugin_version = $2 AND ",
+            crate::jobs::unfinished!()
+        ))
+        .bind(name)
+        .bind(version)
+        .fetch_one(&mut *tx)
+        .await?;
+        if waiting > 0 {
+            return Ok(VersionDeleted::Needed(waiting));
+        }
+        sqlx::query("DELETE FROM plugins WHERE name = $1 AND version = $2")
+            .bind(name)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        let (shared,): (i64,) = sqlx::query_as("SELECT count(*) FROM plugins WHERE digest = $1")
+            .bind(&digest)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if shared == 0 {
+            self.storage.delete(&storage::plugin_key(&digest)).await?;
+        }
+        self.announce(name).await;
+        Ok(VersionDeleted::Deleted)
     }
 
     /// Tells every worker that `name` changed. A notice that cannot be sent

@@ -16,8 +16,9 @@
 //!
 //! This module is the only place that knows Redis: every key (all under the
 //! deployment's prefix, `IMGFLOW_QUEUE`) and every command, including the
-//! plugin-change notices (pub/sub on `<prefix>:plugins`) and the sweeper's
-//! lock (`<prefix>:sweeper`). No connection or key leaves it.
+//! plugin-change notices (pub/sub on `<prefix>:plugins`) and the locks of
+//! the sweeper and the retention sweep (`<prefix>:sweeper`,
+//! `<prefix>:retention`). No connection or key leaves it.
 
 use std::time::Duration;
 
@@ -264,7 +265,11 @@ impl Queue {
     /// them again.
     pub async fn purge(&self) -> RedisResult<()> {
         let mut conn = self.conn().await?;
-        let keys = [self.stream.clone(), self.key(Lock::Sweeper.key())];
+        let keys = [
+            self.stream.clone(),
+            self.key(Lock::Sweeper.key()),
+            self.key(Lock::Retention.key()),
+        ];
         conn.del(&keys).await
     }
 }
@@ -280,12 +285,15 @@ pub type PluginChanges = std::pin::Pin<Box<dyn futures::Stream<Item = String> + 
 pub enum Lock {
     /// Held by the one process that sweeps for jobs missing from the queue.
     Sweeper,
+    /// Held by the one process that deletes jobs past `JOB_RETENTION`.
+    Retention,
 }
 
 impl Lock {
     fn key(self) -> &'static str {
         match self {
             Lock::Sweeper => "sweeper",
+            Lock::Retention => "retention",
         }
     }
 }

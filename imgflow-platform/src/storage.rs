@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
@@ -103,6 +104,23 @@ impl Storage {
         result.bytes().await.map_err(|source| backend(key, source))
     }
 
+    /// Opens the object at `key` to be read as a stream of chunks, so it can
+    /// be sent on without being held in memory whole.
+    pub async fn read_stream(&self, key: &str) -> Result<Object, StorageError> {
+        let result = self
+            .store
+            .get(&Path::from(key))
+            .await
+            .map_err(|source| backend(key, source))?;
+        let size = result.meta.size;
+        let owned = key.to_string();
+        let chunks = result
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|source| backend(&owned, source)))
+            .boxed();
+        Ok(Object { size, chunks })
+    }
+
     /// Deletes the object at `key`; a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
         match self.store.delete(&Path::from(key)).await {
@@ -119,6 +137,20 @@ impl Storage {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(source) => Err(backend(key, source)),
         }
+    }
+}
+
+/// An object being read (see [`Storage::read_stream`]).
+pub struct Object {
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its bytes, a chunk at a time.
+    pub chunks: futures::stream::BoxStream<'static, Result<Bytes, StorageError>>,
+}
+
+impl std::fmt::Debug for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object").field("size", &self.size).finish()
     }
 }
 

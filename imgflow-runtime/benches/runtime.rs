@@ -8,14 +8,18 @@
 //!    on a 1x1 image, with the pooling allocator on and off.
 //! 3. GIF encoding of a photo at the encoder's default quantizer speed (1)
 //!    and at imgflow's `GIF_SPEED`.
+//! 4. What the API's check of a submitted image costs: reading the header
+//!    only (`codec::decoded_size`) against decoding it whole
+//!    (`codec::validate`), on photos and on a decode bomb (8192x8192 16-bit
+//!    zeros).
 //!
 //! Each figure is the median of several runs after a warm-up. `BENCH_ONLY`
-//! (`filters`, `overhead` or `gif`) runs one section.
+//! (`filters`, `overhead`, `gif` or `validate`) runs one section.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use image::RgbaImage;
+use image::{ImageEncoder as _, RgbaImage};
 use imgflow_runtime::codec::{self, ImageLimits};
 use imgflow_runtime::{Runtime, RuntimeConfig};
 
@@ -143,6 +147,47 @@ fn main() {
                 if pooling { "on" } else { "off" },
                 med.as_secs_f64() * 1e6,
                 mean.as_secs_f64() * 1e6
+            );
+        }
+    }
+
+    if run("validate") {
+        println!("\n## Checking a submitted image: header only vs whole decode (median, ms)\n");
+        println!("| image | file | decoded (what the decode holds) | header only | whole decode |");
+        println!("|---|---:|---:|---:|---:|");
+        let limits = ImageLimits::default();
+        let mut inputs: Vec<(String, Vec<u8>)> = photos
+            .iter()
+            .take(2)
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(p).unwrap(),
+                )
+            })
+            .collect();
+        // The decode bomb the API's test uses: all zeros, zlib level 9.
+        let mut bomb = Vec::new();
+        let zeros = vec![0u8; 8192 * 8192 * 8];
+        image::codecs::png::PngEncoder::new_with_quality(
+            &mut bomb,
+            image::codecs::png::CompressionType::Best,
+            image::codecs::png::FilterType::NoFilter,
+        )
+        .write_image(&zeros, 8192, 8192, image::ExtendedColorType::Rgba16)
+        .unwrap();
+        drop(zeros);
+        inputs.push(("bomb 8192x8192 16-bit".into(), bomb));
+        for (name, bytes) in &inputs {
+            let (_, decoded) = codec::decoded_size(bytes, &limits).unwrap();
+            let header = time(15, || codec::decoded_size(bytes, &limits).unwrap());
+            let whole = time(3, || codec::validate(bytes, &limits).unwrap());
+            println!(
+                "| {name} | {} KiB | {:.1} MiB | {:.3} | {:.1} |",
+                bytes.len() / 1024,
+                decoded as f64 / (1024.0 * 1024.0),
+                ms(header),
+                ms(whole)
             );
         }
     }

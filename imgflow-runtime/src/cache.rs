@@ -96,6 +96,8 @@ pub struct CompiledCache {
     dir: PathBuf,
     fingerprint: String,
     key: Vec<u8>,
+    max_bytes: u64,
+    evicted: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for CompiledCache {
@@ -109,12 +111,59 @@ impl std::fmt::Debug for CompiledCache {
 
 impl CompiledCache {
     /// A cache in `dir` (which must exist) for code compiled by `engine`,
-    /// whose entries are authenticated with `secret`.
-    pub fn new(dir: PathBuf, engine: &Engine, secret: &CacheSecret) -> CompiledCache {
+    /// whose entries are authenticated with `secret`, holding at most
+    /// `max_bytes` (the least recently used entries are evicted beyond).
+    pub fn new(
+        dir: PathBuf,
+        engine: &Engine,
+        secret: &CacheSecret,
+        max_bytes: u64,
+    ) -> CompiledCache {
         CompiledCache {
             dir,
             fingerprint: engine_fingerprint(engine),
             key: secret.0.clone(),
+            max_bytes,
+            evicted: Default::default(),
+        }
+    }
+
+    /// How many entries this process evicted to stay within the size cap.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Evicts the least recently used entries (by modification time, which
+    /// a hit renews) until the directory's entries fit in the cap; `keep`
+    /// is never evicted. Every process sharing the directory does this, so
+    /// the cap holds for the directory as a whole.
+    fn evict(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+        files.sort();
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path == keep {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total = total.saturating_sub(len);
+                self.evicted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(path = %path.display(), "evicted a compiled-code cache entry (COMPILE_CACHE_MAX_MB)");
+            }
         }
     }
 
@@ -170,7 +219,14 @@ impl CompiledCache {
         // component with this digest on an engine with the same fingerprint;
         // wasmtime additionally checks the header's version and settings.
         match unsafe { Component::deserialize(engine, &bytes[TAG_LEN..]) } {
-            Ok(component) => Some(component),
+            Ok(component) => {
+                // Recently used: the last to be evicted.
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                Some(component)
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "discarding unusable compiled-code cache entry");
                 let _ = std::fs::remove_file(&path);
@@ -193,8 +249,11 @@ impl CompiledCache {
                 entry.extend_from_slice(&code);
                 write_atomically(&path, &entry).map_err(|e| e.to_string())
             });
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-code cache entry");
+        match result {
+            Ok(()) => self.evict(&path),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-code cache entry")
+            }
         }
     }
 }

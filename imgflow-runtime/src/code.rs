@@ -125,6 +125,13 @@ error_codes! {
     QueueUnavailable = "queue_unavailable", 503, true, Submission;
     /// The object store is failing.
     StorageUnavailable = "storage_unavailable", 503, true, Submission;
+    /// The `Idempotency-Key` was used before, by this client, for a
+    /// different request.
+    IdempotencyKeyReused = "idempotency_key_reused", 422, false, Submission;
+    /// The API's decoding budget (`API_DECODE_MEMORY_MB`) is spent; retry.
+    DecodeBusy = "decode_busy", 503, true, Submission;
+    /// The client sent the request body too slowly (`BODY_READ_TIMEOUT`).
+    RequestTimeout = "request_timeout", 408, false, Submission;
     // Reading jobs.
     /// No such job.
     JobNotFound = "job_not_found", 404, false, Other;
@@ -135,8 +142,14 @@ error_codes! {
     // Plugin management.
     /// No `IMGFLOW_ADMIN_TOKEN` is configured, so management is off.
     AdminDisabled = "admin_disabled", 403, false, Other;
-    /// A missing or wrong bearer token.
+    /// A missing, wrong or revoked bearer token.
     Unauthorized = "unauthorized", 401, false, Other;
+    /// A signed result URL whose signature is wrong or whose time is up.
+    InvalidSignature = "invalid_signature", 403, false, Other;
+    /// No such client key.
+    KeyNotFound = "key_not_found", 404, false, Other;
+    /// The plugin version is active or an unfinished job needs it.
+    VersionInUse = "version_in_use", 409, false, Other;
     /// Not a plugin name (`[a-z][a-z0-9_-]*`, at most 64 characters).
     InvalidName = "invalid_name", 400, false, Other;
     /// No such plugin.

@@ -231,9 +231,36 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
     })
 }
 
+/// How many bytes decoding the image takes, from its header: its pixels
+/// in their own type (16-bit RGBA is 8 bytes a pixel), without decoding.
+/// Checks the header against `limits` first.
+pub fn decoded_size(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, u64), CodecError> {
+    use image::ImageDecoder as _;
+    let probe = probe(bytes, limits)?;
+    let (reader, _) = reader(bytes)?;
+    let decoder =
+        guard(|| reader.into_decoder())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    Ok((probe, decoder.total_bytes()))
+}
+
+/// Decodes the whole image, to check that it is not corrupt, and keeps
+/// nothing: it takes [`decoded_size`] bytes while it runs (no 8-bit copy).
+pub fn validate(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
+    let (probe, decoded) = decode_native(bytes, limits)?;
+    drop(decoded);
+    Ok(probe)
+}
+
 /// Decodes an image to 8-bit RGBA after checking its header against `limits`.
 /// Higher bit depths are scaled to 8 bits; for GIF, the first frame is used.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<(RgbaImage, ImageFormat), CodecError> {
+    let (probe, decoded) = decode_native(bytes, limits)?;
+    Ok((decoded.into_rgba8(), probe.format))
+}
+
+/// Decodes an image in its own pixel type, after checking its header
+/// against `limits`, and checks that the data agree with the header.
+fn decode_native(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, DynamicImage), CodecError> {
     let probe = probe(bytes, limits)?;
     let (mut reader, _) = reader(bytes)?;
     let mut decoder_limits = image::Limits::default();
@@ -244,17 +271,16 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<(RgbaImage, ImageFor
     reader.limits(decoder_limits);
     let decoded: DynamicImage =
         guard(|| reader.decode())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
-    let rgba = decoded.into_rgba8();
-    if rgba.dimensions() != (probe.width, probe.height) {
+    if (decoded.width(), decoded.height()) != (probe.width, probe.height) {
         return Err(CodecError::Corrupt(format!(
             "header says {}x{} but the data decodes to {}x{}",
             probe.width,
             probe.height,
-            rgba.width(),
-            rgba.height()
+            decoded.width(),
+            decoded.height()
         )));
     }
-    Ok((rgba, probe.format))
+    Ok((probe, decoded))
 }
 
 /// The GIF palette quantizer's speed (1 slowest to 30 fastest): how sparsely

@@ -48,6 +48,10 @@ pub struct SandboxArgs {
     /// Without it (or empty), compiled plugins are not cached on disk.
     #[arg(long, env = "COMPILE_CACHE_SECRET", hide_env_values = true)]
     pub compile_cache_secret: Option<CacheSecret>,
+    /// Most the compiled-code cache directory may hold, in MiB; beyond it
+    /// the least recently used entries are deleted.
+    #[arg(long, env = "COMPILE_CACHE_MAX_MB", default_value_t = 1024)]
+    pub compile_cache_max_mb: u64,
     /// Disable wasmtime's pooling allocator (slower instantiation, less
     /// virtual memory reserved up front).
     #[arg(long, env = "NO_POOLING", default_value_t = false)]
@@ -90,6 +94,7 @@ impl SandboxArgs {
             max_concurrent_jobs,
             cache_dir: self.cache_dir(),
             cache_secret: self.compile_cache_secret.clone(),
+            cache_max_bytes: self.compile_cache_max_mb.saturating_mul(1024 * 1024),
             image_limits: self.image_limits(),
             ..RuntimeConfig::default()
         }

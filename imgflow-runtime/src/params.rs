@@ -70,6 +70,27 @@ pub enum ParamError {
     /// The request's parameters are not a JSON object.
     #[error("params must be a JSON object of name: value, got {0}")]
     NotAnObject(String),
+    /// A text value with a NUL or another control character, or longer
+    /// than [`MAX_TEXT_CHARS`].
+    #[error("parameter {name:?} must be at most {MAX_TEXT_CHARS} characters of text without control characters")]
+    BadText {
+        /// The parameter.
+        name: String,
+    },
+}
+
+/// The longest text parameter value, in characters.
+pub const MAX_TEXT_CHARS: usize = 1024;
+
+/// A text value, checked: no control characters (NUL included, which no
+/// database column can hold), at most [`MAX_TEXT_CHARS`].
+fn text(name: &str, value: &str) -> Result<ParamValue, ParamError> {
+    if value.chars().count() > MAX_TEXT_CHARS || value.chars().any(char::is_control) {
+        return Err(ParamError::BadText {
+            name: name.to_string(),
+        });
+    }
+    Ok(ParamValue::Text(value.to_string()))
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -125,7 +146,7 @@ pub fn from_json(
                 },
             },
             (ParamKind::Boolean, serde_json::Value::Bool(b)) => ParamValue::Boolean(*b),
-            (ParamKind::Text, serde_json::Value::String(s)) => ParamValue::Text(s.clone()),
+            (ParamKind::Text, serde_json::Value::String(s)) => text(name, s)?,
             _ => return Err(wrong()),
         };
         values.insert(name.clone(), value);
@@ -157,7 +178,7 @@ pub fn from_pairs<'a>(
                 "false" | "0" | "no" => ParamValue::Boolean(false),
                 _ => return Err(wrong()),
             },
-            ParamKind::Text => ParamValue::Text(raw.to_string()),
+            ParamKind::Text => text(name, raw)?,
         };
         values.insert(name.to_string(), value);
     }
@@ -325,6 +346,24 @@ mod tests {
         assert!(matches!(e, ParamError::NotAllowed { .. }), "{e}");
         let e = from_pairs("blur", &sigma(), [("sigma", "inf")]).unwrap_err();
         assert!(matches!(e, ParamError::NotAllowed { .. }), "{e}");
+    }
+
+    #[test]
+    fn text_values_hold_no_control_characters() {
+        let specs = vec![ParamSpec {
+            name: "label".into(),
+            kind: ParamKind::Text,
+            default: ParamValue::Text(String::new()),
+            allowed: Constraint::Any,
+            description: String::new(),
+        }];
+        for bad in ["a\0b", "line\nbreak", &"x".repeat(MAX_TEXT_CHARS + 1)] {
+            let e = from_pairs("p", &specs, [("label", bad)]).unwrap_err();
+            assert!(matches!(e, ParamError::BadText { .. }), "{e}");
+            let e = from_json("p", &specs, &json!({ "label": bad })).unwrap_err();
+            assert!(matches!(e, ParamError::BadText { .. }), "{e}");
+        }
+        assert!(from_pairs("p", &specs, [("label", "é ok")]).is_ok());
     }
 
     #[test]

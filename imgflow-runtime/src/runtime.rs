@@ -80,6 +80,8 @@ pub struct RuntimeConfig {
     /// secret) disables the cache (compiled code is trusted only if this
     /// process can prove it wrote it).
     pub cache_secret: Option<CacheSecret>,
+    /// Most the cache directory may hold, in bytes (default 1 GiB).
+    pub cache_max_bytes: u64,
     /// How much of a plugin's stdout and stderr is kept for the logs, per
     /// stream and call (default 64 KiB).
     pub output_cap_bytes: usize,
@@ -98,6 +100,7 @@ impl Default for RuntimeConfig {
             max_concurrent_jobs: 16,
             cache_dir: None,
             cache_secret: None,
+            cache_max_bytes: 1024 * 1024 * 1024,
             output_cap_bytes: 64 * 1024,
             image_limits: ImageLimits::default(),
         }
@@ -233,7 +236,12 @@ impl Runtime {
         // disk cache.
         let cache = match (&config.cache_dir, &config.cache_secret) {
             (Some(dir), Some(secret)) if !secret.is_empty() => match std::fs::create_dir_all(dir) {
-                Ok(()) => Some(CompiledCache::new(dir.clone(), &engine, secret)),
+                Ok(()) => Some(CompiledCache::new(
+                    dir.clone(),
+                    &engine,
+                    secret,
+                    config.cache_max_bytes,
+                )),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot create the compiled-code cache directory; compiling without a cache");
                     None
@@ -278,6 +286,12 @@ impl Runtime {
         let decoding = decoded * 3;
         let calling = decoded + 2 * cap;
         input_len as u64 + decoding.max(calling)
+    }
+
+    /// How many compiled-code cache entries this process evicted to keep
+    /// the cache within its size cap.
+    pub fn cache_evictions(&self) -> u64 {
+        self.cache.as_ref().map_or(0, CompiledCache::evicted)
     }
 
     /// The wasmtime engine.

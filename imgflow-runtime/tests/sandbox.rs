@@ -382,3 +382,61 @@ fn metadata_is_read_at_load_time() {
     assert_eq!((m.name.as_str(), m.version.as_str()), ("blur", "0.1.0"));
     assert_eq!(plugin.digest().len(), 64);
 }
+
+#[test]
+fn the_compiled_code_cache_evicts_the_least_recently_used_beyond_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        cache_secret: secret("the cache cap test secret"),
+        max_concurrent_jobs: 2,
+        ..RuntimeConfig::default()
+    };
+    let wasm = |name: &str| std::fs::read(imgflow_testkit::plugin_path(name)).unwrap();
+    // Measure each entry in a scratch cache, then cap this one so that
+    // grayscale and blur fit but not invert as well.
+    let size = |name: &str| {
+        let scratch = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(RuntimeConfig {
+            cache_dir: Some(scratch.path().to_path_buf()),
+            ..base.clone()
+        })
+        .unwrap();
+        block_on(rt.load(&wasm(name))).unwrap();
+        std::fs::metadata(&cache_entries(scratch.path())[0])
+            .unwrap()
+            .len()
+    };
+    let cap = size("grayscale") + size("blur") + size("invert") / 2;
+    let config = RuntimeConfig {
+        cache_max_bytes: cap,
+        ..base
+    };
+    let rt = Runtime::new(config).unwrap();
+    let gray = block_on(rt.load(&wasm("grayscale"))).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let invert = block_on(rt.load(&wasm("invert"))).unwrap();
+    assert_eq!(cache_entries(dir.path()).len(), 2);
+    assert_eq!(rt.cache_evictions(), 0);
+    // Use grayscale again (a hit renews it): invert is now the oldest.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let again = Runtime::new(rt.config().clone()).unwrap();
+    block_on(again.load(&wasm("grayscale"))).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A third entry goes over the cap: the least recently used goes.
+    block_on(rt.load(&wasm("blur"))).unwrap();
+    let left: Vec<String> = cache_entries(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().any(|n| n.starts_with(gray.digest())),
+        "{left:?}"
+    );
+    assert!(
+        !left.iter().any(|n| n.starts_with(invert.digest())),
+        "{left:?}"
+    );
+    assert_eq!(rt.cache_evictions(), 1);
+}

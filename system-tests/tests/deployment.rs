@@ -216,18 +216,49 @@ fn port(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-#[test]
-fn docker_compose_accepts_compose_yml() {
-    let out = Command::new("docker-compose")
-        .args(["-f", "compose.yml", "config", "-q"])
-        .current_dir(repo())
+/// The secrets compose requires (`make env` writes them to `.env`).
+const COMPOSE_SECRETS: [&str; 3] = [
+    "IMGFLOW_ADMIN_TOKEN",
+    "RESULT_URL_SECRET",
+    "COMPILE_CACHE_SECRET",
+];
+
+/// `docker-compose config -q` with these variables set (and nothing from
+/// an `.env`: it runs in a copy of the files it reads).
+fn compose_config(vars: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo().join("compose.yml"), dir.path().join("compose.yml")).unwrap();
+    let mut cmd = Command::new("docker-compose");
+    cmd.args(["-f", "compose.yml", "config", "-q"])
+        .current_dir(dir.path());
+    for name in COMPOSE_SECRETS {
+        cmd.env_remove(name);
+    }
+    cmd.envs(vars.iter().copied())
         .output()
-        .expect("docker-compose (Debian package docker-compose; .ci/run installs it)");
+        .expect("docker-compose (Debian package docker-compose; .ci/run installs it)")
+}
+
+#[test]
+fn docker_compose_accepts_compose_yml_with_its_secrets_and_refuses_it_without() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let all: Vec<(&str, &str)> = COMPOSE_SECRETS.iter().map(|n| (*n, secret)).collect();
+    let out = compose_config(&all);
     assert!(
         out.status.success(),
         "docker-compose config: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    for missing in COMPOSE_SECRETS {
+        let some: Vec<(&str, &str)> = all.iter().copied().filter(|(n, _)| *n != missing).collect();
+        let out = compose_config(&some);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "compose starts without {missing}");
+        assert!(
+            stderr.contains(missing) && stderr.contains("make env"),
+            "compose names the missing {missing} and the fix: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use imgflow_testkit::stack::Stack;
 
-const TOKEN: &str = "fuzz-admin-token";
+const TOKEN: &str = imgflow_testkit::TEST_ADMIN_TOKEN;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_api_answers_only_what_its_document_says() {
@@ -56,7 +56,26 @@ async fn the_api_answers_only_what_its_document_says() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(report.contains("passed"), "{report}");
-    // The API still serves normal requests afterwards.
+    // The API still serves normal requests afterwards (the fuzzer, as an
+    // operator, may have deleted the plugin: an operator activates it again).
+    let versions = stack.get_json("/v1/plugins/grayscale").await;
+    let version = versions["versions"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let activated = stack
+        .client
+        .post(format!("{}/v1/plugins/grayscale/activate", stack.api_url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "version": version }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        activated.status().is_success(),
+        "{}",
+        activated.text().await.unwrap()
+    );
     let job = stack
         .submit_raw("action=grayscale", "tests/fixtures/pngsuite/basn2c08.png")
         .await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use imgflow_testkit::stack::{free_port, repo, wait_until, Stack};
 use serde_json::Value;
 
-const TOKEN: &str = "test-admin-token";
+const TOKEN: &str = imgflow_testkit::TEST_ADMIN_TOKEN;
 
 /// A Prometheus server with its own config and data folder, killed on drop.
 struct Prometheus {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use imgflow_testkit::stack::{repo, wait_until, Stack};
 use serde_json::Value;
 
-const TOKEN: &str = "test-admin-token";
+const TOKEN: &str = imgflow_testkit::TEST_ADMIN_TOKEN;
 
 fn invert(version: &str) -> Vec<u8> {
     let path: PathBuf = match version {
@@ -353,4 +353,98 @@ async fn uploads_are_refused_without_storing_anything() {
     let (code, message) = error_code(put(&closed, "invert", Some(TOKEN), good).await, 403).await;
     assert_eq!(code, "admin_disabled");
     assert!(message.contains("IMGFLOW_ADMIN_TOKEN"), "{message}");
+}
+
+async fn delete_version(stack: &Stack, version: &str) -> reqwest::Response {
+    stack
+        .client
+        .delete(format!(
+            "{}/v1/plugins/invert/versions/{version}",
+            stack.api_url
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staged_uploads_and_deleting_old_versions() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("IMGFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    stack.start_worker("w1", &[]).await;
+    stack.wait_for_plugins().await;
+
+    // 0.1.0 live; 0.2.0 staged with ?activate=false: jobs still run 0.1.0.
+    assert_eq!(
+        put(&stack, "invert", Some(TOKEN), invert("0.1.0"))
+            .await
+            .status(),
+        201
+    );
+    let r = stack
+        .client
+        .put(format!(
+            "{}/v1/plugins/invert?activate=false",
+            stack.api_url
+        ))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/wasm")
+        .body(invert("0.2.0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let staged: Value = r.json().await.unwrap();
+    assert_eq!(staged["active"], false);
+    let id = submit(&stack, "invert").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(stack.wait_done(&id).await["status"], "completed");
+    assert_eq!(digest_of(&stack, &id).await.0, "0.1.0");
+
+    // The active version cannot be deleted; nor one an unfinished job needs.
+    let (code, _) = error_code(delete_version(&stack, "0.1.0").await, 409).await;
+    assert_eq!(code, "version_in_use");
+    let pool = stack.pool().await;
+    sqlx::query("UPDATE jobs SET status = 'queued', plugin_version = '0.2.0' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, message) = error_code(delete_version(&stack, "0.2.0").await, 409).await;
+    assert_eq!(code, "version_in_use");
+    assert!(message.contains("1 unfinished"), "{message}");
+    sqlx::query("UPDATE jobs SET status = 'completed' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Now 0.2.0 goes, with its component; 0.1.0 and its component stay.
+    let components = stack.stored("plugins").len();
+    assert_eq!(delete_version(&stack, "0.2.0").await.status(), 204);
+    assert_eq!(stack.stored("plugins").len(), components - 1);
+    let versions = stack.get_json("/v1/plugins/invert").await;
+    assert_eq!(
+        versions["versions"].as_array().unwrap().len(),
+        1,
+        "{versions}"
+    );
+    let (code, _) = error_code(delete_version(&stack, "0.2.0").await, 404).await;
+    assert_eq!(code, "version_not_found");
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", stack.api_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("api_deletions_total{reason=\"request\",what=\"plugin_version\"} 1"),
+        "{metrics}"
+    );
 }

@@ -3,7 +3,47 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use imgflow_testkit::stack::{repo, Stack};
+use imgflow_testkit::stack::{repo, Stack, TEST_ADMIN_TOKEN};
+
+/// The README's lines that read credentials from `make up`'s state.
+const KEY_LINE: &str = "KEY=$(cat .imgflow/client-key)";
+const TOKEN_LINE: &str = "TOKEN=$(cat .imgflow/admin-token)";
+
+/// Starts the API as `make up` does (credentials required), with a client
+/// key made through the API; returns the key.
+async fn start_secured(stack: &mut Stack) -> String {
+    stack
+        .start_api(&[
+            ("AUTH_REQUIRED", "true"),
+            ("IMGFLOW_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
+            ("RESULT_URL_SECRET", "readme-result-url-secret-0123456789"),
+        ])
+        .await;
+    // The migrations run in the background at start: 503 until then.
+    for _ in 0..100 {
+        let response = stack
+            .client
+            .post(format!("{}/v1/keys", stack.api_url))
+            .bearer_auth(TEST_ADMIN_TOKEN)
+            .json(&serde_json::json!({"name": "readme"}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            let created: serde_json::Value = response.json().await.unwrap();
+            return created["key"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no client key could be created")
+}
+
+/// `script` with `make up`'s credential files replaced by these values.
+fn with_credentials(script: &str, key: &str) -> String {
+    script
+        .replace(KEY_LINE, &format!("KEY={key}"))
+        .replace(TOKEN_LINE, &format!("TOKEN={TEST_ADMIN_TOKEN}"))
+}
 
 /// The ```sh block between `<!-- NAME:start -->` and `<!-- NAME:end -->`.
 fn readme_block(name: &str) -> String {
@@ -50,8 +90,10 @@ fn run(stack: &Stack, script: &str, dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readme_curl_examples_work() {
     let script = readme_block("curl-examples");
+    assert!(script.contains(KEY_LINE), "{script}");
     let mut stack = Stack::new().await;
-    stack.start_api(&[]).await;
+    let key = start_secured(&mut stack).await;
+    let script = with_credentials(&script, &key);
     stack.start_worker("readme", &[]).await;
     stack.wait_for_plugins().await;
 
@@ -68,24 +110,31 @@ async fn the_readme_curl_examples_work() {
         "{stdout}"
     );
     assert!(stdout.contains("\"status\": \"completed\""), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("204"),
+        "the job is deleted: {stdout}"
+    );
+    let pool = stack.pool().await;
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1, "the blur job stays, the deleted one is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readme_upload_example_works() {
     let script = readme_block("upload-example");
-    assert!(script.contains("TOKEN=change-me"), "{script}");
+    assert!(
+        script.contains(TOKEN_LINE) && script.contains(KEY_LINE),
+        "{script}"
+    );
     let mut stack = Stack::new().await;
-    stack
-        .start_api(&[("IMGFLOW_ADMIN_TOKEN", "readme-token")])
-        .await;
+    let key = start_secured(&mut stack).await;
     stack.start_worker("readme-upload", &[]).await;
     stack.wait_for_plugins().await;
 
-    let stdout = run(
-        &stack,
-        &script.replace("TOKEN=change-me", "TOKEN=readme-token"),
-        &repo(),
-    );
+    let stdout = run(&stack, &with_credentials(&script, &key), &repo());
     assert!(stdout.contains("\"action\": \"invert\""), "{stdout}");
     assert!(stdout.contains("\"status\": \"completed\""), "{stdout}");
     assert!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use imgflow_testkit::stack::{repo, wait_until, Stack};
 use serde_json::Value;
 
-const TOKEN: &str = "test-admin-token";
+const TOKEN: &str = imgflow_testkit::TEST_ADMIN_TOKEN;
 
 fn component(file: &str) -> Vec<u8> {
     let path = repo()

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// The `COMPILE_CACHE_SECRET` every test process shares, so compiled plugins
 /// are reused across the many processes a test run starts.
 pub const TEST_CACHE_SECRET: &str = "imgflow-test-compile-cache-secret";
+/// The admin token the tests' APIs use (32 characters or more, as the API
+/// requires).
+pub const TEST_ADMIN_TOKEN: &str = "imgflow-test-admin-token-0123456789";
 
 /// The repository's root.
 pub fn repo() -> PathBuf {

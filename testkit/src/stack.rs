@@ -15,7 +15,7 @@ use clap::Parser as _;
 use imgflow_platform::queue::Queue;
 use sqlx::{Connection, PgConnection, PgPool};
 
-pub use crate::fixtures::{binary, builtin_plugin, repo, TEST_CACHE_SECRET};
+pub use crate::fixtures::{binary, builtin_plugin, repo, TEST_ADMIN_TOKEN, TEST_CACHE_SECRET};
 
 /// PostgreSQL server URL for administration (creating test databases).
 pub fn pg_admin_url() -> String {
@@ -258,20 +258,74 @@ impl Stack {
     }
 
     /// Starts the API in-process with extra settings; waits for /healthz.
+    /// It runs with `AUTH_REQUIRED=false` unless `extra` says otherwise.
     pub async fn start_api(&mut self, extra: &[(&str, &str)]) {
-        let mut vars = self.base_env();
-        vars.push(("API_ADDR".into(), "127.0.0.1:0".into()));
-        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let cli =
-            ApiCli::try_parse_from(std::iter::once("host-api".to_string()).chain(flags(&vars)))
-                .unwrap_or_else(|e| panic!("API settings {vars:?}: {e}"));
-        let app = host_api::App::build(cli.settings)
-            .await
-            .expect("the API builds");
+        let app = self.build_api(extra).await;
         let addr = app.local_addr().expect("the API's address");
         self.api = Some(InProcess::spawn(|shutdown| app.run_until(shutdown)));
         self.api_url = format!("http://{addr}");
-        let url = format!("{}/healthz", self.api_url);
+        self.wait_for_health(&self.api_url).await;
+    }
+
+    /// The settings of an API of this stack on `addr`, with `extra`.
+    fn api_env(&self, addr: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut vars = self.base_env();
+        vars.push(("API_ADDR".into(), addr.into()));
+        // Tests run as local development does, unless they ask otherwise.
+        vars.push(("AUTH_REQUIRED".into(), "false".into()));
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        vars
+    }
+
+    /// Builds an API of this stack in-process (not yet serving).
+    async fn build_api(&self, extra: &[(&str, &str)]) -> host_api::App {
+        let vars = self.api_env("127.0.0.1:0", extra);
+        let cli =
+            ApiCli::try_parse_from(std::iter::once("host-api".to_string()).chain(flags(&vars)))
+                .unwrap_or_else(|e| panic!("API settings {vars:?}: {e}"));
+        host_api::App::build(cli.settings)
+            .await
+            .expect("the API builds")
+    }
+
+    /// Starts a second API in-process on the same database, queue and
+    /// storage (two instances of one deployment); returns it and its URL.
+    pub async fn start_another_api(&self, extra: &[(&str, &str)]) -> (InProcess, String) {
+        let app = self.build_api(extra).await;
+        let url = format!("http://{}", app.local_addr().expect("the API's address"));
+        let api = InProcess::spawn(|shutdown| app.run_until(shutdown));
+        self.wait_for_health(&url).await;
+        (api, url)
+    }
+
+    /// Starts the API as a real process (the release binary), for tests
+    /// that measure or signal it; `api_url` then points at it.
+    pub async fn start_api_process(&mut self, extra: &[(&str, &str)]) -> Proc {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let vars = self.api_env(&addr, extra);
+        let log = self.dir.path().join("api.log");
+        let file = std::fs::File::create(&log).expect("a log file");
+        let child = Command::new(binary("host-api"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(vars)
+            .stdout(Stdio::from(file.try_clone().expect("a log file")))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the API: {e}"));
+        let proc = Proc {
+            child,
+            log,
+            name: "host-api".to_string(),
+        };
+        self.api_url = format!("http://{addr}");
+        self.wait_for_health(&self.api_url).await;
+        proc
+    }
+
+    async fn wait_for_health(&self, base: &str) {
+        let url = format!("{base}/healthz");
         wait_until(
             "the API answers /healthz",
             Duration::from_secs(20),

@@ -1,0 +1,63 @@
+//! Deleting finished jobs after `JOB_RETENTION`: their rows, inputs,
+//! results and idempotency keys. Every API instance runs the sweep; a lock
+//! in Redis lets one of them work each round, and each job is deleted by
+//! exactly one ([`Jobs::expire`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imgflow_platform::jobs::Jobs;
+
+use crate::metrics::{ApiMetrics, Deletion};
+
+/// The most jobs deleted in one round (the next round goes on).
+const BATCH: i64 = 500;
+
+/// The retention sweep.
+pub struct Retention {
+    /// The jobs.
+    pub jobs: Jobs,
+    /// Counts what was deleted.
+    pub metrics: Arc<ApiMetrics>,
+    /// How long finished jobs are kept; zero keeps them for ever.
+    pub keep: Duration,
+    /// How often to sweep.
+    pub every: Duration,
+}
+
+impl Retention {
+    /// Sweeps every `every` (for ever; abort the task to stop it). Does
+    /// nothing when jobs are kept for ever.
+    pub async fn run(self) {
+        if self.keep.is_zero() {
+            tracing::info!("JOB_RETENTION=0: finished jobs are kept for ever");
+            return;
+        }
+        let every = self.every.max(Duration::from_millis(100));
+        let holder = format!("api-{}", uuid::Uuid::now_v7().simple());
+        // The first round one interval after start, once the migrations
+        // have run.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // A full batch means more are due: go on at once.
+            loop {
+                match self.jobs.expire(&holder, every, self.keep, BATCH).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        self.metrics.deleted(Deletion::JobExpired, n);
+                        tracing::info!(deleted = n, "deleted jobs past JOB_RETENTION");
+                        if (n as i64) < BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention sweep failed; trying again next round");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

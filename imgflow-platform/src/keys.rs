@@ -1,0 +1,144 @@
+//! Client API keys: created and revoked by an operator, checked on every
+//! request of a client.
+//!
+//! A key reads `ifk_<id>_<secret>`: the id (a UUID, 32 hex digits) finds
+//! the record, the secret (256 random bits, 64 hex digits) proves the
+//! holder. Only the secret's SHA-256 is stored, and it is compared in
+//! constant time. The full key is shown once, when it is created.
+
+use chrono::{DateTime, Utc};
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq as _;
+use uuid::Uuid;
+
+/// What every key starts with, so a leaked key is recognisable (and
+/// secret scanners can be taught it).
+pub const PREFIX: &str = "ifk_";
+
+/// A key as listed: everything but the secret.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRecord {
+    /// The key's id: the owner recorded on its jobs.
+    pub id: Uuid,
+    /// What the operator called it.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key just created: the record and the secret key, shown only now.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// The record.
+    pub record: KeyRecord,
+    /// The whole key, `ifk_<id>_<secret>`, for the client.
+    pub key: String,
+}
+
+/// The key store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    db: PgPool,
+}
+
+impl Keys {
+    /// The store in this database.
+    pub fn new(db: PgPool) -> Keys {
+        Keys { db }
+    }
+
+    /// Creates a key called `name`.
+    pub async fn create(&self, name: &str) -> Result<NewKey, sqlx::Error> {
+        let id = Uuid::now_v7();
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let secret = hex::encode(secret);
+        let record: KeyRecord = sqlx::query_as(
+            "INSERT INTO api_keys (id, name, hash) VALUES ($1, $2, $3)
+             RETURNING id, name, created_at, revoked_at",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(hash(&secret).as_slice())
+        .fetch_one(&self.db)
+        .await?;
+        Ok(NewKey {
+            record,
+            key: format!("{PREFIX}{}_{secret}", id.simple()),
+        })
+    }
+
+    /// Every key that is not revoked, oldest first.
+    pub async fn list(&self) -> Result<Vec<KeyRecord>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, name, created_at, revoked_at FROM api_keys
+             WHERE revoked_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&self.db)
+        .await
+    }
+
+    /// Revokes a key: it stops working at once. Returns false if there is
+    /// no such live key.
+    pub async fn revoke(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The id of the live key `key`, or `None` if it is not one (malformed,
+    /// unknown, revoked or a wrong secret; which, the caller is not told).
+    pub async fn verify(&self, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        let Some((id, secret)) = parse(key) else {
+            return Ok(None);
+        };
+        let stored: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT hash FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?;
+        Ok(stored
+            .filter(|(stored,)| bool::from(stored.as_slice().ct_eq(hash(secret).as_slice())))
+            .map(|_| id))
+    }
+}
+
+/// Splits `ifk_<id>_<secret>`, checking its shape (so nothing malformed
+/// reaches the database).
+fn parse(key: &str) -> Option<(Uuid, &str)> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    if id.len() != 32 || secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((Uuid::try_parse(id).ok()?, secret))
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_well_formed_keys() {
+        let id = Uuid::now_v7();
+        let secret = "ab".repeat(32);
+        let key = format!("{PREFIX}{}_{secret}", id.simple());
+        assert_eq!(parse(&key), Some((id, secret.as_str())));
+        assert_eq!(parse(&key[1..]), None);
+        assert_eq!(parse(&format!("{key}0")), None);
+        assert_eq!(parse(&key.replace('a', "\0")), None);
+        assert_eq!(parse("ifk__"), None);
+    }
+}

@@ -1,0 +1,431 @@
+//! The API as a hostile client meets it, measured on the real binary:
+//! decode bombs against `API_DECODE_MEMORY_MB`, clients that trickle
+//! headers or bodies against the HTTP timeouts, SIGTERM with such
+//! connections open against `SHUTDOWN_TIMEOUT`, and a large result
+//! streamed to many clients at once.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use imgflow_platform::jobs::{Jobs, NewJob, Submitted};
+use imgflow_platform::storage::Storage;
+use imgflow_runtime::codec::ImageFormat;
+use imgflow_testkit::stack::{repo, Proc, Stack};
+use reqwest::StatusCode;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A process's memory figure from `/proc/<pid>/status` (`VmRSS`, `VmHWM`),
+/// in bytes.
+fn memory(proc: &Proc, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.child.id())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    kib * 1024
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS.
+fn reset_peak(proc: &Proc) {
+    std::fs::write(format!("/proc/{}/clear_refs", proc.child.id()), "5").unwrap();
+}
+
+/// A PNG that declares 8192x8192 16-bit RGBA (512 MiB decoded) but is all
+/// zeros, compressed at zlib level 9 to about half a megabyte. Made by
+/// Python's zlib, which is quick at it.
+fn decode_bomb() -> Vec<u8> {
+    let script = r#"
+import struct, sys, zlib
+w = h = 8192
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+z = zlib.compressobj(9)
+row = bytes(1 + w * 8)
+idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+sys.stdout.buffer.write(png)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+async fn submit_raw(stack: &Stack, body: Vec<u8>) -> (StatusCode, String) {
+    let response = stack
+        .client
+        .post(format!("{}/v1/jobs?action=grayscale", stack.api_url))
+        .header("content-type", "image/png")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decode_bombs_stay_within_the_decoding_budget() {
+    let bomb = decode_bomb();
+    assert!(bomb.len() < 1024 * 1024, "{} bytes", bomb.len());
+    let budget_mb = 600;
+    let mut stack = Stack::new().await;
+    let api = stack
+        .start_api_process(&[
+            ("API_DECODE_MEMORY_MB", &budget_mb.to_string()),
+            ("API_DECODE_WAIT", "1s"),
+        ])
+        .await;
+    // The built-in plugins are registered by a worker, which then stops:
+    // no worker decodes the accepted bombs during the measurement.
+    let worker = stack.start_worker("bomb-setup", &[]).await;
+    stack.wait_for_plugins().await;
+    stack.workers[worker].kill();
+
+    let idle = memory(&api, "VmRSS");
+    reset_peak(&api);
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let (client, url, body) = (stack.client.clone(), stack.api_url.clone(), bomb.clone());
+        answers.push(tokio::spawn(async move {
+            let response = client
+                .post(format!("{url}/v1/jobs?action=grayscale"))
+                .header("content-type", "image/png")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            response.status()
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for answer in answers {
+        *counts.entry(answer.await.unwrap().as_u16()).or_insert(0) += 1;
+    }
+    let elapsed = started.elapsed();
+    let peak = memory(&api, "VmHWM");
+    println!(
+        "40 bombs: answers {counts:?} in {:.1} s; API RSS idle {} MiB, peak {} MiB (bound {} MiB)",
+        elapsed.as_secs_f64(),
+        idle / MIB,
+        peak / MIB,
+        budget_mb + 300
+    );
+    for status in counts.keys() {
+        assert!([202, 413, 429, 503].contains(status), "{counts:?}");
+    }
+    assert!(
+        counts.get(&202).copied().unwrap_or(0) >= 1,
+        "some are decoded: {counts:?}"
+    );
+    assert!(
+        peak < (budget_mb + 300) * MIB,
+        "peak RSS {} MiB over API_DECODE_MEMORY_MB + 300 MiB",
+        peak / MIB
+    );
+    // And it still serves a normal job.
+    let photo = std::fs::read(repo().join("tests/fixtures/photos/kodim23.png")).unwrap();
+    let (status, body) = submit_raw(&stack, photo).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+/// Opens a connection that sends a request line and then one header line
+/// every `every`, never finishing; returns how long until the server
+/// closed it (or `None` if it was still open after `give_up`).
+async fn trickle_headers(addr: String, every: Duration, give_up: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(&addr).await.ok()?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: imgflow\r\n")
+        .await
+        .ok()?;
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if write.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(give_up, async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    closed.ok().map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_are_cut_off_and_shutdown_has_a_deadline() {
+    let mut stack = Stack::new().await;
+    let api = stack
+        .start_api_process(&[("HEADER_READ_TIMEOUT", "2s"), ("BODY_READ_TIMEOUT", "3s")])
+        .await;
+    let addr = stack.api_url.trim_start_matches("http://").to_string();
+
+    // 500 connections trickling headers: each is closed within the header
+    // timeout + 2 s, while /healthz keeps answering within 1 s.
+    let slow: Vec<_> = (0..500)
+        .map(|_| {
+            tokio::spawn(trickle_headers(
+                addr.clone(),
+                Duration::from_millis(500),
+                Duration::from_secs(10),
+            ))
+        })
+        .collect();
+    let mut slowest_health = Duration::ZERO;
+    let probe_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < probe_until {
+        let asked = Instant::now();
+        let response = stack
+            .client
+            .get(format!("{}/healthz", stack.api_url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        slowest_health = slowest_health.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut closed_after = Vec::new();
+    for connection in slow {
+        let closed = connection
+            .await
+            .unwrap()
+            .expect("a trickling connection stayed open");
+        closed_after.push(closed);
+    }
+    let longest = closed_after.iter().max().copied().unwrap_or_default();
+    println!(
+        "500 trickling connections: all closed, the last after {:.2} s; slowest /healthz meanwhile {} ms",
+        longest.as_secs_f64(),
+        slowest_health.as_millis()
+    );
+    assert!(longest <= Duration::from_secs(4), "{longest:?}");
+    assert!(
+        slowest_health < Duration::from_secs(1),
+        "{slowest_health:?}"
+    );
+
+    // An idle keep-alive connection is closed after the header timeout too.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: imgflow\r\n\r\n")
+        .await
+        .unwrap();
+    let opened = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let end = tokio::time::timeout(Duration::from_secs(6), idle.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection still open"
+    );
+    assert!(
+        opened.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        opened.elapsed()
+    );
+
+    // A body trickled past the body timeout: 408, then closed.
+    let mut body = TcpStream::connect(&addr).await.unwrap();
+    body.write_all(
+        b"POST /v1/jobs?action=grayscale HTTP/1.1\r\nHost: imgflow\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let sent = Instant::now();
+    let (mut read, mut write) = body.into_split();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if write.write_all(&[0u8; 100]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
+    writer.abort();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    println!(
+        "slow body: answered after {:.2} s: {}",
+        sent.elapsed().as_secs_f64(),
+        answer.lines().next().unwrap_or("(closed)")
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("request_timeout") || answer.is_empty(),
+        "{answer}"
+    );
+    assert!(
+        sent.elapsed() <= Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    drop(api);
+
+    // SIGTERM with slow uploads open: the API exits within the shutdown
+    // deadline + 1 s.
+    let mut stack = Stack::new().await;
+    let mut api = stack
+        .start_api_process(&[("BODY_READ_TIMEOUT", "60s"), ("SHUTDOWN_TIMEOUT", "2s")])
+        .await;
+    let addr = stack.api_url.trim_start_matches("http://").to_string();
+    let mut uploads = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"POST /v1/jobs?action=grayscale HTTP/1.1\r\nHost: imgflow\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PNG")
+            .await
+            .unwrap();
+        uploads.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    api.signal("TERM");
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = api.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "the API did not exit: {}",
+            api.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    println!(
+        "SIGTERM with 20 slow uploads open: exited ({status}) after {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(status.success(), "{}", api.log_tail());
+    assert!(took <= Duration::from_secs(3), "{took:?}");
+    drop(uploads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_result_is_streamed_not_buffered() {
+    let mut stack = Stack::new().await;
+    let api = stack.start_api_process(&[]).await;
+
+    // A completed job whose result is 100 MB, recorded the way a worker
+    // records one.
+    let pool = stack.pool().await;
+    let storage = Storage::open(&stack.storage.display().to_string()).unwrap();
+    let jobs = Jobs::new(pool, stack.redis_queue(), storage);
+    let new = NewJob {
+        action: "grayscale".into(),
+        plugin_version: "0.1.0".into(),
+        plugin_digest: "0".repeat(64),
+        params: serde_json::json!({}),
+        input_format: "png".into(),
+        output_format: "png".into(),
+        idempotency_key: None,
+        owner: "anonymous".into(),
+        request_hash: String::new(),
+    };
+    let Submitted::Created(job) = jobs
+        .submit(new, Bytes::from_static(b"input"))
+        .await
+        .unwrap()
+    else {
+        panic!("a new job");
+    };
+    let job = jobs.start(job.id, "test").await.unwrap().unwrap();
+    let size: usize = 100_000_000;
+    let result = Bytes::from(vec![7u8; size]);
+    let key = jobs
+        .store_result(&job, ImageFormat::Png, result)
+        .await
+        .unwrap();
+    assert!(jobs.complete(job.id, &key, size as i64).await.unwrap());
+    let url = format!("{}/v1/jobs/{}/result", stack.api_url, job.id);
+
+    // HEAD: the headers, no body.
+    let head = stack.client.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"], size.to_string().as_str());
+    let etag = head.headers()["etag"].to_str().unwrap().to_string();
+    assert!(head.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    assert!(head.bytes().await.unwrap().is_empty());
+    // A client with a current copy gets 304.
+    let cached = stack
+        .client
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+
+    reset_peak(&api);
+    let idle = memory(&api, "VmRSS");
+    let started = Instant::now();
+    let downloads: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url) = (stack.client.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut response = client
+                    .get(&url)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                assert_eq!(response.content_length(), Some(size as u64));
+                let mut got = 0usize;
+                while let Some(chunk) = response.chunk().await.unwrap() {
+                    assert!(chunk.iter().all(|b| *b == 7));
+                    got += chunk.len();
+                    // A slow reader: the API must not buffer ahead for it.
+                    if got % (10 * 1024 * 1024) < chunk.len() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    for download in downloads {
+        assert_eq!(download.await.unwrap(), size);
+    }
+    let peak = memory(&api, "VmHWM");
+    println!(
+        "20 clients x 100 MB in {:.1} s: API RSS idle {} MiB, peak {} MiB",
+        started.elapsed().as_secs_f64(),
+        idle / MIB,
+        peak / MIB
+    );
+    assert!(peak < 300 * MIB, "peak RSS {} MiB", peak / MIB);
+    let _ = std::io::stdout().flush();
+}
