@@ -170,6 +170,11 @@ pub async fn with_deadline(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use http_body::Body as _;
+    // A request without a body (most of them) needs no timer.
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
     let request = request.map(|body| Body::new(Deadline::new(body, timeout)));
     next.run(request).await
 }

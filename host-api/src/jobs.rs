@@ -642,8 +642,8 @@ pub async fn get(
 }
 
 /// Deletes a job: its input, its result and its record. A queued job is
-/// taken off the queue first; a running job's result is discarded when it
-/// ends.
+/// taken off the queue first; a running job is abandoned by its worker at
+/// its next lease renewal (a third of `LEASE_MS`).
 #[utoipa::path(
     delete,
     path = "/v1/jobs/{id}",

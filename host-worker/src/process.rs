@@ -83,17 +83,25 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         // Keep the lease while the job runs, so no other worker takes it;
         // but only until the job's deadline (plus a tick): a job that is
         // still running then is wedged, and its lease lapses so another
-        // worker takes it over and the attempt counts.
+        // worker takes it over and the attempt counts. At each renewal, a
+        // job its owner deleted meanwhile is abandoned (its sandbox
+        // dropped).
         let deadline = Arc::new(OnceLock::new());
+        let (deleted_tx, mut deleted) = tokio::sync::oneshot::channel::<()>();
         let renewer = {
             let ctx = ctx.clone();
             let entry = delivery.entry.clone();
             let deadline = deadline.clone();
+            let id = job.id;
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(ctx.lease / 3);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
+                    if let Ok(None) = ctx.jobs.get(id).await {
+                        let _ = deleted_tx.send(());
+                        return;
+                    }
                     if deadline.get().is_some_and(|d: &Instant| d.elapsed() > Duration::from_secs(1)) {
                         tracing::warn!("the job is past its deadline; no longer renewing its lease");
                         return;
@@ -104,7 +112,14 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 }
             })
         };
-        let outcome = run(&ctx, &job, &deadline).await;
+        let outcome = tokio::select! {
+            outcome = run(&ctx, &job, &deadline) => outcome,
+            Ok(()) = &mut deleted => {
+                tracing::info!("job was deleted while it ran; abandoned");
+                ack(&ctx, &delivery).await;
+                return;
+            }
+        };
         renewer.abort();
 
         match outcome {

@@ -508,8 +508,9 @@ impl Jobs {
 
     /// Deletes a job: its queue entry (so no worker starts it), its row,
     /// its input and its result. Returns the deleted row, or `None` if there
-    /// was no such job. A worker already running it finds the row gone when
-    /// it records the outcome, and deletes the result it wrote
+    /// was no such job. A worker already running it finds the row gone at
+    /// its next lease renewal and abandons it, or when it records the
+    /// outcome, and then deletes the result it wrote
     /// ([`Jobs::discard_orphan_result`]).
     pub async fn delete(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
         let Some(job) = self.get(id).await? else {

@@ -2,8 +2,9 @@
 //! a plugin that sleeps in a host call (no CPU, so the epoch alone never
 //! stops it), one whose `metadata()` sleeps, so it never finishes loading;
 //! uploads that find every compile slot taken; a job whose worker is killed
-//! on every attempt; SIGTERM while a plugin sleeps; and a burst of large
-//! images against the worker's memory budget, measured as RSS.
+//! on every attempt; SIGTERM while a plugin sleeps; a running job deleted by
+//! its owner; and a burst of large images against the worker's memory
+//! budget, measured as RSS.
 
 use std::time::{Duration, Instant};
 
@@ -383,4 +384,51 @@ async fn a_burst_of_large_images_stays_within_the_workers_memory_budget() {
         "{text}"
     );
     assert!(text.contains("worker_memory_reserved_bytes 0"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_running_job_stops_its_sandbox() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("IMGFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    stack
+        .start_worker(
+            "one-slot",
+            &[
+                ("CONCURRENCY", "1"),
+                ("JOB_TIMEOUT_MS", "60000"),
+                ("LEASE_MS", "900"),
+            ],
+        )
+        .await;
+    stack.wait_for_plugins().await;
+    let (status, body, _) = upload(&stack, "sleep", "sleep.wasm").await;
+    assert_eq!(status, 201, "{body}");
+    let sleeper = stack
+        .submit_raw("action=sleep", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let id = sleeper["id"].as_str().unwrap().to_string();
+    wait_until("the sleeper runs", Duration::from_secs(30), || async {
+        job_row(&stack, &id).await.0 == "running"
+    })
+    .await;
+
+    // Its owner deletes it: the worker's one slot comes free within a
+    // lease renewal, so the next job runs at once instead of in a minute.
+    let deleted_at = Instant::now();
+    let r = stack
+        .client
+        .delete(format!("{}/v1/jobs/{id}", stack.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let next = stack
+        .submit_raw("action=grayscale", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let done = stack.wait_done(next["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let took = deleted_at.elapsed();
+    println!("deleted a running job; the next job completed {took:?} later");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(stack.stream_len().await, 0);
 }
