@@ -209,25 +209,27 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 /// `RESULT_URL_SECRET` (the same on every API instance).
 #[derive(Clone)]
 pub struct ResultUrls {
-    secret: Option<Vec<u8>>,
+    /// The HMAC keyed with the secret, cloned for each signature.
+    mac: Option<Hmac<Sha256>>,
     ttl: Duration,
 }
 
 impl std::fmt::Debug for ResultUrls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResultUrls")
-            .field("signed", &self.secret.is_some())
+            .field("signed", &self.mac.is_some())
             .field("ttl", &self.ttl)
             .finish()
     }
 }
 
-/// A signature's query parameters.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// A signed result URL's query parameters.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Signature {
-    /// When it expires, in seconds since the epoch.
+    /// When a signed URL expires (seconds since 1970); from `result_url`.
     pub expires: Option<u64>,
-    /// The HMAC, in hex.
+    /// A signed URL's signature; from `result_url`.
     pub sig: Option<String>,
 }
 
@@ -236,7 +238,10 @@ impl ResultUrls {
     /// URLs are plain and need credentials.
     pub fn new(secret: Option<String>, ttl: Duration) -> ResultUrls {
         ResultUrls {
-            secret: secret.filter(|s| !s.is_empty()).map(String::into_bytes),
+            // HMAC takes a key of any length, so this only skips no secret.
+            mac: secret
+                .filter(|s| !s.is_empty())
+                .and_then(|s| Hmac::<Sha256>::new_from_slice(s.as_bytes()).ok()),
             ttl,
         }
     }
@@ -244,10 +249,10 @@ impl ResultUrls {
     /// The URL of a job's result: signed when a secret is set.
     pub fn url(&self, job: Uuid) -> String {
         let path = format!("/v1/jobs/{job}/result");
-        match &self.secret {
-            Some(_) => {
+        match &self.mac {
+            Some(mac) => {
                 let expires = now() + self.ttl.as_secs().max(1);
-                format!("{path}?expires={expires}&sig={}", self.sign(job, expires))
+                format!("{path}?expires={expires}&sig={}", sign(mac, job, expires))
             }
             None => path,
         }
@@ -256,15 +261,15 @@ impl ResultUrls {
     /// Checks a signature for `job`; `Ok(seconds left)` if it is good.
     pub fn check(&self, job: Uuid, signature: &Signature) -> Result<u64, ApiError> {
         let invalid = |why: &str| ApiError::new(ErrorCode::InvalidSignature, why);
-        if self.secret.is_none() {
+        let Some(mac) = &self.mac else {
             return Err(invalid(
                 "result URLs are not signed here (no RESULT_URL_SECRET); send credentials",
             ));
-        }
+        };
         let (Some(expires), Some(sig)) = (signature.expires, signature.sig.as_deref()) else {
             return Err(invalid("a signed URL needs both `expires` and `sig`"));
         };
-        if !constant_time_eq(&self.sign(job, expires), sig) {
+        if !constant_time_eq(&sign(mac, job, expires), sig) {
             return Err(invalid("the signature does not match"));
         }
         let now = now();
@@ -275,17 +280,13 @@ impl ResultUrls {
         }
         Ok(expires - now)
     }
+}
 
-    fn sign(&self, job: Uuid, expires: u64) -> String {
-        let key = self.secret.as_deref().unwrap_or_default();
-        // HMAC takes a key of any length.
-        let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
-            Ok(mac) => mac,
-            Err(_) => return String::new(),
-        };
-        mac.update(format!("{job}:{expires}").as_bytes());
-        hex::encode(mac.finalize().into_bytes())
-    }
+/// The hex HMAC of `"<job>:<expires>"`.
+fn sign(mac: &Hmac<Sha256>, job: Uuid, expires: u64) -> String {
+    let mut mac = mac.clone();
+    mac.update(format!("{job}:{expires}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 fn now() -> u64 {

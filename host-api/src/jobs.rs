@@ -665,23 +665,12 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let caller = state.auth.caller(&headers).await?;
     let job = find(&state, caller, &id).await?;
-    if state.jobs.delete(job.id).await?.is_none() {
+    if !state.jobs.delete(&job).await? {
         return Err(not_found(&id));
     }
     state.metrics.deleted(Deletion::JobRequested, 1);
     tracing::info!(job_id = %job.id, owner = %job.owner, "job deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// A signed result URL's query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct ResultQuery {
-    /// When a signed URL expires (seconds since 1970); from `result_url`.
-    expires: Option<u64>,
-    /// A signed URL's signature; from `result_url`.
-    sig: Option<String>,
 }
 
 /// Downloads a completed job's result, in its `output_format`, streamed
@@ -694,7 +683,7 @@ pub struct ResultQuery {
     tag = "jobs",
     params(
         ("id" = String, Path, description = "The job's id"),
-        ResultQuery,
+        Signature,
         ("If-None-Match" = Option<String>, Header, description = "The ETag of a copy the client has"),
     ),
     responses(

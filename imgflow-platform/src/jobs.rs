@@ -506,30 +506,26 @@ impl Jobs {
         Ok(requeued)
     }
 
-    /// Deletes a job: its queue entry (so no worker starts it), its row,
-    /// its input and its result. Returns the deleted row, or `None` if there
-    /// was no such job. A worker already running it finds the row gone at
-    /// its next lease renewal and abandons it, or when it records the
-    /// outcome, and then deletes the result it wrote
-    /// ([`Jobs::discard_orphan_result`]).
-    pub async fn delete(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
-        let Some(job) = self.get(id).await? else {
-            return Ok(None);
-        };
+    /// Deletes a job (as last read): its queue entry (so no worker starts
+    /// it), its row, its input and its result. Returns false if it was gone
+    /// already. A worker already running it finds the row gone at its next
+    /// lease renewal and abandons it, or when it records the outcome, and
+    /// then deletes the result it wrote ([`Jobs::discard_orphan_result`]).
+    pub async fn delete(&self, job: &JobRecord) -> Result<bool, JobsError> {
         if let (false, Some(entry)) = (job.status.is_finished(), &job.stream_id) {
             self.queue.finish(entry).await?;
         }
         let deleted: Option<JobRecord> =
             sqlx::query_as("DELETE FROM jobs WHERE id = $1 RETURNING *")
-                .bind(id)
+                .bind(job.id)
                 .fetch_optional(&self.db)
                 .await?;
         let Some(deleted) = deleted else {
             // Deleted meanwhile by another request or the retention sweep.
-            return Ok(None);
+            return Ok(false);
         };
         self.delete_files(&deleted).await?;
-        Ok(Some(deleted))
+        Ok(true)
     }
 
     /// The retention sweep's round: if `holder` gets the retention lock (for
@@ -578,13 +574,16 @@ impl Jobs {
     async fn delete_files(&self, job: &JobRecord) -> Result<(), StorageError> {
         self.storage.delete(&job.input_key).await?;
         // A result may exist even when not recorded (a worker that stored
-        // it just before the job was deleted or failed).
-        for format in ImageFormat::ALL {
-            self.storage
-                .delete(&storage::output_key(job.id, format))
-                .await?;
+        // it just before the job was deleted or failed): it is named by the
+        // job and its output format.
+        match ImageFormat::parse(&job.output_format) {
+            Some(format) => {
+                self.storage
+                    .delete(&storage::output_key(job.id, format))
+                    .await
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// After [`Jobs::complete`] found nothing to complete: if the job was

@@ -331,6 +331,46 @@ async fn slow_clients_are_cut_off_and_shutdown_has_a_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let mut stack = Stack::new().await;
+    let _api = stack
+        .start_api_process(&[("MAX_CONNECTIONS", "4"), ("HEADER_READ_TIMEOUT", "2s")])
+        .await;
+    let addr = stack.api_url.trim_start_matches("http://").to_string();
+    // The start-up check's keep-alive connection closes at the header
+    // timeout; then four clients take every slot and hold them with
+    // unfinished headers.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        holders.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A fifth is served only once the header timeout frees a slot.
+    let fresh = reqwest::Client::new();
+    let asked = Instant::now();
+    let response = fresh
+        .get(format!("{}/healthz", stack.api_url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    println!("a fifth connection over MAX_CONNECTIONS=4 was served after {waited:?}");
+    assert!(response.status().is_success());
+    assert!(
+        waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(4),
+        "{waited:?}"
+    );
+    drop(holders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_result_is_streamed_not_buffered() {
     let mut stack = Stack::new().await;
     let api = stack.start_api_process(&[]).await;
