@@ -3,7 +3,8 @@
 #   make build     hosts in release + every plugin (wasm32-wasip2)
 #   make plugins   the plugins only, to plugins/target/wasm32-wasip2/release/<name>.wasm
 #   make test      every test (builds what it needs first)
-#   make bench     benchmark figures (see docs/BENCHMARKS.md)
+#   make bench     filter and sandbox figures beside libvips (docs/BENCHMARKS.md)
+#   make load      end-to-end figures against the running system (make up)
 #   make lint      rustfmt and clippy, warnings are errors
 #   make up        the whole system, natively (scripts/native.sh); make down,
 #                  make status, make logs
@@ -12,7 +13,7 @@
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
+.PHONY: load bench-deps env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
 
 all: build
 
@@ -69,8 +70,18 @@ test-plugins:
 test-hosts:
 	IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --workspace
 
-bench: plugins
+# libvips (the yardstick) and pyvips, installed when missing.
+bench-deps:
+	@scripts/bench-deps.sh
+
+bench: bench-deps plugins
 	$(CARGO) bench -p imgflow-runtime --bench runtime
+
+# Drives the system `make up` started; prints completed/s and latencies
+# from the job records, and libvips's figure for the same photo jobs.
+load: bench-deps
+	$(CARGO) build --release -p imgflow-load
+	scripts/load.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

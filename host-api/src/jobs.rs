@@ -53,6 +53,9 @@ pub struct Job {
     /// The result's format.
     #[schema(example = "png")]
     pub output_format: String,
+    /// The job whose result this one reused: set when it was completed
+    /// from the result cache (`RESULT_CACHE`) without running.
+    pub cached_from: Option<Uuid>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When a worker last started it.
@@ -89,6 +92,7 @@ impl Job {
                 message: job.error_message.clone().unwrap_or_default(),
             }),
             output_format: job.output_format.clone(),
+            cached_from: job.cached_from,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -251,7 +255,7 @@ async fn read_and_accept(
     }
     let submission = read_submission(state, headers, request).await?;
     if let Some(job) = earlier {
-        return repeated(state, &job, &submission.digest());
+        return repeated(state, &job, &submission.digest(&submission.image_sha256()));
     }
     accept(state, caller, headers, submission).await
 }
@@ -429,7 +433,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 impl Submission {
     /// A digest of everything submitted, so a reused idempotency key can be
     /// told apart from a repeated request. Each field is length-prefixed.
-    fn digest(&self) -> String {
+    fn digest(&self, image_sha256: &[u8]) -> String {
         let mut hash = Sha256::new();
         let mut field = |bytes: &[u8]| {
             hash.update((bytes.len() as u64).to_le_bytes());
@@ -448,8 +452,14 @@ impl Submission {
                 }
             }
         }
-        field(&self.image);
+        field(image_sha256);
         hex::encode(hash.finalize())
+    }
+
+    /// The SHA-256 of the image (the request digest and the result-cache
+    /// key are made from it).
+    fn image_sha256(&self) -> [u8; 32] {
+        Sha256::digest(&self.image).into()
     }
 }
 
@@ -478,7 +488,8 @@ async fn accept(
 ) -> Result<Response, ApiError> {
     let owner = caller.owner();
     let idempotency_key = idempotency_key(headers)?;
-    let digest = s.digest();
+    let image_sha256 = s.image_sha256();
+    let digest = s.digest(&image_sha256);
     let plugin = resolve_action(state, &s.action).await?;
     let meta = &plugin.metadata.0;
     let validated = match &s.json_params {
@@ -502,22 +513,34 @@ async fn accept(
 
     let input_format = validate_image(state, &s.image).await?;
 
+    let params = serde_json::to_value(&validated).unwrap_or_default();
+    let output_format = requested_format.unwrap_or(input_format).name().to_string();
+    let cache_key = (state.result_cache && plugin.cacheable).then(|| {
+        imgflow_platform::jobs::cache_key(&image_sha256, &plugin.digest, &params, &output_format)
+    });
     let new = NewJob {
         action: meta.name.clone(),
         plugin_version: plugin.version.clone(),
         plugin_digest: plugin.digest.clone(),
-        params: serde_json::to_value(&validated).unwrap_or_default(),
+        params,
         input_format: input_format.name().to_string(),
-        output_format: requested_format.unwrap_or(input_format).name().to_string(),
+        output_format,
         idempotency_key,
         owner,
         request_hash: digest.clone(),
+        cache_key,
     };
     match state.jobs.submit(new, s.image).await? {
         Submitted::Existing(job) => repeated(state, &job, &digest),
         Submitted::Created(job) => {
             state.metrics.submitted(&job.action);
             tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, size = job.input_size, "job accepted");
+            Ok(answer(state, StatusCode::ACCEPTED, &job))
+        }
+        Submitted::Cached(job) => {
+            state.metrics.submitted(&job.action);
+            state.metrics.cache_hit(&job.action);
+            tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, cached_from = ?job.cached_from, "job completed from the result cache");
             Ok(answer(state, StatusCode::ACCEPTED, &job))
         }
     }

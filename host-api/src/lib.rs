@@ -116,6 +116,12 @@ pub struct Settings {
     /// cannot fill the queue.
     #[arg(long, env = "KEY_MAX_UNFINISHED_JOBS", default_value_t = 1000)]
     pub key_max_unfinished_jobs: u32,
+    /// Whether a job equal to a completed job of the same client (same
+    /// input bytes, plugin digest, parameters and output format) is
+    /// completed from that job's result without running. Plugins marked not
+    /// cacheable always run.
+    #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub result_cache: bool,
     /// Memory for decoding submitted images to validate them, in MiB: a
     /// submission reserves its decoded size (from the header) first.
     #[arg(long, env = "API_DECODE_MEMORY_MB", default_value_t = 1024)]
@@ -238,6 +244,7 @@ impl App {
                 settings.result_url_ttl.0,
             ),
             key_max_unfinished: i64::from(settings.key_max_unfinished_jobs),
+            result_cache: settings.result_cache,
             decode_budget: Arc::new(decode_budget),
             decode_wait: settings.api_decode_wait.0,
             body_read_timeout: settings.http.body_read_timeout.0,

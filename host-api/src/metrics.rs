@@ -30,6 +30,7 @@ pub struct ApiMetrics {
     rejected: IntCounterVec,
     uploads: IntCounterVec,
     deleted: IntCounterVec,
+    cache_hits: IntCounterVec,
     /// `API_DECODE_MEMORY_MB`, in bytes.
     pub decode_budget: prometheus::IntGauge,
     /// What submissions being decoded hold of it, in bytes.
@@ -110,6 +111,13 @@ impl ApiMetrics {
                 ),
                 &["what", "reason"],
             )?,
+            cache_hits: IntCounterVec::new(
+                Opts::new(
+                    "api_result_cache_hits_total",
+                    "Jobs completed from the result cache (RESULT_CACHE) without running, by action; they are counted in api_jobs_submitted_total too.",
+                ),
+                &["action"],
+            )?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
                 "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
@@ -121,6 +129,7 @@ impl ApiMetrics {
             registry,
         };
         m.registry.register(Box::new(m.deleted.clone()))?;
+        m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.decode_budget.clone()))?;
         m.registry.register(Box::new(m.decode_reserved.clone()))?;
         for deletion in Deletion::ALL {
@@ -147,12 +156,18 @@ impl ApiMetrics {
     pub fn known_actions<'a>(&self, actions: impl IntoIterator<Item = &'a str>) {
         for action in actions {
             self.submitted.with_label_values(&[action]);
+            self.cache_hits.with_label_values(&[action]);
         }
     }
 
     /// Counts an accepted job of `action` (a registered plugin's name).
     pub fn submitted(&self, action: &str) {
         self.submitted.with_label_values(&[action]).inc();
+    }
+
+    /// Counts a job of `action` completed from the result cache.
+    pub fn cache_hit(&self, action: &str) {
+        self.cache_hits.with_label_values(&[action]).inc();
     }
 
     /// Counts a refused submission; `reason` is the answer's error code.

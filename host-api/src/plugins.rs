@@ -47,6 +47,9 @@ pub struct PluginVersion {
     pub builtin: bool,
     /// Whether new jobs run this version.
     pub active: bool,
+    /// Whether equal jobs may be completed from an earlier result (the
+    /// result cache); see `PUT /v1/plugins/{name}/cacheable`.
+    pub cacheable: bool,
     /// Who registered it (`builtin`, `admin`).
     pub uploader: String,
     /// When it was registered.
@@ -64,6 +67,7 @@ impl From<&PluginRecord> for PluginVersion {
             size: p.size,
             builtin: p.builtin,
             active: p.active,
+            cacheable: p.cacheable,
             uploader: p.uploader.clone(),
             created_at: p.created_at,
         }
@@ -411,6 +415,63 @@ pub async fn activate(
         ));
     }
     tracing::info!(plugin = %name, %version, "plugin version activated");
+    versions_of(&state, &name).await
+}
+
+/// Body of `PUT /v1/plugins/{name}/cacheable`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Cacheable {
+    /// `false`: jobs of this plugin always run (it reads clocks or
+    /// randomness); `true`: equal jobs of one client may be completed from
+    /// an earlier result (`RESULT_CACHE`).
+    cacheable: bool,
+}
+
+/// Marks a plugin's results reusable or not by the result cache, every
+/// version of it and later ones (operators).
+#[utoipa::path(
+    put,
+    path = "/v1/plugins/{name}/cacheable",
+    operation_id = "setPluginCacheable",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    request_body(content = Cacheable, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Its versions, with the new setting", body = PluginVersions),
+        (status = 400, description = "A bad name or body (`invalid_name`, `invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No such plugin (`plugin_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body over 4 KiB (`body_too_large`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn set_cacheable(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if let Err(e) = state.auth.admin(&headers).and_then(|()| check_name(&name)) {
+        body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
+    let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
+        Limited::Body(bytes) => bytes,
+        Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
+        Limited::Broken(e) => return Err(e),
+    };
+    let Cacheable { cacheable } = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"cacheable\": true|false}}: {e}"))
+    })?;
+    if !state.catalogue.set_cacheable(&name, cacheable).await? {
+        return Err(ApiError::new(
+            ErrorCode::PluginNotFound,
+            format!("no plugin {name:?}"),
+        ));
+    }
+    tracing::info!(plugin = %name, cacheable, "plugin cacheability set");
     versions_of(&state, &name).await
 }
 

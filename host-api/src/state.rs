@@ -44,6 +44,9 @@ pub struct AppState {
     pub result_urls: ResultUrls,
     /// A client key may have at most this many unfinished jobs.
     pub key_max_unfinished: i64,
+    /// Whether equal jobs are completed from an earlier result
+    /// (`RESULT_CACHE`).
+    pub result_cache: bool,
     /// What submissions being decoded may hold (`API_DECODE_MEMORY_MB`).
     pub decode_budget: Arc<MemoryBudget>,
     /// How long a submission waits for room in the decoding budget.

@@ -32,6 +32,8 @@ pub struct Context {
     pub registry: Registry,
     /// Input limits.
     pub limits: ImageLimits,
+    /// How hard PNG results are compressed (`PNG_COMPRESSION`).
+    pub png_compression: codec::PngCompression,
     /// Deliveries beyond this many attempts fail as `max_attempts`.
     pub max_attempts: i32,
     /// The queue lease; renewed at a third of it while a job runs, until
@@ -309,9 +311,10 @@ async fn run(
         }
     };
     let held = reservation.clone();
+    let png_compression = ctx.png_compression;
     let encoding = tokio::task::spawn_blocking(move || {
         let _held = held;
-        codec::encode(&applied.image, output_format)
+        codec::encode_with(&applied.image, output_format, png_compression)
     });
     let encoded = tokio::time::timeout_at(due.into(), encoding)
         .await

@@ -216,6 +216,7 @@ impl Worker {
             queue: queue.clone(),
             registry,
             limits: settings.sandbox.image_limits(),
+            png_compression: settings.sandbox.png_compression,
             max_attempts: settings.max_attempts,
             lease: Duration::from_millis(settings.lease_ms.max(300)),
             job_timeout: Duration::from_millis(settings.sandbox.timeout_ms.max(1)),

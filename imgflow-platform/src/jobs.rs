@@ -161,6 +161,11 @@ pub struct JobRecord {
     pub owner: String,
     /// The SHA-256 of the request (see [`NewJob::request_hash`]).
     pub request_hash: Option<String>,
+    /// The result-cache key (see [`NewJob::cache_key`]).
+    pub cache_key: Option<String>,
+    /// The job whose result (and input) this one reused, when it was
+    /// completed from the result cache without running.
+    pub cached_from: Option<Uuid>,
     /// The Redis stream entry that carries it.
     pub stream_id: Option<String>,
     /// The worker that ran it last.
@@ -197,6 +202,35 @@ pub struct NewJob {
     /// A digest of everything submitted (action, parameters, format,
     /// image): a reused idempotency key must come with the same request.
     pub request_hash: String,
+    /// The result-cache key ([`cache_key`]), or `None` when the result
+    /// cache is off or the plugin is not cacheable: then the job always
+    /// runs and its result is never reused.
+    pub cache_key: Option<String>,
+}
+
+/// The result-cache key of a job: a SHA-256 of the input's SHA-256, the
+/// plugin's digest, the validated parameters (as canonical JSON: keys
+/// sorted) and the output format, each length-prefixed. Two jobs of the same
+/// owner with equal keys have equal results (for a deterministic plugin).
+pub fn cache_key(
+    input_sha256: &[u8],
+    plugin_digest: &str,
+    params: &serde_json::Value,
+    output_format: &str,
+) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    for field in [
+        &b"imgflow-result-cache-v1"[..],
+        input_sha256,
+        plugin_digest.as_bytes(),
+        params.to_string().as_bytes(),
+        output_format.as_bytes(),
+    ] {
+        hash.update((field.len() as u64).to_le_bytes());
+        hash.update(field);
+    }
+    hex::encode(hash.finalize())
 }
 
 /// What [`Jobs::submit`] did.
@@ -204,6 +238,9 @@ pub struct NewJob {
 pub enum Submitted {
     /// A new job, stored and queued.
     Created(JobRecord),
+    /// A new job, completed at once from the result of an equal job of the
+    /// same owner (its `cached_from`); nothing stored or queued.
+    Cached(JobRecord),
     /// The idempotency key was already used: the earlier job, nothing new.
     Existing(JobRecord),
 }
@@ -274,14 +311,17 @@ impl Jobs {
     /// [`Jobs::by_idempotency_key`], to skip the work of validating).
     pub async fn submit(&self, new: NewJob, input: Bytes) -> Result<Submitted, JobsError> {
         let id = Uuid::now_v7();
+        if let Some(job) = self.complete_from_cache(id, &new).await? {
+            return Ok(job);
+        }
         let input_key = storage::input_key(id);
         let input_size = input.len() as i64;
         self.storage.put(&input_key, input).await?;
         let inserted = sqlx::query_as::<_, JobRecord>(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, idempotency_key,
-                               owner, request_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                               owner, request_hash, cache_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING *",
         )
@@ -298,6 +338,7 @@ impl Jobs {
         .bind(&new.idempotency_key)
         .bind(&new.owner)
         .bind(&new.request_hash)
+        .bind(&new.cache_key)
         .fetch_optional(&self.db)
         .await;
         let job = match inserted {
@@ -330,6 +371,53 @@ impl Jobs {
             tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
         }
         Ok(Submitted::Created(job))
+    }
+
+    /// With a cache key: records the job as `completed` with the result
+    /// (and input) of the newest completed job of the same owner and key, in
+    /// one statement. That job's row is locked (`FOR SHARE`) meanwhile, so a
+    /// concurrent deletion waits and then sees the new job referencing the
+    /// files (and keeps them). `None`: no such job (or the idempotency key
+    /// was taken meanwhile, which the ordinary path then reports).
+    async fn complete_from_cache(
+        &self,
+        id: Uuid,
+        new: &NewJob,
+    ) -> Result<Option<Submitted>, JobsError> {
+        let Some(cache_key) = &new.cache_key else {
+            return Ok(None);
+        };
+        let hit: Option<JobRecord> = sqlx::query_as(
+            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
+                               input_size, input_format, output_format, output_key, output_size,
+                               idempotency_key, owner, request_hash, cache_key, cached_from,
+                               started_at, finished_at)
+             SELECT $1, $2, $3, $4, $5, $6, source.input_key, source.input_size, $7, $8,
+                    source.output_key, source.output_size, $9, $10, $11, $12, source.id,
+                    now(), now()
+             FROM (SELECT * FROM jobs
+                   WHERE owner = $10 AND cache_key = $12 AND status = 'completed'
+                     AND output_key IS NOT NULL
+                   ORDER BY id DESC LIMIT 1
+                   FOR SHARE) AS source
+             ON CONFLICT (owner, idempotency_key) DO NOTHING
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(&new.action)
+        .bind(&new.plugin_version)
+        .bind(&new.plugin_digest)
+        .bind(Json(&new.params))
+        .bind(JobStatus::Completed)
+        .bind(&new.input_format)
+        .bind(&new.output_format)
+        .bind(&new.idempotency_key)
+        .bind(&new.owner)
+        .bind(&new.request_hash)
+        .bind(cache_key)
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(hit.map(Submitted::Cached))
     }
 
     /// Puts the job on the queue and records its entry.
@@ -524,7 +612,7 @@ impl Jobs {
             // Deleted meanwhile by another request or the retention sweep.
             return Ok(false);
         };
-        self.delete_files(&deleted).await?;
+        self.delete_files(&deleted, &[deleted.id]).await?;
         Ok(true)
     }
 
@@ -559,10 +647,10 @@ impl Jobs {
         .bind(batch)
         .fetch_all(&mut *tx)
         .await?;
-        for job in &expired {
-            self.delete_files(job).await?;
-        }
         let ids: Vec<Uuid> = expired.iter().map(|j| j.id).collect();
+        for job in &expired {
+            self.delete_files(job, &ids).await?;
+        }
         let done = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
@@ -571,19 +659,39 @@ impl Jobs {
         Ok(done.rows_affected() as usize)
     }
 
-    async fn delete_files(&self, job: &JobRecord) -> Result<(), StorageError> {
-        self.storage.delete(&job.input_key).await?;
+    /// Deletes the job's input and result unless another job still uses
+    /// them (a job completed from the result cache shares both with the job
+    /// it reused). `going` are the jobs being deleted with it, whose rows may
+    /// still be visible.
+    async fn delete_files(&self, job: &JobRecord, going: &[Uuid]) -> Result<(), JobsError> {
         // A result may exist even when not recorded (a worker that stored
         // it just before the job was deleted or failed): it is named by the
         // job and its output format.
-        match ImageFormat::parse(&job.output_format) {
-            Some(format) => {
-                self.storage
-                    .delete(&storage::output_key(job.id, format))
-                    .await
+        let own_result = ImageFormat::parse(&job.output_format)
+            .map(|format| storage::output_key(job.id, format));
+        let files = [
+            Some(job.input_key.clone()),
+            job.output_key.clone(),
+            own_result,
+        ];
+        for (i, key) in files.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if files[..i].iter().flatten().any(|k| k == key) {
+                continue;
             }
-            None => Ok(()),
+            let (shared,): (bool,) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM jobs
+                                WHERE (input_key = $1 OR output_key = $1) AND id <> ALL($2))",
+            )
+            .bind(key)
+            .bind(going)
+            .fetch_one(&self.db)
+            .await?;
+            if !shared {
+                self.storage.delete(key).await?;
+            }
         }
+        Ok(())
     }
 
     /// After [`Jobs::complete`] found nothing to complete: if the job was

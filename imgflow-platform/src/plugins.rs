@@ -46,6 +46,10 @@ pub struct PluginRecord {
     pub builtin: bool,
     /// Whether this is the version new jobs run.
     pub active: bool,
+    /// Whether its results may be reused for equal jobs (the result cache);
+    /// an operator turns this off for a plugin that reads clocks or
+    /// randomness. Set for every version of the name at once.
+    pub cacheable: bool,
     /// When it was registered.
     pub created_at: DateTime<Utc>,
 }
@@ -216,8 +220,10 @@ impl Catalogue {
             Some(_) => return Err(conflict(meta)),
             None => {
                 sqlx::query(
-                    "INSERT INTO plugins (name, version, digest, size, metadata, uploader, builtin, active)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, false)",
+                    "INSERT INTO plugins (name, version, digest, size, metadata, uploader, builtin, active,
+                                          cacheable)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, false,
+                             COALESCE((SELECT bool_and(cacheable) FROM plugins WHERE name = $1), true))",
                 )
                 .bind(&meta.name)
                 .bind(&meta.version)
@@ -265,6 +271,18 @@ impl Catalogue {
         tx.commit().await?;
         self.announce(name).await;
         Ok(true)
+    }
+
+    /// Marks every version of `name` cacheable or not (see
+    /// [`PluginRecord::cacheable`]); later versions inherit it. Returns
+    /// false if `name` has no version.
+    pub async fn set_cacheable(&self, name: &str, cacheable: bool) -> Result<bool, CatalogueError> {
+        let done = sqlx::query("UPDATE plugins SET cacheable = $2 WHERE name = $1")
+            .bind(name)
+            .bind(cacheable)
+            .execute(&self.db)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Deactivates every version of `name`: new jobs for it are refused,

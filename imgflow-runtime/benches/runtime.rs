@@ -13,8 +13,13 @@
 //!    (`codec::validate`), on photos and on a decode bomb (8192x8192 16-bit
 //!    zeros).
 //!
+//! 5. `libvips`: on kodim23 (768x512), blur at sigma 2, 8 and 50 and
+//!    grayscale through the host, natively, and libvips measured in the same
+//!    run (`scripts/vips_bench.py`: one thread, decoded pixels in memory),
+//!    with the ratios the performance goals are stated in.
+//!
 //! Each figure is the median of several runs after a warm-up. `BENCH_ONLY`
-//! (`filters`, `overhead`, `gif` or `validate`) runs one section.
+//! (`filters`, `libvips`, `overhead`, `gif` or `validate`) runs one section.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -116,6 +121,10 @@ fn main() {
                 wasm.as_secs_f64() / native.as_secs_f64()
             );
         }
+    }
+
+    if run("libvips") {
+        libvips_side_by_side(&rt, &runtime, &grayscale, &blur);
     }
 
     if run("overhead") {
@@ -225,5 +234,85 @@ fn main() {
                 slow.as_secs_f64() / fast.as_secs_f64()
             );
         }
+    }
+}
+
+/// Section 5: imgflow's filters beside libvips's, on the performance goals'
+/// photo, every figure measured in this run.
+fn libvips_side_by_side(
+    rt: &tokio::runtime::Runtime,
+    runtime: &Runtime,
+    grayscale: &imgflow_runtime::Plugin,
+    blur: &imgflow_runtime::Plugin,
+) {
+    let path = repo().join("tests/fixtures/photos/kodim23.png");
+    let bytes = std::fs::read(&path).unwrap();
+    let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+    let (w, h) = image.dimensions();
+    let vips = std::process::Command::new("python3")
+        .arg(repo().join("scripts/vips_bench.py"))
+        .arg(&path)
+        .args(["2", "8", "50"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+    let vips_ms = |key: &str| vips.as_ref().and_then(|v| v[key].as_f64());
+    println!("\n## imgflow beside libvips on kodim23.png ({w}x{h}; median, ms)\n");
+    match &vips {
+        Some(v) => println!(
+            "libvips {} through pyvips, VIPS_CONCURRENCY=1, pixels in memory.\n",
+            v["libvips_version"].as_str().unwrap_or("?")
+        ),
+        None => println!("libvips: not measured (run scripts/bench-deps.sh).\n"),
+    }
+    println!("| filter | component via host | native | libvips | component / libvips | component / native |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let row = |name: &str, wasm: Duration, native: Duration, vips: Option<f64>| {
+        let (wasm, native) = (ms(wasm), ms(native));
+        let (v, ratio) = match vips {
+            Some(v) => (format!("{v:.2}"), format!("{:.2}", wasm / v)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {name} | {wasm:.2} | {native:.2} | {v} | {ratio} | {:.2} |",
+            wasm / native
+        );
+    };
+    for sigma in [2.0f64, 8.0, 50.0] {
+        let params = blur
+            .params_from_pairs([("sigma", sigma.to_string().as_str())])
+            .unwrap();
+        let wasm = time(9, || {
+            rt.block_on(runtime.apply(blur, image.clone(), &params))
+                .unwrap()
+        });
+        let native = time(9, || {
+            imgflow_filters::gaussian_blur(w, h, image.as_raw(), sigma).unwrap()
+        });
+        row(
+            &format!("blur sigma={sigma}"),
+            wasm,
+            native,
+            vips_ms(&format!("blur_{sigma}")),
+        );
+    }
+    let no_params = grayscale.params_from_pairs([]).unwrap();
+    let wasm = time(15, || {
+        rt.block_on(runtime.apply(grayscale, image.clone(), &no_params))
+            .unwrap()
+    });
+    let native = time(15, || {
+        let mut px = image.as_raw().clone();
+        imgflow_filters::grayscale_in_place(&mut px);
+        px
+    });
+    row("grayscale", wasm, native, vips_ms("grayscale"));
+    if let (Some(g), Some(b)) = (vips_ms("job_grayscale"), vips_ms("job_blur_2")) {
+        println!(
+            "\nlibvips, a whole photo job (PNG bytes in, decode, filter, PNG bytes out), one thread: grayscale {g:.1} ms, blur sigma=2 {b:.1} ms, so {:.0} and {:.0} jobs/s on 2 cores (compare `make load`).",
+            2000.0 / g,
+            2000.0 / b
+        );
     }
 }

@@ -290,11 +290,94 @@ fn decode_native(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, DynamicIm
 /// the pixels.
 pub const GIF_SPEED: i32 = 10;
 
-/// Encodes RGBA pixels as `format`. JPEG drops alpha; the others keep it.
+/// How hard PNG output is compressed (`PNG_COMPRESSION`): `fast` (the
+/// default) spends a fraction of the time for files a little larger; `best`
+/// the smallest files at several times the time (see docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PngCompression {
+    /// The fastest zlib level, adaptive filtering.
+    #[default]
+    Fast,
+    /// zlib's default level, adaptive filtering.
+    Default,
+    /// The smallest files.
+    Best,
+}
+
+/// The PNG colour type that holds these RGBA pixels exactly, with the
+/// fewest channels: grey when every pixel has `r == g == b`, without alpha
+/// when every alpha is 255. (A grayscale filter's result is written as grey.)
+pub fn smallest_png_colour(image: &RgbaImage) -> image::ExtendedColorType {
+    let (mut grey, mut opaque) = (true, true);
+    for px in image.as_raw().chunks_exact(4) {
+        grey &= px[0] == px[1] && px[1] == px[2];
+        opaque &= px[3] == 255;
+        if !grey && !opaque {
+            break;
+        }
+    }
+    match (grey, opaque) {
+        (true, true) => image::ExtendedColorType::L8,
+        (true, false) => image::ExtendedColorType::La8,
+        (false, true) => image::ExtendedColorType::Rgb8,
+        (false, false) => image::ExtendedColorType::Rgba8,
+    }
+}
+
+/// Writes `image` as PNG in its [smallest colour type](smallest_png_colour).
+fn encode_png(
+    image: &RgbaImage,
+    compression: PngCompression,
+    out: &mut Cursor<Vec<u8>>,
+) -> image::ImageResult<()> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder as _;
+    let level = match compression {
+        PngCompression::Fast => CompressionType::Fast,
+        PngCompression::Default => CompressionType::Default,
+        PngCompression::Best => CompressionType::Best,
+    };
+    let encoder = PngEncoder::new_with_quality(out, level, FilterType::Adaptive);
+    let (w, h) = image.dimensions();
+    let colour = smallest_png_colour(image);
+    let channels = match colour {
+        image::ExtendedColorType::L8 => 1,
+        image::ExtendedColorType::La8 => 2,
+        image::ExtendedColorType::Rgb8 => 3,
+        _ => 4,
+    };
+    if channels == 4 {
+        return encoder.write_image(image.as_raw(), w, h, colour);
+    }
+    let keep: &[usize] = match channels {
+        1 => &[0],
+        2 => &[0, 3],
+        _ => &[0, 1, 2],
+    };
+    let packed: Vec<u8> = image
+        .as_raw()
+        .chunks_exact(4)
+        .flat_map(|px| keep.iter().map(move |&c| px[c]))
+        .collect();
+    encoder.write_image(&packed, w, h, colour)
+}
+
+/// Encodes RGBA pixels as `format`, PNG at [`PngCompression::Fast`]. JPEG
+/// drops alpha; the others keep it.
 pub fn encode(image: &RgbaImage, format: ImageFormat) -> Result<Vec<u8>, CodecError> {
+    encode_with(image, format, PngCompression::default())
+}
+
+/// Encodes RGBA pixels as `format`, PNG at `png` compression in its
+/// smallest colour type. JPEG drops alpha; the others keep it.
+pub fn encode_with(
+    image: &RgbaImage,
+    format: ImageFormat,
+    png: PngCompression,
+) -> Result<Vec<u8>, CodecError> {
     let mut out = Cursor::new(Vec::new());
     let result = match format {
-        ImageFormat::Png => image.write_to(&mut out, image::ImageFormat::Png),
+        ImageFormat::Png => encode_png(image, png, &mut out),
         ImageFormat::Webp => image.write_to(&mut out, image::ImageFormat::WebP),
         // The GIF encoder's default (speed 1) learns its palette from every
         // pixel; speed 10 from a tenth of them (see GIF_SPEED).
@@ -345,6 +428,30 @@ mod tests {
             assert_eq!(back.dimensions(), (5, 3));
             if matches!(format, ImageFormat::Png | ImageFormat::Webp) {
                 assert_eq!(back, img, "{format} is lossless");
+            }
+        }
+    }
+
+    #[test]
+    fn png_uses_the_smallest_colour_type_and_stays_lossless() {
+        let grey = RgbaImage::from_fn(4, 2, |x, _| image::Rgba([x as u8, x as u8, x as u8, 255]));
+        let grey_alpha = RgbaImage::from_fn(4, 2, |x, _| image::Rgba([9, 9, 9, x as u8]));
+        let rgb = RgbaImage::from_fn(4, 2, |x, _| image::Rgba([x as u8, 1, 2, 255]));
+        for (img, colour) in [
+            (grey, image::ColorType::L8),
+            (grey_alpha, image::ColorType::La8),
+            (rgb, image::ColorType::Rgb8),
+            (sample(), image::ColorType::Rgba8),
+        ] {
+            for level in [
+                PngCompression::Fast,
+                PngCompression::Default,
+                PngCompression::Best,
+            ] {
+                let bytes = encode_with(&img, ImageFormat::Png, level).unwrap();
+                let written = image::load_from_memory(&bytes).unwrap();
+                assert_eq!(written.color(), colour);
+                assert_eq!(written.to_rgba8(), img, "{colour:?} {level:?}");
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cache::CacheSecret;
-use crate::codec::ImageLimits;
+use crate::codec::{ImageLimits, PngCompression};
 use crate::runtime::RuntimeConfig;
 
 /// Limits applied to every plugin call and every image.
@@ -52,6 +52,9 @@ pub struct SandboxArgs {
     /// the least recently used entries are deleted.
     #[arg(long, env = "COMPILE_CACHE_MAX_MB", default_value_t = 1024)]
     pub compile_cache_max_mb: u64,
+    /// How hard PNG results are compressed: fast, default or best.
+    #[arg(long, env = "PNG_COMPRESSION", value_enum, default_value_t = PngCompression::Fast)]
+    pub png_compression: PngCompression,
     /// Disable wasmtime's pooling allocator (slower instantiation, less
     /// virtual memory reserved up front).
     #[arg(long, env = "NO_POOLING", default_value_t = false)]

@@ -390,6 +390,7 @@ async fn a_large_result_is_streamed_not_buffered() {
         idempotency_key: None,
         owner: "anonymous".into(),
         request_hash: String::new(),
+        cache_key: None,
     };
     let Submitted::Created(job) = jobs
         .submit(new, Bytes::from_static(b"input"))

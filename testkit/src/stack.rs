@@ -258,7 +258,8 @@ impl Stack {
     }
 
     /// Starts the API in-process with extra settings; waits for /healthz.
-    /// It runs with `AUTH_REQUIRED=false` unless `extra` says otherwise.
+    /// It runs with `AUTH_REQUIRED=false` and `RESULT_CACHE=false` (so
+    /// repeated test jobs really run) unless `extra` says otherwise.
     pub async fn start_api(&mut self, extra: &[(&str, &str)]) {
         let app = self.build_api(extra).await;
         let addr = app.local_addr().expect("the API's address");
@@ -271,8 +272,10 @@ impl Stack {
     fn api_env(&self, addr: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut vars = self.base_env();
         vars.push(("API_ADDR".into(), addr.into()));
-        // Tests run as local development does, unless they ask otherwise.
+        // Tests run as local development does, unless they ask otherwise,
+        // and their repeated jobs run (the result-cache tests turn it on).
         vars.push(("AUTH_REQUIRED".into(), "false".into()));
+        vars.push(("RESULT_CACHE".into(), "false".into()));
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         vars
     }

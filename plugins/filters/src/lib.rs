@@ -10,5 +10,8 @@
 mod blur;
 mod grayscale;
 
-pub use blur::{gaussian_blur, gaussian_kernel, BlurError, MAX_SIGMA};
+pub use blur::{
+    blur_error, exact_gaussian_blur, gaussian_blur, gaussian_kernel, BlurError, MAX_SIGMA,
+    RECURSIVE_FROM,
+};
 pub use grayscale::{grayscale_in_place, luma};

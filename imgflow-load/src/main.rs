@@ -1,0 +1,369 @@
+//! `imgflow-load`: load for a running imgflow API (it starts nothing).
+//!
+//! Submits jobs for `--duration`, either at a fixed `--rate` (jobs per
+//! second, at most `--clients` in flight) or flat out (`--rate 0`: `--clients`
+//! clients each submitting as fast as answers come), then waits for every
+//! accepted job to finish and reads the job records: completed per second
+//! (first submission to last completion, by the API's own timestamps) and
+//! the submit-to-completed latency (`finished_at - created_at`) percentiles.
+//!
+//! Every job gets distinct image bytes by default (a `tEXt` chunk with a
+//! counter is added to the PNG), so the result cache cannot answer and the
+//! figures measure real work; `--same-bytes` sends one image throughout.
+//!
+//! ```text
+//! imgflow-load --api-url http://127.0.0.1:8080 --key "$KEY" \
+//!     --action grayscale --image small --rate 500 --duration 10s
+//! imgflow-load --action blur --param sigma=2 --image tests/fixtures/photos/kodim23.png
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use tokio::sync::Semaphore;
+
+/// Drives a running imgflow API and reports what its job records say.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "imgflow-load", version, about)]
+struct Args {
+    /// The API's base URL.
+    #[arg(long, env = "IMGFLOW_API_URL", default_value = "http://127.0.0.1:8080")]
+    api_url: String,
+    /// A client key (or the admin token); not needed with AUTH_REQUIRED=false.
+    #[arg(long, env = "IMGFLOW_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// The action of every job (`name` or `name@version`).
+    #[arg(long, default_value = "grayscale")]
+    action: String,
+    /// A job parameter, `NAME=VALUE` (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// `small` (a 64x64 RGBA PNG of noise) or the path of a PNG file.
+    #[arg(long, default_value = "small")]
+    image: String,
+    /// Jobs submitted per second; 0 submits flat out with `--clients`.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Clients submitting flat out, or the most submissions in flight at a
+    /// fixed rate.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// How long to submit.
+    #[arg(long, default_value = "10s")]
+    duration: humantime::Duration,
+    /// Send the same bytes for every job (the result cache may answer).
+    #[arg(long)]
+    same_bytes: bool,
+    /// How long to wait for the accepted jobs to finish.
+    #[arg(long, default_value = "120s")]
+    drain_timeout: humantime::Duration,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the submitting phase saw.
+#[derive(Default)]
+struct Submitted {
+    ids: Vec<String>,
+    /// Answers other than 202, by status code.
+    refused: BTreeMap<u16, u64>,
+    /// Requests that got no answer.
+    errors: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let image = match args.image.as_str() {
+        "small" => small_png()?,
+        path => std::fs::read(path).with_context(|| format!("cannot read {path}"))?,
+    };
+    if !args.same_bytes && !image.starts_with(PNG_SIGNATURE) {
+        bail!("distinct bytes per job need a PNG image; pass --same-bytes (with RESULT_CACHE=false on the API) for other formats");
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients.max(1))
+        .build()?;
+    let url = submit_url(&args);
+
+    let started = Instant::now();
+    let submitted = submit_all(&args, &client, &url, Arc::new(image)).await;
+    let submit_secs = started.elapsed().as_secs_f64();
+    let records = drain(&args, &client, &submitted.ids).await?;
+    report(&args, &submitted, submit_secs, &records);
+    Ok(())
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// A 64x64 RGBA PNG of deterministic noise.
+fn small_png() -> anyhow::Result<Vec<u8>> {
+    let mut seed = 0x9e37_79b9_u32;
+    let img = image::RgbaImage::from_fn(64, 64, |_, _| {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        image::Rgba(seed.to_le_bytes())
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// `png` with a `tEXt` chunk holding `n` after its header chunk: the same
+/// image, distinct bytes.
+fn distinct(png: &[u8], n: u64) -> Vec<u8> {
+    // Signature (8) + IHDR (4 length + 4 type + 13 data + 4 CRC).
+    let at = 8 + 25;
+    let data = format!("imgflow-load\0{n}");
+    let mut chunk = Vec::with_capacity(12 + data.len());
+    chunk.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    chunk.extend_from_slice(b"tEXt");
+    chunk.extend_from_slice(data.as_bytes());
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    let mut out = Vec::with_capacity(png.len() + chunk.len());
+    out.extend_from_slice(&png[..at]);
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&png[at..]);
+    out
+}
+
+fn submit_url(args: &Args) -> String {
+    let mut url = format!("{}/v1/jobs?action={}", args.api_url, args.action);
+    for p in &args.params {
+        url.push('&');
+        url.push_str(p);
+    }
+    url
+}
+
+/// Submits for the duration; returns the accepted ids and the refusals.
+async fn submit_all(
+    args: &Args,
+    client: &reqwest::Client,
+    url: &str,
+    image: Arc<Vec<u8>>,
+) -> Submitted {
+    let result = Arc::new(Mutex::new(Submitted::default()));
+    let counter = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from(args.duration);
+    let one = {
+        let (client, url, key, same) = (
+            client.clone(),
+            url.to_string(),
+            args.key.clone(),
+            args.same_bytes,
+        );
+        let (result, counter) = (result.clone(), counter.clone());
+        move || {
+            let (client, url, key, image) =
+                (client.clone(), url.clone(), key.clone(), image.clone());
+            let (result, counter) = (result.clone(), counter.clone());
+            async move {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let body = if same {
+                    (*image).clone()
+                } else {
+                    distinct(&image, n)
+                };
+                let mut request = client
+                    .post(&url)
+                    .header("content-type", "image/png")
+                    .body(body);
+                if let Some(key) = &key {
+                    request = request.bearer_auth(key);
+                }
+                let answer = match request.send().await {
+                    Ok(r) if r.status().as_u16() == 202 => r
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|j| j["id"].as_str().map(str::to_string))
+                        .ok_or(202),
+                    Ok(r) => Err(r.status().as_u16()),
+                    Err(_) => Err(0),
+                };
+                let mut result = result.lock().unwrap_or_else(|e| e.into_inner());
+                match answer {
+                    Ok(id) => result.ids.push(id),
+                    Err(0) => result.errors += 1,
+                    Err(code) => *result.refused.entry(code).or_default() += 1,
+                }
+            }
+        }
+    };
+    let clients = args.clients.max(1);
+    if args.rate == 0 {
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let one = one.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < end {
+                        one().await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    } else {
+        let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+        let in_flight = Arc::new(Semaphore::new(clients));
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0.. {
+            let at = start + period * i;
+            if at.into_std() >= end {
+                break;
+            }
+            tokio::time::sleep_until(at).await;
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let one = one.clone();
+            tasks.push(tokio::spawn(async move {
+                one().await;
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    let mut taken = result.lock().unwrap_or_else(|e| e.into_inner());
+    std::mem::take(&mut *taken)
+}
+
+/// A finished job's record: status and the API's timestamps.
+struct Record {
+    completed: bool,
+    created: DateTime<Utc>,
+    finished: DateTime<Utc>,
+}
+
+/// Reads every job until it is finished (or the drain timeout passes),
+/// 64 at a time.
+async fn drain(
+    args: &Args,
+    client: &reqwest::Client,
+    ids: &[String],
+) -> anyhow::Result<Vec<Record>> {
+    use futures::StreamExt as _;
+    let deadline = Instant::now() + Duration::from(args.drain_timeout);
+    let read = |id: &String| {
+        let id = id.clone();
+        async move {
+            loop {
+                let mut request = client.get(format!("{}/v1/jobs/{id}", args.api_url));
+                if let Some(key) = &args.key {
+                    request = request.bearer_auth(key);
+                }
+                let job: serde_json::Value = request.send().await?.json().await?;
+                let status = job["status"].as_str().unwrap_or_default();
+                if status == "completed" || status == "failed" {
+                    let time = |field: &str| {
+                        job[field]
+                            .as_str()
+                            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+                            .with_context(|| format!("job {id} has no {field}"))
+                    };
+                    return Ok::<_, anyhow::Error>(Record {
+                        completed: status == "completed",
+                        created: time("created_at")?,
+                        finished: time("finished_at")?,
+                    });
+                }
+                if Instant::now() > deadline {
+                    bail!("job {id} still {status} after the drain timeout");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    futures::stream::iter(ids)
+        .map(read)
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(args: &Args, submitted: &Submitted, submit_secs: f64, records: &[Record]) {
+    let completed: Vec<&Record> = records.iter().filter(|r| r.completed).collect();
+    let failed = records.len() - completed.len();
+    let mut latency: Vec<f64> = completed
+        .iter()
+        .map(|r| (r.finished - r.created).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        .collect();
+    latency.sort_by(f64::total_cmp);
+    let first = records.iter().map(|r| r.created).min();
+    let last = completed.iter().map(|r| r.finished).max();
+    let span = match (first, last) {
+        (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1e6,
+        _ => 0.0,
+    };
+    let per_s = if span > 0.0 {
+        completed.len() as f64 / span
+    } else {
+        0.0
+    };
+    let (p50, p90, p99) = (
+        percentile(&latency, 0.5),
+        percentile(&latency, 0.9),
+        percentile(&latency, 0.99),
+    );
+    let max = latency.last().copied().unwrap_or(f64::NAN);
+    let mode = if args.rate == 0 {
+        format!("flat out, {} clients", args.clients)
+    } else {
+        format!("{} jobs/s, at most {} in flight", args.rate, args.clients)
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "action": args.action, "image": args.image, "mode": mode,
+                "submitted": submitted.ids.len(), "submit_per_s": submitted.ids.len() as f64 / submit_secs,
+                "refused": submitted.refused, "errors": submitted.errors,
+                "completed": completed.len(), "failed": failed,
+                "completed_per_s": per_s,
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+            })
+        );
+        return;
+    }
+    println!(
+        "imgflow-load: {} on {} ({mode}, {:.0} s)\n",
+        args.action, args.image, submit_secs
+    );
+    println!("| figure | value |\n|---|---:|");
+    println!(
+        "| accepted (202) | {} ({:.0}/s) |",
+        submitted.ids.len(),
+        submitted.ids.len() as f64 / submit_secs
+    );
+    println!(
+        "| refused | {:?}, no answer {} |",
+        submitted.refused, submitted.errors
+    );
+    println!("| completed / failed | {} / {failed} |", completed.len());
+    println!("| completed/s (first submission to last completion) | {per_s:.0} |");
+    println!("| submit -> completed p50 / p90 / p99 / max, ms | {p50:.1} / {p90:.1} / {p99:.1} / {max:.1} |");
+}
