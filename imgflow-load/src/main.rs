@@ -152,7 +152,12 @@ async fn submit_all(
     image: Arc<Vec<u8>>,
 ) -> Submitted {
     let result = Arc::new(Mutex::new(Submitted::default()));
-    let counter = Arc::new(AtomicU64::new(0));
+    // Distinct from any earlier run's bytes too (their results may be in
+    // the cache): the counter starts at the clock.
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let counter = Arc::new(AtomicU64::new(base));
     let end = Instant::now() + Duration::from(args.duration);
     let one = {
         let (client, url, key, same) = (

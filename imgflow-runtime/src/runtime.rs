@@ -87,6 +87,11 @@ pub struct RuntimeConfig {
     pub output_cap_bytes: usize,
     /// Limits on the plugin's output image (the same as on inputs).
     pub image_limits: ImageLimits,
+    /// With pooling: how much of each linear memory is zeroed in place
+    /// (kept resident) when a job ends, instead of being returned to the
+    /// kernel, so the next job on that slot takes no page faults there
+    /// (default 16 MiB; see docs/BENCHMARKS.md).
+    pub keep_resident_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -103,6 +108,7 @@ impl Default for RuntimeConfig {
             cache_max_bytes: 1024 * 1024 * 1024,
             output_cap_bytes: 64 * 1024,
             image_limits: ImageLimits::default(),
+            keep_resident_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -216,6 +222,7 @@ impl Runtime {
                 .max_tables_per_component(8)
                 .table_elements(config.max_table_elements)
                 .max_memory_size(config.max_memory_bytes)
+                .linear_memory_keep_resident(config.keep_resident_bytes)
                 .total_stacks(n);
             wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
