@@ -370,6 +370,29 @@ pub struct Activate {
 /// The largest activation body read.
 const ACTIVATE_MAX_BYTES: usize = 4096;
 
+/// The small JSON body of an operator's request about plugin `name`: the
+/// admin token and the name checked first (the body then discarded), at
+/// most 4 KiB read, parsed as `T` (400 saying `shape` otherwise).
+async fn admin_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    request: Request,
+    shape: &str,
+) -> Result<T, ApiError> {
+    if let Err(e) = state.auth.admin(headers).and_then(|()| check_name(name)) {
+        body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
+    let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
+        Limited::Body(bytes) => bytes,
+        Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
+        Limited::Broken(e) => return Err(e),
+    };
+    serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::bad_request(format!("expected {shape}: {e}")))
+}
+
 /// Makes a version the active one: roll back or forward (operators).
 #[utoipa::path(
     post,
@@ -395,17 +418,8 @@ pub async fn activate(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(&headers).and_then(|()| check_name(&name)) {
-        body::discard(request.into_body(), 0).await;
-        return Err(e);
-    }
-    let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
-        Limited::Body(bytes) => bytes,
-        Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
-        Limited::Broken(e) => return Err(e),
-    };
-    let Activate { version } = serde_json::from_slice(&raw)
-        .map_err(|e| ApiError::bad_request(format!("expected {{\"version\": \"...\"}}: {e}")))?;
+    let Activate { version } =
+        admin_json(&state, &name, &headers, request, r#"{"version": "..."}"#).await?;
     let known = imgflow_runtime::metadata::is_valid_version(&version)
         && state.catalogue.activate(&name, &version).await?;
     if !known {
@@ -453,18 +467,14 @@ pub async fn set_cacheable(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(&headers).and_then(|()| check_name(&name)) {
-        body::discard(request.into_body(), 0).await;
-        return Err(e);
-    }
-    let raw = match body::read(request.into_body(), ACTIVATE_MAX_BYTES).await {
-        Limited::Body(bytes) => bytes,
-        Limited::TooLarge => return Err(ApiError::too_large(ACTIVATE_MAX_BYTES, "4 KiB")),
-        Limited::Broken(e) => return Err(e),
-    };
-    let Cacheable { cacheable } = serde_json::from_slice(&raw).map_err(|e| {
-        ApiError::bad_request(format!("expected {{\"cacheable\": true|false}}: {e}"))
-    })?;
+    let Cacheable { cacheable } = admin_json(
+        &state,
+        &name,
+        &headers,
+        request,
+        r#"{"cacheable": true|false}"#,
+    )
+    .await?;
     if !state.catalogue.set_cacheable(&name, cacheable).await? {
         return Err(ApiError::new(
             ErrorCode::PluginNotFound,
