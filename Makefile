@@ -22,7 +22,7 @@ build: plugins
 
 # The built-in plugins are copied to target/builtin-plugins, the worker's
 # default PLUGINS_DIR (the other plugins are examples and test plugins).
-BUILTIN_PLUGINS := grayscale blur
+BUILTIN_PLUGINS := grayscale blur sharpen resize crop rotate flip
 plugins:
 	cd plugins && $(CARGO) build --release --target wasm32-wasip2
 	mkdir -p target/builtin-plugins

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use imgflow_platform::budget::BudgetError;
 use imgflow_platform::jobs::{JobRecord, JobStatus, ListFilter, NewJob, Submitted};
 use imgflow_platform::plugins::PluginRecord;
@@ -20,6 +21,8 @@ use imgflow_runtime::metadata::is_valid_plugin_name;
 use imgflow_runtime::{params, ErrorCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use std::time::Duration;
+use tokio::time::Instant;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -43,7 +46,8 @@ pub struct Job {
     /// The validated parameters, defaults filled in.
     #[schema(value_type = Object)]
     pub params: serde_json::Value,
-    /// Where the job is: `queued`, `running`, `completed` or `failed`.
+    /// Where the job is: `queued`, `running`, `completed`, `failed` or
+    /// `cancelled`.
     #[schema(value_type = String)]
     pub status: JobStatus,
     /// How many times a worker started it.
@@ -56,11 +60,14 @@ pub struct Job {
     /// The job whose result this one reused: set when it was completed
     /// from the result cache (`RESULT_CACHE`) without running.
     pub cached_from: Option<Uuid>,
+    /// The failed or cancelled job this one retries
+    /// (`POST /v1/jobs/{id}/retry`), or `null`.
+    pub retry_of: Option<Uuid>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When a worker last started it.
     pub started_at: Option<DateTime<Utc>>,
-    /// When it completed or failed.
+    /// When it completed, failed or was cancelled.
     pub finished_at: Option<DateTime<Utc>>,
     /// Where to download the result, once `completed`. With
     /// `RESULT_URL_SECRET` set, a signed URL that needs no credentials
@@ -93,6 +100,7 @@ impl Job {
             }),
             output_format: job.output_format.clone(),
             cached_from: job.cached_from,
+            retry_of: job.retry_of,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -134,6 +142,9 @@ pub struct SubmitForm {
     /// The output format: `png`, `jpeg`, `webp` or `gif` (default: the
     /// input's).
     format: Option<String>,
+    /// How long to wait for the job to finish (see the query parameter).
+    #[schema(example = "30s")]
+    wait: Option<String>,
 }
 
 /// The query of a raw-body submission.
@@ -147,6 +158,11 @@ pub struct SubmitQuery {
     action: Option<String>,
     /// The output format: `png`, `jpeg`, `webp` or `gif`.
     format: Option<String>,
+    /// Wait up to this long (`30s`, `500ms`, or seconds; at most `MAX_WAIT`)
+    /// for the job to finish: then the answer is the result itself (`200`,
+    /// or the job's JSON with `Accept: application/json`), else the job as
+    /// usual (`202`).
+    wait: Option<String>,
 }
 
 /// What a submission carries, whatever its encoding.
@@ -158,6 +174,8 @@ struct Submission {
     /// ... or as `name=value` pairs (raw body with a query string).
     pair_params: Vec<(String, String)>,
     format: Option<String>,
+    /// How long the client waits for the job (`wait`), unparsed.
+    wait: Option<String>,
 }
 
 /// Submits a job: an image and the action (plugin) to run on it.
@@ -166,7 +184,8 @@ struct Submission {
 /// and `format`), or the image as a raw `image/*` body with
 /// `?action=NAME&PARAM=VALUE...`. Everything is validated (the action, the
 /// parameters against the plugin's schema, the image itself) before
-/// anything is stored.
+/// anything is stored. With `wait`, the answer comes when the job finishes
+/// (within the wait): the result image, like `GET /v1/jobs/{id}/result`.
 #[utoipa::path(
     post,
     path = "/v1/jobs",
@@ -189,12 +208,18 @@ struct Submission {
     ),
     responses(
         (status = 202, description = "Accepted and queued", body = Job, headers(("Location" = String, description = "The job's URL"))),
-        (status = 200, description = "The job submitted earlier with this Idempotency-Key", body = Job, headers(("Location" = String, description = "The job's URL"))),
+        (status = 200, description = "With `wait`: the job finished within it; the result image (or the finished job with `Accept: application/json`). Without: the job submitted earlier with this Idempotency-Key", content(
+            (Job = "application/json"),
+            (Vec<u8> = "image/png"),
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "image/webp"),
+            (Vec<u8> = "image/gif"),
+        ), headers(("Location" = String, description = "The job's URL"))),
         (status = 400, description = "Malformed request (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
         (status = 408, description = "The body arrived too slowly (`request_timeout`)", body = ErrorBody),
-        (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`)", body = ErrorBody),
+        (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`); with `wait`, the job failed or was cancelled within it (`job_failed`, `job_cancelled`)", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
         (status = 415, description = "Not a form or an image body, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
         (status = 422, description = "Bad parameters, format or image, or an Idempotency-Key reused for another request (`invalid_params`, `invalid_format`, `corrupt_image`, `image_too_large`, `idempotency_key_reused`)", body = ErrorBody),
@@ -254,10 +279,75 @@ async fn read_and_accept(
         }
     }
     let submission = read_submission(state, headers, request).await?;
-    if let Some(job) = earlier {
-        return repeated(state, &job, &submission.digest(&submission.image_sha256()));
+    let wait = wait_for(state, submission.wait.as_deref())?;
+    let (status, job) = match earlier {
+        Some(job) => repeated(&job, &submission.digest(&submission.image_sha256()))?,
+        None => accept(state, caller, headers, submission).await?,
+    };
+    match wait {
+        Some(until) => answer_when_finished(state, headers, job, until).await,
+        None => Ok(answer(state, status, &job)),
     }
-    accept(state, caller, headers, submission).await
+}
+
+/// The end of a requested wait: `None` for no wait (absent or zero),
+/// else now plus the wait cut to `MAX_WAIT`. A wait is `30s`, `500ms`,
+/// `1m` (humantime) or a number of seconds.
+fn wait_for(state: &AppState, wait: Option<&str>) -> Result<Option<Instant>, ApiError> {
+    let Some(text) = wait.map(str::trim).filter(|w| !w.is_empty()) else {
+        return Ok(None);
+    };
+    let wait = match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(1e6)),
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "wait must be a duration such as 30s, or a number of seconds from 0",
+            ))
+        }
+        Err(_) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request(format!(
+                "wait {text:?} is not a duration such as 30s or 500ms: {e}"
+            ))
+        })?,
+    };
+    let wait = wait.min(state.max_wait);
+    Ok((!wait.is_zero()).then(|| Instant::now() + wait))
+}
+
+/// Whether the client asked for JSON rather than an image.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+/// A submission with `wait`: once the job finishes (by `until`), the result
+/// as `GET /v1/jobs/{id}/result` gives it (or the job's JSON, with `Accept:
+/// application/json`); if it has not finished by then, `202` with the job.
+async fn answer_when_finished(
+    state: &AppState,
+    headers: &HeaderMap,
+    job: JobRecord,
+    until: Instant,
+) -> Result<Response, ApiError> {
+    let id = job.id;
+    let job = state
+        .events
+        .wait_finished(&state.jobs, id, until)
+        .await?
+        .ok_or_else(|| not_found(&id.to_string()))?;
+    let mut response = if !job.status.is_finished() {
+        return Ok(answer(state, StatusCode::ACCEPTED, &job));
+    } else if wants_json(headers) {
+        return Ok(answer(state, StatusCode::OK, &job));
+    } else {
+        deliver(state, headers, &job, PRIVATE_CACHE.to_string()).await?
+    };
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
 }
 
 /// The job the caller submitted earlier with this request's
@@ -309,7 +399,8 @@ async fn read_submission(
         let mut multipart = Multipart::from_request(request, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let (mut image, mut action, mut json_params, mut format) = (None, None, None, None);
+        let (mut image, mut action, mut json_params, mut format, mut wait) =
+            (None, None, None, None, None);
         // A bad field is reported after the whole form is read, so the
         // client sees the answer instead of a connection closed mid-upload.
         let mut bad_field = None;
@@ -331,6 +422,7 @@ async fn read_submission(
                 }
                 "action" => text(&data, "action").map(|t| action = Some(t)),
                 "format" => text(&data, "format").map(|t| format = Some(t)),
+                "wait" => text(&data, "wait").map(|t| wait = Some(t)),
                 "params" => text(&data, "params").and_then(|raw| {
                     serde_json::from_str(&raw)
                         .map(|value| json_params = Some(value))
@@ -342,7 +434,7 @@ async fn read_submission(
                         })
                 }),
                 other => Err(ApiError::bad_request(format!(
-                    "unexpected form field {other:?}; expected image, action, params, format"
+                    "unexpected form field {other:?}; expected image, action, params, format, wait"
                 ))),
             };
             if let Err(e) = parsed {
@@ -362,6 +454,7 @@ async fn read_submission(
             json_params,
             pair_params: Vec::new(),
             format,
+            wait,
         })
     } else if content_type.starts_with("image/")
         || content_type.starts_with("application/octet-stream")
@@ -378,13 +471,13 @@ async fn read_submission(
             Limited::TooLarge => return Err(ApiError::too_large(limit, "MAX_BODY_BYTES")),
             Limited::Broken(e) => return Err(e),
         };
-        let mut action = None;
-        let mut format = None;
+        let (mut action, mut format, mut wait) = (None, None, None);
         let mut pair_params = Vec::new();
         for (k, v) in query.0 {
             match k.as_str() {
                 "action" => action = Some(v),
                 "format" => format = Some(v),
+                "wait" => wait = Some(v),
                 _ => pair_params.push((k, v)),
             }
         }
@@ -395,6 +488,7 @@ async fn read_submission(
             json_params: None,
             pair_params,
             format,
+            wait,
         })
     } else {
         body::discard(request.into_body(), limit).await;
@@ -465,7 +559,7 @@ impl Submission {
 
 /// The job an earlier request with the same idempotency key made: the same
 /// request gets it back (200), another request is refused (422).
-fn repeated(state: &AppState, job: &JobRecord, digest: &str) -> Result<Response, ApiError> {
+fn repeated(job: &JobRecord, digest: &str) -> Result<(StatusCode, JobRecord), ApiError> {
     if job.request_hash.as_deref().is_some_and(|h| h != digest) {
         return Err(ApiError::new(
             ErrorCode::IdempotencyKeyReused,
@@ -475,17 +569,18 @@ fn repeated(state: &AppState, job: &JobRecord, digest: &str) -> Result<Response,
             ),
         ));
     }
-    Ok(answer(state, StatusCode::OK, job))
+    Ok((StatusCode::OK, job.clone()))
 }
 
 /// Validates everything, then hands the job to the jobs service. Nothing
-/// is stored or queued for a rejected request.
+/// is stored or queued for a rejected request. Returns the status to answer
+/// with and the job.
 async fn accept(
     state: &AppState,
     caller: Caller,
     headers: &HeaderMap,
     s: Submission,
-) -> Result<Response, ApiError> {
+) -> Result<(StatusCode, JobRecord), ApiError> {
     let owner = caller.owner();
     let idempotency_key = idempotency_key(headers)?;
     let image_sha256 = s.image_sha256();
@@ -531,17 +626,17 @@ async fn accept(
         cache_key,
     };
     match state.jobs.submit(new, s.image).await? {
-        Submitted::Existing(job) => repeated(state, &job, &digest),
+        Submitted::Existing(job) => repeated(&job, &digest),
         Submitted::Created(job) => {
             state.metrics.submitted(&job.action);
             tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, size = job.input_size, "job accepted");
-            Ok(answer(state, StatusCode::ACCEPTED, &job))
+            Ok((StatusCode::ACCEPTED, job))
         }
         Submitted::Cached(job) => {
             state.metrics.submitted(&job.action);
             state.metrics.cache_hit(&job.action);
             tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, cached_from = ?job.cached_from, "job completed from the result cache");
-            Ok(answer(state, StatusCode::ACCEPTED, &job))
+            Ok((StatusCode::ACCEPTED, job))
         }
     }
 }
@@ -639,15 +734,25 @@ async fn find(state: &AppState, caller: Caller, id: &str) -> Result<JobRecord, A
     }
 }
 
-/// Reads a job.
+/// Query of `GET /v1/jobs/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetQuery {
+    /// Long-poll: answer when the job finishes, or after this long (`30s`,
+    /// `500ms`, or seconds; at most `MAX_WAIT`) with the job as it is then.
+    wait: Option<String>,
+}
+
+/// Reads a job; with `?wait=`, waits (long-polls) until it finishes.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}",
     operation_id = "getJob",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job's id")),
+    params(("id" = String, Path, description = "The job's id"), GetQuery),
     responses(
         (status = 200, description = "The job", body = Job),
+        (status = 400, description = "A malformed `wait` (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
@@ -658,10 +763,199 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let Query(q): Query<GetQuery> =
+        Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let until = wait_for(&state, q.wait.as_deref())?;
+    // Watch before the read, so no change after it is missed.
+    let watch = match (until, Uuid::try_parse(&id)) {
+        (Some(until), Ok(uuid)) => Some((until, state.events.watch(uuid))),
+        _ => None,
+    };
+    let mut job = find(&state, caller, &id).await?;
+    if let (Some((until, watch)), false) = (watch, job.status.is_finished()) {
+        job = watch
+            .until_finished(&state.jobs, Some(job), until)
+            .await?
+            .ok_or_else(|| not_found(&id))?;
+    }
+    Ok(answer(&state, StatusCode::OK, &job))
+}
+
+/// Streams the job's status changes as Server-Sent Events: one event at
+/// once with the job as it is, then one per change (`event:` the status,
+/// `data:` the job's JSON), ending after the job finishes (or is deleted:
+/// an event `deleted`), or after `MAX_WAIT`. A comment every 15 s keeps
+/// proxies from closing a quiet stream.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    operation_id = "streamJobEvents",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "`text/event-stream`: events named `queued`, `running`, `completed`, `failed`, `cancelled` or `deleted`, each with the job's JSON", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use imgflow_platform::events::JobChange;
+
+    let caller = state.auth.caller(&headers).await?;
+    let uuid = Uuid::try_parse(&id).map_err(|_| not_found(&id))?;
+    // Watch before the first read, so no change after it is missed.
+    let watch = state.events.watch(uuid);
+    let job = find(&state, caller, &id).await?;
+    let until = Instant::now() + state.max_wait;
+    let event = |state: &AppState, job: &JobRecord| {
+        Event::default()
+            .event(job.status.as_str())
+            .json_data(Job::new(job, &state.result_urls))
+            .unwrap_or_default()
+    };
+    let first = event(&state, &job);
+    let last = Some(job.status);
+    let stream = futures::stream::unfold(
+        (state, watch, last),
+        move |(state, mut watch, last)| async move {
+            let last = last.filter(|s| !s.is_finished())?;
+            loop {
+                let change = tokio::select! {
+                    change = watch.changed() => change,
+                    () = tokio::time::sleep_until(until) => return None,
+                };
+                if let JobChange::Became(status) = change {
+                    if status == last {
+                        continue;
+                    }
+                }
+                let job = match state.jobs.get(uuid).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        let gone = Event::default().event("deleted").data(uuid.to_string());
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(gone),
+                            (state, watch, None),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %uuid, error = %e, "cannot read the job for its event stream");
+                        return None;
+                    }
+                };
+                if job.status == last {
+                    continue;
+                }
+                let next = event(&state, &job);
+                let status = Some(job.status);
+                return Some((Ok(next), (state, watch, status)));
+            }
+        },
+    );
+    let stream = futures::stream::once(async move { Ok(first) }).chain(stream);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// Cancels a queued or running job: a queued job never runs; a running
+/// one is stopped as soon as its worker hears of it (its sandbox dropped).
+/// It ends `cancelled`, keeping its input (so it can be retried) until
+/// `JOB_RETENTION`. Cancelling a cancelled job again changes nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    operation_id = "cancelJob",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, cancelled", body = Job),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 409, description = "The job has completed or failed (`job_finished`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL or Redis unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = state.auth.caller(&headers).await?;
     let job = find(&state, caller, &id).await?;
-    Ok(answer(&state, StatusCode::OK, &job))
+    let job = match state.jobs.cancel(job.id).await? {
+        Some(cancelled) => {
+            state.metrics.cancelled(&cancelled.action);
+            tracing::info!(job_id = %cancelled.id, owner = %cancelled.owner, "job cancelled");
+            cancelled
+        }
+        // Finished meanwhile (or before): read what it became.
+        None => find(&state, caller, &id).await?,
+    };
+    match job.status {
+        JobStatus::Cancelled => Ok(answer(&state, StatusCode::OK, &job)),
+        status => Err(ApiError::new(
+            ErrorCode::JobFinished,
+            format!(
+                "job {} is {status}; only a queued or running job can be cancelled",
+                job.id
+            ),
+        )),
+    }
+}
+
+/// Retries a failed or cancelled job: a new job (`retry_of` names this
+/// one) with the same input, plugin version, parameters and format, queued
+/// like a submission (the same admission limits). The original stays as
+/// it was.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    operation_id = "retryJob",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The failed or cancelled job's id")),
+    responses(
+        (status = 202, description = "The new job, queued", body = Job, headers(("Location" = String, description = "The new job's URL"))),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 409, description = "The job is queued, running or completed (`job_not_retryable`)", body = ErrorBody),
+        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "PostgreSQL or Redis unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let job = find(&state, caller, &id).await?;
+    if !job.status.is_retryable() {
+        return Err(ApiError::new(
+            ErrorCode::JobNotRetryable,
+            format!(
+                "job {} is {}; only a failed or cancelled job can be retried",
+                job.id, job.status
+            ),
+        ));
+    }
+    admit(&state, caller).await?;
+    let successor = state.jobs.retry(&job).await?;
+    state.metrics.submitted(&successor.action);
+    tracing::info!(job_id = %successor.id, retry_of = %job.id, action = %successor.action, "job retried");
+    Ok(answer(&state, StatusCode::ACCEPTED, &successor))
 }
 
 /// Deletes a job: its input, its result and its record. A queued job is
@@ -725,7 +1019,7 @@ pub async fn delete(
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 403, description = "A signed URL with a wrong signature, or expired (`invalid_signature`)", body = ErrorBody),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
-        (status = 409, description = "The job failed or has not finished (`job_failed`, `job_not_finished`)", body = ErrorBody),
+        (status = 409, description = "The job failed, was cancelled or has not finished (`job_failed`, `job_cancelled`, `job_not_finished`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))
@@ -746,8 +1040,23 @@ pub async fn result(
     } else {
         let caller = state.auth.caller(&headers).await?;
         let job = find(&state, caller, &id).await?;
-        (job, "private, max-age=31536000, immutable".to_string())
+        (job, PRIVATE_CACHE.to_string())
     };
+    deliver(&state, &headers, &job, cache).await
+}
+
+/// `Cache-Control` of a result fetched with credentials.
+const PRIVATE_CACHE: &str = "private, max-age=31536000, immutable";
+
+/// A job's result, streamed from storage with its `Content-Type`,
+/// `Content-Length`, `ETag` and `cache` as `Cache-Control` (`304` when the
+/// client's `If-None-Match` has it); `409` when the job has no result.
+async fn deliver(
+    state: &AppState,
+    headers: &HeaderMap,
+    job: &JobRecord,
+    cache: String,
+) -> Result<Response, ApiError> {
     match job.status {
         JobStatus::Completed => {}
         JobStatus::Failed => {
@@ -760,11 +1069,17 @@ pub async fn result(
                 ),
             ))
         }
+        JobStatus::Cancelled => {
+            return Err(ApiError::new(
+                ErrorCode::JobCancelled,
+                format!("job {} was cancelled; it has no result", job.id),
+            ))
+        }
         status => {
             return Err(ApiError::new(
                 ErrorCode::JobNotFinished,
                 format!(
-                    "the job is {status}; poll /v1/jobs/{} until it is completed",
+                    "the job is {status}; wait with GET /v1/jobs/{}?wait=30s until it is completed",
                     job.id
                 ),
             ))
@@ -782,7 +1097,7 @@ pub async fn result(
     }
     let object = state
         .jobs
-        .result(&job)
+        .result(job)
         .await?
         .ok_or_else(|| ApiError::internal("the completed job has no result"))?;
     let format = ImageFormat::parse(&job.output_format).unwrap_or(ImageFormat::Png);
@@ -803,7 +1118,8 @@ pub async fn result(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only jobs in this status: `queued`, `running`, `completed` or `failed`.
+    /// Only jobs in this status: `queued`, `running`, `completed`, `failed`
+    /// or `cancelled`.
     status: Option<String>,
     /// Only jobs of this action.
     action: Option<String>,
@@ -839,7 +1155,7 @@ pub async fn list(
         Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
     let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request("status must be queued, running, completed or failed")
+            ApiError::bad_request("status must be queued, running, completed, failed or cancelled")
         })?),
         None => None,
     };

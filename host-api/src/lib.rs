@@ -39,6 +39,7 @@ use anyhow::Context as _;
 use clap::Args;
 use imgflow_platform::budget::MemoryBudget;
 use imgflow_platform::config::{DatabaseArgs, HumanDuration, RedisArgs, StorageArgs};
+use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::keys::Keys;
 use imgflow_platform::logging::LogArgs;
@@ -151,6 +152,11 @@ pub struct Settings {
     /// compile really ends, not when the upload gives up waiting.
     #[arg(long, env = "PLUGIN_COMPILE_SLOTS", default_value_t = 2)]
     pub plugin_compile_slots: u32,
+    /// The longest a client may wait for a job in one request (`?wait=` on
+    /// submit and read; longer waits are cut to this). Also how long an
+    /// event stream (`/v1/jobs/{id}/events`) stays open at most.
+    #[arg(long, env = "MAX_WAIT", default_value = "60s")]
+    pub max_wait: HumanDuration,
     /// Submissions are refused (429) while this many jobs are unfinished.
     #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
     pub queue_max_depth: u64,
@@ -236,6 +242,8 @@ impl App {
             every: settings.retention_sweep_interval.0,
         };
         let state = AppState {
+            events: JobEvents::start(queue.clone()),
+            max_wait: settings.max_wait.0,
             jobs,
             auth: Auth::new(settings.auth_required, admin_tokens, keys.clone()),
             keys,

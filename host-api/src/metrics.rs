@@ -31,6 +31,7 @@ pub struct ApiMetrics {
     uploads: IntCounterVec,
     deleted: IntCounterVec,
     cache_hits: IntCounterVec,
+    cancelled: IntCounterVec,
     /// `API_DECODE_MEMORY_MB`, in bytes.
     pub decode_budget: prometheus::IntGauge,
     /// What submissions being decoded hold of it, in bytes.
@@ -118,6 +119,13 @@ impl ApiMetrics {
                 ),
                 &["action"],
             )?,
+            cancelled: IntCounterVec::new(
+                Opts::new(
+                    "api_jobs_cancelled_total",
+                    "Jobs cancelled by their owner or an operator while queued or running, by action.",
+                ),
+                &["action"],
+            )?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
                 "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
@@ -130,6 +138,7 @@ impl ApiMetrics {
         };
         m.registry.register(Box::new(m.deleted.clone()))?;
         m.registry.register(Box::new(m.cache_hits.clone()))?;
+        m.registry.register(Box::new(m.cancelled.clone()))?;
         m.registry.register(Box::new(m.decode_budget.clone()))?;
         m.registry.register(Box::new(m.decode_reserved.clone()))?;
         for deletion in Deletion::ALL {
@@ -157,6 +166,7 @@ impl ApiMetrics {
         for action in actions {
             self.submitted.with_label_values(&[action]);
             self.cache_hits.with_label_values(&[action]);
+            self.cancelled.with_label_values(&[action]);
         }
     }
 
@@ -168,6 +178,11 @@ impl ApiMetrics {
     /// Counts a job of `action` completed from the result cache.
     pub fn cache_hit(&self, action: &str) {
         self.cache_hits.with_label_values(&[action]).inc();
+    }
+
+    /// Counts a job of `action` cancelled before it finished.
+    pub fn cancelled(&self, action: &str) {
+        self.cancelled.with_label_values(&[action]).inc();
     }
 
     /// Counts a refused submission; `reason` is the answer's error code.

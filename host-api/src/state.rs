@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::extract::FromRef;
 use imgflow_platform::budget::MemoryBudget;
+use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::keys::Keys;
 use imgflow_platform::plugins::Catalogue;
@@ -24,6 +25,10 @@ pub struct AppState {
     pub db: PgPool,
     /// Jobs and their states.
     pub jobs: Jobs,
+    /// Job changes, heard by clients that wait (`?wait=`, event streams).
+    pub events: JobEvents,
+    /// The longest one request may wait for a job (`MAX_WAIT`).
+    pub max_wait: Duration,
     /// The plugin catalogue.
     pub catalogue: Catalogue,
     /// The Redis queue (its depth, for admission).

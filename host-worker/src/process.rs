@@ -3,7 +3,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use imgflow_platform::jobs::{JobRecord, Jobs};
+use imgflow_platform::events::{JobChange, JobEvents};
+use imgflow_platform::jobs::{JobRecord, JobStatus, Jobs};
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::{Delivery, Queue};
 use imgflow_platform::retry::retry;
@@ -28,6 +29,8 @@ pub struct Context {
     pub catalogue: Catalogue,
     /// The queue (deliveries, leases).
     pub queue: Queue,
+    /// Job changes, to hear that a running job was cancelled or deleted.
+    pub events: JobEvents,
     /// Compiled plugins.
     pub registry: Registry,
     /// Input limits.
@@ -85,9 +88,11 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         // Keep the lease while the job runs, so no other worker takes it;
         // but only until the job's deadline (plus a tick): a job that is
         // still running then is wedged, and its lease lapses so another
-        // worker takes it over and the attempt counts. At each renewal, a
-        // job its owner deleted meanwhile is abandoned (its sandbox
-        // dropped).
+        // worker takes it over and the attempt counts. A job its owner
+        // cancels or deletes meanwhile is abandoned (its sandbox dropped)
+        // when the announcement arrives, or at the next renewal if it was
+        // lost.
+        let mut watch = ctx.events.watch(job.id);
         let deadline = Arc::new(OnceLock::new());
         let (deleted_tx, mut deleted) = tokio::sync::oneshot::channel::<()>();
         let renewer = {
@@ -100,9 +105,16 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    if let Ok(None) = ctx.jobs.get(id).await {
-                        let _ = deleted_tx.send(());
-                        return;
+                    match ctx.jobs.get(id).await {
+                        Ok(None) => {
+                            let _ = deleted_tx.send(());
+                            return;
+                        }
+                        Ok(Some(job)) if job.status == JobStatus::Cancelled => {
+                            let _ = deleted_tx.send(());
+                            return;
+                        }
+                        _ => {}
                     }
                     if deadline.get().is_some_and(|d: &Instant| d.elapsed() > Duration::from_secs(1)) {
                         tracing::warn!("the job is past its deadline; no longer renewing its lease");
@@ -114,10 +126,20 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 }
             })
         };
-        let outcome = tokio::select! {
-            outcome = run(&ctx, &job, &deadline) => outcome,
-            Ok(()) = &mut deleted => {
-                tracing::info!("job was deleted while it ran; abandoned");
+        let running = run(&ctx, &job, &deadline);
+        tokio::pin!(running);
+        let outcome = loop {
+            let stopped = tokio::select! {
+                outcome = &mut running => break outcome,
+                Ok(()) = &mut deleted => true,
+                change = watch.changed() => matches!(
+                    change,
+                    JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)
+                ),
+            };
+            if stopped {
+                renewer.abort();
+                tracing::info!("job was cancelled or deleted while it ran; abandoned");
                 ack(&ctx, &delivery).await;
                 return;
             }

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::Args;
 use imgflow_platform::config::{DatabaseArgs, RedisArgs, StorageArgs};
 use imgflow_platform::db;
+use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::{Jobs, JobsError};
 use imgflow_platform::logging::LogArgs;
 use imgflow_platform::plugins::Catalogue;
@@ -214,6 +215,7 @@ impl Worker {
             jobs: Jobs::new(pool.clone(), queue.clone(), storage),
             catalogue,
             queue: queue.clone(),
+            events: JobEvents::start(queue.clone()),
             registry,
             limits: settings.sandbox.image_limits(),
             png_compression: settings.sandbox.png_compression,

@@ -5,10 +5,18 @@
 //! ```text
 //!            submit            start              complete
 //!   (none) ---------> queued ---------> running ------------> completed
-//!                       ^                  |  \
-//!                       |   requeue_missing|   \  fail
-//!                       +------------------+    +-----------> failed
+//!                     | ^                  |  \
+//!                     | |   requeue_missing|   \  fail
+//!                     | +------------------+    +-----------> failed
+//!                     |                    |
+//!                     +--------------------+--- cancel -----> cancelled
 //! ```
+//!
+//! [`Jobs::retry`] gives a failed or cancelled job a successor: a new
+//! queued job on the same input (`retry_of` names the original).
+//!
+//! Every change is announced ([`crate::events`]), so clients that wait for
+//! a job, and the worker running a job that is cancelled, hear it at once.
 //!
 //! A job leaves by [`Jobs::delete`] (its owner asks; queued or running, it
 //! is taken off the queue first) or by [`Jobs::expire`] (`JOB_RETENTION`
@@ -32,6 +40,7 @@ use sqlx::{PgPool, Postgres};
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::events::JobChange;
 use crate::queue::{Lock, Queue, QueueError};
 use crate::storage::{self, Object, Storage, StorageError};
 
@@ -47,15 +56,18 @@ pub enum JobStatus {
     Completed,
     /// Ended with an error.
     Failed,
+    /// Cancelled by its owner before it finished.
+    Cancelled,
 }
 
 impl JobStatus {
     /// Every status, in the order a job goes through them.
-    pub const ALL: [JobStatus; 4] = [
+    pub const ALL: [JobStatus; 5] = [
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Completed,
         JobStatus::Failed,
+        JobStatus::Cancelled,
     ];
 
     /// The status as stored and shown.
@@ -65,6 +77,7 @@ impl JobStatus {
             JobStatus::Running => "running",
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 
@@ -77,7 +90,15 @@ impl JobStatus {
 
     /// Whether the job has ended (it will never change again).
     pub fn is_finished(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed)
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    /// Whether [`Jobs::retry`] may give the job a successor.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, JobStatus::Failed | JobStatus::Cancelled)
     }
 }
 
@@ -121,6 +142,13 @@ macro_rules! unfinished {
     };
 }
 pub(crate) use unfinished;
+
+/// The SQL condition "the job has finished", the one retention requires.
+macro_rules! finished {
+    () => {
+        "status IN ('completed', 'failed', 'cancelled')"
+    };
+}
 
 /// A row of the `jobs` table.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -166,6 +194,9 @@ pub struct JobRecord {
     /// The job whose result (and input) this one reused, when it was
     /// completed from the result cache without running.
     pub cached_from: Option<Uuid>,
+    /// The failed or cancelled job this one retries (same input and
+    /// pipeline), if it is a retry.
+    pub retry_of: Option<Uuid>,
     /// The Redis stream entry that carries it.
     pub stream_id: Option<String>,
     /// The worker that ran it last.
@@ -176,7 +207,7 @@ pub struct JobRecord {
     pub enqueued_at: Option<DateTime<Utc>>,
     /// When a worker last started it.
     pub started_at: Option<DateTime<Utc>>,
-    /// When it completed or failed.
+    /// When it completed, failed or was cancelled.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -357,19 +388,7 @@ impl Jobs {
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.enqueue(id).await {
-            if let JobsError::Queue(_) = e {
-                let _ = sqlx::query("DELETE FROM jobs WHERE id = $1")
-                    .bind(id)
-                    .execute(&self.db)
-                    .await;
-                let _ = self.storage.delete(&input_key).await;
-                return Err(e);
-            }
-            // Queued, but the entry is not recorded: the sweeper will see
-            // the entry and settle it; the job is safe.
-            tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
-        }
+        self.enqueue_new(id, Some(&input_key)).await?;
         Ok(Submitted::Created(job))
     }
 
@@ -418,6 +437,30 @@ impl Jobs {
         .fetch_optional(&self.db)
         .await?;
         Ok(hit.map(Submitted::Cached))
+    }
+
+    /// Queues a job just inserted. If Redis refuses, the job is undone (its
+    /// row, and `own_input` when the input is the job's alone) and the
+    /// error returned; if only recording the entry fails, the job is queued
+    /// and safe (the sweeper settles the entry), so that is just logged.
+    async fn enqueue_new(&self, id: Uuid, own_input: Option<&str>) -> Result<(), JobsError> {
+        match self.enqueue(id).await {
+            Err(e @ JobsError::Queue(_)) => {
+                let _ = sqlx::query("DELETE FROM jobs WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.db)
+                    .await;
+                if let Some(key) = own_input {
+                    let _ = self.storage.delete(key).await;
+                }
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Puts the job on the queue and records its entry.
@@ -494,7 +537,7 @@ impl Jobs {
     /// the updated row, or `None` if the job is finished (or gone): then
     /// there is nothing to do.
     pub async fn start(&self, id: Uuid, worker: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        sqlx::query_as(concat!(
+        let started: Option<JobRecord> = sqlx::query_as(concat!(
             "UPDATE jobs SET status = $3, attempts = attempts + 1, started_at = now(), worker_id = $2
              WHERE id = $1 AND ",
             unfinished!(),
@@ -504,7 +547,74 @@ impl Jobs {
         .bind(worker)
         .bind(JobStatus::Running)
         .fetch_optional(&self.db)
-        .await
+        .await?;
+        if started.is_some() {
+            self.announce(id, JobChange::Became(JobStatus::Running))
+                .await;
+        }
+        Ok(started)
+    }
+
+    /// Announces a change to whoever waits for the job. A lost announcement
+    /// delays waiters (until their wait ends) but changes nothing recorded,
+    /// so it is logged, not returned.
+    async fn announce(&self, id: Uuid, change: JobChange) {
+        if let Err(e) = self.queue.announce_job_change(id, change.as_str()).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot announce the job's change");
+        }
+    }
+
+    /// Cancels an unfinished job: it becomes `cancelled` and leaves the
+    /// queue, so no worker starts it; a worker running it hears the
+    /// announcement and drops its sandbox. Returns the cancelled job, or
+    /// `None` if it had finished (or is gone) meanwhile.
+    pub async fn cancel(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
+        let cancelled: Option<JobRecord> = sqlx::query_as(concat!(
+            "UPDATE jobs SET status = $2, finished_at = now() WHERE id = $1 AND ",
+            unfinished!(),
+            " RETURNING *"
+        ))
+        .bind(id)
+        .bind(JobStatus::Cancelled)
+        .fetch_optional(&self.db)
+        .await?;
+        let Some(job) = cancelled else {
+            return Ok(None);
+        };
+        if let Some(entry) = &job.stream_id {
+            // Recorded first: if this fails, the worker that takes the entry
+            // finds the job finished and acknowledges it.
+            if let Err(e) = self.queue.finish(entry).await {
+                tracing::warn!(job_id = %id, error = %e, "cannot take the cancelled job off the queue");
+            }
+        }
+        self.announce(id, JobChange::Became(JobStatus::Cancelled))
+            .await;
+        Ok(Some(job))
+    }
+
+    /// Gives a failed or cancelled job a successor: a new `queued` job of
+    /// the same owner, input (shared, not copied), plugin version,
+    /// parameters and output format, whose `retry_of` is `job`. The caller
+    /// checks [`JobStatus::is_retryable`] and admission first.
+    pub async fn retry(&self, job: &JobRecord) -> Result<JobRecord, JobsError> {
+        let id = Uuid::now_v7();
+        let successor: JobRecord = sqlx::query_as(
+            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
+                               input_size, input_format, output_format, owner, cache_key, retry_of)
+             SELECT $1, action, plugin_version, plugin_digest, params, $3, input_key,
+                    input_size, input_format, output_format, owner, cache_key, id
+             FROM jobs WHERE id = $2
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(job.id)
+        .bind(JobStatus::Queued)
+        .fetch_one(&self.db)
+        .await?;
+        // The input is the original's: only the row goes on failure.
+        self.enqueue_new(id, None).await?;
+        Ok(successor)
     }
 
     /// Marks the job `completed` with its stored result. Returns false if
@@ -527,7 +637,12 @@ impl Jobs {
         .bind(JobStatus::Completed)
         .execute(&self.db)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            self.announce(id, JobChange::Became(JobStatus::Completed))
+                .await;
+        }
+        Ok(done)
     }
 
     /// Marks the job `failed` with a code and message. Returns false if it
@@ -549,7 +664,12 @@ impl Jobs {
         .bind(JobStatus::Failed)
         .execute(&self.db)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let done = done.rows_affected() == 1;
+        if done {
+            self.announce(id, JobChange::Became(JobStatus::Failed))
+                .await;
+        }
+        Ok(done)
     }
 
     /// The sweeper's round: if `holder` gets the sweeper lock (for `every`),
@@ -612,6 +732,7 @@ impl Jobs {
             // Deleted meanwhile by another request or the retention sweep.
             return Ok(false);
         };
+        self.announce(deleted.id, JobChange::Deleted).await;
         self.delete_files(&deleted, &[deleted.id]).await?;
         Ok(true)
     }
@@ -635,14 +756,15 @@ impl Jobs {
         // Rows locked until the commit, skipped by any other sweeper: the
         // files go first, then the rows, so a failure leaves the job (and
         // the next round deletes it) rather than an orphan file.
-        let expired: Vec<JobRecord> = sqlx::query_as(
+        let expired: Vec<JobRecord> = sqlx::query_as(concat!(
             "SELECT * FROM jobs
-             WHERE status IN ('completed', 'failed')
-               AND finished_at < now() - make_interval(secs => $1)
+             WHERE ",
+            finished!(),
+            " AND finished_at < now() - make_interval(secs => $1)
              ORDER BY finished_at
              LIMIT $2
-             FOR UPDATE SKIP LOCKED",
-        )
+             FOR UPDATE SKIP LOCKED"
+        ))
         .bind(retention.as_secs_f64())
         .bind(batch)
         .fetch_all(&mut *tx)
@@ -694,12 +816,15 @@ impl Jobs {
         Ok(())
     }
 
-    /// After [`Jobs::complete`] found nothing to complete: if the job was
-    /// deleted meanwhile, deletes the result the worker stored for it, so
-    /// nothing of a deleted job stays behind. Returns whether it did.
+    /// After [`Jobs::complete`] found nothing to complete: unless the job
+    /// is recorded with this result (another delivery completed it), it was
+    /// deleted or cancelled meanwhile, and the result the worker stored is
+    /// deleted, so nothing of it stays behind. Returns whether it was.
     pub async fn discard_orphan_result(&self, id: Uuid, key: &str) -> Result<bool, JobsError> {
-        if self.get(id).await?.is_some() {
-            return Ok(false);
+        if let Some(job) = self.get(id).await? {
+            if job.output_key.as_deref() == Some(key) {
+                return Ok(false);
+            }
         }
         self.storage.delete(key).await?;
         Ok(true)

@@ -3,6 +3,8 @@
 //!
 //! Each behaviour has one home:
 //! - [`budget`]: a memory budget that large allocations reserve from.
+//! - [`events`]: hearing that a job changed (Redis pub/sub), for clients
+//!   that wait and workers that watch for cancellation.
 //! - [`jobs`]: a job's states and every change of state (submit, start,
 //!   complete, fail, queue again when missing).
 //! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
@@ -22,6 +24,7 @@
 pub mod budget;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod logging;

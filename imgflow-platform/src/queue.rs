@@ -16,7 +16,9 @@
 //!
 //! This module is the only place that knows Redis: every key (all under the
 //! deployment's prefix, `IMGFLOW_QUEUE`) and every command, including the
-//! plugin-change notices (pub/sub on `<prefix>:plugins`) and the locks of
+//! plugin-change notices (pub/sub on `<prefix>:plugins`), the job-change
+//! notices that waiting clients hear (pub/sub on `<prefix>:job-changes`)
+//! and the locks of
 //! the sweeper and the retention sweep (`<prefix>:sweeper`,
 //! `<prefix>:retention`). No connection or key leaves it.
 
@@ -243,6 +245,30 @@ impl Queue {
         })))
     }
 
+    /// Tells every process watching jobs ([`crate::events`]) that job `id`
+    /// changed: `what` it became (a status, or `deleted`). Returns how many
+    /// subscribers heard it.
+    pub async fn announce_job_change(&self, id: Uuid, what: &str) -> RedisResult<i64> {
+        let mut conn = self.conn().await?;
+        conn.publish(self.key(JOB_NOTICES), format!("{id} {what}"))
+            .await
+    }
+
+    /// Subscribes to job-change notices on a connection of its own: a
+    /// stream of (job id, what it became) that ends when the connection
+    /// drops.
+    pub async fn job_changes(&self) -> RedisResult<JobChanges> {
+        let mut pubsub = bounded(self.client.get_async_pubsub()).await?;
+        pubsub.subscribe(self.key(JOB_NOTICES)).await?;
+        Ok(Box::pin(pubsub.into_on_message().filter_map(|m| {
+            let change = m.get_payload::<String>().ok().and_then(|text| {
+                let (id, what) = text.split_once(' ')?;
+                Some((Uuid::parse_str(id).ok()?, what.to_string()))
+            });
+            futures::future::ready(change)
+        })))
+    }
+
     /// Takes `lock` for `holder` for `ttl`, unless another holder has it:
     /// `true` if this call took it. The lock expires by itself, so a holder
     /// that dies never blocks the others for longer than `ttl`.
@@ -276,6 +302,12 @@ impl Queue {
 
 /// The channel of plugin-change notices, under the prefix.
 const PLUGIN_NOTICES: &str = "plugins";
+
+/// The channel of job-change notices, under the prefix.
+const JOB_NOTICES: &str = "job-changes";
+
+/// Job ids and what each became, as [`Queue::job_changes`] hears them.
+pub type JobChanges = std::pin::Pin<Box<dyn futures::Stream<Item = (Uuid, String)> + Send>>;
 
 /// Plugin names, as [`Queue::plugin_changes`] hears them.
 pub type PluginChanges = std::pin::Pin<Box<dyn futures::Stream<Item = String> + Send>>;

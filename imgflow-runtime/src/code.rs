@@ -139,6 +139,12 @@ error_codes! {
     JobFailed = "job_failed", 409, false, Other;
     /// The job has not finished yet.
     JobNotFinished = "job_not_finished", 409, true, Other;
+    /// The job was cancelled, so it has no result.
+    JobCancelled = "job_cancelled", 409, false, Other;
+    /// The job has finished, so it cannot be cancelled.
+    JobFinished = "job_finished", 409, false, Other;
+    /// Only a failed or cancelled job can be retried.
+    JobNotRetryable = "job_not_retryable", 409, false, Other;
     // Plugin management.
     /// No `IMGFLOW_ADMIN_TOKEN` is configured, so management is off.
     AdminDisabled = "admin_disabled", 403, false, Other;

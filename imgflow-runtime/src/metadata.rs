@@ -129,6 +129,17 @@ impl std::fmt::Display for Constraint {
     }
 }
 
+/// Names a plugin parameter may not have: a raw-body submission's query
+/// carries them beside the plugin's parameters (`?action=blur&sigma=2&wait=30s`).
+pub const RESERVED_PARAMS: &[&str] = &[
+    "action",
+    "format",
+    "quality",
+    "steps",
+    "wait",
+    "callback_url",
+];
+
 /// Whether `name` is acceptable as a plugin name (and so as a job action and
 /// a storage key): `[a-z][a-z0-9_-]*`, at most 64 characters.
 pub fn is_valid_plugin_name(name: &str) -> bool {

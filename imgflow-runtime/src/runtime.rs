@@ -718,12 +718,12 @@ fn validate_metadata(raw: wit::PluginMetadata) -> Result<PluginMetadata, LoadErr
             name: p.name,
         };
         if !metadata::is_valid_plugin_name(&spec.name)
-            || spec.name == "format"
-            || spec.name == "action"
+            || metadata::RESERVED_PARAMS.contains(&spec.name.as_str())
         {
             return bad(format!(
-                "parameter name {:?} must be a lowercase identifier other than `action` and `format`",
-                spec.name
+                "parameter name {:?} must be a lowercase identifier other than {}",
+                spec.name,
+                metadata::RESERVED_PARAMS.join(", ")
             ));
         }
         if specs.iter().any(|s| s.name == spec.name) {
@@ -786,5 +786,36 @@ impl Drop for Runtime {
         // Stop the ticker before the engine goes (field order would do it
         // too; this makes the intent explicit).
         self.ticker.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_param(name: &str) -> wit::PluginMetadata {
+        wit::PluginMetadata {
+            name: "edge".into(),
+            version: "1.0.0".into(),
+            description: "A test.".into(),
+            params: vec![wit::ParamSpec {
+                name: name.into(),
+                kind: wit::ParamKind::Float,
+                default: wit::ParamValue::Float(1.0),
+                allowed: wit::Constraint::Any,
+                description: "A parameter.".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn parameters_may_not_take_the_names_a_submission_reserves() {
+        assert!(validate_metadata(with_param("sigma")).is_ok());
+        for reserved in metadata::RESERVED_PARAMS {
+            match validate_metadata(with_param(reserved)) {
+                Err(LoadError::InvalidMetadata(m)) => assert!(m.contains(reserved), "{m}"),
+                other => panic!("{reserved}: {other:?}"),
+            }
+        }
     }
 }

@@ -203,3 +203,189 @@ fn blur_declares_and_enforces_sigma() {
         assert!(plugin.params_from_pairs([("sigma", bad)]).is_err(), "{bad}");
     }
 }
+
+/// Runs `name` with `pairs` on `input` through the component.
+fn run(runtime: &Runtime, plugin: &Plugin, input: &RgbaImage, pairs: &[(&str, &str)]) -> RgbaImage {
+    let params = plugin
+        .params_from_pairs(pairs.iter().copied())
+        .unwrap_or_else(|e| panic!("{pairs:?}: {e}"));
+    block_on(runtime.apply(plugin, input.clone(), &params))
+        .unwrap_or_else(|e| panic!("{pairs:?}: {e}"))
+        .image
+}
+
+/// The largest and the mean absolute difference between two images of the
+/// same size, over every sample.
+fn difference(a: &RgbaImage, b: &RgbaImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diffs: Vec<u8> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    (max, mean)
+}
+
+/// Test images: the first two Kodak photos and PngSuite files with
+/// transparency and odd sizes.
+fn geometry_inputs() -> Vec<(String, RgbaImage)> {
+    let mut files: Vec<_> = imgflow_testkit::photos().into_iter().take(2).collect();
+    files.extend(imgflow_testkit::valid_pngsuite().into_iter().filter(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with("basn6a08") || n.starts_with("s05n3p02") || n.starts_with("tbwn0g04")
+        })
+    }));
+    assert!(files.len() >= 4, "{files:?}");
+    files
+        .into_iter()
+        .map(|p| (p.display().to_string(), decode(&p)))
+        .collect()
+}
+
+#[test]
+fn crop_rotate_and_flip_equal_the_image_crate_exactly() {
+    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+    let [crop, rotate, flip] = ["crop", "rotate", "flip"].map(|n| load(&runtime, n));
+    for (name, input) in geometry_inputs() {
+        let (w, h) = input.dimensions();
+        let (x, y, cw, ch) = (w / 4, h / 3, w / 2 + 1, h / 2);
+        let cropped = run(
+            &runtime,
+            &crop,
+            &input,
+            &[
+                ("x", &x.to_string()),
+                ("y", &y.to_string()),
+                ("width", &cw.to_string()),
+                ("height", &ch.to_string()),
+            ],
+        );
+        assert!(
+            cropped == image::imageops::crop_imm(&input, x, y, cw, ch).to_image(),
+            "{name}: crop"
+        );
+        for (degrees, reference) in [
+            ("90", image::imageops::rotate90(&input)),
+            ("180", image::imageops::rotate180(&input)),
+            ("270", image::imageops::rotate270(&input)),
+        ] {
+            assert!(
+                run(&runtime, &rotate, &input, &[("degrees", degrees)]) == reference,
+                "{name}: rotate {degrees}"
+            );
+        }
+        assert!(
+            run(&runtime, &flip, &input, &[("direction", "horizontal")])
+                == image::imageops::flip_horizontal(&input),
+            "{name}: flip"
+        );
+        assert!(
+            run(&runtime, &flip, &input, &[("direction", "vertical")])
+                == image::imageops::flip_vertical(&input),
+            "{name}: flip"
+        );
+    }
+    // Out of bounds: refused with the reason, not a trap.
+    let input = RgbaImage::new(10, 10);
+    let params = crop
+        .params_from_pairs([("x", "5"), ("width", "6"), ("height", "1")])
+        .unwrap();
+    let e = block_on(runtime.apply(&crop, input, &params)).unwrap_err();
+    assert_eq!(e.code().as_str(), "invalid_params", "{e}");
+    assert!(e.to_string().contains("does not fit"), "{e}");
+}
+
+#[test]
+fn resize_and_sharpen_match_the_native_code_and_the_image_crate() {
+    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+    let [resize, sharpen] = ["resize", "sharpen"].map(|n| load(&runtime, n));
+    for (name, input) in geometry_inputs() {
+        let (w, h) = input.dimensions();
+        let opaque = input.pixels().all(|p| p[3] == 255);
+        for (filter, reference_filter, mean_bound) in [
+            ("lanczos3", image::imageops::FilterType::Lanczos3, 0.01),
+            ("triangle", image::imageops::FilterType::Triangle, 0.01),
+        ] {
+            // Down to about a third, and up by 1.5 (odd sizes both ways).
+            for (tw, th) in [(w / 3 + 1, h / 3 + 1), (w * 3 / 2, h * 3 / 2)] {
+                let pairs = [
+                    ("width", tw.to_string()),
+                    ("height", th.to_string()),
+                    ("fit", "fill".to_string()),
+                    ("filter", filter.to_string()),
+                ];
+                let pairs: Vec<(&str, &str)> =
+                    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let output = run(&runtime, &resize, &input, &pairs);
+                let fit = if filter == "lanczos3" {
+                    imgflow_filters::Filter::Lanczos3
+                } else {
+                    imgflow_filters::Filter::Triangle
+                };
+                let (_, _, native) = imgflow_filters::resize(
+                    w,
+                    h,
+                    input.as_raw(),
+                    Some(tw),
+                    Some(th),
+                    imgflow_filters::Fit::Fill,
+                    fit,
+                )
+                .unwrap();
+                let (max_native, _) =
+                    difference(&output, &RgbaImage::from_raw(tw, th, native).unwrap());
+                assert!(
+                    max_native <= 1,
+                    "{name} {filter} {tw}x{th}: component vs native differ by {max_native}"
+                );
+                if opaque {
+                    let reference = image::imageops::resize(&input, tw, th, reference_filter);
+                    let (max, mean) = difference(&output, &reference);
+                    eprintln!(
+                        "{name} {filter} to {tw}x{th}: vs image crate mean {mean:.4}, max {max}"
+                    );
+                    assert!(
+                        max <= 1 && mean <= mean_bound,
+                        "{name} {filter} {tw}x{th}: mean {mean}, max {max}"
+                    );
+                }
+            }
+        }
+        for (sigma, amount) in [("1", "1"), ("2.5", "0.5")] {
+            let output = run(
+                &runtime,
+                &sharpen,
+                &input,
+                &[("sigma", sigma), ("amount", amount)],
+            );
+            let native = imgflow_filters::sharpen(
+                w,
+                h,
+                input.as_raw(),
+                sigma.parse().unwrap(),
+                amount.parse().unwrap(),
+            )
+            .unwrap();
+            assert!(
+                output.as_raw() == &native,
+                "{name} sharpen {sigma} {amount}"
+            );
+        }
+        if opaque {
+            // image's unsharpen is amount 1 with a threshold (0 here).
+            let output = run(
+                &runtime,
+                &sharpen,
+                &input,
+                &[("sigma", "1"), ("amount", "1")],
+            );
+            let reference = image::imageops::unsharpen(&input, 1.0, 0);
+            let (max, mean) = difference(&output, &reference);
+            eprintln!("{name} sharpen: vs image crate mean {mean:.4}, max {max}");
+            assert!(mean <= 0.5, "{name} sharpen: mean {mean}");
+        }
+    }
+}

@@ -197,30 +197,40 @@ async fn prometheus_scrapes_every_action_and_every_dashboard_query_returns_data(
     let prometheus = Prometheus::start(&prom_dir, &api, &stack.worker_metrics).await;
     let client = reqwest::Client::new();
 
+    let mut every_action = imgflow_testkit::fixtures::builtin_names();
+    every_action.extend(["panicky".to_string(), "spin".to_string()]);
     // Both jobs' targets are up, and every action's series exist at zero
     // before its first job (the workers learnt about spin and panicky from
     // the upload notice), so rates see the jobs that follow.
     wait_until(
-        "Prometheus scrapes the API and both workers, with zeroed series of all four actions",
+        "Prometheus scrapes the API and both workers, with zeroed series of every action",
         Duration::from_secs(60),
         || async {
             let up = prometheus.query(&client, "up == 1").await;
             let series = prometheus
                 .query(&client, "count by (action) (worker_jobs_processed_total)")
                 .await;
-            up.len() == 3 && series.len() == 4
+            up.len() == 3 && series.len() == every_action.len()
         },
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let small = "tests/fixtures/pngsuite/basn6a08.png";
-    let photo = "tests/fixtures/photos/kodim23.png";
+    // A 16-megapixel image: decoding it and blurring it take well over a
+    // second here (a photo's blur takes tens of milliseconds, whatever
+    // the sigma), so that job times out at 200 ms on any machine.
+    let big = stack.dir.path().join("big.png");
+    image::RgbaImage::from_fn(4096, 4096, |x, y| {
+        image::Rgba([x as u8, y as u8, (x ^ y) as u8, 255])
+    })
+    .save(&big)
+    .unwrap();
+    let big = big.to_str().unwrap();
     let jobs = [
         (3, "action=grayscale", small),
         (2, "action=blur&sigma=1.5", small),
-        // The widest blur on a photo takes most of a second: past 200 ms.
-        (1, "action=blur&sigma=50", photo),
+        (1, "action=blur&sigma=1", big),
         (2, "action=spin", small),
         (1, "action=panicky", small),
     ];
@@ -290,7 +300,7 @@ async fn prometheus_scrapes_every_action_and_every_dashboard_query_returns_data(
             );
             seen.insert(key, value(&s) as u64);
         }
-        let want: BTreeMap<_, _> = ["blur", "grayscale", "panicky", "spin"]
+        let want: BTreeMap<_, _> = every_action
             .iter()
             .flat_map(|a| ["completed", "failed"].map(|s| ((a.to_string(), s.to_string()), 0)))
             .map(|(k, zero)| {

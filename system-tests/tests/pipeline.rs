@@ -361,7 +361,7 @@ async fn rejections_have_their_codes_and_leave_nothing_behind() {
     let small = fixture("pngsuite/basn2c08.png");
 
     let m = expect_error(
-        submit_raw(&stack, &small, "action=sharpen").await,
+        submit_raw(&stack, &small, "action=emboss").await,
         404,
         "unknown_action",
     )

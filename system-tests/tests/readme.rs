@@ -105,6 +105,13 @@ async fn the_readme_curl_examples_work() {
     let result =
         image::open(work.path().join("result.png")).expect("the README downloads result.png");
     assert_eq!((result.width(), result.height()), (768, 512));
+    // Submitted and waited for in one request: the grey image itself.
+    let gray = image::open(work.path().join("gray.png"))
+        .expect("the README's waiting submission writes gray.png")
+        .to_rgba8();
+    assert_eq!(gray.dimensions(), (768, 512));
+    assert!(gray.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+    assert!(stdout.contains("event: completed"), "{stdout}");
     assert!(
         stdout.contains("\"grayscale\"") && stdout.contains("\"blur\""),
         "{stdout}"
@@ -119,7 +126,10 @@ async fn the_readme_curl_examples_work() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(jobs, 1, "the blur job stays, the deleted one is gone");
+    assert_eq!(
+        jobs, 2,
+        "the blur and the waited-for jobs stay, the deleted one is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,6 +21,7 @@ fn component(file: &str) -> Vec<u8> {
 }
 
 async fn upload(stack: &Stack, name: &str, file: &str) -> (u16, Value, Duration) {
+    stack.wait_for_migrations().await;
     let started = Instant::now();
     let r = stack
         .client

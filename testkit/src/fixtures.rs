@@ -32,6 +32,21 @@ pub fn photos() -> Vec<PathBuf> {
     sorted_pngs("tests/fixtures/photos", |_| true)
 }
 
+/// The names of the built-in plugins: `target/builtin-plugins/*.wasm`
+/// (what `make plugins` copies there), sorted.
+pub fn builtin_names() -> Vec<String> {
+    let dir = repo().join("target/builtin-plugins");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run make plugins)", dir.display()))
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            (path.extension()? == "wasm").then(|| path.file_stem()?.to_str().map(String::from))?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// A built-in plugin as the worker finds it, `target/builtin-plugins/<name>.wasm`.
 pub fn builtin_plugin(name: &str) -> PathBuf {
     let path = repo()

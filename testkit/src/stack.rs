@@ -409,8 +409,23 @@ impl Stack {
         self.workers.len() - 1
     }
 
-    /// Waits until the built-in plugins are listed by the API.
+    /// Waits until the API's background migrations have run (it answers
+    /// `/v1/plugins`), for tests that call it before any worker starts.
+    pub async fn wait_for_migrations(&self) {
+        let url = format!("{}/v1/plugins", self.api_url);
+        wait_until(
+            "the API has migrated its database",
+            Duration::from_secs(60),
+            || async {
+                matches!(self.client.get(&url).send().await, Ok(r) if r.status().is_success())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until every built-in plugin is listed by the API.
     pub async fn wait_for_plugins(&self) {
+        let builtins = crate::fixtures::builtin_names();
         let url = format!("{}/v1/plugins", self.api_url);
         wait_until(
             "the built-in plugins are registered",
@@ -423,7 +438,7 @@ impl Stack {
                             .as_array()
                             .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
                             .unwrap_or_default();
-                        names.contains(&"grayscale") && names.contains(&"blur")
+                        builtins.iter().all(|b| names.contains(&b.as_str()))
                     }
                     _ => false,
                 }
@@ -461,12 +476,14 @@ impl Stack {
         body
     }
 
-    /// Polls job `id` until it is completed or failed (at most a minute).
+    /// Polls job `id` until it has finished: completed, failed or
+    /// cancelled (at most a minute).
     pub async fn wait_done(&self, id: &str) -> serde_json::Value {
         let started = Instant::now();
         loop {
             let job = self.get_json(&format!("/v1/jobs/{id}")).await;
-            if job["status"] == "completed" || job["status"] == "failed" {
+            if ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+            {
                 return job;
             }
             assert!(

@@ -43,7 +43,9 @@ impl Guest for Blur {
         };
         match gaussian_blur(image.width, image.height, &image.pixels, sigma) {
             Ok(pixels) => Ok(Image { pixels, ..image }),
-            Err(e @ BlurError::InvalidSigma(_)) => Err(FilterError::InvalidParams(e.to_string())),
+            Err(e @ (BlurError::InvalidSigma(_) | BlurError::InvalidAmount(_))) => {
+                Err(FilterError::InvalidParams(e.to_string()))
+            }
             Err(e @ BlurError::BufferLength { .. }) => {
                 Err(FilterError::UnsupportedInput(e.to_string()))
             }
