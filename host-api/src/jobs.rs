@@ -787,8 +787,11 @@ pub async fn get(
 /// Streams the job's status changes as Server-Sent Events: one event at
 /// once with the job as it is, then one per change (`event:` the status,
 /// `data:` the job's JSON), ending after the job finishes (or is deleted:
-/// an event `deleted`), or after `MAX_WAIT`. A comment every 15 s keeps
-/// proxies from closing a quiet stream.
+/// an event `deleted`), or after `MAX_WAIT`. Each event carries the job as
+/// read when the change is heard, so a status that lasted less than that
+/// read (a few milliseconds) is folded into the next; the final status is
+/// always sent. A comment every 15 s keeps proxies from closing a quiet
+/// stream.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",

@@ -128,10 +128,17 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         };
         let running = run(&ctx, &job, &deadline);
         tokio::pin!(running);
+        // The renewer's channel, until it has answered (a completed
+        // receiver must not be polled again).
+        let mut renewer_open = true;
         let outcome = loop {
             let stopped = tokio::select! {
                 outcome = &mut running => break outcome,
-                Ok(()) = &mut deleted => true,
+                gone = &mut deleted, if renewer_open => {
+                    renewer_open = false;
+                    // Err: the renewer stopped without finding it gone.
+                    gone.is_ok()
+                }
                 change = watch.changed() => matches!(
                     change,
                     JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)

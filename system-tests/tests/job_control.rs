@@ -100,8 +100,12 @@ async fn wait_events_cancel_and_retry() {
     upload(&stack, "sleep").await;
     upload(&stack, "panicky").await;
 
-    // Events: the first one at once, the job as it is.
-    let queued = stack.submit_raw("action=grayscale", SMALL).await;
+    // Events: the first one at once, the job as it is. A photo's blur runs
+    // for tens of milliseconds, so `running` lasts long enough to be seen
+    // (a status shorter than one read may be folded into the next).
+    let queued = stack
+        .submit_raw("action=blur&sigma=2", "tests/fixtures/photos/kodim23.png")
+        .await;
     let stream = stack
         .client
         .get(format!("{}/v1/jobs/{}/events", stack.api_url, id(&queued)))
