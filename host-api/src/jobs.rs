@@ -57,6 +57,8 @@ pub struct Job {
     /// The result's format.
     #[schema(example = "png")]
     pub output_format: String,
+    /// The JPEG quality asked for (1 to 100), or `null` (JPEG at 90).
+    pub output_quality: Option<i16>,
     /// The job whose result this one reused: set when it was completed
     /// from the result cache (`RESULT_CACHE`) without running.
     pub cached_from: Option<Uuid>,
@@ -99,6 +101,7 @@ impl Job {
                 message: job.error_message.clone().unwrap_or_default(),
             }),
             output_format: job.output_format.clone(),
+            output_quality: job.output_quality,
             cached_from: job.cached_from,
             retry_of: job.retry_of,
             created_at: job.created_at,
@@ -142,6 +145,8 @@ pub struct SubmitForm {
     /// The output format: `png`, `jpeg`, `webp` or `gif` (default: the
     /// input's).
     format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90); only with a JPEG output.
+    quality: Option<String>,
     /// How long to wait for the job to finish (see the query parameter).
     #[schema(example = "30s")]
     wait: Option<String>,
@@ -158,6 +163,9 @@ pub struct SubmitQuery {
     action: Option<String>,
     /// The output format: `png`, `jpeg`, `webp` or `gif`.
     format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90); only with a JPEG output (PNG,
+    /// WebP and GIF are written lossless).
+    quality: Option<String>,
     /// Wait up to this long (`30s`, `500ms`, or seconds; at most `MAX_WAIT`)
     /// for the job to finish: then the answer is the result itself (`200`,
     /// or the job's JSON with `Accept: application/json`), else the job as
@@ -174,6 +182,8 @@ struct Submission {
     /// ... or as `name=value` pairs (raw body with a query string).
     pair_params: Vec<(String, String)>,
     format: Option<String>,
+    /// JPEG quality (`quality`), unparsed.
+    quality: Option<String>,
     /// How long the client waits for the job (`wait`), unparsed.
     wait: Option<String>,
 }
@@ -401,6 +411,7 @@ async fn read_submission(
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
         let (mut image, mut action, mut json_params, mut format, mut wait) =
             (None, None, None, None, None);
+        let mut quality = None;
         // A bad field is reported after the whole form is read, so the
         // client sees the answer instead of a connection closed mid-upload.
         let mut bad_field = None;
@@ -423,6 +434,7 @@ async fn read_submission(
                 "action" => text(&data, "action").map(|t| action = Some(t)),
                 "format" => text(&data, "format").map(|t| format = Some(t)),
                 "wait" => text(&data, "wait").map(|t| wait = Some(t)),
+                "quality" => text(&data, "quality").map(|t| quality = Some(t)),
                 "params" => text(&data, "params").and_then(|raw| {
                     serde_json::from_str(&raw)
                         .map(|value| json_params = Some(value))
@@ -434,7 +446,7 @@ async fn read_submission(
                         })
                 }),
                 other => Err(ApiError::bad_request(format!(
-                    "unexpected form field {other:?}; expected image, action, params, format, wait"
+                    "unexpected form field {other:?}; expected image, action, params, format, quality, wait"
                 ))),
             };
             if let Err(e) = parsed {
@@ -454,6 +466,7 @@ async fn read_submission(
             json_params,
             pair_params: Vec::new(),
             format,
+            quality,
             wait,
         })
     } else if content_type.starts_with("image/")
@@ -471,13 +484,14 @@ async fn read_submission(
             Limited::TooLarge => return Err(ApiError::too_large(limit, "MAX_BODY_BYTES")),
             Limited::Broken(e) => return Err(e),
         };
-        let (mut action, mut format, mut wait) = (None, None, None);
+        let (mut action, mut format, mut quality, mut wait) = (None, None, None, None);
         let mut pair_params = Vec::new();
         for (k, v) in query.0 {
             match k.as_str() {
                 "action" => action = Some(v),
                 "format" => format = Some(v),
                 "wait" => wait = Some(v),
+                "quality" => quality = Some(v),
                 _ => pair_params.push((k, v)),
             }
         }
@@ -488,6 +502,7 @@ async fn read_submission(
             json_params: None,
             pair_params,
             format,
+            quality,
             wait,
         })
     } else {
@@ -535,6 +550,12 @@ impl Submission {
         };
         field(self.action.as_bytes());
         field(self.format.as_deref().unwrap_or("").as_bytes());
+        if let Some(quality) = &self.quality {
+            // Only when set, so digests of requests without it stay as
+            // they were before `quality` existed.
+            field(b"quality");
+            field(quality.as_bytes());
+        }
         match &self.json_params {
             Some(json) => field(json.to_string().as_bytes()),
             None => {
@@ -606,12 +627,43 @@ async fn accept(
         _ => None,
     };
 
+    let quality = match s.quality.as_deref().map(str::trim) {
+        Some(q) if !q.is_empty() => Some(
+            q.parse::<i16>()
+                .ok()
+                .filter(|q| (1..=100).contains(q))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidFormat,
+                        format!("quality must be an integer from 1 to 100, got {q:?}"),
+                    )
+                })?,
+        ),
+        _ => None,
+    };
+
     let input_format = validate_image(state, &s.image).await?;
 
+    let output = requested_format.unwrap_or(input_format);
+    if quality.is_some() && output != ImageFormat::Jpeg {
+        return Err(ApiError::new(
+            ErrorCode::InvalidFormat,
+            format!(
+                "quality applies to jpeg only; {} is written lossless",
+                output.name()
+            ),
+        ));
+    }
     let params = serde_json::to_value(&validated).unwrap_or_default();
-    let output_format = requested_format.unwrap_or(input_format).name().to_string();
+    let output_format = output.name().to_string();
     let cache_key = (state.result_cache && plugin.cacheable).then(|| {
-        imgflow_platform::jobs::cache_key(&image_sha256, &plugin.digest, &params, &output_format)
+        imgflow_platform::jobs::cache_key(
+            &image_sha256,
+            &plugin.digest,
+            &params,
+            &output_format,
+            quality,
+        )
     });
     let new = NewJob {
         action: meta.name.clone(),
@@ -620,6 +672,7 @@ async fn accept(
         params,
         input_format: input_format.name().to_string(),
         output_format,
+        output_quality: quality,
         idempotency_key,
         owner,
         request_hash: digest.clone(),

@@ -341,9 +341,10 @@ async fn run(
     };
     let held = reservation.clone();
     let png_compression = ctx.png_compression;
+    let quality = job.output_quality.and_then(|q| u8::try_from(q).ok());
     let encoding = tokio::task::spawn_blocking(move || {
         let _held = held;
-        codec::encode_with(&applied.image, output_format, png_compression)
+        codec::encode_with(&applied.image, output_format, png_compression, quality)
     });
     let encoded = tokio::time::timeout_at(due.into(), encoding)
         .await

@@ -82,7 +82,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         codec::decode(&bytes, &args.sandbox.image_limits()).map_err(Failure::from)?;
     let applied = runtime.apply(&plugin, image, &params).await?;
     let format = format.unwrap_or(input_format);
-    let encoded = codec::encode_with(&applied.image, format, args.sandbox.png_compression)
+    let encoded = codec::encode_with(&applied.image, format, args.sandbox.png_compression, None)
         .map_err(Failure::from)?;
     std::fs::write(&args.output, encoded).map_err(|e| {
         Failure::new(

@@ -179,6 +179,8 @@ pub struct JobRecord {
     pub input_format: String,
     /// Format of the result.
     pub output_format: String,
+    /// JPEG quality asked for (1 to 100), if any.
+    pub output_quality: Option<i16>,
     /// Storage key of the result.
     pub output_key: Option<String>,
     /// Result size in bytes.
@@ -226,6 +228,8 @@ pub struct NewJob {
     pub input_format: String,
     /// Output format name.
     pub output_format: String,
+    /// JPEG quality (1 to 100), if the client set one.
+    pub output_quality: Option<i16>,
     /// The client's idempotency key (unique per owner).
     pub idempotency_key: Option<String>,
     /// Who submits it.
@@ -241,14 +245,20 @@ pub struct NewJob {
 
 /// The result-cache key of a job: a SHA-256 of the input's SHA-256, the
 /// plugin's digest, the validated parameters (as canonical JSON: keys
-/// sorted) and the output format, each length-prefixed. Two jobs of the same
+/// sorted) and the output format (with its quality, when set), each
+/// length-prefixed. Two jobs of the same
 /// owner with equal keys have equal results (for a deterministic plugin).
 pub fn cache_key(
     input_sha256: &[u8],
     plugin_digest: &str,
     params: &serde_json::Value,
     output_format: &str,
+    output_quality: Option<i16>,
 ) -> String {
+    let output = match output_quality {
+        Some(q) => format!("{output_format} q{q}"),
+        None => output_format.to_string(),
+    };
     use sha2::{Digest as _, Sha256};
     let mut hash = Sha256::new();
     for field in [
@@ -256,7 +266,7 @@ pub fn cache_key(
         input_sha256,
         plugin_digest.as_bytes(),
         params.to_string().as_bytes(),
-        output_format.as_bytes(),
+        output.as_bytes(),
     ] {
         hash.update((field.len() as u64).to_le_bytes());
         hash.update(field);
@@ -351,8 +361,8 @@ impl Jobs {
         let inserted = sqlx::query_as::<_, JobRecord>(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, idempotency_key,
-                               owner, request_hash, cache_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                               owner, request_hash, cache_key, output_quality)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
              ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING *",
         )
@@ -370,6 +380,7 @@ impl Jobs {
         .bind(&new.owner)
         .bind(&new.request_hash)
         .bind(&new.cache_key)
+        .bind(new.output_quality)
         .fetch_optional(&self.db)
         .await;
         let job = match inserted {
@@ -410,10 +421,10 @@ impl Jobs {
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, output_key, output_size,
                                idempotency_key, owner, request_hash, cache_key, cached_from,
-                               started_at, finished_at)
+                               started_at, finished_at, output_quality)
              SELECT $1, $2, $3, $4, $5, $6, source.input_key, source.input_size, $7, $8,
                     source.output_key, source.output_size, $9, $10, $11, $12, source.id,
-                    now(), now()
+                    now(), now(), $13
              FROM (SELECT * FROM jobs
                    WHERE owner = $10 AND cache_key = $12 AND status = 'completed'
                      AND output_key IS NOT NULL
@@ -434,6 +445,7 @@ impl Jobs {
         .bind(&new.owner)
         .bind(&new.request_hash)
         .bind(cache_key)
+        .bind(new.output_quality)
         .fetch_optional(&self.db)
         .await?;
         Ok(hit.map(Submitted::Cached))
@@ -601,9 +613,11 @@ impl Jobs {
         let id = Uuid::now_v7();
         let successor: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
-                               input_size, input_format, output_format, owner, cache_key, retry_of)
+                               input_size, input_format, output_format, owner, cache_key, retry_of,
+                               output_quality)
              SELECT $1, action, plugin_version, plugin_digest, params, $3, input_key,
-                    input_size, input_format, output_format, owner, cache_key, id
+                    input_size, input_format, output_format, owner, cache_key, id,
+                    output_quality
              FROM jobs WHERE id = $2
              RETURNING *",
         )

@@ -362,18 +362,25 @@ fn encode_png(
     encoder.write_image(&packed, w, h, colour)
 }
 
-/// Encodes RGBA pixels as `format`, PNG at [`PngCompression::Fast`]. JPEG
-/// drops alpha; the others keep it.
+/// JPEG quality when a job does not set `quality`.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+/// Encodes RGBA pixels as `format`, PNG at [`PngCompression::Fast`], JPEG
+/// at [`DEFAULT_JPEG_QUALITY`]. JPEG drops alpha; the others keep it.
 pub fn encode(image: &RgbaImage, format: ImageFormat) -> Result<Vec<u8>, CodecError> {
-    encode_with(image, format, PngCompression::default())
+    encode_with(image, format, PngCompression::default(), None)
 }
 
-/// Encodes RGBA pixels as `format`, PNG at `png` compression in its
-/// smallest colour type. JPEG drops alpha; the others keep it.
+/// Encodes RGBA pixels as `format`: PNG at `png` compression in its
+/// smallest colour type; JPEG at `quality` (1 to 100, default
+/// [`DEFAULT_JPEG_QUALITY`]), without alpha; WebP lossless and GIF with
+/// alpha (`quality` applies to JPEG only: the pure-Rust WebP encoder writes
+/// lossless).
 pub fn encode_with(
     image: &RgbaImage,
     format: ImageFormat,
     png: PngCompression,
+    quality: Option<u8>,
 ) -> Result<Vec<u8>, CodecError> {
     let mut out = Cursor::new(Vec::new());
     let result = match format {
@@ -390,7 +397,8 @@ pub fn encode_with(
             ),
         ImageFormat::Jpeg => {
             let rgb = DynamicImage::ImageRgba8(image.clone()).into_rgb8();
-            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+            let quality = quality.unwrap_or(DEFAULT_JPEG_QUALITY).clamp(1, 100);
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
             rgb.write_with_encoder(encoder)
         }
     };
@@ -448,7 +456,7 @@ mod tests {
                 PngCompression::Default,
                 PngCompression::Best,
             ] {
-                let bytes = encode_with(&img, ImageFormat::Png, level).unwrap();
+                let bytes = encode_with(&img, ImageFormat::Png, level, None).unwrap();
                 let written = image::load_from_memory(&bytes).unwrap();
                 assert_eq!(written.color(), colour);
                 assert_eq!(written.to_rgba8(), img, "{colour:?} {level:?}");

@@ -387,6 +387,7 @@ async fn a_large_result_is_streamed_not_buffered() {
         params: serde_json::json!({}),
         input_format: "png".into(),
         output_format: "png".into(),
+        output_quality: None,
         idempotency_key: None,
         owner: "anonymous".into(),
         request_hash: String::new(),
