@@ -59,6 +59,8 @@ pub struct Job {
     pub output_format: String,
     /// The JPEG quality asked for (1 to 100), or `null` (JPEG at 90).
     pub output_quality: Option<i16>,
+    /// Whether the input was turned upright by its EXIF orientation.
+    pub auto_orient: bool,
     /// The job whose result this one reused: set when it was completed
     /// from the result cache (`RESULT_CACHE`) without running.
     pub cached_from: Option<Uuid>,
@@ -102,6 +104,7 @@ impl Job {
             }),
             output_format: job.output_format.clone(),
             output_quality: job.output_quality,
+            auto_orient: job.auto_orient,
             cached_from: job.cached_from,
             retry_of: job.retry_of,
             created_at: job.created_at,
@@ -147,6 +150,8 @@ pub struct SubmitForm {
     format: Option<String>,
     /// JPEG quality, 1 to 100 (default 90); only with a JPEG output.
     quality: Option<String>,
+    /// `false` keeps the input's pixels as stored (see the query parameter).
+    auto_orient: Option<String>,
     /// How long to wait for the job to finish (see the query parameter).
     #[schema(example = "30s")]
     wait: Option<String>,
@@ -166,6 +171,9 @@ pub struct SubmitQuery {
     /// JPEG quality, 1 to 100 (default 90); only with a JPEG output (PNG,
     /// WebP and GIF are written lossless).
     quality: Option<String>,
+    /// Whether the input is turned upright by its EXIF orientation before
+    /// the plugin runs (JPEG, WebP, PNG): `true` (default) or `false`.
+    auto_orient: Option<String>,
     /// Wait up to this long (`30s`, `500ms`, or seconds; at most `MAX_WAIT`)
     /// for the job to finish: then the answer is the result itself (`200`,
     /// or the job's JSON with `Accept: application/json`), else the job as
@@ -184,6 +192,8 @@ struct Submission {
     format: Option<String>,
     /// JPEG quality (`quality`), unparsed.
     quality: Option<String>,
+    /// Whether to apply the EXIF orientation (`auto_orient`), unparsed.
+    auto_orient: Option<String>,
     /// How long the client waits for the job (`wait`), unparsed.
     wait: Option<String>,
 }
@@ -411,7 +421,7 @@ async fn read_submission(
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
         let (mut image, mut action, mut json_params, mut format, mut wait) =
             (None, None, None, None, None);
-        let mut quality = None;
+        let (mut quality, mut auto_orient) = (None, None);
         // A bad field is reported after the whole form is read, so the
         // client sees the answer instead of a connection closed mid-upload.
         let mut bad_field = None;
@@ -435,6 +445,7 @@ async fn read_submission(
                 "format" => text(&data, "format").map(|t| format = Some(t)),
                 "wait" => text(&data, "wait").map(|t| wait = Some(t)),
                 "quality" => text(&data, "quality").map(|t| quality = Some(t)),
+                "auto_orient" => text(&data, "auto_orient").map(|t| auto_orient = Some(t)),
                 "params" => text(&data, "params").and_then(|raw| {
                     serde_json::from_str(&raw)
                         .map(|value| json_params = Some(value))
@@ -446,7 +457,7 @@ async fn read_submission(
                         })
                 }),
                 other => Err(ApiError::bad_request(format!(
-                    "unexpected form field {other:?}; expected image, action, params, format, quality, wait"
+                    "unexpected form field {other:?}; expected image, action, params, format, quality, auto_orient, wait"
                 ))),
             };
             if let Err(e) = parsed {
@@ -467,6 +478,7 @@ async fn read_submission(
             pair_params: Vec::new(),
             format,
             quality,
+            auto_orient,
             wait,
         })
     } else if content_type.starts_with("image/")
@@ -485,6 +497,7 @@ async fn read_submission(
             Limited::Broken(e) => return Err(e),
         };
         let (mut action, mut format, mut quality, mut wait) = (None, None, None, None);
+        let mut auto_orient = None;
         let mut pair_params = Vec::new();
         for (k, v) in query.0 {
             match k.as_str() {
@@ -492,6 +505,7 @@ async fn read_submission(
                 "format" => format = Some(v),
                 "wait" => wait = Some(v),
                 "quality" => quality = Some(v),
+                "auto_orient" => auto_orient = Some(v),
                 _ => pair_params.push((k, v)),
             }
         }
@@ -503,6 +517,7 @@ async fn read_submission(
             pair_params,
             format,
             quality,
+            auto_orient,
             wait,
         })
     } else {
@@ -555,6 +570,10 @@ impl Submission {
             // they were before `quality` existed.
             field(b"quality");
             field(quality.as_bytes());
+        }
+        if let Some(orient) = &self.auto_orient {
+            field(b"auto_orient");
+            field(orient.as_bytes());
         }
         match &self.json_params {
             Some(json) => field(json.to_string().as_bytes()),
@@ -642,6 +661,16 @@ async fn accept(
         _ => None,
     };
 
+    let auto_orient = match s.auto_orient.as_deref().map(str::trim) {
+        None | Some("") | Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "auto_orient must be true or false, got {other:?}"
+            )))
+        }
+    };
+
     let input_format = validate_image(state, &s.image).await?;
 
     let output = requested_format.unwrap_or(input_format);
@@ -663,6 +692,7 @@ async fn accept(
             &params,
             &output_format,
             quality,
+            auto_orient,
         )
     });
     let new = NewJob {
@@ -673,6 +703,7 @@ async fn accept(
         input_format: input_format.name().to_string(),
         output_format,
         output_quality: quality,
+        auto_orient,
         idempotency_key,
         owner,
         request_hash: digest.clone(),

@@ -308,9 +308,10 @@ async fn run(
     };
 
     let held = reservation.clone();
+    let auto_orient = job.auto_orient;
     let decoding = tokio::task::spawn_blocking(move || {
         let _held = held;
-        codec::decode(&input, &limits)
+        codec::decode_with(&input, &limits, auto_orient)
     });
     let (image, _) = tokio::time::timeout_at(due.into(), decoding)
         .await

@@ -181,6 +181,8 @@ pub struct JobRecord {
     pub output_format: String,
     /// JPEG quality asked for (1 to 100), if any.
     pub output_quality: Option<i16>,
+    /// Whether the input is turned upright by its EXIF orientation.
+    pub auto_orient: bool,
     /// Storage key of the result.
     pub output_key: Option<String>,
     /// Result size in bytes.
@@ -230,6 +232,8 @@ pub struct NewJob {
     pub output_format: String,
     /// JPEG quality (1 to 100), if the client set one.
     pub output_quality: Option<i16>,
+    /// Whether the input is turned upright by its EXIF orientation.
+    pub auto_orient: bool,
     /// The client's idempotency key (unique per owner).
     pub idempotency_key: Option<String>,
     /// Who submits it.
@@ -245,8 +249,8 @@ pub struct NewJob {
 
 /// The result-cache key of a job: a SHA-256 of the input's SHA-256, the
 /// plugin's digest, the validated parameters (as canonical JSON: keys
-/// sorted) and the output format (with its quality, when set), each
-/// length-prefixed. Two jobs of the same
+/// sorted) and the output format (with its quality, when set, and whether
+/// the input is left as stored, when it is), each length-prefixed. Two jobs of the same
 /// owner with equal keys have equal results (for a deterministic plugin).
 pub fn cache_key(
     input_sha256: &[u8],
@@ -254,11 +258,15 @@ pub fn cache_key(
     params: &serde_json::Value,
     output_format: &str,
     output_quality: Option<i16>,
+    auto_orient: bool,
 ) -> String {
-    let output = match output_quality {
+    let mut output = match output_quality {
         Some(q) => format!("{output_format} q{q}"),
         None => output_format.to_string(),
     };
+    if !auto_orient {
+        output.push_str(" as-stored");
+    }
     use sha2::{Digest as _, Sha256};
     let mut hash = Sha256::new();
     for field in [
@@ -361,8 +369,8 @@ impl Jobs {
         let inserted = sqlx::query_as::<_, JobRecord>(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, idempotency_key,
-                               owner, request_hash, cache_key, output_quality)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                               owner, request_hash, cache_key, output_quality, auto_orient)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING *",
         )
@@ -381,6 +389,7 @@ impl Jobs {
         .bind(&new.request_hash)
         .bind(&new.cache_key)
         .bind(new.output_quality)
+        .bind(new.auto_orient)
         .fetch_optional(&self.db)
         .await;
         let job = match inserted {
@@ -421,10 +430,10 @@ impl Jobs {
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, output_key, output_size,
                                idempotency_key, owner, request_hash, cache_key, cached_from,
-                               started_at, finished_at, output_quality)
+                               started_at, finished_at, output_quality, auto_orient)
              SELECT $1, $2, $3, $4, $5, $6, source.input_key, source.input_size, $7, $8,
                     source.output_key, source.output_size, $9, $10, $11, $12, source.id,
-                    now(), now(), $13
+                    now(), now(), $13, $14
              FROM (SELECT * FROM jobs
                    WHERE owner = $10 AND cache_key = $12 AND status = 'completed'
                      AND output_key IS NOT NULL
@@ -446,6 +455,7 @@ impl Jobs {
         .bind(&new.request_hash)
         .bind(cache_key)
         .bind(new.output_quality)
+        .bind(new.auto_orient)
         .fetch_optional(&self.db)
         .await?;
         Ok(hit.map(Submitted::Cached))
@@ -614,10 +624,10 @@ impl Jobs {
         let successor: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, owner, cache_key, retry_of,
-                               output_quality)
+                               output_quality, auto_orient)
              SELECT $1, action, plugin_version, plugin_digest, params, $3, input_key,
                     input_size, input_format, output_format, owner, cache_key, id,
-                    output_quality
+                    output_quality, auto_orient
              FROM jobs WHERE id = $2
              RETURNING *",
         )

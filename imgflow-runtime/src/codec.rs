@@ -246,31 +246,63 @@ pub fn decoded_size(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, u64), 
 /// Decodes the whole image, to check that it is not corrupt, and keeps
 /// nothing: it takes [`decoded_size`] bytes while it runs (no 8-bit copy).
 pub fn validate(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
-    let (probe, decoded) = decode_native(bytes, limits)?;
+    let (probe, decoded, _) = decode_native(bytes, limits)?;
     drop(decoded);
     Ok(probe)
 }
 
+/// Decodes an image to 8-bit RGBA after checking its header against `limits`,
+/// turned upright by its EXIF orientation (JPEG, WebP, PNG `eXIf`), as
+/// [`decode_with`] with `auto_orient`.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<(RgbaImage, ImageFormat), CodecError> {
+    decode_with(bytes, limits, true)
+}
+
 /// Decodes an image to 8-bit RGBA after checking its header against `limits`.
 /// Higher bit depths are scaled to 8 bits; for GIF, the first frame is used.
-pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<(RgbaImage, ImageFormat), CodecError> {
-    let (probe, decoded) = decode_native(bytes, limits)?;
+/// With `auto_orient`, the EXIF orientation is applied (a phone photo stored
+/// sideways comes out upright; a quarter turn swaps width and height);
+/// without, the pixels are as stored. Colour profiles are not applied: the
+/// pixel values are taken as sRGB and the ICC profile is not carried to the
+/// result.
+pub fn decode_with(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    auto_orient: bool,
+) -> Result<(RgbaImage, ImageFormat), CodecError> {
+    let (probe, decoded, orientation) = decode_native(bytes, limits)?;
+    let mut decoded = decoded;
+    if auto_orient {
+        decoded.apply_orientation(orientation);
+    }
     Ok((decoded.into_rgba8(), probe.format))
 }
 
 /// Decodes an image in its own pixel type, after checking its header
 /// against `limits`, and checks that the data agree with the header.
-fn decode_native(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, DynamicImage), CodecError> {
+/// Returns its EXIF orientation too (`NoTransforms` when it has none or an
+/// unreadable one).
+fn decode_native(
+    bytes: &[u8],
+    limits: &ImageLimits,
+) -> Result<(Probe, DynamicImage, image::metadata::Orientation), CodecError> {
+    use image::ImageDecoder as _;
     let probe = probe(bytes, limits)?;
-    let (mut reader, _) = reader(bytes)?;
+    let (reader, _) = reader(bytes)?;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
     decoder_limits.max_image_height = Some(limits.max_side);
     // Room for the widest pixel type (16-bit RGBA) plus the 8-bit copy.
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(12));
-    reader.limits(decoder_limits);
-    let decoded: DynamicImage =
-        guard(|| reader.decode())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let decoded = guard(|| -> image::ImageResult<_> {
+        let mut decoder = reader.into_decoder()?;
+        decoder.set_limits(decoder_limits)?;
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        Ok((DynamicImage::from_decoder(decoder)?, orientation))
+    })?;
+    let (decoded, orientation) = decoded.map_err(|e| CodecError::Corrupt(e.to_string()))?;
     if (decoded.width(), decoded.height()) != (probe.width, probe.height) {
         return Err(CodecError::Corrupt(format!(
             "header says {}x{} but the data decodes to {}x{}",
@@ -280,7 +312,7 @@ fn decode_native(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, DynamicIm
             decoded.height()
         )));
     }
-    Ok((probe, decoded))
+    Ok((probe, decoded, orientation))
 }
 
 /// The GIF palette quantizer's speed (1 slowest to 30 fastest): how sparsely

@@ -138,6 +138,7 @@ pub const RESERVED_PARAMS: &[&str] = &[
     "steps",
     "wait",
     "callback_url",
+    "auto_orient",
 ];
 
 /// Whether `name` is acceptable as a plugin name (and so as a job action and

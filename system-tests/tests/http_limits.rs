@@ -388,6 +388,7 @@ async fn a_large_result_is_streamed_not_buffered() {
         input_format: "png".into(),
         output_format: "png".into(),
         output_quality: None,
+        auto_orient: true,
         idempotency_key: None,
         owner: "anonymous".into(),
         request_hash: String::new(),
