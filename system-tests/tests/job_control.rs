@@ -378,3 +378,21 @@ async fn two_hundred_waiting_clients_do_not_poll_the_database() {
     // work; polling every 100 ms would take 8,000.
     assert!(spent <= 300, "{spent} transactions for 200 waiting clients");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_longer_than_max_wait_is_cut_to_it() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("MAX_WAIT", "1s")]).await;
+    builtins_without_a_worker(&mut stack).await;
+    let queued = stack.submit_raw("action=grayscale", SMALL).await;
+    let began = Instant::now();
+    let polled = stack
+        .get_json(&format!("/v1/jobs/{}?wait=1h", id(&queued)))
+        .await;
+    let waited = began.elapsed();
+    assert_eq!(polled["status"], "queued");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "a wait of 1h under MAX_WAIT=1s took {waited:?}"
+    );
+}
