@@ -582,10 +582,18 @@ async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
     let w = stack.start_worker_process("leaving", &[("CONCURRENCY", "1"), ("LEASE_MS", "1500")]);
     stack.wait_for_plugins().await;
 
-    let photo = fixture("photos/kodim07.png");
+    // A 6-megapixel image: each blur runs for a good fraction of a second
+    // (a photo's takes tens of milliseconds), so jobs are still queued and
+    // one is running when the signal comes.
+    let big = stack.dir.path().join("big.png");
+    image::RgbaImage::from_fn(3000, 2000, |x, y| {
+        image::Rgba([x as u8, y as u8, (x ^ y) as u8, 255])
+    })
+    .save(&big)
+    .unwrap();
     let mut ids = Vec::new();
     for _ in 0..8 {
-        let r = submit_raw(&stack, &photo, "action=blur&sigma=40").await;
+        let r = submit_raw(&stack, &big, "action=blur&sigma=40").await;
         assert_eq!(r.status(), 202);
         ids.push(
             r.json::<Value>().await.unwrap()["id"]
@@ -595,19 +603,18 @@ async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
         );
     }
     let pool = stack.pool().await;
+    let running = std::sync::Mutex::new(None);
     wait_until("the worker runs a job", Duration::from_secs(60), || async {
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE status = 'running'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        n > 0
+        let found: Option<(uuid::Uuid,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE status = 'running' LIMIT 1")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        *running.lock().unwrap() = found.map(|(id,)| id);
+        running.lock().unwrap().is_some()
     })
     .await;
-    let (in_flight,): (uuid::Uuid,) =
-        sqlx::query_as("SELECT id FROM jobs WHERE status = 'running' LIMIT 1")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let in_flight = running.lock().unwrap().expect("a running job");
     stack.workers[w].process().signal("TERM");
     let status = tokio::task::block_in_place(|| stack.workers[w].process().child.wait()).unwrap();
     assert!(
