@@ -35,15 +35,14 @@ plugins:
 plugins-component:
 	cd plugins && $(CARGO) component build --release -p grayscale -p blur
 
-# The plugin template, built the way an author builds it: copied out, with
-# the WIT file beside it, by `cargo component build`. Tests run the result.
+# A new plugin, made and built the way an author makes one: `imgflow new`,
+# then both builds. Tests run the results and `imgflow check` them.
 TEMPLATE_BUILD := target/template-build
-template:
+template: build
 	rm -rf $(TEMPLATE_BUILD)
-	mkdir -p $(TEMPLATE_BUILD)
-	cp -r templates/filter/. $(TEMPLATE_BUILD)/
-	cp wit/filter.wit $(TEMPLATE_BUILD)/wit/
+	target/release/imgflow new my-filter --dir $(TEMPLATE_BUILD)
 	cd $(TEMPLATE_BUILD) && $(CARGO) component build --release
+	cd $(TEMPLATE_BUILD) && $(CARGO) build --release --target wasm32-wasip2
 
 # End-to-end tests spawn the release binaries that `make build` made.
 test: test-deps build plugins-component template test-prometheus test-plugins test-hosts

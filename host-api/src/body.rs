@@ -6,9 +6,12 @@
 //! would otherwise see a broken pipe instead of the 413 and its message.
 
 use axum::body::Body;
+use axum::extract::Request;
 use axum::http::{header, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
+
+use crate::error::ApiError;
 
 /// What reading a limited body found.
 pub enum Limited {
@@ -18,7 +21,7 @@ pub enum Limited {
     TooLarge,
     /// The client went away, sent a broken body, or sent it too slowly
     /// (408): the answer to give.
-    Broken(crate::error::ApiError),
+    Broken(ApiError),
 }
 
 /// Whether the request declares (`Content-Length`) a body over `limit`, so
@@ -29,6 +32,33 @@ pub fn declared_over(headers: &HeaderMap, limit: usize) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|length| length > limit)
+}
+
+/// `checked`, or, when it is a refusal, that refusal once the request's
+/// body has been read and dropped (up to about twice `limit`), so the
+/// client reads the answer rather than a connection closed mid-upload.
+/// Admission checks made before the body is read go through this.
+pub async fn refuse_early<T>(
+    checked: Result<T, ApiError>,
+    request: Request,
+    limit: usize,
+) -> Result<(T, Request), ApiError> {
+    match checked {
+        Ok(value) => Ok((value, request)),
+        Err(e) => {
+            discard(request.into_body(), limit).await;
+            Err(e)
+        }
+    }
+}
+
+/// The declared `Content-Length`, checked against `limit` (`setting` names
+/// it in the refusal).
+pub fn check_declared(headers: &HeaderMap, limit: usize, setting: &str) -> Result<(), ApiError> {
+    if declared_over(headers, limit) {
+        return Err(ApiError::too_large(limit, setting));
+    }
+    Ok(())
 }
 
 /// Reads `body` if it is at most `limit` bytes.

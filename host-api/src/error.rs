@@ -67,6 +67,23 @@ impl ApiError {
         )
     }
 
+    /// The error, said of step `index` (from 1) of a pipeline, whose
+    /// action is `action`.
+    pub fn in_step(self, index: usize, action: &str) -> ApiError {
+        ApiError {
+            code: self.code,
+            message: format!("step {index} ({action}): {}", self.message),
+        }
+    }
+
+    /// The error, said of image `index` (from 1) of a batch.
+    pub fn in_image(self, index: usize) -> ApiError {
+        ApiError {
+            code: self.code,
+            message: format!("image {index}: {}", self.message),
+        }
+    }
+
     /// The error's code.
     pub fn code(&self) -> ErrorCode {
         self.code

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use imgflow_platform::budget::BudgetError;
+use imgflow_platform::callbacks;
 use imgflow_platform::jobs::{JobRecord, JobStatus, ListFilter, NewJob, Submitted};
+use imgflow_platform::pipeline::{self, RequestedParams, Step, StepRequest};
 use imgflow_platform::plugins::PluginRecord;
 use imgflow_runtime::codec::{self, ImageFormat};
 use imgflow_runtime::metadata::is_valid_plugin_name;
@@ -37,15 +39,21 @@ use crate::state::AppState;
 pub struct Job {
     /// The job's id (a UUIDv7: ids sort by submission time).
     pub id: Uuid,
-    /// The plugin that runs it.
+    /// The plugin that runs it; for a pipeline, its steps' actions joined
+    /// with `,` (`resize,blur`).
     #[schema(example = "grayscale")]
     pub action: String,
-    /// The plugin version it runs.
+    /// The plugin version it runs; for a pipeline, its steps' versions
+    /// joined with `,`.
     #[schema(example = "0.1.0")]
     pub plugin_version: String,
-    /// The validated parameters, defaults filled in.
+    /// The validated parameters, defaults filled in; for a pipeline, the
+    /// array of its steps' parameters.
     #[schema(value_type = Object)]
     pub params: serde_json::Value,
+    /// The steps it runs, in order (one unless it is a pipeline), each with
+    /// its plugin version and, once it ran, its time.
+    pub steps: Vec<JobStep>,
     /// Where the job is: `queued`, `running`, `completed`, `failed` or
     /// `cancelled`.
     #[schema(value_type = String)]
@@ -67,6 +75,13 @@ pub struct Job {
     /// The failed or cancelled job this one retries
     /// (`POST /v1/jobs/{id}/retry`), or `null`.
     pub retry_of: Option<Uuid>,
+    /// The batch it was submitted in (`POST /v1/batches`), or `null`.
+    pub batch_id: Option<Uuid>,
+    /// Where it is POSTed when it finishes, or `null`.
+    pub callback_url: Option<String>,
+    /// That delivery: `pending`, `delivered` or `gave_up`; `null` without
+    /// a callback or before the job finished.
+    pub callback_status: Option<String>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When a worker last started it.
@@ -77,6 +92,22 @@ pub struct Job {
     /// `RESULT_URL_SECRET` set, a signed URL that needs no credentials
     /// until its `expires` (read the job again for a fresh one).
     pub result_url: Option<String>,
+}
+
+/// One step of a job.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobStep {
+    /// The plugin.
+    #[schema(example = "resize")]
+    pub action: String,
+    /// The plugin version (pinned, or the one active at submission).
+    #[schema(example = "0.1.0")]
+    pub version: String,
+    /// The validated parameters, defaults filled in.
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    /// How long the plugin took, in milliseconds, once the step ran.
+    pub run_ms: Option<f64>,
 }
 
 /// Why a job failed.
@@ -96,6 +127,17 @@ impl Job {
             action: job.action.clone(),
             plugin_version: job.plugin_version.clone(),
             params: job.params.0.clone(),
+            steps: job
+                .steps
+                .0
+                .iter()
+                .map(|step| JobStep {
+                    action: step.action.clone(),
+                    version: step.version.clone(),
+                    params: step.params.clone(),
+                    run_ms: step.run_ms,
+                })
+                .collect(),
             status: job.status,
             attempts: job.attempts,
             error: job.error_code.as_ref().map(|code| JobError {
@@ -107,6 +149,9 @@ impl Job {
             auto_orient: job.auto_orient,
             cached_from: job.cached_from,
             retry_of: job.retry_of,
+            batch_id: job.batch_id,
+            callback_url: job.callback_url.clone(),
+            callback_status: job.callback_status.clone(),
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -139,12 +184,21 @@ pub struct SubmitForm {
     /// The image: PNG, JPEG, WebP or GIF.
     #[schema(value_type = String, format = Binary)]
     image: Vec<u8>,
-    /// The plugin to run; `name@version` pins a version.
+    /// The plugin to run; `name@version` pins a version. Give `action` or
+    /// `steps`.
     #[schema(example = "blur")]
-    action: String,
-    /// The plugin's parameters as a JSON object.
+    action: Option<String>,
+    /// The plugin's parameters as a JSON object (with `action`).
     #[schema(example = r#"{"sigma": 2.5}"#)]
     params: Option<String>,
+    /// A pipeline instead of `action`: a JSON array of steps
+    /// (`[{"action": "resize", "params": {"width": 320}}, {"action": "blur",
+    /// "version": "0.1.0"}]`) or the short form (see the query parameter);
+    /// at most `MAX_STEPS`.
+    #[schema(
+        example = r#"[{"action": "resize", "params": {"width": 320}}, {"action": "blur", "params": {"sigma": 1}}]"#
+    )]
+    steps: Option<String>,
     /// The output format: `png`, `jpeg`, `webp` or `gif` (default: the
     /// input's).
     format: Option<String>,
@@ -155,6 +209,8 @@ pub struct SubmitForm {
     /// How long to wait for the job to finish (see the query parameter).
     #[schema(example = "30s")]
     wait: Option<String>,
+    /// Where to POST the job when it finishes (see the query parameter).
+    callback_url: Option<String>,
 }
 
 /// The query of a raw-body submission.
@@ -164,8 +220,15 @@ pub struct SubmitForm {
 pub struct SubmitQuery {
     /// The plugin to run (raw bodies only; forms send it as a field);
     /// `name@version` pins a version. Every other query parameter is a
-    /// plugin parameter (`sigma=2.5`).
+    /// plugin parameter (`sigma=2.5`). Give `action` or `steps`.
     action: Option<String>,
+    /// A pipeline instead of `action` (at most `MAX_STEPS` steps): steps
+    /// separated by `,`, each an action (optionally `@version`), then `:`
+    /// and its parameters as `name=value` separated by `;`
+    /// (`resize:width=320;height=200,blur:sigma=1`), or a JSON array as in
+    /// the form. No other plugin parameters go in the query then.
+    #[param(example = "resize:width=320,blur:sigma=1")]
+    steps: Option<String>,
     /// The output format: `png`, `jpeg`, `webp` or `gif`.
     format: Option<String>,
     /// JPEG quality, 1 to 100 (default 90); only with a JPEG output (PNG,
@@ -179,12 +242,24 @@ pub struct SubmitQuery {
     /// or the job's JSON with `Accept: application/json`), else the job as
     /// usual (`202`).
     wait: Option<String>,
+    /// When the job finishes (completed, failed or cancelled), POST its
+    /// JSON here, signed with `Imgflow-Signature` (HMAC-SHA256 with
+    /// `CALLBACK_SECRET`), retried with backoff for `CALLBACK_RETRY_FOR`
+    /// (see the README's "Webhooks"). http or https, a public address
+    /// unless `CALLBACK_ALLOW_PRIVATE`.
+    #[param(example = "https://example.com/hooks/imgflow")]
+    callback_url: Option<String>,
 }
 
 /// What a submission carries, whatever its encoding.
-struct Submission {
-    image: Bytes,
-    action: String,
+pub(crate) struct Submission {
+    /// The images (`image` fields, or the raw body): one for a job, one
+    /// or more for a batch.
+    pub(crate) images: Vec<Bytes>,
+    /// The one action (`action`) ...
+    action: Option<String>,
+    /// ... or the pipeline (`steps`), unparsed.
+    steps: Option<String>,
     /// `params` as JSON (multipart) ...
     json_params: Option<serde_json::Value>,
     /// ... or as `name=value` pairs (raw body with a query string).
@@ -195,7 +270,9 @@ struct Submission {
     /// Whether to apply the EXIF orientation (`auto_orient`), unparsed.
     auto_orient: Option<String>,
     /// How long the client waits for the job (`wait`), unparsed.
-    wait: Option<String>,
+    pub(crate) wait: Option<String>,
+    /// Where to POST the finished job (`callback_url`), unchecked.
+    callback_url: Option<String>,
 }
 
 /// Submits a job: an image and the action (plugin) to run on it.
@@ -242,7 +319,7 @@ struct Submission {
         (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`); with `wait`, the job failed or was cancelled within it (`job_failed`, `job_cancelled`)", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
         (status = 415, description = "Not a form or an image body, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
-        (status = 422, description = "Bad parameters, format or image, or an Idempotency-Key reused for another request (`invalid_params`, `invalid_format`, `corrupt_image`, `image_too_large`, `idempotency_key_reused`)", body = ErrorBody),
+        (status = 422, description = "Bad parameters, format or image, or an Idempotency-Key reused for another request (`invalid_params`, `invalid_format`, `invalid_callback`, `corrupt_image`, `image_too_large`, `idempotency_key_reused`)", body = ErrorBody),
         (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL, Redis or storage unavailable, or the decoding budget spent (`decode_busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
@@ -272,33 +349,33 @@ async fn read_and_accept(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = state.max_body_bytes;
-    let caller = match state.auth.caller(headers).await {
-        Ok(caller) => caller,
-        Err(e) => {
-            body::discard(request.into_body(), 0).await;
-            return Err(e);
-        }
-    };
-    if body::declared_over(headers, limit) {
-        body::discard(request.into_body(), limit).await;
-        return Err(ApiError::too_large(limit, "MAX_BODY_BYTES"));
-    }
+    let (caller, request) =
+        body::refuse_early(state.auth.caller(headers).await, request, 0).await?;
+    let ((), request) = body::refuse_early(
+        body::check_declared(headers, limit, "MAX_BODY_BYTES"),
+        request,
+        limit,
+    )
+    .await?;
     // A repeated request (same Idempotency-Key) is answered with its job
     // even when the queue is full; only a new job needs room.
-    let earlier = match earlier_job(state, caller, headers).await {
-        Ok(earlier) => earlier,
-        Err(e) => {
-            body::discard(request.into_body(), limit).await;
-            return Err(e);
+    let (earlier, request) =
+        body::refuse_early(earlier_job(state, caller, headers).await, request, limit).await?;
+    let request = match earlier {
+        Some(_) => request,
+        None => {
+            body::refuse_early(admit(state, caller, 1).await, request, limit)
+                .await?
+                .1
         }
     };
-    if earlier.is_none() {
-        if let Err(e) = admit(state, caller).await {
-            body::discard(request.into_body(), limit).await;
-            return Err(e);
-        }
-    }
     let submission = read_submission(state, headers, request).await?;
+    if submission.images.len() > 1 {
+        return Err(ApiError::bad_request(format!(
+            "the form has {} image fields; a job takes one (POST /v1/batches takes several)",
+            submission.images.len()
+        )));
+    }
     let wait = wait_for(state, submission.wait.as_deref())?;
     let (status, job) = match earlier {
         Some(job) => repeated(&job, &submission.digest(&submission.image_sha256()))?,
@@ -383,10 +460,11 @@ async fn earlier_job(
     }
 }
 
-/// Whether the queue, and the caller's share of it, has room.
-async fn admit(state: &AppState, caller: Caller) -> Result<(), ApiError> {
+/// Whether the queue, and the caller's share of it, has room for `n` more
+/// jobs.
+pub(crate) async fn admit(state: &AppState, caller: Caller, n: u64) -> Result<(), ApiError> {
     let depth = state.queue.depth().await?;
-    if depth >= state.queue_max_depth {
+    if depth + n > state.queue_max_depth {
         return Err(ApiError::new(
             ErrorCode::QueueFull,
             format!("the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"),
@@ -394,7 +472,7 @@ async fn admit(state: &AppState, caller: Caller) -> Result<(), ApiError> {
     }
     if let Caller::Client(_) = caller {
         let mine = state.jobs.unfinished_of(&caller.owner()).await?;
-        if mine >= state.key_max_unfinished {
+        if mine + n as i64 > state.key_max_unfinished {
             return Err(ApiError::new(
                 ErrorCode::QueueFull,
                 format!("this key has {mine} unfinished jobs, its limit (KEY_MAX_UNFINISHED_JOBS); try again when some finish"),
@@ -404,7 +482,8 @@ async fn admit(state: &AppState, caller: Caller) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn read_submission(
+/// Reads a submission, a form or a raw image body, up to `MAX_BODY_BYTES`.
+pub(crate) async fn read_submission(
     state: &AppState,
     headers: &HeaderMap,
     request: Request,
@@ -419,8 +498,9 @@ async fn read_submission(
         let mut multipart = Multipart::from_request(request, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let (mut image, mut action, mut json_params, mut format, mut wait) =
-            (None, None, None, None, None);
+        let (mut action, mut json_params, mut format, mut wait) = (None, None, None, None);
+        let mut images = Vec::new();
+        let (mut steps, mut callback_url) = (None, None);
         let (mut quality, mut auto_orient) = (None, None);
         // A bad field is reported after the whole form is read, so the
         // client sees the answer instead of a connection closed mid-upload.
@@ -438,10 +518,12 @@ async fn read_submission(
                 .map_err(|e| body::multipart_error(e, limit, "MAX_BODY_BYTES"))?;
             let parsed = match name.as_str() {
                 "image" => {
-                    image = Some(data);
+                    images.push(data);
                     Ok(())
                 }
                 "action" => text(&data, "action").map(|t| action = Some(t)),
+                "steps" => text(&data, "steps").map(|t| steps = Some(t)),
+                "callback_url" => text(&data, "callback_url").map(|t| callback_url = Some(t)),
                 "format" => text(&data, "format").map(|t| format = Some(t)),
                 "wait" => text(&data, "wait").map(|t| wait = Some(t)),
                 "quality" => text(&data, "quality").map(|t| quality = Some(t)),
@@ -457,7 +539,7 @@ async fn read_submission(
                         })
                 }),
                 other => Err(ApiError::bad_request(format!(
-                    "unexpected form field {other:?}; expected image, action, params, format, quality, auto_orient, wait"
+                    "unexpected form field {other:?}; expected image, action, params, steps, format, quality, auto_orient, wait, callback_url"
                 ))),
             };
             if let Err(e) = parsed {
@@ -467,19 +549,25 @@ async fn read_submission(
         if let Some(e) = bad_field {
             return Err(e);
         }
-        let image =
-            image.ok_or_else(|| ApiError::bad_request("the form has no `image` file field"))?;
-        let action =
-            action.ok_or_else(|| ApiError::bad_request("the form has no `action` field"))?;
+        if images.is_empty() {
+            return Err(ApiError::bad_request("the form has no `image` file field"));
+        }
+        if action.is_none() && steps.is_none() {
+            return Err(ApiError::bad_request(
+                "the form has no `action` (or `steps`) field",
+            ));
+        }
         Ok(Submission {
-            image,
+            images,
             action,
+            steps,
             json_params,
             pair_params: Vec::new(),
             format,
             quality,
             auto_orient,
             wait,
+            callback_url,
         })
     } else if content_type.starts_with("image/")
         || content_type.starts_with("application/octet-stream")
@@ -497,11 +585,13 @@ async fn read_submission(
             Limited::Broken(e) => return Err(e),
         };
         let (mut action, mut format, mut quality, mut wait) = (None, None, None, None);
-        let mut auto_orient = None;
+        let (mut auto_orient, mut steps, mut callback_url) = (None, None, None);
         let mut pair_params = Vec::new();
         for (k, v) in query.0 {
             match k.as_str() {
                 "action" => action = Some(v),
+                "steps" => steps = Some(v),
+                "callback_url" => callback_url = Some(v),
                 "format" => format = Some(v),
                 "wait" => wait = Some(v),
                 "quality" => quality = Some(v),
@@ -509,22 +599,28 @@ async fn read_submission(
                 _ => pair_params.push((k, v)),
             }
         }
-        let action = action.ok_or_else(|| ApiError::bad_request("missing ?action=NAME"))?;
+        if action.is_none() && steps.is_none() {
+            return Err(ApiError::bad_request(
+                "missing ?action=NAME (or ?steps=...)",
+            ));
+        }
         Ok(Submission {
-            image,
+            images: vec![image],
             action,
+            steps,
             json_params: None,
             pair_params,
             format,
             quality,
             auto_orient,
             wait,
+            callback_url,
         })
     } else {
         body::discard(request.into_body(), limit).await;
         Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
-            "send multipart/form-data (image, action, params) or a raw image/* body with ?action=NAME",
+            "send multipart/form-data (image, action or steps, params) or a raw image/* body with ?action=NAME or ?steps=...",
         ))
     }
 }
@@ -557,14 +653,22 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 impl Submission {
     /// A digest of everything submitted, so a reused idempotency key can be
     /// told apart from a repeated request. Each field is length-prefixed.
-    fn digest(&self, image_sha256: &[u8]) -> String {
+    pub(crate) fn digest(&self, image_sha256: &[u8]) -> String {
         let mut hash = Sha256::new();
         let mut field = |bytes: &[u8]| {
             hash.update((bytes.len() as u64).to_le_bytes());
             hash.update(bytes);
         };
-        field(self.action.as_bytes());
+        field(self.action.as_deref().unwrap_or("").as_bytes());
         field(self.format.as_deref().unwrap_or("").as_bytes());
+        if let Some(steps) = &self.steps {
+            field(b"steps");
+            field(steps.as_bytes());
+        }
+        if let Some(url) = &self.callback_url {
+            field(b"callback_url");
+            field(url.as_bytes());
+        }
         if let Some(quality) = &self.quality {
             // Only when set, so digests of requests without it stay as
             // they were before `quality` existed.
@@ -590,10 +694,10 @@ impl Submission {
         hex::encode(hash.finalize())
     }
 
-    /// The SHA-256 of the image (the request digest and the result-cache
-    /// key are made from it).
-    fn image_sha256(&self) -> [u8; 32] {
-        Sha256::digest(&self.image).into()
+    /// The SHA-256 of the (first) image (the request digest and the
+    /// result-cache key are made from it).
+    pub(crate) fn image_sha256(&self) -> [u8; 32] {
+        Sha256::digest(&self.images[0]).into()
     }
 }
 
@@ -619,110 +723,249 @@ async fn accept(
     state: &AppState,
     caller: Caller,
     headers: &HeaderMap,
-    s: Submission,
+    mut s: Submission,
 ) -> Result<(StatusCode, JobRecord), ApiError> {
-    let owner = caller.owner();
     let idempotency_key = idempotency_key(headers)?;
     let image_sha256 = s.image_sha256();
     let digest = s.digest(&image_sha256);
-    let plugin = resolve_action(state, &s.action).await?;
-    let meta = &plugin.metadata.0;
-    let validated = match &s.json_params {
-        Some(json) => params::from_json(&meta.name, &meta.params, json),
-        None => params::from_pairs(
-            &meta.name,
-            &meta.params,
-            s.pair_params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        ),
-    }
-    .map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.to_string()))?;
-    let requested_format = match &s.format {
-        Some(f) if !f.is_empty() => Some(ImageFormat::parse(f).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidFormat,
-                format!("unknown format {f:?}; use png, jpeg, webp or gif"),
-            )
-        })?),
-        _ => None,
-    };
-
-    let quality = match s.quality.as_deref().map(str::trim) {
-        Some(q) if !q.is_empty() => Some(
-            q.parse::<i16>()
-                .ok()
-                .filter(|q| (1..=100).contains(q))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidFormat,
-                        format!("quality must be an integer from 1 to 100, got {q:?}"),
-                    )
-                })?,
-        ),
-        _ => None,
-    };
-
-    let auto_orient = match s.auto_orient.as_deref().map(str::trim) {
-        None | Some("") | Some("true") => true,
-        Some("false") => false,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "auto_orient must be true or false, got {other:?}"
-            )))
-        }
-    };
-
-    let input_format = validate_image(state, &s.image).await?;
-
-    let output = requested_format.unwrap_or(input_format);
-    if quality.is_some() && output != ImageFormat::Jpeg {
-        return Err(ApiError::new(
-            ErrorCode::InvalidFormat,
-            format!(
-                "quality applies to jpeg only; {} is written lossless",
-                output.name()
-            ),
-        ));
-    }
-    let params = serde_json::to_value(&validated).unwrap_or_default();
-    let output_format = output.name().to_string();
-    let cache_key = (state.result_cache && plugin.cacheable).then(|| {
-        imgflow_platform::jobs::cache_key(
+    let recipe = Recipe::read(state, &s).await?;
+    let image = s.images.remove(0);
+    let new = recipe
+        .job_for(
+            state,
+            &image,
             &image_sha256,
-            &plugin.digest,
-            &params,
-            &output_format,
+            JobOrigin {
+                owner: caller.owner(),
+                idempotency_key,
+                request_hash: digest.clone(),
+                batch_id: None,
+            },
+        )
+        .await?;
+    record(state, new, image, &digest).await
+}
+
+/// Who and what a new job comes from, beside its image and recipe.
+pub(crate) struct JobOrigin {
+    /// Its owner.
+    pub(crate) owner: String,
+    /// The client's `Idempotency-Key`, if any.
+    pub(crate) idempotency_key: Option<String>,
+    /// The digest of the request ([`Submission`]'s).
+    pub(crate) request_hash: String,
+    /// The batch it belongs to, if any.
+    pub(crate) batch_id: Option<Uuid>,
+}
+
+/// What a submission asks to be done to each of its images, validated:
+/// the pipeline and the output options.
+pub(crate) struct Recipe {
+    steps: Vec<Step>,
+    callback_url: Option<String>,
+    cacheable: bool,
+    format: Option<ImageFormat>,
+    quality: Option<i16>,
+    auto_orient: bool,
+}
+
+impl Recipe {
+    /// Validates the submission's action or steps, format, quality and
+    /// orientation (not its images).
+    pub(crate) async fn read(state: &AppState, s: &Submission) -> Result<Recipe, ApiError> {
+        let (steps, cacheable) = validate_steps(state, s).await?;
+        let format = match &s.format {
+            Some(f) if !f.is_empty() => Some(ImageFormat::parse(f).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidFormat,
+                    format!("unknown format {f:?}; use png, jpeg, webp or gif"),
+                )
+            })?),
+            _ => None,
+        };
+        let quality = match s.quality.as_deref().map(str::trim) {
+            Some(q) if !q.is_empty() => Some(
+                q.parse::<i16>()
+                    .ok()
+                    .filter(|q| (1..=100).contains(q))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidFormat,
+                            format!("quality must be an integer from 1 to 100, got {q:?}"),
+                        )
+                    })?,
+            ),
+            _ => None,
+        };
+        let auto_orient = match s.auto_orient.as_deref().map(str::trim) {
+            None | Some("") | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "auto_orient must be true or false, got {other:?}"
+                )))
+            }
+        };
+        let callback_url = match s.callback_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(_) if !state.callbacks_on => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidCallback,
+                    "callbacks are off on this server (no CALLBACK_SECRET); wait for the job instead (?wait=, events)",
+                ))
+            }
+            Some(url) => Some(
+                callbacks::check_submitted(url, state.callback_allow_private)
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidCallback, e.to_string()))?
+                    .to_string(),
+            ),
+        };
+        Ok(Recipe {
+            steps,
+            callback_url,
+            cacheable,
+            format,
             quality,
             auto_orient,
-        )
-    });
-    let new = NewJob {
-        action: meta.name.clone(),
-        plugin_version: plugin.version.clone(),
-        plugin_digest: plugin.digest.clone(),
-        params,
-        input_format: input_format.name().to_string(),
-        output_format,
-        output_quality: quality,
-        auto_orient,
-        idempotency_key,
-        owner,
-        request_hash: digest.clone(),
-        cache_key,
-    };
-    match state.jobs.submit(new, s.image).await? {
-        Submitted::Existing(job) => repeated(&job, &digest),
+        })
+    }
+
+    /// The job for one image: the image validated (decoded, within the
+    /// decoding budget), the output format settled (the requested one,
+    /// else the input's), its result-cache key made.
+    pub(crate) async fn job_for(
+        &self,
+        state: &AppState,
+        image: &Bytes,
+        image_sha256: &[u8; 32],
+        origin: JobOrigin,
+    ) -> Result<NewJob, ApiError> {
+        let input_format = validate_image(state, image).await?;
+        let output = self.format.unwrap_or(input_format);
+        if self.quality.is_some() && output != ImageFormat::Jpeg {
+            return Err(ApiError::new(
+                ErrorCode::InvalidFormat,
+                format!(
+                    "quality applies to jpeg only; {} is written lossless",
+                    output.name()
+                ),
+            ));
+        }
+        let output_format = output.name().to_string();
+        let cache_key = (state.result_cache && self.cacheable).then(|| {
+            let pipeline = pipeline::summary(&self.steps);
+            imgflow_platform::jobs::cache_key(
+                image_sha256,
+                &pipeline.digest,
+                &pipeline.params,
+                &output_format,
+                self.quality,
+                self.auto_orient,
+            )
+        });
+        Ok(NewJob {
+            steps: self.steps.clone(),
+            input_format: input_format.name().to_string(),
+            output_format,
+            output_quality: self.quality,
+            auto_orient: self.auto_orient,
+            idempotency_key: origin.idempotency_key,
+            owner: origin.owner,
+            request_hash: origin.request_hash,
+            cache_key,
+            batch_id: origin.batch_id,
+            callback_url: self.callback_url.clone(),
+        })
+    }
+}
+
+/// Hands a validated job to the jobs service and counts it. Returns the
+/// status to answer with (202 new, 200 an earlier job with the same
+/// idempotency key) and the job.
+pub(crate) async fn record(
+    state: &AppState,
+    new: NewJob,
+    image: Bytes,
+    digest: &str,
+) -> Result<(StatusCode, JobRecord), ApiError> {
+    match state.jobs.submit(new, image).await? {
+        Submitted::Existing(job) => repeated(&job, digest),
         Submitted::Created(job) => {
-            state.metrics.submitted(&job.action);
+            state.metrics.submitted(&job);
             tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, size = job.input_size, "job accepted");
             Ok((StatusCode::ACCEPTED, job))
         }
         Submitted::Cached(job) => {
-            state.metrics.submitted(&job.action);
-            state.metrics.cache_hit(&job.action);
+            state.metrics.submitted(&job);
+            state.metrics.cache_hit(&job);
             tracing::info!(job_id = %job.id, action = %job.action, owner = %job.owner, cached_from = ?job.cached_from, "job completed from the result cache");
             Ok((StatusCode::ACCEPTED, job))
         }
     }
+}
+
+/// The pipeline a submission asks for, each step validated against its
+/// plugin version (an error names the step), and whether every one of those
+/// plugins is cacheable.
+async fn validate_steps(state: &AppState, s: &Submission) -> Result<(Vec<Step>, bool), ApiError> {
+    let requests = match (&s.action, &s.steps) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either action (one plugin) or steps (a pipeline), not both",
+            ))
+        }
+        (Some(action), None) => vec![StepRequest {
+            action: action.clone(),
+            params: match &s.json_params {
+                Some(json) => RequestedParams::Json(json.clone()),
+                None => RequestedParams::Pairs(s.pair_params.clone()),
+            },
+        }],
+        (None, Some(steps)) => {
+            if s.json_params.is_some() || !s.pair_params.is_empty() {
+                return Err(ApiError::bad_request(
+                    "with steps, each step carries its own parameters; remove params (or the plugin parameters from the query)",
+                ));
+            }
+            pipeline::parse(steps, state.max_steps)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.to_string()))?
+        }
+        (None, None) => return Err(ApiError::bad_request("name an action or steps")),
+    };
+    let one = requests.len() == 1 && s.steps.is_none();
+    let mut steps = Vec::with_capacity(requests.len());
+    let mut cacheable = true;
+    for (i, request) in requests.iter().enumerate() {
+        let in_step = |e: ApiError| {
+            if one {
+                e
+            } else {
+                e.in_step(i + 1, &request.action)
+            }
+        };
+        let plugin = resolve_action(state, &request.action)
+            .await
+            .map_err(in_step)?;
+        let meta = &plugin.metadata.0;
+        let validated = match &request.params {
+            RequestedParams::Json(json) => params::from_json(&meta.name, &meta.params, json),
+            RequestedParams::Pairs(pairs) => params::from_pairs(
+                &meta.name,
+                &meta.params,
+                pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ),
+        }
+        .map_err(|e| in_step(ApiError::new(ErrorCode::InvalidParams, e.to_string())))?;
+        cacheable &= plugin.cacheable;
+        steps.push(Step {
+            action: meta.name.clone(),
+            version: plugin.version.clone(),
+            digest: plugin.digest.clone(),
+            params: serde_json::to_value(&validated).unwrap_or_default(),
+            run_ms: None,
+        });
+    }
+    Ok((steps, cacheable))
 }
 
 /// Decodes the whole image once, so a corrupt file is refused now rather
@@ -983,7 +1226,7 @@ pub async fn cancel(
     let job = find(&state, caller, &id).await?;
     let job = match state.jobs.cancel(job.id).await? {
         Some(cancelled) => {
-            state.metrics.cancelled(&cancelled.action);
+            state.metrics.cancelled(&cancelled);
             tracing::info!(job_id = %cancelled.id, owner = %cancelled.owner, "job cancelled");
             cancelled
         }
@@ -1038,9 +1281,9 @@ pub async fn retry(
             ),
         ));
     }
-    admit(&state, caller).await?;
+    admit(&state, caller, 1).await?;
     let successor = state.jobs.retry(&job).await?;
-    state.metrics.submitted(&successor.action);
+    state.metrics.submitted(&successor);
     tracing::info!(job_id = %successor.id, retry_of = %job.id, action = %successor.action, "job retried");
     Ok(answer(&state, StatusCode::ACCEPTED, &successor))
 }

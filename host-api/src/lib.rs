@@ -20,7 +20,9 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod batches;
 pub mod body;
+pub mod callbacks;
 pub mod error;
 pub mod jobs;
 pub mod keys;
@@ -123,6 +125,24 @@ pub struct Settings {
     /// cacheable always run.
     #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub result_cache: bool,
+    /// Signs callback (webhook) deliveries with HMAC-SHA256 (at least 32
+    /// characters; the same on every API instance). Unset: jobs with a
+    /// `callback_url` are refused.
+    #[arg(long, env = "CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+    /// Let callbacks go to loopback, private and link-local addresses (for
+    /// tests and closed networks; never on a network you do not trust).
+    #[arg(long, env = "CALLBACK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub callback_allow_private: bool,
+    /// How long one delivery attempt may take.
+    #[arg(long, env = "CALLBACK_TIMEOUT", default_value = "10s")]
+    pub callback_timeout: HumanDuration,
+    /// How long after a job finished its delivery is retried.
+    #[arg(long, env = "CALLBACK_RETRY_FOR", default_value = "1h")]
+    pub callback_retry_for: HumanDuration,
+    /// Delivery attempts in flight at once, per API instance.
+    #[arg(long, env = "CALLBACK_CONCURRENCY", default_value_t = 16)]
+    pub callback_concurrency: u32,
     /// Memory for decoding submitted images to validate them, in MiB: a
     /// submission reserves its decoded size (from the header) first.
     #[arg(long, env = "API_DECODE_MEMORY_MB", default_value_t = 1024)]
@@ -157,6 +177,12 @@ pub struct Settings {
     /// event stream (`/v1/jobs/{id}/events`) stays open at most.
     #[arg(long, env = "MAX_WAIT", default_value = "60s")]
     pub max_wait: HumanDuration,
+    /// The most images one batch (`POST /v1/batches`) may carry.
+    #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_batch_images: u32,
+    /// The most steps one job's pipeline may have (`steps`).
+    #[arg(long, env = "MAX_STEPS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_steps: u32,
     /// Submissions are refused (429) while this many jobs are unfinished.
     #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
     pub queue_max_depth: u64,
@@ -171,6 +197,8 @@ pub struct App {
     listener: tokio::net::TcpListener,
     http: HttpLimits,
     retention: retention::Retention,
+    /// Delivers callbacks, when `CALLBACK_SECRET` is set.
+    deliverer: Option<callbacks::Deliverer>,
 }
 
 /// The admin tokens in force (current, then previous), each checked.
@@ -200,13 +228,18 @@ impl App {
     /// starts the migrations in the background.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let admin_tokens = admin_tokens(&settings)?;
-        if let Some(secret) = settings.result_url_secret.as_deref() {
-            if secret.len() < auth::MIN_ADMIN_TOKEN_LEN {
-                anyhow::bail!(
-                    "RESULT_URL_SECRET has {} characters; it needs at least {} (e.g. `head -c 32 /dev/urandom | base64`)",
-                    secret.len(),
-                    auth::MIN_ADMIN_TOKEN_LEN
-                );
+        for (name, secret) in [
+            ("CALLBACK_SECRET", &settings.callback_secret),
+            ("RESULT_URL_SECRET", &settings.result_url_secret),
+        ] {
+            if let Some(secret) = secret.as_deref() {
+                if secret.len() < auth::MIN_ADMIN_TOKEN_LEN {
+                    anyhow::bail!(
+                        "{name} has {} characters; it needs at least {} (e.g. `head -c 32 /dev/urandom | base64`)",
+                        secret.len(),
+                        auth::MIN_ADMIN_TOKEN_LEN
+                    );
+                }
             }
         }
         if !settings.auth_required {
@@ -241,9 +274,27 @@ impl App {
             keep: settings.job_retention.0,
             every: settings.retention_sweep_interval.0,
         };
+        let deliverer = settings
+            .callback_secret
+            .as_ref()
+            .map(|secret| callbacks::Deliverer {
+                callbacks: imgflow_platform::callbacks::Callbacks::new(pool.clone()),
+                secret: secret.as_bytes().to_vec(),
+                urls: ResultUrls::new(
+                    settings.result_url_secret.clone(),
+                    settings.result_url_ttl.0,
+                ),
+                allow_private: settings.callback_allow_private,
+                timeout: settings.callback_timeout.0,
+                retry_for: settings.callback_retry_for.0,
+                concurrency: settings.callback_concurrency.max(1) as usize,
+                metrics: metrics.clone(),
+            });
         let state = AppState {
             events: JobEvents::start(queue.clone()),
             max_wait: settings.max_wait.0,
+            max_steps: settings.max_steps as usize,
+            max_batch_images: settings.max_batch_images as usize,
             jobs,
             auth: Auth::new(settings.auth_required, admin_tokens, keys.clone()),
             keys,
@@ -253,6 +304,8 @@ impl App {
             ),
             key_max_unfinished: i64::from(settings.key_max_unfinished_jobs),
             result_cache: settings.result_cache,
+            callbacks_on: settings.callback_secret.is_some(),
+            callback_allow_private: settings.callback_allow_private,
             decode_budget: Arc::new(decode_budget),
             decode_wait: settings.api_decode_wait.0,
             body_read_timeout: settings.http.body_read_timeout.0,
@@ -283,6 +336,7 @@ impl App {
             listener,
             http: settings.http,
             retention,
+            deliverer,
         })
     }
 
@@ -305,6 +359,7 @@ impl App {
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr()?, "API listening");
         let sweeping = tokio::spawn(self.retention.run());
+        let delivering = self.deliverer.map(|d| tokio::spawn(d.run()));
         let served = server::serve(
             self.listener,
             routes::router(self.state),
@@ -313,6 +368,9 @@ impl App {
         )
         .await;
         sweeping.abort();
+        if let Some(delivering) = delivering {
+            delivering.abort();
+        }
         served?;
         Ok(())
     }

@@ -10,7 +10,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
+use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::metrics::{self, prometheus};
+use imgflow_platform::pipeline;
 use imgflow_runtime::ErrorCode;
 use prometheus::{HistogramVec, IntCounterVec, Opts};
 
@@ -32,6 +34,7 @@ pub struct ApiMetrics {
     deleted: IntCounterVec,
     cache_hits: IntCounterVec,
     cancelled: IntCounterVec,
+    callbacks: IntCounterVec,
     /// `API_DECODE_MEMORY_MB`, in bytes.
     pub decode_budget: prometheus::IntGauge,
     /// What submissions being decoded hold of it, in bytes.
@@ -126,6 +129,13 @@ impl ApiMetrics {
                 ),
                 &["action"],
             )?,
+            callbacks: IntCounterVec::new(
+                Opts::new(
+                    "api_callback_attempts_total",
+                    "Callback (webhook) delivery attempts, by result: delivered, failed (to be retried) or gave_up (CALLBACK_RETRY_FOR spent).",
+                ),
+                &["result"],
+            )?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
                 "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
@@ -139,6 +149,10 @@ impl ApiMetrics {
         m.registry.register(Box::new(m.deleted.clone()))?;
         m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.cancelled.clone()))?;
+        m.registry.register(Box::new(m.callbacks.clone()))?;
+        for result in ["delivered", "failed", "gave_up"] {
+            m.callbacks.with_label_values(&[result]);
+        }
         m.registry.register(Box::new(m.decode_budget.clone()))?;
         m.registry.register(Box::new(m.decode_reserved.clone()))?;
         for deletion in Deletion::ALL {
@@ -170,19 +184,34 @@ impl ApiMetrics {
         }
     }
 
-    /// Counts an accepted job of `action` (a registered plugin's name).
-    pub fn submitted(&self, action: &str) {
-        self.submitted.with_label_values(&[action]).inc();
+    /// Counts an accepted job, once under each distinct action of its
+    /// steps (so per-action panels show pipeline steps too).
+    pub fn submitted(&self, job: &JobRecord) {
+        for action in pipeline::actions(&job.steps) {
+            self.submitted.with_label_values(&[action]).inc();
+        }
     }
 
-    /// Counts a job of `action` completed from the result cache.
-    pub fn cache_hit(&self, action: &str) {
-        self.cache_hits.with_label_values(&[action]).inc();
+    /// Counts a job completed from the result cache, under each of its
+    /// steps' actions.
+    pub fn cache_hit(&self, job: &JobRecord) {
+        for action in pipeline::actions(&job.steps) {
+            self.cache_hits.with_label_values(&[action]).inc();
+        }
     }
 
-    /// Counts a job of `action` cancelled before it finished.
-    pub fn cancelled(&self, action: &str) {
-        self.cancelled.with_label_values(&[action]).inc();
+    /// Counts a job cancelled before it finished, under each of its steps'
+    /// actions.
+    pub fn cancelled(&self, job: &JobRecord) {
+        for action in pipeline::actions(&job.steps) {
+            self.cancelled.with_label_values(&[action]).inc();
+        }
+    }
+
+    /// Counts a callback delivery attempt by its result: `delivered`,
+    /// `failed` or `gave_up`.
+    pub fn callback(&self, result: &str) {
+        self.callbacks.with_label_values(&[result]).inc();
     }
 
     /// Counts a refused submission; `reason` is the answer's error code.

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::state::AppState;
-use crate::{jobs, keys, metrics, plugins};
+use crate::{batches, jobs, keys, metrics, plugins};
 
 /// The document's fixed parts; the paths come from the routes.
 #[derive(OpenApi)]
@@ -76,6 +76,12 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         paths,
         method.layer(DefaultBodyLimit::max(max_body_bytes)),
     );
+    let (schemas, paths, method) = routes!(batches::submit);
+    let batch_routes = (
+        schemas,
+        paths,
+        method.layer(DefaultBodyLimit::max(max_body_bytes)),
+    );
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(job_routes)
         .routes(routes!(jobs::get, jobs::delete))
@@ -83,6 +89,8 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(routes!(jobs::events))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
+        .routes(batch_routes)
+        .routes(routes!(batches::get))
         .routes(routes!(plugins::list))
         .routes(plugin_routes)
         .routes(routes!(plugins::activate))

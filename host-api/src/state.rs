@@ -29,6 +29,10 @@ pub struct AppState {
     pub events: JobEvents,
     /// The longest one request may wait for a job (`MAX_WAIT`).
     pub max_wait: Duration,
+    /// The most steps one job may have (`MAX_STEPS`).
+    pub max_steps: usize,
+    /// The most images one batch may carry (`MAX_BATCH_IMAGES`).
+    pub max_batch_images: usize,
     /// The plugin catalogue.
     pub catalogue: Catalogue,
     /// The Redis queue (its depth, for admission).
@@ -47,6 +51,11 @@ pub struct AppState {
     pub keys: Keys,
     /// Signs result URLs (`RESULT_URL_SECRET`).
     pub result_urls: ResultUrls,
+    /// Whether jobs may carry a `callback_url` (`CALLBACK_SECRET` is set).
+    pub callbacks_on: bool,
+    /// Whether callback targets may be private addresses
+    /// (`CALLBACK_ALLOW_PRIVATE`).
+    pub callback_allow_private: bool,
     /// A client key may have at most this many unfinished jobs.
     pub key_max_unfinished: i64,
     /// Whether equal jobs are completed from an earlier result

@@ -63,6 +63,8 @@ fn every_route_is_in_the_document() {
         "/v1/jobs/{id}/events",
         "/v1/jobs/{id}/cancel",
         "/v1/jobs/{id}/retry",
+        "/v1/batches",
+        "/v1/batches/{id}",
         "/v1/plugins",
         "/v1/plugins/{name}",
         "/v1/plugins/{name}/activate",

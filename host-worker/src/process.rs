@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 
 use imgflow_platform::events::{JobChange, JobEvents};
 use imgflow_platform::jobs::{JobRecord, JobStatus, Jobs};
+use imgflow_platform::pipeline::{self, Step};
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::{Delivery, Queue};
 use imgflow_platform::retry::retry;
 use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
-use imgflow_runtime::{ErrorCode, Failure};
+use imgflow_runtime::params::Params;
+use imgflow_runtime::{ErrorCode, Failure, Plugin};
 use tracing::Instrument;
 
 use crate::metrics::WorkerMetrics;
@@ -73,14 +75,18 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
             }
         };
         tracing::Span::current().record("action", job.action.as_str());
-        let _running = ctx.metrics.in_flight(&job.action);
+        // A job is counted under each distinct action of its steps.
+        let actions = pipeline::actions(&job.steps);
+        let _running: Vec<_> = actions.iter().map(|a| ctx.metrics.in_flight(a)).collect();
         if job.attempts == 1 {
             let waited = job.started_at.unwrap_or_else(chrono::Utc::now) - job.created_at;
-            ctx.metrics.queue_wait(&job.action, waited.to_std().unwrap_or_default());
+            for action in &actions {
+                ctx.metrics.queue_wait(action, waited.to_std().unwrap_or_default());
+            }
         }
         if job.attempts > ctx.max_attempts {
             let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempts - 1, ctx.max_attempts);
-            record_failure(&ctx, &job, &Failure::permanent(ErrorCode::MaxAttempts, message), began).await;
+            record_failure(&ctx, &job, &Failure::permanent(ErrorCode::MaxAttempts, message), began, None).await;
             ack(&ctx, &delivery).await;
             return;
         }
@@ -126,38 +132,44 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 }
             })
         };
-        let running = run(&ctx, &job, &deadline);
-        tokio::pin!(running);
-        // The renewer's channel, until it has answered (a completed
-        // receiver must not be polled again).
-        let mut renewer_open = true;
-        let outcome = loop {
-            let stopped = tokio::select! {
-                outcome = &mut running => break outcome,
-                gone = &mut deleted, if renewer_open => {
-                    renewer_open = false;
-                    // Err: the renewer stopped without finding it gone.
-                    gone.is_ok()
+        // The steps as they run, each with its time once it has run.
+        let mut ran = job.steps.0.clone();
+        let outcome = {
+            let running = run(&ctx, &job, &mut ran, &deadline);
+            tokio::pin!(running);
+            // The renewer's channel, until it has answered (a completed
+            // receiver must not be polled again).
+            let mut renewer_open = true;
+            loop {
+                let stopped = tokio::select! {
+                    outcome = &mut running => break outcome,
+                    gone = &mut deleted, if renewer_open => {
+                        renewer_open = false;
+                        // Err: the renewer stopped without finding it gone.
+                        gone.is_ok()
+                    }
+                    change = watch.changed() => matches!(
+                        change,
+                        JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)
+                    ),
+                };
+                if stopped {
+                    renewer.abort();
+                    tracing::info!("job was cancelled or deleted while it ran; abandoned");
+                    ack(&ctx, &delivery).await;
+                    return;
                 }
-                change = watch.changed() => matches!(
-                    change,
-                    JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)
-                ),
-            };
-            if stopped {
-                renewer.abort();
-                tracing::info!("job was cancelled or deleted while it ran; abandoned");
-                ack(&ctx, &delivery).await;
-                return;
             }
         };
         renewer.abort();
 
         match outcome {
             Ok((key, size)) => {
-                match retry("complete job", STEP_ATTEMPTS, || ctx.jobs.complete(job.id, &key, size)).await {
+                match retry("complete job", STEP_ATTEMPTS, || ctx.jobs.complete(job.id, &key, size, &ran)).await {
                     Ok(true) => {
-                        ctx.metrics.finished(&job.action, Ok(()), began.elapsed());
+                        for action in &actions {
+                            ctx.metrics.finished(action, Ok(()), began.elapsed());
+                        }
                         tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed");
                     }
                     Ok(false) => match ctx.jobs.discard_orphan_result(job.id, &key).await {
@@ -176,7 +188,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 tracing::warn!(code = %failure.code, error = %failure.message, "transient failure; the job will be delivered again");
             }
             Err(failure) => {
-                if record_failure(&ctx, &job, &failure, began).await {
+                if record_failure(&ctx, &job, &failure, began, Some(&ran)).await {
                     ack(&ctx, &delivery).await;
                 }
             }
@@ -186,17 +198,26 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     .await
 }
 
-/// Records a permanent failure in PostgreSQL and the metrics; `false` if it
-/// could not be recorded (the job is then left for redelivery).
-async fn record_failure(ctx: &Context, job: &JobRecord, failure: &Failure, began: Instant) -> bool {
+/// Records a permanent failure in PostgreSQL (with the steps as far as they
+/// ran, when they did) and the metrics; `false` if it could not be recorded
+/// (the job is then left for redelivery).
+async fn record_failure(
+    ctx: &Context,
+    job: &JobRecord,
+    failure: &Failure,
+    began: Instant,
+    ran: Option<&[Step]>,
+) -> bool {
     match retry("fail job", STEP_ATTEMPTS, || {
-        ctx.jobs.fail(job.id, failure.code, &failure.message)
+        ctx.jobs.fail(job.id, failure.code, &failure.message, ran)
     })
     .await
     {
         Ok(_) => {
-            ctx.metrics
-                .finished(&job.action, Err(failure.code), began.elapsed());
+            for action in pipeline::actions(&job.steps) {
+                ctx.metrics
+                    .finished(action, Err(failure.code), began.elapsed());
+            }
             tracing::warn!(code = %failure.code, error = %failure.message, "job failed");
             true
         }
@@ -218,22 +239,17 @@ async fn ack(ctx: &Context, delivery: &Delivery) {
     }
 }
 
-/// Runs the plugin on the job's input and stores the result. Returns the
-/// output's key and size.
-///
-/// Once the job's working set is reserved from the memory budget, one
-/// deadline (`JOB_TIMEOUT_MS`, set in `deadline`) covers decoding, the
-/// plugin call and encoding. Decoding and encoding run on blocking threads
-/// that cannot be interrupted: past the deadline the job stops waiting for
-/// them, and the thread keeps the job's reservation until it ends (its work
-/// is bounded by the image limits).
-async fn run(
-    ctx: &Context,
-    job: &JobRecord,
-    deadline: &OnceLock<Instant>,
-) -> Result<(String, i64), Failure> {
+/// A step made ready: its plugin loaded and checked, its parameters read.
+struct Ready {
+    plugin: Arc<Plugin>,
+    params: Params,
+}
+
+/// Loads the plugin version a step names and reads its parameters. A
+/// pipeline's failure names its step.
+async fn prepare(ctx: &Context, step: &Step) -> Result<Ready, Failure> {
     let active = retry("check plugin", STEP_ATTEMPTS, || {
-        ctx.catalogue.active_version(&job.action)
+        ctx.catalogue.active_version(&step.action)
     })
     .await
     .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
@@ -242,11 +258,11 @@ async fn run(
             ErrorCode::PluginDeleted,
             format!(
                 "plugin {} was deleted after the job was submitted",
-                job.action
+                step.action
             ),
         ));
     }
-    let plugin = match ctx.registry.get(&job.plugin_digest).await {
+    let plugin = match ctx.registry.get(&step.digest).await {
         Ok(p) => p,
         Err(RegistryError::Storage(e)) => {
             return Err(Failure::transient(ErrorCode::Internal, e.to_string()))
@@ -254,24 +270,64 @@ async fn run(
         Err(RegistryError::Load(e)) => {
             return Err(Failure::permanent(
                 ErrorCode::PluginUnavailable,
-                format!("plugin {} cannot be loaded: {e}", job.action),
+                format!("plugin {} cannot be loaded: {e}", step.action),
             ))
         }
     };
-    // The loaded code must be the plugin the job names.
+    // The loaded code must be the plugin the step names.
     let meta = plugin.metadata();
-    if meta.name != job.action || meta.version != job.plugin_version {
+    if meta.name != step.action || meta.version != step.version {
         return Err(Failure::permanent(
             ErrorCode::PluginUnavailable,
             format!(
                 "the component with digest {} describes itself as {} {}, but the job names {} {}",
-                job.plugin_digest, meta.name, meta.version, job.action, job.plugin_version
+                step.digest, meta.name, meta.version, step.action, step.version
             ),
         ));
     }
     let params = plugin
-        .params_from_json(&job.params.0)
+        .params_from_json(&step.params)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidParams, e.to_string()))?;
+    Ok(Ready { plugin, params })
+}
+
+/// A failure of step `index` (from 0) of a pipeline names the step; a
+/// one-step job's is as it is.
+fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
+    if steps.len() > 1 {
+        failure.message = format!(
+            "step {} ({}): {}",
+            index + 1,
+            steps[index].action,
+            failure.message
+        );
+    }
+    failure
+}
+
+/// Runs the job's steps on its input and stores the result. Returns the
+/// output's key and size; `ran` gets each step's time as it runs.
+///
+/// Every step's plugin is made ready first (a pipeline whose third plugin
+/// was deleted fails before the first runs). Once the job's working set is
+/// reserved from the memory budget, one deadline (`JOB_TIMEOUT_MS`, set in
+/// `deadline`) covers decoding (once), every plugin call, each in its own
+/// fresh sandbox and fed the previous step's output, and encoding (once).
+/// Decoding and encoding run on blocking threads that cannot be
+/// interrupted: past the deadline the job stops waiting for them, and the
+/// thread keeps the job's reservation until it ends (its work is bounded by
+/// the image limits).
+async fn run(
+    ctx: &Context,
+    job: &JobRecord,
+    ran: &mut [Step],
+    deadline: &OnceLock<Instant>,
+) -> Result<(String, i64), Failure> {
+    let steps = &job.steps.0;
+    let mut ready = Vec::with_capacity(steps.len());
+    for (i, step) in steps.iter().enumerate() {
+        ready.push(prepare(ctx, step).await.map_err(|f| in_step(f, steps, i))?);
+    }
     let output_format = ImageFormat::parse(&job.output_format).ok_or_else(|| {
         Failure::permanent(
             ErrorCode::InvalidParams,
@@ -287,7 +343,7 @@ async fn run(
     let probe = codec::probe(&input, &limits)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
     let runtime = ctx.registry.runtime();
-    let need = runtime.job_working_set(input.len(), probe.width, probe.height);
+    let need = runtime.job_working_set(input.len(), probe.width, probe.height, steps.len());
     let reservation = ctx.budget.reserve(need).await.map_err(|e| {
         Failure::permanent(
             ErrorCode::OverMemoryBudget,
@@ -313,39 +369,46 @@ async fn run(
         let _held = held;
         codec::decode_with(&input, &limits, auto_orient)
     });
-    let (image, _) = tokio::time::timeout_at(due.into(), decoding)
+    let (mut image, _) = tokio::time::timeout_at(due.into(), decoding)
         .await
         .map_err(|_| past_deadline("while decoding the input"))?
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("decode thread failed: {e}")))?
         .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
-    // The plugin call is async: at the deadline it is abandoned wherever it
-    // is, even blocked in a host call, and its sandbox is dropped.
-    let called = Instant::now();
-    let mut instantiation = None;
-    let applied = runtime
-        .apply_by(&plugin, image, &params, due, |t| instantiation = Some(t))
-        .await;
-    let applied = match applied {
-        Ok(applied) => {
-            ctx.metrics
-                .plugin_call(&job.action, instantiation, applied.run_time);
-            applied
+    // Each plugin call is async: at the deadline it is abandoned wherever
+    // it is, even blocked in a host call, and its sandbox is dropped.
+    for (i, step) in ready.iter().enumerate() {
+        let action = steps[i].action.as_str();
+        let called = Instant::now();
+        let mut instantiation = None;
+        let applied = runtime
+            .apply_by(&step.plugin, image, &step.params, due, |t| {
+                instantiation = Some(t)
+            })
+            .await;
+        match applied {
+            Ok(applied) => {
+                ctx.metrics
+                    .plugin_call(action, instantiation, applied.run_time);
+                ran[i].run_ms = Some(applied.run_time.as_secs_f64() * 1000.0);
+                image = applied.image;
+            }
+            Err(e) => {
+                // The call's time: all of it after instantiation.
+                let spent = called
+                    .elapsed()
+                    .saturating_sub(instantiation.unwrap_or_default());
+                ctx.metrics.plugin_call(action, instantiation, spent);
+                ran[i].run_ms = Some(spent.as_secs_f64() * 1000.0);
+                return Err(in_step(e.into(), steps, i));
+            }
         }
-        Err(e) => {
-            // The call's time: all of it after instantiation.
-            let spent = called
-                .elapsed()
-                .saturating_sub(instantiation.unwrap_or_default());
-            ctx.metrics.plugin_call(&job.action, instantiation, spent);
-            return Err(e.into());
-        }
-    };
+    }
     let held = reservation.clone();
     let png_compression = ctx.png_compression;
     let quality = job.output_quality.and_then(|q| u8::try_from(q).ok());
     let encoding = tokio::task::spawn_blocking(move || {
         let _held = held;
-        codec::encode_with(&applied.image, output_format, png_compression, quality)
+        codec::encode_with(&image, output_format, png_compression, quality)
     });
     let encoded = tokio::time::timeout_at(due.into(), encoding)
         .await

@@ -1,11 +1,14 @@
-//! The plugin author's commands, on the sandbox alone: `run` (one filter on
-//! one image file) and `plugin-info` (a plugin's metadata as JSON). The
+//! The plugin author's commands, on the sandbox alone: `new` (a new plugin
+//! crate), `check` (a conformance battery), `run` (one filter on one image
+//! file) and `plugin-info` (a plugin's metadata as JSON). The
 //! `imgflow` binary is these commands; `host-worker run` and
 //! `host-worker plugin-info` are the same commands under their old names.
 
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod runner;
+pub mod scaffold;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,5 @@
-//! The plugin author's command, `imgflow run` and `imgflow plugin-info`, as
-//! a plugin author uses it: the real binary, real files, exit codes and the
+//! The plugin author's command, `imgflow new`, `check`, `run` and
+//! `plugin-info`, as a plugin author uses it: the real binary, real files, exit codes and the
 //! one-line error; and `host-worker run`, the same command under its old
 //! name.
 
@@ -280,41 +280,151 @@ fn plugins_built_with_cargo_component_run_like_the_wasip2_builds() {
     }
 }
 
+/// `make template` ran `imgflow new my-filter` and built the scaffold both
+/// ways; each build runs with the right pixels and passes `imgflow check`.
 #[test]
-fn the_plugin_template_builds_with_cargo_component_and_runs() {
+fn the_scaffold_builds_both_ways_runs_and_passes_check() {
     let runner = Runner::new();
-    let component =
-        repo().join("target/template-build/target/wasm32-wasip1/release/my_filter.wasm");
-    assert!(
-        component.is_file(),
-        "{} missing: run make template",
-        component.display()
-    );
+    let built = repo().join("target/template-build/target");
+    for component in [
+        built.join("wasm32-wasip1/release/my_filter.wasm"),
+        built.join("wasm32-wasip2/release/my_filter.wasm"),
+    ] {
+        assert!(
+            component.is_file(),
+            "{} missing: run make template",
+            component.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let input = repo().join("tests/fixtures/pngsuite/basn6a08.png");
+        let output = dir.path().join("out.png");
+        let out = runner
+            .cmd()
+            .args(["run", "--plugin"])
+            .arg(&component)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(["--param", "factor=0.5"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (before, after) = (pixels(&input), pixels(&output));
+        for (a, b) in before.pixels().zip(after.pixels()) {
+            for c in 0..3 {
+                assert_eq!(b[c], (f32::from(a[c]) * 0.5).round() as u8);
+            }
+            assert_eq!(b[3], a[3]);
+        }
+
+        let out = runner
+            .cmd()
+            .args(["check", "--plugin"])
+            .arg(&component)
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{table}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for row in [
+            "loads: my-filter 0.1.0",
+            "1x1 image",
+            "odd size 17x1",
+            "fully transparent pixels",
+            "largest allowed image 8192x8192",
+            "factor at its bound 0",
+            "factor at its bound 4",
+            "deterministic",
+            "output buffer length",
+        ] {
+            let line = table
+                .lines()
+                .find(|l| l.starts_with(row))
+                .unwrap_or_else(|| panic!("no row {row:?} in:\n{table}"));
+            assert!(line.contains(" pass "), "{line}");
+        }
+        assert!(table.contains(" 0 failed"), "{table}");
+    }
+}
+
+#[test]
+fn imgflow_new_refuses_bad_names_and_occupied_directories() {
+    let runner = Runner::new();
     let dir = tempfile::tempdir().unwrap();
-    let input = repo().join("tests/fixtures/pngsuite/basn6a08.png");
-    let output = dir.path().join("out.png");
     let out = runner
         .cmd()
-        .args(["run", "--plugin"])
-        .arg(&component)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .args(["--param", "factor=0.5"])
+        .args(["new", "Bad Name", "--dir"])
+        .arg(dir.path().join("x"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert!(one_line_error(&out).contains("not a plugin name"));
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let out = runner
+        .cmd()
+        .args(["new", "ok", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(one_line_error(&out).contains("not empty"));
+    let target = dir.path().join("fresh");
+    let out = runner
+        .cmd()
+        .args(["new", "fresh-one", "--dir"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for file in ["Cargo.toml", "src/lib.rs", "wit/filter.wit", ".gitignore"] {
+        assert!(target.join(file).is_file(), "{file}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(target.join("wit/filter.wit")).unwrap(),
+        std::fs::read_to_string(repo().join("wit/filter.wit")).unwrap()
     );
-    let (before, after) = (pixels(&input), pixels(&output));
-    for (a, b) in before.pixels().zip(after.pixels()) {
-        for c in 0..3 {
-            assert_eq!(b[c], (f32::from(a[c]) * 0.5).round() as u8);
-        }
-        assert_eq!(b[3], a[3]);
+}
+
+/// `imgflow check` fails misbehaving plugins, with the reason in the row.
+#[test]
+fn check_fails_misbehaving_plugins_with_the_reason() {
+    let runner = Runner::new();
+    for (name, row, reason) in [
+        ("bad_output", "1x1 image", "pixel buffer"),
+        (
+            "bad_output",
+            "output buffer length",
+            "not width x height x 4",
+        ),
+        ("panicky", "1x1 image", "trap"),
+        ("spin", "1x1 image", "timeout"),
+    ] {
+        let out = runner
+            .cmd()
+            .args(["check", "--job-timeout-ms", "300", "--plugin"])
+            .arg(plugin(name))
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{name}: {table}");
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{name}: no row {row:?} in:\n{table}"));
+        assert!(
+            line.contains(" FAIL ") && line.contains(reason),
+            "{name}: {line}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("error: plugin_failed: "),
+            "{name}: {out:?}"
+        );
     }
 }
 

@@ -41,6 +41,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::events::JobChange;
+use crate::pipeline::{self, Step};
 use crate::queue::{Lock, Queue, QueueError};
 use crate::storage::{self, Object, Storage, StorageError};
 
@@ -143,6 +144,15 @@ macro_rules! unfinished {
 }
 pub(crate) use unfinished;
 
+/// The SQL assignments that arm a finishing job's callback (when it has
+/// one), in the same `UPDATE` that finishes it: a delivery is due at once.
+macro_rules! arm_callback {
+    () => {
+        "callback_status = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END,
+         callback_next_at = CASE WHEN callback_url IS NULL THEN NULL ELSE now() END"
+    };
+}
+
 /// The SQL condition "the job has finished", the one retention requires.
 macro_rules! finished {
     () => {
@@ -163,6 +173,10 @@ pub struct JobRecord {
     pub plugin_digest: String,
     /// The validated parameters, defaults filled in.
     pub params: Json<serde_json::Value>,
+    /// The steps it runs (one, unless it is a pipeline), with each step's
+    /// time once it ran; `action`, `plugin_version`, `plugin_digest` and
+    /// `params` are their [`pipeline::Summary`].
+    pub steps: Json<Vec<Step>>,
     /// Where it is in its life.
     pub status: JobStatus,
     /// How many times a worker started it.
@@ -201,6 +215,15 @@ pub struct JobRecord {
     /// The failed or cancelled job this one retries (same input and
     /// pipeline), if it is a retry.
     pub retry_of: Option<Uuid>,
+    /// The batch it was submitted in (`POST /v1/batches`), if any.
+    pub batch_id: Option<Uuid>,
+    /// Where its outcome is POSTed when it finishes, if anywhere.
+    pub callback_url: Option<String>,
+    /// Its callback's delivery: `pending`, `delivered` or `gave_up`
+    /// (`None` without a callback, or before the job finished).
+    pub callback_status: Option<String>,
+    /// When the next delivery attempt is due.
+    pub callback_next_at: Option<DateTime<Utc>>,
     /// The Redis stream entry that carries it.
     pub stream_id: Option<String>,
     /// The worker that ran it last.
@@ -218,14 +241,8 @@ pub struct JobRecord {
 /// What a client submits, validated: recorded as a new `queued` job.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    /// The plugin's name.
-    pub action: String,
-    /// The plugin version it was validated against.
-    pub plugin_version: String,
-    /// That version's digest.
-    pub plugin_digest: String,
-    /// The validated parameters.
-    pub params: serde_json::Value,
+    /// The steps, each validated against its plugin version (at least one).
+    pub steps: Vec<Step>,
     /// Input format name.
     pub input_format: String,
     /// Output format name.
@@ -245,6 +262,10 @@ pub struct NewJob {
     /// cache is off or the plugin is not cacheable: then the job always
     /// runs and its result is never reused.
     pub cache_key: Option<String>,
+    /// The batch it belongs to (`POST /v1/batches`), if any.
+    pub batch_id: Option<Uuid>,
+    /// Where to POST its outcome, checked ([`crate::callbacks`]).
+    pub callback_url: Option<String>,
 }
 
 /// The result-cache key of a job: a SHA-256 of the input's SHA-256, the
@@ -366,19 +387,22 @@ impl Jobs {
         let input_key = storage::input_key(id);
         let input_size = input.len() as i64;
         self.storage.put(&input_key, input).await?;
+        let pipeline = pipeline::summary(&new.steps);
         let inserted = sqlx::query_as::<_, JobRecord>(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, idempotency_key,
-                               owner, request_hash, cache_key, output_quality, auto_orient)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                               owner, request_hash, cache_key, output_quality, auto_orient, steps,
+                               batch_id, callback_url)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     $18, $19)
              ON CONFLICT (owner, idempotency_key) DO NOTHING
              RETURNING *",
         )
         .bind(id)
-        .bind(&new.action)
-        .bind(&new.plugin_version)
-        .bind(&new.plugin_digest)
-        .bind(Json(&new.params))
+        .bind(&pipeline.action)
+        .bind(&pipeline.version)
+        .bind(&pipeline.digest)
+        .bind(Json(&pipeline.params))
         .bind(JobStatus::Queued)
         .bind(&input_key)
         .bind(input_size)
@@ -390,6 +414,9 @@ impl Jobs {
         .bind(&new.cache_key)
         .bind(new.output_quality)
         .bind(new.auto_orient)
+        .bind(Json(&new.steps))
+        .bind(new.batch_id)
+        .bind(&new.callback_url)
         .fetch_optional(&self.db)
         .await;
         let job = match inserted {
@@ -426,14 +453,18 @@ impl Jobs {
         let Some(cache_key) = &new.cache_key else {
             return Ok(None);
         };
+        let pipeline = pipeline::summary(&new.steps);
         let hit: Option<JobRecord> = sqlx::query_as(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, output_key, output_size,
                                idempotency_key, owner, request_hash, cache_key, cached_from,
-                               started_at, finished_at, output_quality, auto_orient)
+                               started_at, finished_at, output_quality, auto_orient, steps,
+                               batch_id, callback_url, callback_status, callback_next_at)
              SELECT $1, $2, $3, $4, $5, $6, source.input_key, source.input_size, $7, $8,
                     source.output_key, source.output_size, $9, $10, $11, $12, source.id,
-                    now(), now(), $13, $14
+                    now(), now(), $13, $14, $15, $16, $17,
+                    CASE WHEN $17::text IS NULL THEN NULL ELSE 'pending' END,
+                    CASE WHEN $17::text IS NULL THEN NULL ELSE now() END
              FROM (SELECT * FROM jobs
                    WHERE owner = $10 AND cache_key = $12 AND status = 'completed'
                      AND output_key IS NOT NULL
@@ -443,10 +474,10 @@ impl Jobs {
              RETURNING *",
         )
         .bind(id)
-        .bind(&new.action)
-        .bind(&new.plugin_version)
-        .bind(&new.plugin_digest)
-        .bind(Json(&new.params))
+        .bind(&pipeline.action)
+        .bind(&pipeline.version)
+        .bind(&pipeline.digest)
+        .bind(Json(&pipeline.params))
         .bind(JobStatus::Completed)
         .bind(&new.input_format)
         .bind(&new.output_format)
@@ -456,6 +487,9 @@ impl Jobs {
         .bind(cache_key)
         .bind(new.output_quality)
         .bind(new.auto_orient)
+        .bind(Json(&new.steps))
+        .bind(new.batch_id)
+        .bind(&new.callback_url)
         .fetch_optional(&self.db)
         .await?;
         Ok(hit.map(Submitted::Cached))
@@ -523,6 +557,16 @@ impl Jobs {
         )
     }
 
+    /// The jobs of batch `id`, in the order they were submitted.
+    pub async fn batch(&self, id: Uuid) -> Result<Vec<JobRecord>, JobsError> {
+        Ok(
+            sqlx::query_as("SELECT * FROM jobs WHERE batch_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(&self.db)
+                .await?,
+        )
+    }
+
     /// How many of `owner`'s jobs are unfinished (its share of the queue).
     pub async fn unfinished_of(&self, owner: &str) -> Result<i64, JobsError> {
         let (count,): (i64,) = sqlx::query_as(concat!(
@@ -540,7 +584,8 @@ impl Jobs {
         Ok(sqlx::query_as(
             "SELECT * FROM jobs
              WHERE ($1::text IS NULL OR status = $1)
-               AND ($2::text IS NULL OR action = $2)
+               AND ($2::text IS NULL OR action = $2
+                    OR steps @> jsonb_build_array(jsonb_build_object('action', $2::text)))
                AND ($3::uuid IS NULL OR id < $3)
                AND ($5::text IS NULL OR owner = $5)
              ORDER BY id DESC
@@ -592,7 +637,9 @@ impl Jobs {
     /// `None` if it had finished (or is gone) meanwhile.
     pub async fn cancel(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
         let cancelled: Option<JobRecord> = sqlx::query_as(concat!(
-            "UPDATE jobs SET status = $2, finished_at = now() WHERE id = $1 AND ",
+            "UPDATE jobs SET status = $2, finished_at = now(), ",
+            arm_callback!(),
+            " WHERE id = $1 AND ",
             unfinished!(),
             " RETURNING *"
         ))
@@ -624,10 +671,12 @@ impl Jobs {
         let successor: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, owner, cache_key, retry_of,
-                               output_quality, auto_orient)
+                               output_quality, auto_orient, callback_url, steps)
              SELECT $1, action, plugin_version, plugin_digest, params, $3, input_key,
                     input_size, input_format, output_format, owner, cache_key, id,
-                    output_quality, auto_orient
+                    output_quality, auto_orient, callback_url,
+                    (SELECT jsonb_agg(step - 'run_ms' ORDER BY n)
+                     FROM jsonb_array_elements(steps) WITH ORDINALITY AS s(step, n))
              FROM jobs WHERE id = $2
              RETURNING *",
         )
@@ -641,24 +690,28 @@ impl Jobs {
         Ok(successor)
     }
 
-    /// Marks the job `completed` with its stored result. Returns false if
-    /// it had already finished (a duplicate delivery): nothing changes.
+    /// Marks the job `completed` with its stored result and its steps as
+    /// they ran (with their times). Returns false if it had already
+    /// finished (a duplicate delivery): nothing changes.
     pub async fn complete(
         &self,
         id: Uuid,
         output_key: &str,
         output_size: i64,
+        steps: &[Step],
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(concat!(
             "UPDATE jobs SET status = $4, output_key = $2, output_size = $3, finished_at = now(),
-                             error_code = NULL, error_message = NULL
-             WHERE id = $1 AND ",
+                             error_code = NULL, error_message = NULL, steps = $5, ",
+            arm_callback!(),
+            " WHERE id = $1 AND ",
             unfinished!()
         ))
         .bind(id)
         .bind(output_key)
         .bind(output_size)
         .bind(JobStatus::Completed)
+        .bind(Json(steps))
         .execute(&self.db)
         .await?;
         let done = done.rows_affected() == 1;
@@ -669,23 +722,28 @@ impl Jobs {
         Ok(done)
     }
 
-    /// Marks the job `failed` with a code and message. Returns false if it
-    /// had already finished.
+    /// Marks the job `failed` with a code and message, and, when given, its
+    /// steps as far as they ran (with their times). Returns false if it had
+    /// already finished.
     pub async fn fail(
         &self,
         id: Uuid,
         code: ErrorCode,
         message: &str,
+        steps: Option<&[Step]>,
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(concat!(
-            "UPDATE jobs SET status = $4, error_code = $2, error_message = $3, finished_at = now()
-             WHERE id = $1 AND ",
+            "UPDATE jobs SET status = $4, error_code = $2, error_message = $3, finished_at = now(),
+                             steps = COALESCE($5, steps), ",
+            arm_callback!(),
+            " WHERE id = $1 AND ",
             unfinished!()
         ))
         .bind(id)
         .bind(code.as_str())
         .bind(message)
         .bind(JobStatus::Failed)
+        .bind(steps.map(Json))
         .execute(&self.db)
         .await?;
         let done = done.rows_affected() == 1;

@@ -3,10 +3,13 @@
 //!
 //! Each behaviour has one home:
 //! - [`budget`]: a memory budget that large allocations reserve from.
+//! - [`callbacks`]: webhooks: which targets are allowed, and the record of
+//!   delivering a finished job to one.
 //! - [`events`]: hearing that a job changed (Redis pub/sub), for clients
 //!   that wait and workers that watch for cancellation.
 //! - [`jobs`]: a job's states and every change of state (submit, start,
 //!   complete, fail, queue again when missing).
+//! - [`pipeline`]: a job's steps, as recorded and as clients write them.
 //! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
 //!   notices that tell workers).
 //! - [`keys`]: client API keys (create, list, revoke, verify).
@@ -22,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod callbacks;
 pub mod config;
 pub mod db;
 pub mod events;
@@ -29,6 +33,7 @@ pub mod jobs;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod plugins;
 pub mod queue;
 pub mod retry;

@@ -81,6 +81,9 @@ error_codes! {
     InvalidParams = "invalid_params", 422, false, SubmissionAndJob;
     /// An output format imgflow does not write.
     InvalidFormat = "invalid_format", 422, false, Submission;
+    /// A `callback_url` that is not an allowed target, or callbacks are
+    /// off (no `CALLBACK_SECRET`).
+    InvalidCallback = "invalid_callback", 422, false, Submission;
     /// The queue is at `QUEUE_MAX_DEPTH`.
     QueueFull = "queue_full", 429, true, Submission;
     /// Another request with the same idempotency key is being recorded.
@@ -145,6 +148,8 @@ error_codes! {
     JobFinished = "job_finished", 409, false, Other;
     /// Only a failed or cancelled job can be retried.
     JobNotRetryable = "job_not_retryable", 409, false, Other;
+    /// No such batch (or none of its jobs is the caller's).
+    BatchNotFound = "batch_not_found", 404, false, Other;
     // Plugin management.
     /// No `IMGFLOW_ADMIN_TOKEN` is configured, so management is off.
     AdminDisabled = "admin_disabled", 403, false, Other;

@@ -275,23 +275,28 @@ impl Runtime {
         &self.config
     }
 
-    /// An upper estimate of the memory the host holds for one job on an
-    /// image of `width` x `height` whose file is `input_len` bytes, in
-    /// bytes: the file, plus the larger of the two peaks —
+    /// An upper estimate of the memory the host holds for one job of
+    /// `steps` plugin calls (a pipeline; at least one) on an image of
+    /// `width` x `height` whose file is `input_len` bytes, in bytes: the
+    /// file, plus the larger of the two peaks —
     ///
     /// - decoding: the decoder's buffer (up to 16-bit RGBA, 8 bytes a pixel)
     ///   and the 8-bit RGBA copy (4 bytes a pixel);
-    /// - the plugin call: the decoded image, the plugin's memories (at most
-    ///   the memory cap, summed over all of them) and the copy of its output
-    ///   (which came out of those memories, so at most the cap too).
+    /// - a plugin call: its input, the plugin's memories (at most the memory
+    ///   cap, summed over all of them) and the copy of its output (which
+    ///   came out of those memories, so at most the cap too). The first
+    ///   step's input is the decoded image; a later step's is the previous
+    ///   step's output, so at most the cap: however a step enlarges the
+    ///   image (a resize to the largest size allowed), the estimate holds.
     ///
-    /// Encoding holds the output and its encoding, less than the call's
-    /// peak. The caller reserves this much from its memory budget.
-    pub fn job_working_set(&self, input_len: usize, width: u32, height: u32) -> u64 {
+    /// Encoding holds the output and its encoding, less than a call's peak.
+    /// The caller reserves this much from its memory budget.
+    pub fn job_working_set(&self, input_len: usize, width: u32, height: u32, steps: usize) -> u64 {
         let decoded = u64::from(width) * u64::from(height) * 4;
         let cap = self.config.max_memory_bytes as u64;
         let decoding = decoded * 3;
-        let calling = decoded + 2 * cap;
+        let largest_input = if steps > 1 { decoded.max(cap) } else { decoded };
+        let calling = largest_input + 2 * cap;
         input_len as u64 + decoding.max(calling)
     }
 
@@ -419,6 +424,13 @@ impl Runtime {
             Sandbox::new(limits, self.config.output_cap_bytes),
         );
         store.limiter(|s| &mut s.limiter);
+        // What the host copies out of the guest in one call (the output
+        // image, at most) is bounded by wasmtime's hostcall fuel, 128 MiB by
+        // default: less than the largest image the limits allow (64
+        // megapixels are 256 MiB of RGBA), which then failed as a trap.
+        // Whatever is copied out lives in the guest's memories, already
+        // capped at the memory limit, so that is the bound.
+        store.set_hostcall_fuel(self.config.max_memory_bytes.max(128 << 20));
         // Running code yields to the executor at every epoch tick, so the
         // deadline around the call (a timer) can end it; the call's future
         // is then dropped with the store.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use imgflow_platform::jobs::{Jobs, NewJob, Submitted};
+use imgflow_platform::pipeline::Step;
 use imgflow_platform::storage::Storage;
 use imgflow_runtime::codec::ImageFormat;
 use imgflow_testkit::stack::{repo, Proc, Stack};
@@ -381,10 +382,13 @@ async fn a_large_result_is_streamed_not_buffered() {
     let storage = Storage::open(&stack.storage.display().to_string()).unwrap();
     let jobs = Jobs::new(pool, stack.redis_queue(), storage);
     let new = NewJob {
-        action: "grayscale".into(),
-        plugin_version: "0.1.0".into(),
-        plugin_digest: "0".repeat(64),
-        params: serde_json::json!({}),
+        steps: vec![Step {
+            action: "grayscale".into(),
+            version: "0.1.0".into(),
+            digest: "0".repeat(64),
+            params: serde_json::json!({}),
+            run_ms: None,
+        }],
         input_format: "png".into(),
         output_format: "png".into(),
         output_quality: None,
@@ -393,6 +397,8 @@ async fn a_large_result_is_streamed_not_buffered() {
         owner: "anonymous".into(),
         request_hash: String::new(),
         cache_key: None,
+        batch_id: None,
+        callback_url: None,
     };
     let Submitted::Created(job) = jobs
         .submit(new, Bytes::from_static(b"input"))
@@ -408,7 +414,10 @@ async fn a_large_result_is_streamed_not_buffered() {
         .store_result(&job, ImageFormat::Png, result)
         .await
         .unwrap();
-    assert!(jobs.complete(job.id, &key, size as i64).await.unwrap());
+    assert!(jobs
+        .complete(job.id, &key, size as i64, &job.steps)
+        .await
+        .unwrap());
     let url = format!("{}/v1/jobs/{}/result", stack.api_url, job.id);
 
     // HEAD: the headers, no body.

@@ -127,9 +127,17 @@ async fn the_readme_curl_examples_work() {
         .await
         .unwrap();
     assert_eq!(
-        jobs, 2,
-        "the blur and the waited-for jobs stay, the deleted one is gone"
+        jobs, 3,
+        "the blur, the waited-for and the pipeline jobs stay, the deleted one is gone"
     );
+    // The pipeline's thumbnail: 320 wide, grey, a JPEG.
+    let thumb = image::open(work.path().join("thumb.jpg"))
+        .expect("the README's pipeline writes thumb.jpg")
+        .to_rgb8();
+    assert_eq!(thumb.dimensions(), (320, 213));
+    assert!(thumb
+        .pixels()
+        .all(|p| p[0].abs_diff(p[1]) <= 2 && p[1].abs_diff(p[2]) <= 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

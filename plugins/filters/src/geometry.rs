@@ -13,6 +13,12 @@ use std::fmt;
 /// limits may be lower; its check still applies).
 pub const MAX_SIDE: u32 = 16_384;
 
+/// The largest result a geometry filter makes, in pixels: the host's
+/// default `MAX_IMAGE_PIXELS` (64 megapixels). A larger one is refused
+/// before anything is allocated (its working buffers would not fit a
+/// 32-bit address space, and the host would refuse it anyway).
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
 /// Why a geometry operation refused its input.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GeometryError {
@@ -289,6 +295,13 @@ pub fn resize(
         return Err(GeometryError::Invalid("the image is empty".into()));
     }
     let ((tw, th), (cw, ch)) = target_size((src_width, src_height), width, height, fit)?;
+    for (w, h) in [(tw, th), (cw, ch)] {
+        if u64::from(w) * u64::from(h) > MAX_PIXELS {
+            return Err(GeometryError::Invalid(format!(
+                "the result would be {w}x{h}, over {MAX_PIXELS} pixels"
+            )));
+        }
+    }
     let opaque = rgba.chunks_exact(4).all(|p| p[3] == 255);
     let mut planes: Vec<f32> = rgba.iter().map(|&v| f32::from(v)).collect();
     if !opaque {
@@ -451,7 +464,17 @@ mod tests {
             Fit::Fill,
             Filter::Triangle
         )
-        .is_err());
+        .is_err()); // A result over MAX_PIXELS is refused before anything is allocated.
+        let refused = resize(
+            16,
+            16,
+            &[0; 16 * 16 * 4],
+            Some(MAX_SIDE),
+            None,
+            Fit::Fill,
+            Filter::Triangle,
+        );
+        assert!(matches!(refused, Err(GeometryError::Invalid(m)) if m.contains("over")));
     }
 
     #[test]

@@ -1,0 +1,286 @@
+//! `/v1/batches`: several images, one pipeline, one request; and a summary
+//! of how the batch's jobs are doing.
+//!
+//! A batch is its jobs: each image becomes an ordinary job (read, waited
+//! for, cancelled, retried and deleted like any other) that records the
+//! batch's id. Every image is validated before anything is stored, so a
+//! batch is accepted whole or not at all.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use imgflow_platform::jobs::JobStatus;
+use imgflow_runtime::ErrorCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::body;
+use crate::error::{ApiError, ErrorBody};
+use crate::jobs::{self, Job, JobOrigin, Recipe};
+use crate::state::AppState;
+
+/// A batch: its id and its jobs, one per image, in the order sent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Batch {
+    /// The batch's id (`GET /v1/batches/{id}`).
+    pub id: Uuid,
+    /// How many jobs it has (left: deleted jobs are gone from it).
+    pub total: usize,
+    /// How many are in each status.
+    pub counts: BatchCounts,
+    /// Whether every job has finished.
+    pub finished: bool,
+    /// Its jobs, in the order their images were sent.
+    pub jobs: Vec<Job>,
+}
+
+/// How many of a batch's jobs are in each status.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct BatchCounts {
+    /// Waiting for a worker.
+    pub queued: usize,
+    /// Running.
+    pub running: usize,
+    /// Done, with a result.
+    pub completed: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Cancelled.
+    pub cancelled: usize,
+}
+
+impl Batch {
+    fn new(state: &AppState, id: Uuid, jobs: &[imgflow_platform::jobs::JobRecord]) -> Batch {
+        let mut counts = BatchCounts::default();
+        for job in jobs {
+            *match job.status {
+                JobStatus::Queued => &mut counts.queued,
+                JobStatus::Running => &mut counts.running,
+                JobStatus::Completed => &mut counts.completed,
+                JobStatus::Failed => &mut counts.failed,
+                JobStatus::Cancelled => &mut counts.cancelled,
+            } += 1;
+        }
+        Batch {
+            id,
+            total: jobs.len(),
+            finished: jobs.iter().all(|j| j.status.is_finished()),
+            counts,
+            jobs: jobs
+                .iter()
+                .map(|j| Job::new(j, &state.result_urls))
+                .collect(),
+        }
+    }
+}
+
+/// A batch submitted as a form.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct BatchForm {
+    /// The images, one `image` field each (at most `MAX_BATCH_IMAGES`).
+    #[schema(value_type = Vec<String>, format = Binary)]
+    image: Vec<Vec<u8>>,
+    /// The plugin to run on each; `name@version` pins a version. Give
+    /// `action` or `steps`.
+    #[schema(example = "resize")]
+    action: Option<String>,
+    /// The plugin's parameters as a JSON object (with `action`).
+    #[schema(example = r#"{"width": 320}"#)]
+    params: Option<String>,
+    /// A pipeline instead of `action` (as for `POST /v1/jobs`).
+    steps: Option<String>,
+    /// The output format (default: each input's).
+    format: Option<String>,
+    /// JPEG quality, 1 to 100; only with a JPEG output.
+    quality: Option<String>,
+    /// `false` keeps the inputs' pixels as stored.
+    auto_orient: Option<String>,
+    /// Where to POST each job when it finishes (as for `POST /v1/jobs`).
+    callback_url: Option<String>,
+}
+
+/// Submits a batch: several images, one action or pipeline.
+///
+/// A `multipart/form-data` form with one `image` field per image (at most
+/// `MAX_BATCH_IMAGES`) and the fields of `POST /v1/jobs` (`action` and
+/// `params`, or `steps`; `format`, `quality`, `auto_orient`). Every image
+/// is validated first: if one is refused, the answer names it
+/// (`image 3: ...`) and nothing is stored. Each image becomes a job of its
+/// own, recording the batch's id. The queue, and the client's share of it,
+/// must have room for all of them.
+#[utoipa::path(
+    post,
+    path = "/v1/batches",
+    operation_id = "submitBatch",
+    tag = "jobs",
+    request_body(content = BatchForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, description = "Accepted: one queued job per image", body = Batch, headers(("Location" = String, description = "The batch's URL"))),
+        (status = 400, description = "Malformed request, or more than MAX_BATCH_IMAGES images (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not a form, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
+        (status = 422, description = "Bad parameters, format, callback or image (`invalid_params`, `invalid_format`, `invalid_callback`, `corrupt_image`, `image_too_large`)", body = ErrorBody),
+        (status = 429, description = "The queue, or this client's share of it, has no room for every image (`queue_full`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL, Redis or storage unavailable, or the decoding budget spent (`decode_busy`)", body = ErrorBody),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let result = accept(&state, &headers, request).await;
+    if let Err(e) = &result {
+        state.metrics.rejected(e.code());
+        tracing::info!(code = %e.code(), "batch rejected");
+    }
+    result
+}
+
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limit = state.max_body_bytes;
+    let (caller, request) =
+        body::refuse_early(state.auth.caller(headers).await, request, 0).await?;
+    let ((), request) = body::refuse_early(form_only(headers), request, limit).await?;
+    let ((), request) = body::refuse_early(
+        body::check_declared(headers, limit, "MAX_BODY_BYTES"),
+        request,
+        limit,
+    )
+    .await?;
+    let ((), request) =
+        body::refuse_early(jobs::admit(state, caller, 1).await, request, limit).await?;
+    let mut submission = jobs::read_submission(state, headers, request).await?;
+    if submission.wait.is_some() {
+        return Err(ApiError::bad_request(
+            "wait is not supported for batches; wait for each job, or poll GET /v1/batches/{id}",
+        ));
+    }
+    let count = submission.images.len();
+    if count > state.max_batch_images {
+        return Err(ApiError::bad_request(format!(
+            "{count} images; a batch takes at most {} (MAX_BATCH_IMAGES)",
+            state.max_batch_images
+        )));
+    }
+    jobs::admit(state, caller, count as u64).await?;
+    let recipe = Recipe::read(state, &submission).await?;
+
+    // Every image validated before anything is stored.
+    let batch_id = Uuid::now_v7();
+    let images = std::mem::take(&mut submission.images);
+    let mut ready = Vec::with_capacity(count);
+    for (i, image) in images.into_iter().enumerate() {
+        let sha256 = sha256(&image);
+        let origin = JobOrigin {
+            owner: caller.owner(),
+            idempotency_key: None,
+            request_hash: submission.digest(&sha256),
+            batch_id: Some(batch_id),
+        };
+        let new = recipe
+            .job_for(state, &image, &sha256, origin)
+            .await
+            .map_err(|e| e.in_image(i + 1))?;
+        ready.push((new, image));
+    }
+
+    // Then each recorded; on a failure, the batch's jobs recorded so far
+    // are deleted again, so it is accepted whole or not at all.
+    let mut created = Vec::with_capacity(count);
+    for (new, image) in ready {
+        let digest = new.request_hash.clone();
+        match jobs::record(state, new, image, &digest).await {
+            Ok((_, job)) => created.push(job),
+            Err(e) => {
+                for job in &created {
+                    if let Err(undo) = state.jobs.delete(job).await {
+                        tracing::warn!(job_id = %job.id, error = %undo, "cannot delete a job of a refused batch");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(batch_id = %batch_id, jobs = created.len(), "batch accepted");
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(Batch::new(state, batch_id, &created)),
+    )
+        .into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/batches/{batch_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// A batch is a form, without `Idempotency-Key`.
+fn form_only(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("multipart/form-data"));
+    if !is_form {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "a batch is a multipart/form-data form: one `image` field per image, and `action` or `steps`",
+        ));
+    }
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key is not supported for batches; submit the jobs one by one to use it",
+        ));
+    }
+    Ok(())
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(bytes).into()
+}
+
+/// Summarises a batch: how many of its jobs are in each status, and the
+/// jobs themselves.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}",
+    operation_id = "getBatch",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch", body = Batch),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such batch, or none of its jobs is the caller's (`batch_not_found`)", body = ErrorBody),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Batch>, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let not_found = || ApiError::new(ErrorCode::BatchNotFound, format!("no batch {id:?}"));
+    let uuid = Uuid::try_parse(&id).map_err(|_| not_found())?;
+    let jobs: Vec<_> = state
+        .jobs
+        .batch(uuid)
+        .await?
+        .into_iter()
+        .filter(|job| caller.may_see(job))
+        .collect();
+    if jobs.is_empty() {
+        return Err(not_found());
+    }
+    Ok(Json(Batch::new(&state, uuid, &jobs)))
+}
