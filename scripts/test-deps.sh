@@ -3,11 +3,15 @@
 # on a prepared machine costs a few checks):
 #   - the wasm32-wasip2 and wasm32-wasip1 targets, clippy and rustfmt;
 #   - cargo-component 0.21.1 (about ten minutes to build the first time);
+#   - s3s-fs 0.14.1, an S3 server the S3 test runs against (a few minutes,
+#     once);
 #   - Debian packages: jq, curl, prometheus (prometheus and promtool, for the
 #     rule tests and the real-Prometheus test), docker-compose (validates
-#     compose.yml; no Docker engine is needed);
+#     compose.yml; no Docker engine is needed), kubernetes-client (`kubectl
+#     kustomize` renders deploy/kubernetes; no cluster is needed);
 #   - from PyPI: openapi-spec-validator (validates the API's OpenAPI
-#     document) and schemathesis (`st`, fuzzes the API from that document).
+#     document), schemathesis (`st`, fuzzes the API from that document) and
+#     kubernetes-validate (validates the rendered manifests offline).
 # Redis and PostgreSQL must run: `make up` starts them on a fresh machine.
 #
 #   scripts/test-deps.sh           install what is missing
@@ -47,11 +51,19 @@ if ! command -v cargo-component >/dev/null 2>&1; then
   cargo install cargo-component --locked --version 0.21.1
 fi
 
+# An S3 server for the S3 end-to-end test (system-tests/tests/s3.rs). 0.14.1
+# is the last release that builds with this machine's Rust.
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "==> installing s3s-fs (an S3 server; a few minutes, once)"
+  cargo install s3s-fs --locked --version 0.14.1 --features binary
+fi
+
 missing=()
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
@@ -70,4 +82,10 @@ if ! command -v st >/dev/null 2>&1 || ! command -v openapi-spec-validator >/dev/
     || python3 -m pip install -q --break-system-packages "${pkgs[@]}"
   # pyenv installs console scripts behind shims that need a rehash.
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+fi
+
+if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
+  echo "==> installing kubernetes-validate (PyPI)"
+  python3 -m pip install -q kubernetes-validate==1.37.0 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages kubernetes-validate==1.37.0
 fi

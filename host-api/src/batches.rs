@@ -94,7 +94,7 @@ pub struct BatchForm {
     steps: Option<String>,
     /// The output format (default: each input's).
     format: Option<String>,
-    /// JPEG quality, 1 to 100; only with a JPEG output.
+    /// Quality, 1 to 100, for JPEG or lossy WebP output.
     quality: Option<String>,
     /// `false` keeps the inputs' pixels as stored.
     auto_orient: Option<String>,

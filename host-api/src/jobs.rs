@@ -65,7 +65,8 @@ pub struct Job {
     /// The result's format.
     #[schema(example = "png")]
     pub output_format: String,
-    /// The JPEG quality asked for (1 to 100), or `null` (JPEG at 90).
+    /// The quality asked for (1 to 100; JPEG, or lossy WebP), or `null`
+    /// (JPEG at 90, WebP lossless).
     pub output_quality: Option<i16>,
     /// Whether the input was turned upright by its EXIF orientation.
     pub auto_orient: bool,
@@ -202,7 +203,8 @@ pub struct SubmitForm {
     /// The output format: `png`, `jpeg`, `webp` or `gif` (default: the
     /// input's).
     format: Option<String>,
-    /// JPEG quality, 1 to 100 (default 90); only with a JPEG output.
+    /// Quality, 1 to 100: JPEG (default 90), or lossy WebP (without it,
+    /// WebP is lossless); refused with PNG and GIF.
     quality: Option<String>,
     /// `false` keeps the input's pixels as stored (see the query parameter).
     auto_orient: Option<String>,
@@ -231,8 +233,8 @@ pub struct SubmitQuery {
     steps: Option<String>,
     /// The output format: `png`, `jpeg`, `webp` or `gif`.
     format: Option<String>,
-    /// JPEG quality, 1 to 100 (default 90); only with a JPEG output (PNG,
-    /// WebP and GIF are written lossless).
+    /// Quality, 1 to 100: JPEG (default 90), or WebP written lossy at that
+    /// quality (without it, WebP is lossless); refused with PNG and GIF.
     quality: Option<String>,
     /// Whether the input is turned upright by its EXIF orientation before
     /// the plugin runs (JPEG, WebP, PNG): `true` (default) or `false`.
@@ -265,7 +267,7 @@ pub(crate) struct Submission {
     /// ... or as `name=value` pairs (raw body with a query string).
     pair_params: Vec<(String, String)>,
     format: Option<String>,
-    /// JPEG quality (`quality`), unparsed.
+    /// JPEG or lossy WebP quality (`quality`), unparsed.
     quality: Option<String>,
     /// Whether to apply the EXIF orientation (`auto_orient`), unparsed.
     auto_orient: Option<String>,
@@ -842,11 +844,11 @@ impl Recipe {
     ) -> Result<NewJob, ApiError> {
         let input_format = validate_image(state, image).await?;
         let output = self.format.unwrap_or(input_format);
-        if self.quality.is_some() && output != ImageFormat::Jpeg {
+        if self.quality.is_some() && !matches!(output, ImageFormat::Jpeg | ImageFormat::Webp) {
             return Err(ApiError::new(
                 ErrorCode::InvalidFormat,
                 format!(
-                    "quality applies to jpeg only; {} is written lossless",
+                    "quality applies to jpeg and webp only; {} is written lossless",
                     output.name()
                 ),
             ));

@@ -186,11 +186,15 @@ impl Worker {
             let _ = stop_tx.send(true);
         });
         tracing::info!(addr = %settings.metrics_addr, "metrics and health endpoint listening");
+        // Set once the worker is ready to take jobs: `/readyz` then checks
+        // PostgreSQL and Redis.
+        let ready = Arc::new(std::sync::OnceLock::new());
         let health = tokio::spawn(metrics_server(
             listener,
             metrics.clone(),
             queue.clone(),
             runtime.clone(),
+            ready.clone(),
         ));
 
         // Wait for the services rather than crash-looping while they start.
@@ -209,6 +213,7 @@ impl Worker {
         let registry = Registry::new(runtime, catalogue.clone());
         let builtins = registry.register_builtins(&settings.plugins_dir).await?;
         tracing::info!(%worker_id, concurrency, memory_budget_mb = budget.mib(), builtins = ?builtins, "worker ready");
+        let _ = ready.set(pool.clone());
 
         let ctx = Arc::new(Context {
             worker_id: worker_id.clone(),
@@ -432,16 +437,22 @@ async fn sweep_once(ctx: &Context, every: Duration, after: Duration) -> Result<(
         .map(|_| ())
 }
 
-/// Serves `/metrics` and `/healthz` on the metrics address. The queue's
-/// depth and oldest-job age are read from Redis at each scrape (bounded to
-/// two seconds; the last values are kept when Redis does not answer).
+/// Serves `/metrics`, `/healthz` and `/readyz` on the metrics address. The
+/// queue's depth and oldest-job age are read from Redis at each scrape
+/// (bounded to two seconds; the last values are kept when Redis does not
+/// answer). `/healthz` answers while the process serves (a liveness probe
+/// that an outage of PostgreSQL or Redis does not fail); `/readyz` is 200
+/// once the worker has started (connected, migrated, built-ins registered)
+/// and while PostgreSQL and Redis answer within two seconds, else 503.
 async fn metrics_server(
     listener: tokio::net::TcpListener,
     metrics: Arc<WorkerMetrics>,
     queue: Queue,
     runtime: Arc<Runtime>,
+    ready: Arc<std::sync::OnceLock<sqlx::PgPool>>,
 ) {
     use axum::http::header;
+    let probe_queue = queue.clone();
     let scrape = move || {
         let (metrics, queue) = (metrics.clone(), queue.clone());
         metrics.set_cache_evictions(runtime.cache_evictions());
@@ -466,8 +477,29 @@ async fn metrics_server(
             )
         }
     };
+    let readiness = {
+        let queue = probe_queue;
+        move || {
+            let (queue, ready) = (queue.clone(), ready.clone());
+            async move {
+                use axum::http::StatusCode;
+                let Some(pool) = ready.get() else {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+                };
+                let within = Duration::from_secs(2);
+                let database = tokio::time::timeout(within, db::ping(pool)).await;
+                let redis = tokio::time::timeout(within, queue.ping()).await;
+                match (database, redis) {
+                    (Ok(Ok(())), Ok(Ok(()))) => (StatusCode::OK, "ready\n"),
+                    (Ok(Ok(())), _) => (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n"),
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
+                }
+            }
+        }
+    };
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readiness))
         .route("/metrics", axum::routing::get(scrape));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics server stopped");

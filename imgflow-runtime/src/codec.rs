@@ -66,7 +66,7 @@ pub enum ImageFormat {
     Png,
     /// JPEG (lossy, quality 90; alpha is dropped).
     Jpeg,
-    /// WebP (written lossless, keeps alpha).
+    /// WebP (keeps alpha; lossless, or lossy with a `quality`).
     Webp,
     /// GIF (first frame only on input; written as one frame with a palette).
     Gif,
@@ -405,9 +405,9 @@ pub fn encode(image: &RgbaImage, format: ImageFormat) -> Result<Vec<u8>, CodecEr
 
 /// Encodes RGBA pixels as `format`: PNG at `png` compression in its
 /// smallest colour type; JPEG at `quality` (1 to 100, default
-/// [`DEFAULT_JPEG_QUALITY`]), without alpha; WebP lossless and GIF with
-/// alpha (`quality` applies to JPEG only: the pure-Rust WebP encoder writes
-/// lossless).
+/// [`DEFAULT_JPEG_QUALITY`]), without alpha; WebP lossless, or lossy at
+/// `quality` when one is given (libwebp), with alpha either way; GIF with
+/// alpha (a 256-colour palette; `quality` does not apply).
 pub fn encode_with(
     image: &RgbaImage,
     format: ImageFormat,
@@ -417,7 +417,18 @@ pub fn encode_with(
     let mut out = Cursor::new(Vec::new());
     let result = match format {
         ImageFormat::Png => encode_png(image, png, &mut out),
-        ImageFormat::Webp => image.write_to(&mut out, image::ImageFormat::WebP),
+        ImageFormat::Webp => match quality {
+            None => image.write_to(&mut out, image::ImageFormat::WebP),
+            Some(q) => {
+                return webp::Encoder::from_rgba(image.as_raw(), image.width(), image.height())
+                    .encode_simple(false, f32::from(q.clamp(1, 100)))
+                    .map(|encoded| encoded.to_vec())
+                    .map_err(|e| CodecError::Encode {
+                        format,
+                        message: format!("lossy WebP: {e:?}"),
+                    })
+            }
+        },
         // The GIF encoder's default (speed 1) learns its palette from every
         // pixel; speed 10 from a tenth of them (see GIF_SPEED).
         ImageFormat::Gif => image::codecs::gif::GifEncoder::new_with_speed(&mut out, GIF_SPEED)
@@ -456,6 +467,35 @@ mod tests {
         RgbaImage::from_fn(5, 3, |x, y| {
             image::Rgba([x as u8 * 40, y as u8 * 80, 7, 200])
         })
+    }
+
+    #[test]
+    fn webp_with_a_quality_is_lossy_and_keeps_alpha() {
+        let img = RgbaImage::from_fn(64, 48, |x, y| {
+            image::Rgba([
+                (x * 4) as u8,
+                (y * 5) as u8,
+                ((x * y) % 256) as u8,
+                if x < 32 { 255 } else { 128 },
+            ])
+        });
+        let small =
+            encode_with(&img, ImageFormat::Webp, PngCompression::default(), Some(10)).unwrap();
+        let large =
+            encode_with(&img, ImageFormat::Webp, PngCompression::default(), Some(95)).unwrap();
+        assert!(
+            small.len() < large.len(),
+            "{} vs {}",
+            small.len(),
+            large.len()
+        );
+        let (back, detected) = decode(&large, &ImageLimits::default()).unwrap();
+        assert_eq!(detected, ImageFormat::Webp);
+        assert_eq!(back.dimensions(), (64, 48));
+        assert!(back.get_pixel(50, 10)[3].abs_diff(128) <= 2, "alpha kept");
+        let lossless =
+            encode_with(&img, ImageFormat::Webp, PngCompression::default(), None).unwrap();
+        assert_eq!(decode(&lossless, &ImageLimits::default()).unwrap().0, img);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Output `format` and `quality`: every format round-trips and is what its
-//! `Content-Type` says; JPEG quality changes the bytes and is recorded;
+//! `Content-Type` says; JPEG and lossy WebP quality change the bytes and
+//! are recorded;
 //! quality is refused where it does not apply. Real API, worker, PostgreSQL
 //! and Redis.
 
@@ -46,39 +47,43 @@ async fn every_format_and_quality_round_trips() {
         assert_eq!((decoded.width(), decoded.height()), (768, 512), "{format}");
     }
 
-    let mut sizes = Vec::new();
-    for quality in [20, 95] {
-        let r = submit(&stack, &format!("format=jpeg&quality={quality}"), true).await;
-        assert_eq!(r.status(), 200);
-        let job: Value = r.json().await.unwrap();
-        assert_eq!(job["output_quality"], quality, "{job}");
-        let bytes = stack
-            .client
-            .get(format!(
-                "{}/v1/jobs/{}/result",
-                stack.api_url,
-                job["id"].as_str().unwrap()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(
-            image::guess_format(&bytes).unwrap(),
-            image::ImageFormat::Jpeg
+    for (format, expected) in [
+        ("jpeg", image::ImageFormat::Jpeg),
+        ("webp", image::ImageFormat::WebP),
+    ] {
+        let mut sizes = Vec::new();
+        for quality in [20, 95] {
+            let r = submit(&stack, &format!("format={format}&quality={quality}"), true).await;
+            assert_eq!(r.status(), 200);
+            let job: Value = r.json().await.unwrap();
+            assert_eq!(job["output_quality"], quality, "{job}");
+            let r = stack
+                .client
+                .get(format!(
+                    "{}/v1/jobs/{}/result",
+                    stack.api_url,
+                    job["id"].as_str().unwrap()
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["content-type"], format!("image/{format}"));
+            let bytes = r.bytes().await.unwrap();
+            assert_eq!(image::guess_format(&bytes).unwrap(), expected);
+            let decoded = image::load_from_memory(&bytes).unwrap();
+            assert_eq!((decoded.width(), decoded.height()), (768, 512));
+            sizes.push(bytes.len());
+        }
+        eprintln!(
+            "kodim23 grey as {format}: quality 20 {} bytes, 95 {} bytes",
+            sizes[0], sizes[1]
         );
-        sizes.push(bytes.len());
+        assert!(sizes[0] * 2 < sizes[1], "{format}: {sizes:?}");
     }
-    eprintln!(
-        "kodim23 grey as JPEG: quality 20 {} bytes, 95 {} bytes",
-        sizes[0], sizes[1]
-    );
-    assert!(sizes[0] * 2 < sizes[1], "{sizes:?}");
 
     for query in [
         "format=png&quality=80",
+        "format=gif&quality=80",
         "quality=80",
         "format=jpeg&quality=0",
         "format=jpeg&quality=high",
