@@ -177,6 +177,14 @@ pub struct Settings {
     /// event stream (`/v1/jobs/{id}/events`) stays open at most.
     #[arg(long, env = "MAX_WAIT", default_value = "60s")]
     pub max_wait: HumanDuration,
+    /// How often the sweeper looks for unfinished jobs missing from Redis,
+    /// in milliseconds (the API sweeps too, so it goes on with no worker).
+    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 10_000)]
+    pub sweep_interval_ms: u64,
+    /// An unfinished job is re-queued if its queue entry has been missing
+    /// for this long, in milliseconds.
+    #[arg(long, env = "SWEEP_AFTER_MS", default_value_t = 60_000)]
+    pub sweep_after_ms: u64,
     /// The most images one batch (`POST /v1/batches`) may carry.
     #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch_images: u32,
@@ -199,6 +207,9 @@ pub struct App {
     retention: retention::Retention,
     /// Delivers callbacks, when `CALLBACK_SECRET` is set.
     deliverer: Option<callbacks::Deliverer>,
+    /// The sweeper's interval and delay (`SWEEP_INTERVAL_MS`,
+    /// `SWEEP_AFTER_MS`).
+    sweep: (Duration, Duration),
 }
 
 /// The admin tokens in force (current, then previous), each checked.
@@ -247,7 +258,8 @@ impl App {
         } else if admin_tokens.is_empty() {
             tracing::warn!("AUTH_REQUIRED=true without IMGFLOW_ADMIN_TOKEN: no client key can be created through this instance");
         }
-        let pool = db::connect_lazy(&settings.db.url(), 20).context("invalid database URL")?;
+        let pool = db::connect_lazy(&settings.db.url(), settings.db.db_pool_size.unwrap_or(20))
+            .context("invalid database URL")?;
         let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
             .context("invalid Redis URL")?;
@@ -337,6 +349,10 @@ impl App {
             http: settings.http,
             retention,
             deliverer,
+            sweep: (
+                Duration::from_millis(settings.sweep_interval_ms),
+                Duration::from_millis(settings.sweep_after_ms),
+            ),
         })
     }
 
@@ -360,6 +376,12 @@ impl App {
         tracing::info!(addr = %self.local_addr()?, "API listening");
         let sweeping = tokio::spawn(self.retention.run());
         let delivering = self.deliverer.map(|d| tokio::spawn(d.run()));
+        let sweeping_queue = {
+            let jobs = self.state.jobs.clone();
+            let (every, after) = self.sweep;
+            let holder = format!("api-{}", uuid::Uuid::now_v7().simple());
+            tokio::spawn(async move { jobs.sweep_forever(&holder, every, after).await })
+        };
         let served = server::serve(
             self.listener,
             routes::router(self.state),
@@ -368,6 +390,7 @@ impl App {
         )
         .await;
         sweeping.abort();
+        sweeping_queue.abort();
         if let Some(delivering) = delivering {
             delivering.abort();
         }

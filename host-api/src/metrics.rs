@@ -13,8 +13,11 @@ use std::sync::Arc;
 use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::metrics::{self, prometheus};
 use imgflow_platform::pipeline;
+use imgflow_platform::queue::QueueError;
 use imgflow_runtime::ErrorCode;
 use prometheus::{HistogramVec, IntCounterVec, Opts};
+
+use crate::state::AppState;
 
 /// The `route` of requests that matched no route (404s for unknown paths).
 const UNMATCHED: &str = "unmatched";
@@ -35,6 +38,8 @@ pub struct ApiMetrics {
     cache_hits: IntCounterVec,
     cancelled: IntCounterVec,
     callbacks: IntCounterVec,
+    queue_depth: prometheus::IntGauge,
+    queue_oldest: prometheus::Gauge,
     /// `API_DECODE_MEMORY_MB`, in bytes.
     pub decode_budget: prometheus::IntGauge,
     /// What submissions being decoded hold of it, in bytes.
@@ -136,6 +141,14 @@ impl ApiMetrics {
                 ),
                 &["result"],
             )?,
+            queue_depth: prometheus::IntGauge::new(
+                "api_queue_depth",
+                "Jobs on the Redis queue (waiting or running), read at scrape time; every API instance reports the same value (aggregate with max).",
+            )?,
+            queue_oldest: prometheus::Gauge::new(
+                "api_queue_oldest_job_age_seconds",
+                "Age of the oldest job on the Redis queue, read at scrape time; 0 when it is empty.",
+            )?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
                 "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
@@ -150,6 +163,8 @@ impl ApiMetrics {
         m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.cancelled.clone()))?;
         m.registry.register(Box::new(m.callbacks.clone()))?;
+        m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.queue_oldest.clone()))?;
         for result in ["delivered", "failed", "gave_up"] {
             m.callbacks.with_label_values(&[result]);
         }
@@ -287,6 +302,24 @@ fn method_label(method: &Method) -> &'static str {
     tag = "operations",
     responses((status = 200, description = "Every metric", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
 )]
-pub async fn scrape(State(m): State<Arc<ApiMetrics>>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], m.render()).into_response()
+pub async fn scrape(State(state): State<AppState>) -> Response {
+    // The queue as Redis has it now, within two seconds (else the last
+    // values stay): the API reports it because it always runs, also when
+    // the workers are scaled to zero.
+    let queue = &state.queue;
+    let read = async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        Ok(Ok((depth, oldest))) => {
+            let m = &state.metrics;
+            m.queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+            m.queue_oldest.set(oldest.as_secs_f64());
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue's depth for the metrics"),
+        Err(_) => tracing::warn!("Redis did not answer within 2 s; queue metrics are stale"),
+    }
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
 }

@@ -11,7 +11,7 @@ use clap::Args;
 use imgflow_platform::config::{DatabaseArgs, RedisArgs, StorageArgs};
 use imgflow_platform::db;
 use imgflow_platform::events::JobEvents;
-use imgflow_platform::jobs::{Jobs, JobsError};
+use imgflow_platform::jobs::Jobs;
 use imgflow_platform::logging::LogArgs;
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::{PluginChanges, Queue, QueueError};
@@ -199,13 +199,9 @@ impl Worker {
 
         // Wait for the services rather than crash-looping while they start.
         let db_url = settings.db.url();
+        let pool_size = settings.db.db_pool_size.unwrap_or(concurrency as u32 + 4);
         let stopping = || *stop.borrow();
-        let pool = until_ok(
-            "PostgreSQL",
-            || db::connect(&db_url, concurrency as u32 + 4),
-            stopping,
-        )
-        .await?;
+        let pool = until_ok("PostgreSQL", || db::connect(&db_url, pool_size), stopping).await?;
         until_ok("migrations", || db::migrate(&pool), stopping).await?;
         until_ok("Redis", || queue.ensure_group(), stopping).await?;
 
@@ -411,30 +407,18 @@ async fn reconcile_plugins(ctx: &Context) -> Result<(), sqlx::Error> {
 }
 
 /// Re-queues unfinished jobs whose queue entry is missing: they never
-/// reached Redis (the API died in between) or Redis lost them. Only one
-/// worker sweeps at a time (a Redis lock).
+/// reached Redis (the API died in between) or Redis lost them
+/// ([`Jobs::sweep_forever`]), until the worker stops.
 async fn sweep(
     ctx: Arc<Context>,
     every: Duration,
     after: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        if let Err(e) = sweep_once(&ctx, every, after).await {
-            tracing::warn!(error = %e, "sweep failed");
-        }
+    tokio::select! {
+        _ = ctx.jobs.sweep_forever(&ctx.worker_id, every, after) => {}
+        _ = stop.wait_for(|s| *s) => {}
     }
-}
-
-async fn sweep_once(ctx: &Context, every: Duration, after: Duration) -> Result<(), JobsError> {
-    ctx.jobs
-        .requeue_missing(&ctx.worker_id, every, after)
-        .await
-        .map(|_| ())
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on the metrics address. The

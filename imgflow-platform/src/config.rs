@@ -30,6 +30,12 @@ pub struct DatabaseArgs {
     /// PostgreSQL database name.
     #[arg(long, env = "PG_DBNAME", default_value = "imgflow")]
     pub pg_dbname: String,
+    /// The most PostgreSQL connections this process holds (default: 20 for
+    /// the API, CONCURRENCY + 4 for a worker); idle ones are closed after
+    /// a minute. Size it so every process together stays under the
+    /// server's max_connections.
+    #[arg(long, env = "DB_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: Option<u32>,
 }
 
 impl DatabaseArgs {
@@ -167,6 +173,7 @@ mod tests {
             pg_user: "app".into(),
             pg_password: Some("p@ss/word".into()),
             pg_dbname: "imgflow".into(),
+            db_pool_size: None,
         };
         assert_eq!(db.url(), "postgres://app:p%40ss%2Fword@db:5433/imgflow");
         let redis = RedisArgs {

@@ -10,11 +10,17 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+/// How long an unused connection stays open: an idle process (a worker
+/// with nothing to do) gives its connections back to the server.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Connects to PostgreSQL. Fails fast (5 s) when it is unreachable, so
 /// callers can answer "unavailable" instead of hanging.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
+        .min_connections(0)
+        .idle_timeout(IDLE_TIMEOUT)
         .acquire_timeout(Duration::from_secs(5))
         .connect(url)
         .await
@@ -25,6 +31,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
+        .min_connections(0)
+        .idle_timeout(IDLE_TIMEOUT)
         .acquire_timeout(Duration::from_secs(3))
         .connect_lazy(url)
 }

@@ -754,6 +754,20 @@ impl Jobs {
         Ok(done)
     }
 
+    /// The sweeper, for ever (drop or abort the future to stop it): a round
+    /// of [`Jobs::requeue_missing`] every `every`. Workers and API instances
+    /// all run it; the lock makes one of them work each round, so it goes
+    /// on with no worker running (scaled to zero).
+    pub async fn sweep_forever(&self, holder: &str, every: Duration, after: Duration) {
+        let every = every.max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.requeue_missing(holder, every, after).await {
+                tracing::warn!(error = %e, "sweep failed; trying again next round");
+            }
+        }
+    }
+
     /// The sweeper's round: if `holder` gets the sweeper lock (for `every`),
     /// queues again every unfinished job whose queue entry has been missing
     /// for longer than `after` (it never reached Redis because the API died

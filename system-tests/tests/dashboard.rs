@@ -162,8 +162,8 @@ fn the_overview_answers_the_operators_questions() {
         .filter_map(|t| t["expr"].as_str().map(str::to_string))
         .collect();
     for metric in [
-        "worker_queue_depth",
-        "worker_queue_oldest_job_age_seconds",
+        "api_queue_depth",
+        "api_queue_oldest_job_age_seconds",
         r#"up{job="worker-service"}"#,
         "worker_plugin_info",
         "http_requests_total",

@@ -281,6 +281,24 @@ fn scaling_monitoring_and_limits_agree_with_the_code() {
         limit_mib >= budget_mib + 256,
         "limit {limit} for a budget of {budget_mib} MiB"
     );
+    // PostgreSQL connections at the most replicas fit the default
+    // max_connections (100, less the 3 reserved for superusers).
+    let api = &find(&docs, "Deployment", "imgflow-api")["spec"];
+    let api_pool: u64 = api["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DB_POOL_SIZE")
+        .map(|e| text(&e["value"]).parse().unwrap())
+        .unwrap();
+    let api_replicas = api["replicas"].as_u64().unwrap();
+    let workers = scaled["spec"]["maxReplicaCount"].as_u64().unwrap();
+    let worker_pool: u64 = env("DB_POOL_SIZE").parse().unwrap();
+    let connections = api_replicas * api_pool + workers * worker_pool;
+    assert!(
+        workers >= 50 && connections <= 97,
+        "{connections} connections for {workers} workers"
+    );
     let cap_mib: u64 = text(&settings["JOB_MAX_MEMORY_MB"]).parse().unwrap();
     let concurrency: u64 = env("CONCURRENCY").parse().unwrap();
     assert!(
@@ -335,4 +353,119 @@ async fn worker_readiness_reflects_its_services() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(ready, 200, "{}", stack.logs());
+}
+
+/// With the workers scaled to zero, the API still reports the queue and
+/// re-queues a job whose entry Redis lost (so KEDA, which watches the
+/// stream, sees it and starts a worker).
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_worker_the_api_sweeps_and_reports_the_queue() {
+    let mut stack = Stack::new().await;
+    stack
+        .start_api(&[("SWEEP_INTERVAL_MS", "300"), ("SWEEP_AFTER_MS", "1000")])
+        .await;
+    // A worker registers the built-in plugins, then scales away.
+    let first = stack.start_worker_process("registrar", &[]);
+    stack.wait_for_plugins().await;
+    stack.workers[first].kill();
+
+    let job = stack
+        .submit_raw("action=grayscale", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let scrape = || async {
+        stack
+            .client
+            .get(format!("{}/metrics", stack.api_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert_eq!(metric(&scrape().await, "api_queue_depth "), 1.0);
+
+    // Redis loses the entry; the API's sweeper puts it back.
+    stack.redis_queue().purge().await.unwrap();
+    assert_eq!(metric(&scrape().await, "api_queue_depth "), 0.0);
+    let started = std::time::Instant::now();
+    while stack.stream_len().await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the API did not re-queue the job"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = scrape().await;
+    assert_eq!(metric(&text, "api_queue_depth "), 1.0, "{text}");
+    assert!(metric(&text, "api_queue_oldest_job_age_seconds ") >= 0.0);
+
+    // A worker then runs it.
+    stack.start_worker("woken", &[]).await;
+    let done = stack.wait_done(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed");
+}
+
+/// `DB_POOL_SIZE` bounds a process's PostgreSQL connections: a worker
+/// running two jobs at a time on one connection completes them all and
+/// never holds more (what lets 50 worker pods share a default
+/// `max_connections`; see the README's "Run on Kubernetes").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_keeps_to_its_pool_size() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[]).await;
+    let url = format!("{}?application_name=imgflow-pool-test", stack.db_url);
+    stack.start_worker_process(
+        "one-connection",
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DB_POOL_SIZE", "1"),
+            ("CONCURRENCY", "2"),
+        ],
+    );
+    stack.wait_for_plugins().await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let job = stack
+            .submit_raw("action=blur&sigma=3", "tests/fixtures/photos/kodim23.png")
+            .await;
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let pool = stack.pool().await;
+    let db = stack.db_url.rsplit('/').next().unwrap().to_string();
+    let mut most = 0i64;
+    let started = std::time::Instant::now();
+    loop {
+        let (held,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'imgflow-pool-test'",
+        )
+        .bind(&db)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        most = most.max(held);
+        let (left,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &ids {
+        assert_eq!(stack.wait_done(id).await["status"], "completed");
+    }
+    assert_eq!(most, 1, "the worker held {most} connections");
 }
