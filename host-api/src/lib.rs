@@ -286,16 +286,17 @@ impl App {
             keep: settings.job_retention.0,
             every: settings.retention_sweep_interval.0,
         };
+        let result_urls = ResultUrls::new(
+            settings.result_url_secret.clone(),
+            settings.result_url_ttl.0,
+        );
         let deliverer = settings
             .callback_secret
             .as_ref()
             .map(|secret| callbacks::Deliverer {
                 callbacks: imgflow_platform::callbacks::Callbacks::new(pool.clone()),
                 secret: secret.as_bytes().to_vec(),
-                urls: ResultUrls::new(
-                    settings.result_url_secret.clone(),
-                    settings.result_url_ttl.0,
-                ),
+                urls: result_urls.clone(),
                 allow_private: settings.callback_allow_private,
                 timeout: settings.callback_timeout.0,
                 retry_for: settings.callback_retry_for.0,
@@ -310,10 +311,7 @@ impl App {
             jobs,
             auth: Auth::new(settings.auth_required, admin_tokens, keys.clone()),
             keys,
-            result_urls: ResultUrls::new(
-                settings.result_url_secret.clone(),
-                settings.result_url_ttl.0,
-            ),
+            result_urls,
             key_max_unfinished: i64::from(settings.key_max_unfinished_jobs),
             result_cache: settings.result_cache,
             callbacks_on: settings.callback_secret.is_some(),

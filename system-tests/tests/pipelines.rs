@@ -159,7 +159,7 @@ async fn pipelines_run_their_steps_in_one_job() {
     assert_eq!(stack.wait_done(&form_id).await["status"], "completed");
     assert!(result_pixels(&stack, &form_id).await == expected);
 
-    // Bad steps are refused at submission, naming the step; nothing queued.
+    // Bad steps are refused at submission, naming the step.
     let (status, body) = submit(&stack, "steps=resize:width=320,blurr:sigma=1").await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "unknown_action");

@@ -74,6 +74,7 @@ async fn receive(
             StatusCode::OK.into_response()
         }
         "redirect" => (StatusCode::FOUND, [("location", "/hook/ok")]).into_response(),
+        "down" => StatusCode::SERVICE_UNAVAILABLE.into_response(),
         _ => StatusCode::OK.into_response(),
     }
 }
@@ -333,4 +334,53 @@ async fn private_targets_are_refused_at_submission_and_when_connecting() {
     assert!(error.contains("loopback"), "{error}");
     assert_eq!(recorded[0].0, None);
     assert!(receiver.hits.lock().unwrap().is_empty());
+}
+
+/// A receiver that never takes a delivery: retried with backoff until
+/// `CALLBACK_RETRY_FOR` after the job finished, then given up (recorded and
+/// counted), and not tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_is_given_up_after_callback_retry_for() {
+    let (receiver, addr) = Receiver::start().await;
+    let mut stack = Stack::new().await;
+    stack
+        .start_api(&[
+            ("CALLBACK_SECRET", SECRET),
+            ("CALLBACK_ALLOW_PRIVATE", "true"),
+            ("CALLBACK_RETRY_FOR", "3s"),
+        ])
+        .await;
+    stack.start_worker("w1", &[]).await;
+    stack.wait_for_plugins().await;
+    let id = job_with_callback(
+        &stack,
+        "action=grayscale",
+        &format!("http://{addr}/hook/down"),
+    )
+    .await;
+    wait_for_status(&stack, &id, "gave_up").await;
+    let recorded = attempts(&stack, &id).await;
+    assert!(recorded.len() >= 2, "{recorded:?}");
+    assert!(
+        recorded.iter().all(|(code, _)| *code == Some(503)),
+        "{recorded:?}"
+    );
+    // Nothing more once given up.
+    let hits = receiver.of(&id).len();
+    assert_eq!(hits, recorded.len());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.of(&id).len(), hits);
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", stack.api_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"api_callback_attempts_total{result="gave_up"} 1"#),
+        "{metrics}"
+    );
 }
