@@ -254,6 +254,7 @@ up() {
 
 imgflow is up.
   API          http://localhost:$API_PORT      (client key: cat ${STATE#"$ROOT"/}/client-key; admin token: cat ${STATE#"$ROOT"/}/admin-token)
+  Console      http://localhost:$API_PORT/console   (sign in with the client key or the admin token)
   Worker       http://localhost:$METRICS_PORT/metrics
   Prometheus   http://localhost:$PROMETHEUS_PORT
   Grafana      with Docker only (docker compose up): http://localhost:3000

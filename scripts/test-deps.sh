@@ -11,7 +11,9 @@
 #     kustomize` renders deploy/kubernetes; no cluster is needed);
 #   - from PyPI: openapi-spec-validator (validates the API's OpenAPI
 #     document), schemathesis (`st`, fuzzes the API from that document) and
-#     kubernetes-validate (validates the rendered manifests offline).
+#     kubernetes-validate (validates the rendered manifests offline);
+#   - Debian's chromium and chromium-driver, and playwright from PyPI, for
+#     the console's browser tests (Playwright drives the system Chromium).
 # Redis and PostgreSQL must run: `make up` starts them on a fresh machine.
 #
 #   scripts/test-deps.sh           install what is missing
@@ -64,6 +66,9 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+# Headless Chromium for the console's browser tests (Playwright drives this
+# one; its own browser download cannot work offline).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
@@ -88,4 +93,10 @@ if ! python3 -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; 
   echo "==> installing kubernetes-validate (PyPI)"
   python3 -m pip install -q kubernetes-validate==1.37.0 2>/dev/null \
     || python3 -m pip install -q --break-system-packages kubernetes-validate==1.37.0
+fi
+
+if ! python3 -c 'import playwright.sync_api' >/dev/null 2>&1; then
+  echo "==> installing playwright (PyPI; it drives the system chromium)"
+  python3 -m pip install -q playwright==1.65.2 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages playwright==1.65.2
 fi

@@ -8,6 +8,10 @@
 //! - With `AUTH_REQUIRED=false` (local development), a request without
 //!   credentials is **anonymous** and sees every job, as before keys
 //!   existed; a request with a wrong credential is still refused.
+//! - The **console** keeps the same credential in a session cookie
+//!   ([`SESSION_COOKIE`]), which is accepted wherever the header is: an
+//!   `<img>` or an event stream cannot send a header. Changes made with
+//!   the cookie alone must carry [`CONSOLE_HEADER`] ([`session_guard`]).
 //! - A **signed result URL** (`RESULT_URL_SECRET`) lets anyone holding it
 //!   download one result until it expires: for a browser, an `<img>` tag or
 //!   a CDN, which cannot send a key.
@@ -133,7 +137,12 @@ impl Auth {
         }
     }
 
-    /// Who sent the request. No `Authorization` header: anonymous when
+    /// Whether management is on (an admin token is configured).
+    pub fn admin_enabled(&self) -> bool {
+        !self.admin_tokens.is_empty()
+    }
+
+    /// Who sent the request. No credential: anonymous when
     /// credentials are not required, else 401. A header that is not a
     /// valid admin token or live client key: 401 either way.
     pub async fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -146,13 +155,18 @@ impl Auth {
                 Ok(Caller::Anonymous)
             };
         };
+        self.identify(&given)
+            .await?
+            .ok_or_else(|| unauthorized("the bearer token is not a live client key"))
+    }
+
+    /// Whose credential `given` is: the admin token, a live client key, or
+    /// neither (`None`).
+    pub async fn identify(&self, given: &str) -> Result<Option<Caller>, ApiError> {
         if self.is_admin(given) {
-            return Ok(Caller::Admin);
+            return Ok(Some(Caller::Admin));
         }
-        match self.keys.verify(given).await? {
-            Some(id) => Ok(Caller::Client(id)),
-            None => Err(unauthorized("the bearer token is not a live client key")),
-        }
+        Ok(self.keys.verify(given).await?.map(Caller::Client))
     }
 
     /// Checks that the request carries the admin token.
@@ -164,7 +178,7 @@ impl Auth {
             ));
         }
         match bearer(headers)? {
-            Some(given) if self.is_admin(given) => Ok(()),
+            Some(given) if self.is_admin(&given) => Ok(()),
             _ => Err(unauthorized(
                 "missing or wrong `Authorization: Bearer` admin token",
             )),
@@ -180,17 +194,88 @@ impl Auth {
     }
 }
 
-/// The bearer token of a request, if it has an `Authorization` header.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+/// The credential of a request: its `Authorization: Bearer` token, else
+/// the console's session cookie ([`SESSION_COOKIE`]), else none.
+fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok(None);
+        return Ok(session_credential(headers));
     };
     value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|v| Some(v.trim()))
+        .map(|v| Some(v.trim().to_string()))
         .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))
+}
+
+/// The cookie in which the console keeps its sign-in: the credential
+/// (client key or admin token), hex-encoded, `HttpOnly` (page scripts
+/// cannot read it), `SameSite=Strict` (other sites' pages do not send it),
+/// with no expiry (the browser forgets it when it closes).
+pub const SESSION_COOKIE: &str = "imgflow_session";
+
+/// The header every request that changes something must carry when it is
+/// authenticated by the session cookie: a page of another origin cannot
+/// add it without a CORS preflight, which the API never grants.
+pub const CONSOLE_HEADER: &str = "x-imgflow-console";
+
+/// The credential held in the session cookie, if the request has one.
+pub fn session_credential(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .and_then(|(_, value)| hex::decode(value).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|credential| !credential.is_empty())
+}
+
+/// The `Set-Cookie` value that keeps `credential` for this browser
+/// session; `secure` adds `Secure` (the console is served over HTTPS).
+pub fn session_cookie(credential: &str, secure: bool) -> String {
+    format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
+        hex::encode(credential),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// The `Set-Cookie` value that ends the session.
+pub fn session_cookie_cleared() -> String {
+    format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// Refuses a request that changes something with only the session cookie
+/// as its credential and without [`CONSOLE_HEADER`] (cross-site request
+/// forgery); requests with an `Authorization` header, and reads, pass.
+pub async fn session_guard(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::Method;
+    use axum::response::IntoResponse as _;
+    let headers = request.headers();
+    let reads = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !reads
+        && !headers.contains_key(header::AUTHORIZATION)
+        && !headers.contains_key(CONSOLE_HEADER)
+        && session_credential(headers).is_some()
+    {
+        // Read what the client is still sending (up to 1 MiB; nothing is
+        // kept), so it sees this answer instead of a reset connection.
+        crate::body::discard(request.into_body(), 0).await;
+        return unauthorized(
+            "a request authenticated by the console's session cookie must carry the X-Imgflow-Console header",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 fn unauthorized(message: &str) -> ApiError {

@@ -1377,6 +1377,54 @@ pub async fn result(
     deliver(&state, &headers, &job, cache).await
 }
 
+/// Downloads a job's input image, as it was submitted, while the job is
+/// kept (`JOB_RETENTION`): the owner's (or an operator's) credentials.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/input",
+    operation_id = "getJobInput",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The input image", content(
+            (Vec<u8> = "image/png"),
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "image/webp"),
+            (Vec<u8> = "image/gif"),
+        )),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn input(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let job = find(&state, caller, &id).await?;
+    let bytes = state.jobs.input(&job).await?;
+    let format = ImageFormat::parse(&job.input_format).unwrap_or(ImageFormat::Png);
+    Ok((
+        [
+            (header::CONTENT_TYPE, format.content_type().to_string()),
+            (header::CACHE_CONTROL, PRIVATE_CACHE.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "inline; filename=\"{}-input.{}\"",
+                    job.id,
+                    format.extension()
+                ),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
 /// `Cache-Control` of a result fetched with credentials.
 const PRIVATE_CACHE: &str = "private, max-age=31536000, immutable";
 

@@ -10,7 +10,8 @@
 //! - [`server`]: serving HTTP with timeouts, a connection cap and a
 //!   shutdown deadline.
 //! - [`auth`]: who is calling (admin token, client key, signed URL).
-//! - [`jobs`], [`plugins`], [`keys`]: the handlers.
+//! - [`jobs`], [`plugins`], [`keys`], [`overview`]: the handlers.
+//! - [`console`]: the operator console's page and sign-in session.
 //! - [`retention`]: deleting finished jobs after `JOB_RETENTION`.
 //! - [`error`]: error answers, from [`imgflow_runtime::ErrorCode`].
 //! - [`body`]: reading request bodies under a limit.
@@ -23,10 +24,12 @@ pub mod auth;
 pub mod batches;
 pub mod body;
 pub mod callbacks;
+pub mod console;
 pub mod error;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
+pub mod overview;
 pub mod plugins;
 pub mod retention;
 pub mod routes;
@@ -258,8 +261,13 @@ impl App {
         } else if admin_tokens.is_empty() {
             tracing::warn!("AUTH_REQUIRED=true without IMGFLOW_ADMIN_TOKEN: no client key can be created through this instance");
         }
-        let pool = db::connect_lazy(&settings.db.url(), settings.db.db_pool_size.unwrap_or(20))
-            .context("invalid database URL")?;
+        let migrated = db::Migrated::default();
+        let pool = db::connect_lazy(
+            &settings.db.url(),
+            settings.db.db_pool_size.unwrap_or(20),
+            &migrated,
+        )
+        .context("invalid database URL")?;
         let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
             .context("invalid Redis URL")?;
@@ -267,6 +275,7 @@ impl App {
         let catalogue = Catalogue::new(pool.clone(), storage.clone(), queue.clone());
         tokio::spawn(migrate_then_watch_actions(
             pool.clone(),
+            migrated,
             catalogue.clone(),
             metrics.clone(),
         ));
@@ -397,11 +406,14 @@ impl App {
     }
 }
 
-/// Runs the migrations (retrying while PostgreSQL is down), then keeps the
-/// metrics' per-action series in step with the registered plugins, so each
-/// action's submission counter exists at zero before its first job.
+/// Runs the migrations (retrying while PostgreSQL is down) and marks them
+/// run (connections opened before are not reused: [`db::Migrated`]), then
+/// keeps the metrics' per-action series in step with the registered
+/// plugins, so each action's submission counter exists at zero before its
+/// first job.
 async fn migrate_then_watch_actions(
     pool: sqlx::PgPool,
+    migrated: db::Migrated,
     catalogue: Catalogue,
     metrics: Arc<ApiMetrics>,
 ) {
@@ -411,6 +423,7 @@ async fn migrate_then_watch_actions(
     {
         return;
     }
+    migrated.mark();
     loop {
         if let Ok(active) = catalogue.active().await {
             metrics.known_actions(active.iter().map(|p| p.name.as_str()));

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::state::AppState;
-use crate::{batches, jobs, keys, metrics, plugins};
+use crate::{batches, console, jobs, keys, metrics, overview, plugins};
 
 /// The document's fixed parts; the paths come from the routes.
 #[derive(OpenApi)]
@@ -86,6 +86,7 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(job_routes)
         .routes(routes!(jobs::get, jobs::delete))
         .routes(routes!(jobs::result))
+        .routes(routes!(jobs::input))
         .routes(routes!(jobs::events))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
@@ -98,6 +99,7 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(routes!(plugins::delete_version))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
+        .routes(routes!(overview::get))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics::scrape))
@@ -113,6 +115,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let (router, _) = api(state.max_body_bytes, state.plugin_max_bytes).split_for_parts();
     router
+        .merge(console::router())
+        .layer(axum::middleware::from_fn(crate::auth::session_guard))
+        .layer(axum::middleware::from_fn(console::security_headers))
         .layer(axum::middleware::from_fn_with_state(
             state.body_read_timeout,
             crate::body::with_deadline,

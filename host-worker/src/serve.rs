@@ -237,6 +237,7 @@ impl Worker {
             Duration::from_millis(settings.plugin_reconcile_ms.max(100)),
             stop.clone(),
         ));
+        tasks.spawn(heartbeat(ctx.clone(), stop.clone()));
         tasks.spawn(sweep(
             ctx.clone(),
             Duration::from_millis(settings.sweep_interval_ms.max(100)),
@@ -259,6 +260,26 @@ impl Worker {
         health.abort();
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// How often a worker tells Redis it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// Tells Redis this worker is alive every [`HEARTBEAT_EVERY`] (the API's
+/// overview counts the workers seen), and forgets it when it stops.
+async fn heartbeat(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if let Err(e) = ctx.queue.heartbeat(&ctx.worker_id).await {
+            tracing::debug!(error = %e, "cannot record the heartbeat");
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+        }
+    }
+    if let Err(e) = ctx.queue.forget_worker(&ctx.worker_id).await {
+        tracing::debug!(error = %e, "cannot remove the heartbeat");
     }
 }
 

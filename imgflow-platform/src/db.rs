@@ -5,7 +5,8 @@
 //! records themselves belong to [`jobs`](crate::jobs) and
 //! [`plugins`](crate::plugins).
 
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -26,14 +27,52 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
+/// When a lazily connected pool's migrations finished ([`connect_lazy`]).
+///
+/// A process that serves while its migrations run (the API) may prepare a
+/// statement against a table a later migration changes; PostgreSQL then
+/// refuses that cached statement on its connection ("cached plan must not
+/// change result type") for as long as the connection lives. So every
+/// connection opened before the mark is closed instead of reused.
+#[derive(Debug, Clone, Default)]
+pub struct Migrated(Arc<OnceLock<Instant>>);
+
+impl Migrated {
+    /// Records that the migrations have run, now.
+    pub fn mark(&self) {
+        let _ = self.0.set(Instant::now());
+    }
+
+    /// Whether a connection opened `age` ago may be reused: always before
+    /// the mark, then only if it was opened after it.
+    fn reusable(&self, age: Duration) -> bool {
+        self.0.get().is_none_or(|at| {
+            Instant::now()
+                .checked_sub(age)
+                .is_some_and(|opened| opened >= *at)
+        })
+    }
+}
+
 /// A pool that connects on first use, so a process starts (and answers
-/// "unavailable") while PostgreSQL is down, and recovers by itself.
-pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+/// "unavailable") while PostgreSQL is down, and recovers by itself. Once
+/// `migrated` is marked, connections opened before are closed on their
+/// next use ([`Migrated`]).
+pub fn connect_lazy(
+    url: &str,
+    max_connections: u32,
+    migrated: &Migrated,
+) -> Result<PgPool, sqlx::Error> {
+    let migrated = migrated.clone();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .idle_timeout(IDLE_TIMEOUT)
         .acquire_timeout(Duration::from_secs(3))
+        .before_acquire(move |_, meta| {
+            let reusable = migrated.reusable(meta.age);
+            Box::pin(async move { Ok(reusable) })
+        })
         .connect_lazy(url)
 }
 

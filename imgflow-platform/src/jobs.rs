@@ -330,6 +330,47 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
+/// What finished recently ([`Jobs::activity`]).
+#[derive(Debug, Clone)]
+pub struct Activity {
+    /// One row per action, by name.
+    pub actions: Vec<ActionActivity>,
+    /// One row per minute and action that had jobs finish, oldest first.
+    pub per_minute: Vec<MinuteActivity>,
+}
+
+/// How one action's recent jobs went.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ActionActivity {
+    /// The job's action (a pipeline's: its steps, comma-separated).
+    pub action: String,
+    /// Jobs completed.
+    pub completed: i64,
+    /// Jobs failed.
+    pub failed: i64,
+    /// Jobs cancelled.
+    pub cancelled: i64,
+    /// Median run time of the completed jobs that ran, in milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 95th percentile of that run time.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile of that run time.
+    pub p99_ms: Option<f64>,
+}
+
+/// The jobs of one action that finished within one minute.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MinuteActivity {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// The action.
+    pub action: String,
+    /// Jobs completed in that minute.
+    pub completed: i64,
+    /// Jobs failed in that minute.
+    pub failed: i64,
+}
+
 /// Why a job operation failed: which service was unavailable.
 #[derive(Debug, Error)]
 pub enum JobsError {
@@ -598,6 +639,53 @@ impl Jobs {
         .bind(filter.owner.as_deref())
         .fetch_all(&self.db)
         .await?)
+    }
+
+    /// How each action's jobs that finished in the last `minutes` went:
+    /// counts by outcome and run-time percentiles (start to finish of the
+    /// last attempt, of completed jobs that ran: not those completed from
+    /// the result cache), only `owner`'s if given.
+    pub async fn activity(&self, minutes: i32, owner: Option<&str>) -> Result<Activity, JobsError> {
+        let actions: Vec<ActionActivity> = sqlx::query_as(
+            "SELECT action,
+                    count(*) FILTER (WHERE status = 'completed') AS completed,
+                    count(*) FILTER (WHERE status = 'failed') AS failed,
+                    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p50_ms,
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p95_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p99_ms
+             FROM (SELECT action, status,
+                          (status = 'completed' AND started_at IS NOT NULL
+                           AND cached_from IS NULL) AS ran,
+                          (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS run_ms
+                   FROM jobs
+                   WHERE finished_at >= now() - make_interval(mins => $1)
+                     AND ($2::text IS NULL OR owner = $2)) AS recent
+             GROUP BY action
+             ORDER BY action",
+        )
+        .bind(minutes)
+        .bind(owner)
+        .fetch_all(&self.db)
+        .await?;
+        let per_minute: Vec<MinuteActivity> = sqlx::query_as(
+            "SELECT date_trunc('minute', finished_at) AS minute, action,
+                    count(*) FILTER (WHERE status = 'completed') AS completed,
+                    count(*) FILTER (WHERE status = 'failed') AS failed
+             FROM jobs
+             WHERE finished_at >= now() - make_interval(mins => $1)
+               AND ($2::text IS NULL OR owner = $2)
+             GROUP BY 1, 2
+             ORDER BY 1, 2",
+        )
+        .bind(minutes)
+        .bind(owner)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(Activity {
+            actions,
+            per_minute,
+        })
     }
 
     /// Marks the job `running` for `worker` and counts the attempt. Returns

@@ -17,8 +17,9 @@
 //! This module is the only place that knows Redis: every key (all under the
 //! deployment's prefix, `IMGFLOW_QUEUE`) and every command, including the
 //! plugin-change notices (pub/sub on `<prefix>:plugins`), the job-change
-//! notices that waiting clients hear (pub/sub on `<prefix>:job-changes`)
-//! and the locks of
+//! notices that waiting clients hear (pub/sub on `<prefix>:job-changes`),
+//! the workers' heartbeats (a sorted set, `<prefix>:workers`) and the
+//! locks of
 //! the sweeper and the retention sweep (`<prefix>:sweeper`,
 //! `<prefix>:retention`). No connection or key leaves it.
 
@@ -46,6 +47,17 @@ pub struct Delivery {
     pub entry: String,
     /// The job.
     pub job: Uuid,
+}
+
+/// A worker, as its heartbeats tell ([`Queue::workers_seen`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSeen {
+    /// The worker's id (`WORKER_ID`, or its host name and process id).
+    pub name: String,
+    /// Jobs it has read and not finished.
+    pub pending: u64,
+    /// Time since its last heartbeat.
+    pub last_seen: Duration,
 }
 
 /// A handle on the queue; cheap to clone.
@@ -195,6 +207,59 @@ impl Queue {
         Ok(deliveries(reply.claimed))
     }
 
+    /// Records that `worker` is alive now. Workers call it every few
+    /// seconds; the API's overview counts the workers seen recently.
+    pub async fn heartbeat(&self, worker: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        conn.zadd(self.key(WORKERS), worker, now_millis()).await
+    }
+
+    /// Forgets `worker` (it stopped), so it is no longer counted as seen.
+    pub async fn forget_worker(&self, worker: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        conn.zrem(self.key(WORKERS), worker).await
+    }
+
+    /// The workers whose last heartbeat is within `within`, with the time
+    /// since it and the jobs each holds, most recently seen first. Workers
+    /// not heard of for an hour are forgotten.
+    pub async fn workers_seen(&self, within: Duration) -> RedisResult<Vec<WorkerSeen>> {
+        let mut conn = self.conn().await?;
+        let now = now_millis();
+        let key = self.key(WORKERS);
+        let _: () = conn
+            .zrembyscore(&key, "-inf", now.saturating_sub(3_600_000))
+            .await?;
+        let beats: Vec<(String, u64)> = conn
+            .zrevrangebyscore_withscores(
+                &key,
+                "+inf",
+                now.saturating_sub(within.as_millis() as u64),
+            )
+            .await?;
+        // The jobs each holds, as the consumer group has it (none yet, before
+        // the group exists).
+        let consumers: Vec<redis::streams::StreamInfoConsumer> = match conn
+            .xinfo_consumers::<_, _, redis::streams::StreamInfoConsumersReply>(&self.stream, GROUP)
+            .await
+        {
+            Ok(reply) => reply.consumers,
+            Err(e) if e.code() == Some("NOGROUP") => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(beats
+            .into_iter()
+            .map(|(name, at)| WorkerSeen {
+                pending: consumers
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map_or(0, |c| c.pending as u64),
+                last_seen: Duration::from_millis(now.saturating_sub(at)),
+                name,
+            })
+            .collect())
+    }
+
     /// A dedicated connection for blocking reads by `consumer`.
     pub async fn reader(&self, consumer: &str) -> RedisResult<Reader> {
         let conn = bounded(self.client.get_multiplexed_async_connection()).await?;
@@ -220,11 +285,7 @@ impl Queue {
             .next()
             .and_then(|m| m.parse().ok())
             .unwrap_or(0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        Ok(Duration::from_millis(now.saturating_sub(millis)))
+        Ok(Duration::from_millis(now_millis().saturating_sub(millis)))
     }
 
     /// Tells every worker that plugin `name` changed (uploaded, activated
@@ -302,6 +363,18 @@ impl Queue {
 
 /// The channel of plugin-change notices, under the prefix.
 const PLUGIN_NOTICES: &str = "plugins";
+
+/// The sorted set of worker heartbeats (score: milliseconds since 1970),
+/// under the prefix.
+const WORKERS: &str = "workers";
+
+/// Milliseconds since 1970.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
 
 /// The channel of job-change notices, under the prefix.
 const JOB_NOTICES: &str = "job-changes";
