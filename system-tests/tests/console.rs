@@ -183,6 +183,16 @@ async fn the_console_is_served_safely_and_its_session_is_a_cookie() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().get(SET_COOKIE).is_none());
+    // The sign-in body is small (4 KiB): a larger one is refused unread.
+    let r = plain
+        .post(format!("{api}/console/session"))
+        .header("x-imgflow-console", "1")
+        .json(&json!({ "credential": "x".repeat(5000) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.headers().get(SET_COOKIE).is_none());
 
     let (key, key_id) = create_key(&stack, "console").await;
     let (session, cookie) = sign_in(&stack, &key).await;
