@@ -53,7 +53,7 @@ if ! command -v cargo-component >/dev/null 2>&1; then
   cargo install cargo-component --locked --version 0.21.1
 fi
 
-# An S3 server for the S3 end-to-end test (system-tests/tests/s3.rs). 0.14.1
+# An S3 server for the S3 end-to-end test (system-tests/tests/system/s3.rs). 0.14.1
 # is the last release that builds with this machine's Rust.
 if ! command -v s3s-fs >/dev/null 2>&1; then
   echo "==> installing s3s-fs (an S3 server; a few minutes, once)"

@@ -8,10 +8,12 @@
 //! - With `AUTH_REQUIRED=false` (local development), a request without
 //!   credentials is **anonymous** and sees every job, as before keys
 //!   existed; a request with a wrong credential is still refused.
-//! - The **console** keeps the same credential in a session cookie
-//!   ([`SESSION_COOKIE`]), which is accepted wherever the header is: an
-//!   `<img>` or an event stream cannot send a header. Changes made with
-//!   the cookie alone must carry [`CONSOLE_HEADER`] ([`session_guard`]).
+//! - The **console** signs in once and keeps a server-side session
+//!   ([`imgflow_platform::sessions`]) whose random id is its cookie
+//!   ([`SESSION_COOKIE`]); the cookie is accepted wherever the header is (an
+//!   `<img>` or an event stream cannot send a header), and holds no
+//!   credential. Changes made with the cookie alone must carry
+//!   [`CONSOLE_HEADER`] ([`session_guard`]).
 //! - A **signed result URL** (`RESULT_URL_SECRET`) lets anyone holding it
 //!   download one result until it expires: for a browser, an `<img>` tag or
 //!   a CDN, which cannot send a key.
@@ -24,6 +26,7 @@ use axum::http::{header, HeaderMap};
 use hmac::{Hmac, Mac as _};
 use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::keys::Keys;
+use imgflow_platform::sessions::{self, SessionOwner, Sessions};
 use imgflow_runtime::ErrorCode;
 use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
@@ -115,6 +118,8 @@ pub struct Auth {
     /// The admin token, then the previous one during a rotation.
     admin_tokens: Vec<String>,
     keys: Keys,
+    /// The console's sessions.
+    pub sessions: Sessions,
 }
 
 impl std::fmt::Debug for Auth {
@@ -129,11 +134,12 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// The credentials: `admin_tokens` (current first; empty turns
     /// management off) and the client keys in `keys`.
-    pub fn new(required: bool, admin_tokens: Vec<String>, keys: Keys) -> Auth {
+    pub fn new(required: bool, admin_tokens: Vec<String>, keys: Keys, sessions: Sessions) -> Auth {
         Auth {
             required,
             admin_tokens,
             keys,
+            sessions,
         }
     }
 
@@ -146,18 +152,55 @@ impl Auth {
     /// credentials are not required, else 401. A header that is not a
     /// valid admin token or live client key: 401 either way.
     pub async fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let Some(given) = bearer(headers)? else {
-            return if self.required {
-                Err(unauthorized(
-                    "this route needs `Authorization: Bearer <client key>` (keys are created by an operator with POST /v1/keys)",
-                ))
-            } else {
-                Ok(Caller::Anonymous)
-            };
+        if let Some(given) = bearer(headers)? {
+            return self
+                .identify(&given)
+                .await?
+                .ok_or_else(|| unauthorized("the bearer token is not a live client key"));
+        }
+        if let Some(id) = session_id(headers) {
+            return self.session(&id).await?.ok_or_else(|| {
+                unauthorized("the console session has ended (signed out, expired, or its key revoked); sign in again")
+            });
+        }
+        if self.required {
+            Err(unauthorized(
+                "this route needs `Authorization: Bearer <client key>` (keys are created by an operator with POST /v1/keys)",
+            ))
+        } else {
+            Ok(Caller::Anonymous)
+        }
+    }
+
+    /// Who the console session `id` belongs to, if it is live: a client
+    /// whose key is live, or an operator whose admin token is still
+    /// configured.
+    pub async fn session(&self, id: &str) -> Result<Option<Caller>, ApiError> {
+        let Some(session) = self.sessions.find(id).await? else {
+            return Ok(None);
         };
-        self.identify(&given)
-            .await?
-            .ok_or_else(|| unauthorized("the bearer token is not a live client key"))
+        Ok(match session.owner {
+            SessionOwner::Client(key) => Some(Caller::Client(key)),
+            SessionOwner::Admin { token_sha256 } => self
+                .admin_tokens
+                .iter()
+                .fold(false, |found, t| {
+                    found | bool::from(sessions::sha256(t).ct_eq(&token_sha256))
+                })
+                .then_some(Caller::Admin),
+        })
+    }
+
+    /// What a console session started with `given` (already identified as
+    /// `caller`) records of it: the key's id, or which admin token.
+    pub fn session_owner(&self, caller: Caller, given: &str) -> Option<SessionOwner> {
+        match caller {
+            Caller::Client(key) => Some(SessionOwner::Client(key)),
+            Caller::Admin => Some(SessionOwner::Admin {
+                token_sha256: sessions::sha256(given),
+            }),
+            Caller::Anonymous => None,
+        }
     }
 
     /// Whose credential `given` is: the admin token, a live client key, or
@@ -169,19 +212,28 @@ impl Auth {
         Ok(self.keys.verify(given).await?.map(Caller::Client))
     }
 
-    /// Checks that the request carries the admin token.
-    pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Checks that the request carries the admin token, or the cookie of
+    /// an operator's console session.
+    pub async fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.admin_tokens.is_empty() {
             return Err(ApiError::new(
                 ErrorCode::AdminDisabled,
                 "management is disabled: set IMGFLOW_ADMIN_TOKEN on the API and send it as `Authorization: Bearer <token>`",
             ));
         }
-        match bearer(headers)? {
-            Some(given) if self.is_admin(&given) => Ok(()),
-            _ => Err(unauthorized(
+        let admin = match bearer(headers)? {
+            Some(given) => self.is_admin(&given),
+            None => match session_id(headers) {
+                Some(id) => self.session(&id).await? == Some(Caller::Admin),
+                None => false,
+            },
+        };
+        if admin {
+            Ok(())
+        } else {
+            Err(unauthorized(
                 "missing or wrong `Authorization: Bearer` admin token",
-            )),
+            ))
         }
     }
 
@@ -194,11 +246,11 @@ impl Auth {
     }
 }
 
-/// The credential of a request: its `Authorization: Bearer` token, else
-/// the console's session cookie ([`SESSION_COOKIE`]), else none.
+/// The credential of a request: its `Authorization: Bearer` token, if it
+/// has one.
 fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Ok(session_credential(headers));
+        return Ok(None);
     };
     value
         .to_str()
@@ -208,10 +260,12 @@ fn bearer(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))
 }
 
-/// The cookie in which the console keeps its sign-in: the credential
-/// (client key or admin token), hex-encoded, `HttpOnly` (page scripts
-/// cannot read it), `SameSite=Strict` (other sites' pages do not send it),
-/// with no expiry (the browser forgets it when it closes).
+/// The cookie in which the console keeps its sign-in: the session's random
+/// id (64 hex digits; never a credential), `HttpOnly` (page scripts cannot
+/// read it), `SameSite=Strict` (other sites' pages do not send it), with no
+/// expiry (the browser forgets it when it closes; the server ends the
+/// session after its idle time or lifetime anyway), `Secure` when
+/// `COOKIE_SECURE` is set.
 pub const SESSION_COOKIE: &str = "imgflow_session";
 
 /// The header every request that changes something must carry when it is
@@ -219,8 +273,8 @@ pub const SESSION_COOKIE: &str = "imgflow_session";
 /// add it without a CORS preflight, which the API never grants.
 pub const CONSOLE_HEADER: &str = "x-imgflow-console";
 
-/// The credential held in the session cookie, if the request has one.
-pub fn session_credential(headers: &HeaderMap) -> Option<String> {
+/// The session id in the request's cookie, if it has one.
+pub fn session_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -228,17 +282,16 @@ pub fn session_credential(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == SESSION_COOKIE)
-        .and_then(|(_, value)| hex::decode(value).ok())
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|credential| !credential.is_empty())
+        .map(|(_, value)| value.trim().to_string())
+        .filter(|id| !id.is_empty())
 }
 
-/// The `Set-Cookie` value that keeps `credential` for this browser
-/// session; `secure` adds `Secure` (the console is served over HTTPS).
-pub fn session_cookie(credential: &str, secure: bool) -> String {
+/// The `Set-Cookie` value that keeps session `id` for this browser
+/// session; `secure` adds `Secure` (the console is served over HTTPS:
+/// `COOKIE_SECURE`).
+pub fn session_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
-        hex::encode(credential),
+        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict{}",
         if secure { "; Secure" } else { "" }
     )
 }
@@ -265,7 +318,7 @@ pub async fn session_guard(
     if !reads
         && !headers.contains_key(header::AUTHORIZATION)
         && !headers.contains_key(CONSOLE_HEADER)
-        && session_credential(headers).is_some()
+        && session_id(headers).is_some()
     {
         // Read what the client is still sending (up to 1 MiB; nothing is
         // kept), so it sees this answer instead of a reset connection.

@@ -122,7 +122,8 @@ pub struct BatchForm {
         (status = 400, description = "Malformed request, or more than MAX_BATCH_IMAGES images (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`), or the form's fields other than image over MAX_FIELDS_BYTES together (`fields_too_large`)", body = ErrorBody),
+        (status = 414, description = "The query string is over MAX_FIELDS_BYTES (`uri_too_long`)", body = ErrorBody),
         (status = 415, description = "Not a form, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
         (status = 422, description = "Bad parameters, format, callback or image (`invalid_params`, `invalid_format`, `invalid_callback`, `corrupt_image`, `image_too_large`)", body = ErrorBody),
         (status = 429, description = "The queue, or this client's share of it, has no room for every image (`queue_full`)", body = ErrorBody),
@@ -161,7 +162,7 @@ async fn accept(
     let ((), request) =
         body::refuse_early(jobs::admit(state, caller, 1).await, request, limit).await?;
     let mut submission = jobs::read_submission(state, headers, request).await?;
-    if submission.wait.is_some() {
+    if submission.fields.wait.is_some() {
         return Err(ApiError::bad_request(
             "wait is not supported for batches; wait for each job, or poll GET /v1/batches/{id}",
         ));
@@ -174,7 +175,7 @@ async fn accept(
         )));
     }
     jobs::admit(state, caller, count as u64).await?;
-    let recipe = Recipe::read(state, &submission).await?;
+    let recipe = Recipe::read(state, &submission.fields).await?;
 
     // Every image validated before anything is stored.
     let batch_id = Uuid::now_v7();
@@ -185,7 +186,7 @@ async fn accept(
         let origin = JobOrigin {
             owner: caller.owner(),
             idempotency_key: None,
-            request_hash: submission.digest(&sha256),
+            request_hash: submission.fields.digest(&sha256),
             batch_id: Some(batch_id),
         };
         let new = recipe
@@ -200,7 +201,7 @@ async fn accept(
     let mut created = Vec::with_capacity(count);
     for (new, image) in ready {
         let digest = new.request_hash.clone();
-        match jobs::record(state, new, image, &digest).await {
+        match jobs::record(state, caller, new, image, &digest).await {
             Ok((_, job)) => created.push(job),
             Err(e) => {
                 for job in &created {

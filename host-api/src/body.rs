@@ -4,6 +4,8 @@
 //! discarding) what the client is still sending, up to twice the limit: an
 //! HTTP/1 client that is still writing when the server answers and closes
 //! would otherwise see a broken pipe instead of the 413 and its message.
+//! A body that *declares* (`Content-Length`) more than that is not waited
+//! for: it is answered at once, and the connection closed.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -88,7 +90,14 @@ pub async fn discard(body: Body, limit: usize) {
 }
 
 async fn drain(mut stream: axum::body::BodyDataStream, limit: usize, mut seen: usize) {
+    use http_body::Body as _;
     let cap = limit.saturating_mul(2).max(1 << 20);
+    // A body declared larger than what would be drained is not waited for
+    // (its client may never send it): the answer goes at once, and the
+    // connection is closed after it.
+    if stream.size_hint().lower() > (cap.saturating_sub(seen)) as u64 {
+        return;
+    }
     while seen <= cap {
         match stream.next().await {
             Some(Ok(chunk)) => seen = seen.saturating_add(chunk.len()),

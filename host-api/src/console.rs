@@ -3,27 +3,36 @@
 //! its sign-in session.
 //!
 //! The page calls the same API as curl does. Signing in checks a client key
-//! or the admin token once and keeps it in an `HttpOnly`, `SameSite=Strict`
-//! session cookie ([`crate::auth::SESSION_COOKIE`]), so that images and
-//! event streams, which cannot send an `Authorization` header, are
-//! authorised too, and no page script can read the credential.
+//! or the admin token once and starts a server-side session
+//! ([`imgflow_platform::sessions`]) whose random id goes in an `HttpOnly`,
+//! `SameSite=Strict` cookie ([`crate::auth::SESSION_COOKIE`]), so that
+//! images and event streams, which cannot send an `Authorization` header,
+//! are authorised too; the cookie holds no credential, and signing out ends
+//! the session on the server. Failed sign-ins are counted per client
+//! address (the connection's peer; an IPv6 address by its /64): after
+//! `SIGN_IN_MAX_FAILURES` within `SIGN_IN_FAILURE_WINDOW`, that address is
+//! answered 429 until the window ends.
 //!
 //! Everything it shows from plugins and jobs is untrusted: the page only
 //! ever sets text (never HTML), and every console response carries a strict
 //! `Content-Security-Policy` with no inline script or style.
 
-use axum::extract::{Request, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use imgflow_platform::config::HumanDuration;
 use imgflow_runtime::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{self, Caller};
 use crate::body::{self, Limited};
 use crate::error::ApiError;
+use crate::metrics::SignIn as SignInResult;
 use crate::state::AppState;
 
 /// The console's content security policy: scripts, styles and data only
@@ -38,6 +47,57 @@ const APP_CSS: &str = include_str!("../console/app.css");
 
 /// The largest sign-in body.
 const SESSION_MAX_BYTES: usize = 4096;
+
+/// The console's settings; each flag also reads the environment variable
+/// of the same name.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsoleSettings {
+    /// Whether the session cookie is marked `Secure` (sent only over
+    /// HTTPS): set it when the console is reached through a TLS proxy. No
+    /// request header decides it.
+    #[arg(long, env = "COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cookie_secure: bool,
+    /// A console session unused for this long ends.
+    #[arg(long, env = "CONSOLE_SESSION_IDLE", default_value = "30m")]
+    pub console_session_idle: HumanDuration,
+    /// A console session ends this long after it started, however much it
+    /// is used.
+    #[arg(long, env = "CONSOLE_SESSION_LIFETIME", default_value = "12h")]
+    pub console_session_lifetime: HumanDuration,
+    /// Failed sign-ins from one address (an IPv6 /64) after which it is
+    /// refused (429) until its window ends.
+    #[arg(long, env = "SIGN_IN_MAX_FAILURES", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sign_in_max_failures: u64,
+    /// The window failed sign-ins are counted in, from an address's first
+    /// failure.
+    #[arg(long, env = "SIGN_IN_FAILURE_WINDOW", default_value = "15m")]
+    pub sign_in_failure_window: HumanDuration,
+}
+
+/// How sign-ins are limited, and how the cookie is marked.
+#[derive(Debug, Clone, Copy)]
+pub struct SignInPolicy {
+    /// `SIGN_IN_MAX_FAILURES`.
+    pub max_failures: u64,
+    /// `SIGN_IN_FAILURE_WINDOW`.
+    pub failure_window: std::time::Duration,
+    /// `COOKIE_SECURE`.
+    pub cookie_secure: bool,
+}
+
+impl ConsoleSettings {
+    /// The sign-in policy these settings make.
+    pub fn policy(&self) -> SignInPolicy {
+        SignInPolicy {
+            max_failures: self.sign_in_max_failures,
+            failure_window: self
+                .sign_in_failure_window
+                .0
+                .max(std::time::Duration::from_secs(1)),
+            cookie_secure: self.cookie_secure,
+        }
+    }
+}
 
 /// The console's routes (not part of the API's OpenAPI document): the
 /// page, its assets, `/` redirecting to it, and `/console/session`.
@@ -135,7 +195,7 @@ impl Session {
 }
 
 /// `GET /console/session`: who the cookie (or header) says the caller is.
-/// A cookie whose key was revoked reads as `none`, and is cleared.
+/// A cookie whose session ended reads as `none`, and is cleared.
 async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.auth.caller(&headers).await {
         Ok(caller) => Json(Session::new(&state, Some(caller))).into_response(),
@@ -155,16 +215,48 @@ struct SignIn {
     credential: String,
 }
 
-/// `POST /console/session`: checks the credential and keeps it in the
-/// session cookie. Needs the console header (a page of another site cannot
-/// sign a browser in).
-async fn sign_in(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+/// Whose failures a sign-in counts under: the connection's peer address,
+/// an IPv6 address by its /64 (one host usually has a whole /64). A
+/// request with no peer (the router called in-process) counts as
+/// `local`.
+fn failure_scope(peer: Option<SocketAddr>) -> String {
+    match peer.map(|p| p.ip()) {
+        Some(IpAddr::V4(v4)) => format!("sign-in:{v4}"),
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("sign-in:{v4}"),
+            None => {
+                let s = v6.segments();
+                format!("sign-in:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        None => "sign-in:local".to_string(),
+    }
+}
+
+/// `POST /console/session`: checks the credential and starts a session,
+/// whose id goes in the cookie. Needs the console header (a page of
+/// another site cannot sign a browser in). An address with
+/// `SIGN_IN_MAX_FAILURES` failed sign-ins in the current window is
+/// answered 429 without its credential being looked at.
+async fn sign_in(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
     if !headers.contains_key(auth::CONSOLE_HEADER) {
         body::discard(request.into_body(), 0).await;
         return Err(ApiError::bad_request(
             "signing in needs the X-Imgflow-Console header (the console sends it)",
         ));
+    }
+    let scope = failure_scope(peer.map(|p| p.0 .0));
+    let (failures, left) = state.queue.failures(&scope).await?;
+    if failures >= state.sign_in.max_failures {
+        body::discard(request.into_body(), SESSION_MAX_BYTES).await;
+        state.metrics.sign_in(SignInResult::Throttled);
+        tracing::warn!(scope, failures, "console sign-in throttled");
+        return Err(throttled(left));
     }
     let raw = match body::read(request.into_body(), SESSION_MAX_BYTES).await {
         Limited::Body(bytes) => bytes,
@@ -174,31 +266,63 @@ async fn sign_in(State(state): State<AppState>, request: Request) -> Result<Resp
     let SignIn { credential } = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request(format!("expected {{\"credential\": \"...\"}}: {e}")))?;
     let credential = credential.trim();
-    let Some(caller) = state.auth.identify(credential).await? else {
-        tracing::info!("console sign-in refused");
+    let owner = match state.auth.identify(credential).await? {
+        Some(caller) => state
+            .auth
+            .session_owner(caller, credential)
+            .map(|o| (caller, o)),
+        None => None,
+    };
+    let Some((caller, owner)) = owner else {
+        let (failures, left) = state
+            .queue
+            .count_failure(&scope, state.sign_in.failure_window)
+            .await?;
+        state.metrics.sign_in(SignInResult::Refused);
+        tracing::info!(scope, failures, "console sign-in refused");
+        if failures >= state.sign_in.max_failures {
+            return Err(throttled(left));
+        }
         return Err(ApiError::new(
             ErrorCode::Unauthorized,
             "that is neither a live client key nor the admin token",
         ));
     };
-    let secure = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    let id = state.auth.sessions.start(&owner).await?;
+    state.metrics.sign_in(SignInResult::Ok);
     tracing::info!(owner = %caller.owner(), "console signed in");
     Ok((
         StatusCode::OK,
-        [(header::SET_COOKIE, auth::session_cookie(credential, secure))],
+        [(
+            header::SET_COOKIE,
+            auth::session_cookie(&id, state.sign_in.cookie_secure),
+        )],
         Json(Session::new(&state, Some(caller))),
     )
         .into_response())
 }
 
-/// `DELETE /console/session`: forgets the credential.
-async fn sign_out(State(state): State<AppState>) -> Response {
-    (
+/// The answer to an address over its failed sign-ins: 429 until its
+/// window ends.
+fn throttled(left: std::time::Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::SignInThrottled,
+        "too many failed sign-ins from this address; try again later",
+    )
+    .retry_after(left.as_secs_f64().ceil() as u64)
+}
+
+/// `DELETE /console/session`: ends the session on the server (the cookie
+/// can no longer be used, wherever it was copied) and clears the cookie.
+async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if let Some(id) = auth::session_id(&headers) {
+        if state.auth.sessions.end(&id).await? {
+            tracing::info!("console signed out");
+        }
+    }
+    Ok((
         [(header::SET_COOKIE, auth::session_cookie_cleared())],
         Json(Session::new(&state, None)),
     )
-        .into_response()
+        .into_response())
 }

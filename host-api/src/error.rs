@@ -17,11 +17,17 @@ use utoipa::ToSchema;
 /// seconds.
 const RETRY_AFTER_SECONDS: u64 = 5;
 
+/// The longest error message answered: whatever a message quotes of a
+/// request, the answer stays small.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
     code: ErrorCode,
     message: String,
+    /// `Retry-After` in seconds, when the default does not fit.
+    retry_after: Option<u64>,
 }
 
 /// The body of every error answer.
@@ -46,7 +52,14 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The error, answered with `Retry-After: seconds` (at least 1).
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     /// The request is malformed.
@@ -71,16 +84,16 @@ impl ApiError {
     /// action is `action`.
     pub fn in_step(self, index: usize, action: &str) -> ApiError {
         ApiError {
-            code: self.code,
             message: format!("step {index} ({action}): {}", self.message),
+            ..self
         }
     }
 
     /// The error, said of image `index` (from 1) of a batch.
     pub fn in_image(self, index: usize) -> ApiError {
         ApiError {
-            code: self.code,
             message: format!("image {index}: {}", self.message),
+            ..self
         }
     }
 
@@ -132,6 +145,7 @@ impl From<JobsError> for ApiError {
             JobsError::Queue(e) => e.into(),
             JobsError::Storage(e) => e.into(),
             JobsError::Conflict => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            JobsError::OverCap { .. } => ApiError::new(ErrorCode::QueueFull, e.to_string()),
         }
     }
 }
@@ -165,10 +179,17 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.as_str().to_string(),
-                message: self.message,
+                message: imgflow_runtime::text::bounded(self.message, MAX_MESSAGE_BYTES),
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is not read: the connection cannot be
+            // reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -176,9 +197,10 @@ impl IntoResponse for ApiError {
             );
         }
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(self.retry_after.unwrap_or(RETRY_AFTER_SECONDS)),
+            );
         }
         response
     }

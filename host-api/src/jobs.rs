@@ -18,6 +18,7 @@ use imgflow_platform::callbacks;
 use imgflow_platform::jobs::{JobRecord, JobStatus, ListFilter, NewJob, Submitted};
 use imgflow_platform::pipeline::{self, RequestedParams, Step, StepRequest};
 use imgflow_platform::plugins::PluginRecord;
+use imgflow_platform::submission::{Source, SubmitFields, IMAGE_FIELD};
 use imgflow_runtime::codec::{self, ImageFormat};
 use imgflow_runtime::metadata::is_valid_plugin_name;
 use imgflow_runtime::{params, ErrorCode};
@@ -189,7 +190,8 @@ pub struct SubmitForm {
     /// `steps`.
     #[schema(example = "blur")]
     action: Option<String>,
-    /// The plugin's parameters as a JSON object (with `action`).
+    /// The plugin's parameters as a JSON object (with `action`); or give
+    /// each as a field of its own (`sigma` = `2.5`), not both.
     #[schema(example = r#"{"sigma": 2.5}"#)]
     params: Option<String>,
     /// A pipeline instead of `action`: a JSON array of steps
@@ -215,14 +217,16 @@ pub struct SubmitForm {
     callback_url: Option<String>,
 }
 
-/// The query of a raw-body submission.
+/// The query of a submission. Every field may be given in the query or,
+/// with a form, as a form field: the same field twice, or in both places
+/// with different values, is refused (400) naming it.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct SubmitQuery {
-    /// The plugin to run (raw bodies only; forms send it as a field);
-    /// `name@version` pins a version. Every other query parameter is a
-    /// plugin parameter (`sigma=2.5`). Give `action` or `steps`.
+    /// The plugin to run; `name@version` pins a version. Every query
+    /// parameter that is not a field of this list is a plugin parameter
+    /// (`sigma=2.5`). Give `action` or `steps`.
     action: Option<String>,
     /// A pipeline instead of `action` (at most `MAX_STEPS` steps): steps
     /// separated by `,`, each an action (optionally `@version`), then `:`
@@ -253,28 +257,14 @@ pub struct SubmitQuery {
     callback_url: Option<String>,
 }
 
-/// What a submission carries, whatever its encoding.
+/// What a submission carries, whatever its encoding: its images and its
+/// fields (from the query and the form alike, [`SubmitFields`]).
 pub(crate) struct Submission {
     /// The images (`image` fields, or the raw body): one for a job, one
     /// or more for a batch.
     pub(crate) images: Vec<Bytes>,
-    /// The one action (`action`) ...
-    action: Option<String>,
-    /// ... or the pipeline (`steps`), unparsed.
-    steps: Option<String>,
-    /// `params` as JSON (multipart) ...
-    json_params: Option<serde_json::Value>,
-    /// ... or as `name=value` pairs (raw body with a query string).
-    pair_params: Vec<(String, String)>,
-    format: Option<String>,
-    /// JPEG or lossy WebP quality (`quality`), unparsed.
-    quality: Option<String>,
-    /// Whether to apply the EXIF orientation (`auto_orient`), unparsed.
-    auto_orient: Option<String>,
-    /// How long the client waits for the job (`wait`), unparsed.
-    pub(crate) wait: Option<String>,
-    /// Where to POST the finished job (`callback_url`), unchecked.
-    callback_url: Option<String>,
+    /// Everything else it says.
+    pub(crate) fields: SubmitFields,
 }
 
 /// Submits a job: an image and the action (plugin) to run on it.
@@ -319,10 +309,11 @@ pub(crate) struct Submission {
         (status = 404, description = "Unknown action or version (`unknown_action`, `version_not_found`)", body = ErrorBody),
         (status = 408, description = "The body arrived too slowly (`request_timeout`)", body = ErrorBody),
         (status = 409, description = "A concurrent submission with the same Idempotency-Key (`conflict`); with `wait`, the job failed or was cancelled within it (`job_failed`, `job_cancelled`)", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES (`body_too_large`), or the form's fields other than image over MAX_FIELDS_BYTES together (`fields_too_large`)", body = ErrorBody),
+        (status = 414, description = "The query string is over MAX_FIELDS_BYTES (`uri_too_long`)", body = ErrorBody),
         (status = 415, description = "Not a form or an image body, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
         (status = 422, description = "Bad parameters, format or image, or an Idempotency-Key reused for another request (`invalid_params`, `invalid_format`, `invalid_callback`, `corrupt_image`, `image_too_large`, `idempotency_key_reused`)", body = ErrorBody),
-        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`); with `wait`, this client already holds KEY_MAX_STREAMS event streams and waits (`too_many_streams`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 500, description = "The host failed (`internal`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL, Redis or storage unavailable, or the decoding budget spent (`decode_busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
@@ -378,9 +369,12 @@ async fn read_and_accept(
             submission.images.len()
         )));
     }
-    let wait = wait_for(state, submission.wait.as_deref())?;
+    let wait = wait_for(state, submission.fields.wait.as_deref())?;
+    // A wait holds one of the caller's KEY_MAX_STREAMS: taken before the
+    // job is made, so a refusal leaves nothing behind.
+    let _slot = wait.map(|_| state.streams.take(caller)).transpose()?;
     let (status, job) = match earlier {
-        Some(job) => repeated(&job, &submission.digest(&submission.image_sha256()))?,
+        Some(job) => repeated(&job, &submission.fields.digest(&submission.image_sha256()))?,
         None => accept(state, caller, headers, submission).await?,
     };
     match wait {
@@ -463,28 +457,40 @@ async fn earlier_job(
 }
 
 /// Whether the queue, and the caller's share of it, has room for `n` more
-/// jobs.
+/// jobs: a check before the body is read. (A client's share is taken
+/// atomically when each job is recorded, [`Jobs::submit`].) A client is
+/// told of its own share only, never of the queue's depth.
 pub(crate) async fn admit(state: &AppState, caller: Caller, n: u64) -> Result<(), ApiError> {
     let depth = state.queue.depth().await?;
     if depth + n > state.queue_max_depth {
-        return Err(ApiError::new(
-            ErrorCode::QueueFull,
-            format!("the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"),
-        ));
+        let message = match caller {
+            Caller::Client(_) => "the queue is full; try again later".to_string(),
+            _ => format!(
+                "the queue holds {depth} jobs, its limit (QUEUE_MAX_DEPTH); try again later"
+            ),
+        };
+        return Err(ApiError::new(ErrorCode::QueueFull, message));
     }
-    if let Caller::Client(_) = caller {
-        let mine = state.jobs.unfinished_of(&caller.owner()).await?;
-        if mine + n as i64 > state.key_max_unfinished {
-            return Err(ApiError::new(
-                ErrorCode::QueueFull,
-                format!("this key has {mine} unfinished jobs, its limit (KEY_MAX_UNFINISHED_JOBS); try again when some finish"),
-            ));
+    if let Some(cap) = unfinished_cap(state, caller) {
+        let held = state.queue.held(&caller.owner()).await?;
+        if held + n > cap {
+            return Err(ApiError::from(imgflow_platform::jobs::JobsError::OverCap {
+                held,
+            }));
         }
     }
     Ok(())
 }
 
-/// Reads a submission, a form or a raw image body, up to `MAX_BODY_BYTES`.
+/// How many unfinished jobs `caller` may have (`KEY_MAX_UNFINISHED_JOBS`
+/// for a client key; operators and anonymous callers have no share).
+pub(crate) fn unfinished_cap(state: &AppState, caller: Caller) -> Option<u64> {
+    matches!(caller, Caller::Client(_)).then_some(state.key_max_unfinished)
+}
+
+/// Reads a submission, a form or a raw image body, up to `MAX_BODY_BYTES`,
+/// with its fields from the query and the form ([`SubmitFields`]), those
+/// together within `MAX_FIELDS_BYTES`.
 pub(crate) async fn read_submission(
     state: &AppState,
     headers: &HeaderMap,
@@ -496,141 +502,123 @@ pub(crate) async fn read_submission(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, state)
-            .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let (mut action, mut json_params, mut format, mut wait) = (None, None, None, None);
-        let mut images = Vec::new();
-        let (mut steps, mut callback_url) = (None, None);
-        let (mut quality, mut auto_orient) = (None, None);
-        // A bad field is reported after the whole form is read, so the
-        // client sees the answer instead of a connection closed mid-upload.
-        let mut bad_field = None;
-        loop {
-            let field = match multipart.next_field().await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(body::multipart_error(e, limit, "MAX_BODY_BYTES")),
-            };
-            let name = field.name().unwrap_or("").to_string();
-            let data = field
-                .bytes()
-                .await
-                .map_err(|e| body::multipart_error(e, limit, "MAX_BODY_BYTES"))?;
-            let parsed = match name.as_str() {
-                "image" => {
-                    images.push(data);
-                    Ok(())
-                }
-                "action" => text(&data, "action").map(|t| action = Some(t)),
-                "steps" => text(&data, "steps").map(|t| steps = Some(t)),
-                "callback_url" => text(&data, "callback_url").map(|t| callback_url = Some(t)),
-                "format" => text(&data, "format").map(|t| format = Some(t)),
-                "wait" => text(&data, "wait").map(|t| wait = Some(t)),
-                "quality" => text(&data, "quality").map(|t| quality = Some(t)),
-                "auto_orient" => text(&data, "auto_orient").map(|t| auto_orient = Some(t)),
-                "params" => text(&data, "params").and_then(|raw| {
-                    serde_json::from_str(&raw)
-                        .map(|value| json_params = Some(value))
-                        .map_err(|e| {
-                            ApiError::new(
-                                ErrorCode::InvalidParams,
-                                format!("params is not valid JSON: {e}"),
-                            )
-                        })
-                }),
-                other => Err(ApiError::bad_request(format!(
-                    "unexpected form field {other:?}; expected image, action, params, steps, format, quality, auto_orient, wait, callback_url"
-                ))),
-            };
-            if let Err(e) = parsed {
-                bad_field.get_or_insert(e);
-            }
-        }
-        if let Some(e) = bad_field {
-            return Err(e);
-        }
-        if images.is_empty() {
-            return Err(ApiError::bad_request("the form has no `image` file field"));
-        }
-        if action.is_none() && steps.is_none() {
-            return Err(ApiError::bad_request(
-                "the form has no `action` (or `steps`) field",
-            ));
-        }
-        Ok(Submission {
-            images,
-            action,
-            steps,
-            json_params,
-            pair_params: Vec::new(),
-            format,
-            quality,
-            auto_orient,
-            wait,
-            callback_url,
-        })
+    let query = Query::<Vec<(String, String)>>::try_from_uri(request.uri())
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .and_then(|Query(pairs)| {
+            SubmitFields::read(pairs, Source::Query)
+                .map_err(|e| ApiError::bad_request(e.to_string()))
+        });
+    let (query, request) = body::refuse_early(query, request, limit).await?;
+    let (images, fields) = if content_type.starts_with("multipart/form-data") {
+        let (images, form) = read_form(state, request).await?;
+        let fields = query
+            .merge(form)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        (images, fields)
     } else if content_type.starts_with("image/")
         || content_type.starts_with("application/octet-stream")
     {
-        let query: Query<Vec<(String, String)>> = match Query::try_from_uri(request.uri()) {
-            Ok(q) => q,
-            Err(e) => {
-                body::discard(request.into_body(), limit).await;
-                return Err(ApiError::bad_request(e.body_text()));
-            }
-        };
         let image = match body::read(request.into_body(), limit).await {
             Limited::Body(bytes) => bytes,
             Limited::TooLarge => return Err(ApiError::too_large(limit, "MAX_BODY_BYTES")),
             Limited::Broken(e) => return Err(e),
         };
-        let (mut action, mut format, mut quality, mut wait) = (None, None, None, None);
-        let (mut auto_orient, mut steps, mut callback_url) = (None, None, None);
-        let mut pair_params = Vec::new();
-        for (k, v) in query.0 {
-            match k.as_str() {
-                "action" => action = Some(v),
-                "steps" => steps = Some(v),
-                "callback_url" => callback_url = Some(v),
-                "format" => format = Some(v),
-                "wait" => wait = Some(v),
-                "quality" => quality = Some(v),
-                "auto_orient" => auto_orient = Some(v),
-                _ => pair_params.push((k, v)),
-            }
-        }
-        if action.is_none() && steps.is_none() {
-            return Err(ApiError::bad_request(
-                "missing ?action=NAME (or ?steps=...)",
-            ));
-        }
-        Ok(Submission {
-            images: vec![image],
-            action,
-            steps,
-            json_params: None,
-            pair_params,
-            format,
-            quality,
-            auto_orient,
-            wait,
-            callback_url,
-        })
+        (vec![image], query)
     } else {
         body::discard(request.into_body(), limit).await;
-        Err(ApiError::new(
+        return Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
             "send multipart/form-data (image, action or steps, params) or a raw image/* body with ?action=NAME or ?steps=...",
-        ))
+        ));
+    };
+    if images.is_empty() {
+        return Err(ApiError::bad_request("the form has no `image` file field"));
     }
+    if fields.action.is_none() && fields.steps.is_none() {
+        return Err(ApiError::bad_request(
+            "name an action (or steps), in the query (?action=NAME) or the form (-F action=NAME)",
+        ));
+    }
+    Ok(Submission { images, fields })
 }
 
-fn text(data: &Bytes, field: &str) -> Result<String, ApiError> {
-    String::from_utf8(data.to_vec())
-        .map(|s| s.trim().to_string())
-        .map_err(|_| ApiError::bad_request(format!("field {field} is not UTF-8 text")))
+/// Reads a multipart form: its `image` files (each within the body limit,
+/// enforced while streaming) and its other fields as text, all of those
+/// together within `MAX_FIELDS_BYTES` (read a chunk at a time, so an
+/// oversized field is never held). A bad field is reported after the whole
+/// form is read, so the client sees the answer instead of a connection
+/// closed mid-upload.
+async fn read_form(
+    state: &AppState,
+    request: Request,
+) -> Result<(Vec<Bytes>, SubmitFields), ApiError> {
+    let limit = state.max_body_bytes;
+    let mut left = state.max_fields_bytes;
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut images = Vec::new();
+    let mut pairs = Vec::new();
+    let mut bad_field = None;
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(body::multipart_error(e, limit, "MAX_BODY_BYTES")),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        if name == IMAGE_FIELD {
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| body::multipart_error(e, limit, "MAX_BODY_BYTES"))?;
+            images.push(data);
+            continue;
+        }
+        left = left.saturating_sub(name.len());
+        let mut value = Vec::new();
+        let mut over = false;
+        while let Some(chunk) = field
+            .chunk()
+            .await
+            .map_err(|e| body::multipart_error(e, limit, "MAX_BODY_BYTES"))?
+        {
+            if over || chunk.len() > left {
+                over = true;
+                continue;
+            }
+            left -= chunk.len();
+            value.extend_from_slice(&chunk);
+        }
+        let parsed = if over {
+            Err(ApiError::new(
+                ErrorCode::FieldsTooLarge,
+                format!(
+                    "the form's fields other than image are over {} bytes together (MAX_FIELDS_BYTES); {} is too long",
+                    state.max_fields_bytes,
+                    imgflow_runtime::text::excerpt(&name)
+                ),
+            ))
+        } else {
+            String::from_utf8(value)
+                .map(|text| pairs.push((name.clone(), text.trim().to_string())))
+                .map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "field {} is not UTF-8 text",
+                        imgflow_runtime::text::excerpt(&name)
+                    ))
+                })
+        };
+        if let Err(e) = parsed {
+            bad_field.get_or_insert(e);
+        }
+    }
+    if let Some(e) = bad_field {
+        return Err(e);
+    }
+    let fields = SubmitFields::read(pairs, Source::Form)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok((images, fields))
 }
 
 /// The idempotency key of a request, checked: 1 to 200 visible ASCII
@@ -653,49 +641,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 impl Submission {
-    /// A digest of everything submitted, so a reused idempotency key can be
-    /// told apart from a repeated request. Each field is length-prefixed.
-    pub(crate) fn digest(&self, image_sha256: &[u8]) -> String {
-        let mut hash = Sha256::new();
-        let mut field = |bytes: &[u8]| {
-            hash.update((bytes.len() as u64).to_le_bytes());
-            hash.update(bytes);
-        };
-        field(self.action.as_deref().unwrap_or("").as_bytes());
-        field(self.format.as_deref().unwrap_or("").as_bytes());
-        if let Some(steps) = &self.steps {
-            field(b"steps");
-            field(steps.as_bytes());
-        }
-        if let Some(url) = &self.callback_url {
-            field(b"callback_url");
-            field(url.as_bytes());
-        }
-        if let Some(quality) = &self.quality {
-            // Only when set, so digests of requests without it stay as
-            // they were before `quality` existed.
-            field(b"quality");
-            field(quality.as_bytes());
-        }
-        if let Some(orient) = &self.auto_orient {
-            field(b"auto_orient");
-            field(orient.as_bytes());
-        }
-        match &self.json_params {
-            Some(json) => field(json.to_string().as_bytes()),
-            None => {
-                let mut pairs = self.pair_params.clone();
-                pairs.sort();
-                for (k, v) in pairs {
-                    field(k.as_bytes());
-                    field(v.as_bytes());
-                }
-            }
-        }
-        field(image_sha256);
-        hex::encode(hash.finalize())
-    }
-
     /// The SHA-256 of the (first) image (the request digest and the
     /// result-cache key are made from it).
     pub(crate) fn image_sha256(&self) -> [u8; 32] {
@@ -729,8 +674,8 @@ async fn accept(
 ) -> Result<(StatusCode, JobRecord), ApiError> {
     let idempotency_key = idempotency_key(headers)?;
     let image_sha256 = s.image_sha256();
-    let digest = s.digest(&image_sha256);
-    let recipe = Recipe::read(state, &s).await?;
+    let digest = s.fields.digest(&image_sha256);
+    let recipe = Recipe::read(state, &s.fields).await?;
     let image = s.images.remove(0);
     let new = recipe
         .job_for(
@@ -745,7 +690,7 @@ async fn accept(
             },
         )
         .await?;
-    record(state, new, image, &digest).await
+    record(state, caller, new, image, &digest).await
 }
 
 /// Who and what a new job comes from, beside its image and recipe.
@@ -774,13 +719,16 @@ pub(crate) struct Recipe {
 impl Recipe {
     /// Validates the submission's action or steps, format, quality and
     /// orientation (not its images).
-    pub(crate) async fn read(state: &AppState, s: &Submission) -> Result<Recipe, ApiError> {
+    pub(crate) async fn read(state: &AppState, s: &SubmitFields) -> Result<Recipe, ApiError> {
         let (steps, cacheable) = validate_steps(state, s).await?;
         let format = match &s.format {
             Some(f) if !f.is_empty() => Some(ImageFormat::parse(f).ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::InvalidFormat,
-                    format!("unknown format {f:?}; use png, jpeg, webp or gif"),
+                    format!(
+                        "unknown format {}; use png, jpeg, webp or gif",
+                        imgflow_runtime::text::excerpt(f)
+                    ),
                 )
             })?),
             _ => None,
@@ -793,7 +741,10 @@ impl Recipe {
                     .ok_or_else(|| {
                         ApiError::new(
                             ErrorCode::InvalidFormat,
-                            format!("quality must be an integer from 1 to 100, got {q:?}"),
+                            format!(
+                                "quality must be an integer from 1 to 100, got {}",
+                                imgflow_runtime::text::excerpt(q)
+                            ),
                         )
                     })?,
             ),
@@ -804,7 +755,8 @@ impl Recipe {
             Some("false") => false,
             Some(other) => {
                 return Err(ApiError::bad_request(format!(
-                    "auto_orient must be true or false, got {other:?}"
+                    "auto_orient must be true or false, got {}",
+                    imgflow_runtime::text::excerpt(other)
                 )))
             }
         };
@@ -886,11 +838,16 @@ impl Recipe {
 /// idempotency key) and the job.
 pub(crate) async fn record(
     state: &AppState,
+    caller: Caller,
     new: NewJob,
     image: Bytes,
     digest: &str,
 ) -> Result<(StatusCode, JobRecord), ApiError> {
-    match state.jobs.submit(new, image).await? {
+    match state
+        .jobs
+        .submit(new, image, unfinished_cap(state, caller))
+        .await?
+    {
         Submitted::Existing(job) => repeated(&job, digest),
         Submitted::Created(job) => {
             state.metrics.submitted(&job);
@@ -909,7 +866,7 @@ pub(crate) async fn record(
 /// The pipeline a submission asks for, each step validated against its
 /// plugin version (an error names the step), and whether every one of those
 /// plugins is cacheable.
-async fn validate_steps(state: &AppState, s: &Submission) -> Result<(Vec<Step>, bool), ApiError> {
+async fn validate_steps(state: &AppState, s: &SubmitFields) -> Result<(Vec<Step>, bool), ApiError> {
     let requests = match (&s.action, &s.steps) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -918,13 +875,26 @@ async fn validate_steps(state: &AppState, s: &Submission) -> Result<(Vec<Step>, 
         }
         (Some(action), None) => vec![StepRequest {
             action: action.clone(),
-            params: match &s.json_params {
-                Some(json) => RequestedParams::Json(json.clone()),
-                None => RequestedParams::Pairs(s.pair_params.clone()),
+            params: match (&s.params, s.plugin_params.is_empty()) {
+                (Some(json), true) => RequestedParams::Json(
+                    serde_json::from_str(json).map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::InvalidParams,
+                            format!("params is not valid JSON: {e}"),
+                        )
+                    })?,
+                ),
+                (None, _) => RequestedParams::Pairs(s.plugin_params.clone()),
+                (Some(_), false) => {
+                    return Err(ApiError::bad_request(format!(
+                        "give the plugin's parameters as a params JSON object or as fields ({}=...), not both",
+                        s.plugin_params[0].0
+                    )))
+                }
             },
         }],
         (None, Some(steps)) => {
-            if s.json_params.is_some() || !s.pair_params.is_empty() {
+            if s.params.is_some() || !s.plugin_params.is_empty() {
                 return Err(ApiError::bad_request(
                     "with steps, each step carries its own parameters; remove params (or the plugin parameters from the query)",
                 ));
@@ -971,14 +941,15 @@ async fn validate_steps(state: &AppState, s: &Submission) -> Result<(Vec<Step>, 
 }
 
 /// Decodes the whole image once, so a corrupt file is refused now rather
-/// than failing later in a worker; returns its format. The decoded size is
-/// read from the header and reserved from `API_DECODE_MEMORY_MB` first,
+/// than failing later in a worker; returns its format. What decoding holds
+/// is read from the header and the file's frames (each checked against the
+/// canvas, [`codec::decode_cost`]) and reserved from `API_DECODE_MEMORY_MB` first,
 /// waiting at most `API_DECODE_WAIT` for room (then 503 `decode_busy`), so
 /// however many submissions arrive at once, their pixels together stay
 /// within the budget.
 async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, ApiError> {
     let limits = state.limits;
-    let (_, need) = codec::decoded_size(image, &limits)?;
+    let need = codec::decode_cost(image, &limits)?.validate_bytes;
     let reservation = state
         .decode_budget
         .reserve_within(need, state.decode_wait)
@@ -1084,6 +1055,7 @@ pub struct GetQuery {
         (status = 400, description = "A malformed `wait` (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 429, description = "With `wait`: this client already holds KEY_MAX_STREAMS event streams and waits (`too_many_streams`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))
@@ -1098,6 +1070,8 @@ pub async fn get(
     let Query(q): Query<GetQuery> =
         Query::try_from_uri(request.uri()).map_err(|e| ApiError::bad_request(e.body_text()))?;
     let until = wait_for(&state, q.wait.as_deref())?;
+    // A wait holds one of the caller's KEY_MAX_STREAMS.
+    let _slot = until.map(|_| state.streams.take(caller)).transpose()?;
     // Watch before the read, so no change after it is missed.
     let watch = match (until, Uuid::try_parse(&id)) {
         (Some(until), Ok(uuid)) => Some((until, state.events.watch(uuid))),
@@ -1131,6 +1105,7 @@ pub async fn get(
         (status = 200, description = "`text/event-stream`: events named `queued`, `running`, `completed`, `failed`, `cancelled` or `deleted`, each with the job's JSON", content_type = "text/event-stream", body = String),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 429, description = "This client already holds KEY_MAX_STREAMS event streams and waits (`too_many_streams`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))
@@ -1145,6 +1120,8 @@ pub async fn events(
 
     let caller = state.auth.caller(&headers).await?;
     let uuid = Uuid::try_parse(&id).map_err(|_| not_found(&id))?;
+    // The stream holds one of the caller's KEY_MAX_STREAMS until it ends.
+    let slot = state.streams.take(caller)?;
     // Watch before the first read, so no change after it is missed.
     let watch = state.events.watch(uuid);
     let job = find(&state, caller, &id).await?;
@@ -1158,8 +1135,8 @@ pub async fn events(
     let first = event(&state, &job);
     let last = Some(job.status);
     let stream = futures::stream::unfold(
-        (state, watch, last),
-        move |(state, mut watch, last)| async move {
+        (state, watch, last, slot),
+        move |(state, mut watch, last, slot)| async move {
             let last = last.filter(|s| !s.is_finished())?;
             loop {
                 let change = tokio::select! {
@@ -1177,7 +1154,7 @@ pub async fn events(
                         let gone = Event::default().event("deleted").data(uuid.to_string());
                         return Some((
                             Ok::<_, std::convert::Infallible>(gone),
-                            (state, watch, None),
+                            (state, watch, None, slot),
                         ));
                     }
                     Err(e) => {
@@ -1190,7 +1167,7 @@ pub async fn events(
                 }
                 let next = event(&state, &job);
                 let status = Some(job.status);
-                return Some((Ok(next), (state, watch, status)));
+                return Some((Ok(next), (state, watch, status, slot)));
             }
         },
     );
@@ -1284,7 +1261,10 @@ pub async fn retry(
         ));
     }
     admit(&state, caller, 1).await?;
-    let successor = state.jobs.retry(&job).await?;
+    let successor = state
+        .jobs
+        .retry(&job, unfinished_cap(&state, caller))
+        .await?;
     state.metrics.submitted(&successor);
     tracing::info!(job_id = %successor.id, retry_of = %job.id, action = %successor.action, "job retried");
     Ok(answer(&state, StatusCode::ACCEPTED, &successor))

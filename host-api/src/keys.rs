@@ -93,7 +93,7 @@ pub async fn create(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(&headers) {
+    if let Err(e) = state.auth.admin(&headers).await {
         body::discard(request.into_body(), 0).await;
         return Err(e);
     }
@@ -139,7 +139,7 @@ pub async fn create(
     security(("admin_token" = []))
 )]
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    state.auth.admin(&headers)?;
+    state.auth.admin(&headers).await?;
     let keys = state.keys.list().await?;
     Ok(Json(KeyList {
         keys: keys.iter().map(Key::from).collect(),
@@ -169,7 +169,7 @@ pub async fn revoke(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.auth.admin(&headers)?;
+    state.auth.admin(&headers).await?;
     let not_found = || ApiError::new(ErrorCode::KeyNotFound, format!("no live key {id:?}"));
     let uuid = Uuid::try_parse(&id).map_err(|_| not_found())?;
     if !state.keys.revoke(uuid).await? {

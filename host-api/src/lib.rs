@@ -35,6 +35,7 @@ pub mod retention;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ use imgflow_platform::keys::Keys;
 use imgflow_platform::logging::LogArgs;
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::Queue;
+use imgflow_platform::sessions::Sessions;
 use imgflow_platform::storage::Storage;
 use imgflow_platform::{db, retry};
 use imgflow_runtime::config::SandboxArgs;
@@ -197,6 +199,14 @@ pub struct Settings {
     /// Submissions are refused (429) while this many jobs are unfinished.
     #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
     pub queue_max_depth: u64,
+    /// Event streams and waits one client key may hold open at once on
+    /// this instance (429 `too_many_streams` beyond); operators are not
+    /// limited.
+    #[arg(long, env = "KEY_MAX_STREAMS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_max_streams: u32,
+    /// The console's sessions and sign-in limits.
+    #[command(flatten)]
+    pub console: console::ConsoleSettings,
     /// How logs are written.
     #[command(flatten)]
     pub log: LogArgs,
@@ -289,8 +299,14 @@ impl App {
             .decode_budget
             .set(i64::from(decode_budget.mib()) * 1024 * 1024);
         let jobs = Jobs::new(pool.clone(), queue.clone(), storage);
+        let sessions = Sessions::new(
+            pool.clone(),
+            settings.console.console_session_idle.0,
+            settings.console.console_session_lifetime.0,
+        );
         let retention = retention::Retention {
             jobs: jobs.clone(),
+            sessions: sessions.clone(),
             metrics: metrics.clone(),
             keep: settings.job_retention.0,
             every: settings.retention_sweep_interval.0,
@@ -318,10 +334,13 @@ impl App {
             max_steps: settings.max_steps as usize,
             max_batch_images: settings.max_batch_images as usize,
             jobs,
-            auth: Auth::new(settings.auth_required, admin_tokens, keys.clone()),
+            auth: Auth::new(settings.auth_required, admin_tokens, keys.clone(), sessions),
+            sign_in: settings.console.policy(),
+            streams: streams::StreamSlots::new(settings.key_max_streams as usize),
+            max_fields_bytes: settings.http.max_fields_bytes as usize,
             keys,
             result_urls,
-            key_max_unfinished: i64::from(settings.key_max_unfinished_jobs),
+            key_max_unfinished: u64::from(settings.key_max_unfinished_jobs),
             result_cache: settings.result_cache,
             callbacks_on: settings.callback_secret.is_some(),
             callback_allow_private: settings.callback_allow_private,

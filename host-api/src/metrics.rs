@@ -38,6 +38,7 @@ pub struct ApiMetrics {
     cache_hits: IntCounterVec,
     cancelled: IntCounterVec,
     callbacks: IntCounterVec,
+    sign_ins: IntCounterVec,
     queue_depth: prometheus::IntGauge,
     queue_oldest: prometheus::Gauge,
     /// `API_DECODE_MEMORY_MB`, in bytes.
@@ -70,6 +71,30 @@ impl Deletion {
             Deletion::JobRequested => ["job", "request"],
             Deletion::JobExpired => ["job", "retention"],
             Deletion::PluginVersion => ["plugin_version", "request"],
+        }
+    }
+}
+
+/// How a console sign-in went: the `result` of
+/// `api_console_sign_ins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignIn {
+    /// A session was started.
+    Ok,
+    /// The credential was neither a live key nor the admin token.
+    Refused,
+    /// Refused unread: too many failures from the address.
+    Throttled,
+}
+
+impl SignIn {
+    const ALL: [SignIn; 3] = [SignIn::Ok, SignIn::Refused, SignIn::Throttled];
+
+    fn label(self) -> &'static str {
+        match self {
+            SignIn::Ok => "ok",
+            SignIn::Refused => "refused",
+            SignIn::Throttled => "throttled",
         }
     }
 }
@@ -141,6 +166,13 @@ impl ApiMetrics {
                 ),
                 &["result"],
             )?,
+            sign_ins: IntCounterVec::new(
+                Opts::new(
+                    "api_console_sign_ins_total",
+                    "Console sign-ins, by result: ok, refused (not a live key nor the admin token) or throttled (SIGN_IN_MAX_FAILURES reached from that address).",
+                ),
+                &["result"],
+            )?,
             queue_depth: prometheus::IntGauge::new(
                 "api_queue_depth",
                 "Jobs on the Redis queue (waiting or running), read at scrape time; every API instance reports the same value (aggregate with max).",
@@ -163,6 +195,10 @@ impl ApiMetrics {
         m.registry.register(Box::new(m.cache_hits.clone()))?;
         m.registry.register(Box::new(m.cancelled.clone()))?;
         m.registry.register(Box::new(m.callbacks.clone()))?;
+        m.registry.register(Box::new(m.sign_ins.clone()))?;
+        for result in SignIn::ALL {
+            m.sign_ins.with_label_values(&[result.label()]);
+        }
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.queue_oldest.clone()))?;
         for result in ["delivered", "failed", "gave_up"] {
@@ -227,6 +263,11 @@ impl ApiMetrics {
     /// `failed` or `gave_up`.
     pub fn callback(&self, result: &str) {
         self.callbacks.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a console sign-in by its result.
+    pub fn sign_in(&self, result: SignIn) {
+        self.sign_ins.with_label_values(&[result.label()]).inc();
     }
 
     /// Counts a refused submission; `reason` is the answer's error code.

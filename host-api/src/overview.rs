@@ -40,11 +40,11 @@ pub struct Overview {
     pub minutes: i32,
     /// When this was read.
     pub generated_at: DateTime<Utc>,
-    /// Jobs on the Redis queue (waiting or running); `null` if Redis did
-    /// not answer.
+    /// Jobs on the Redis queue (waiting or running); for a client key, its
+    /// own unfinished jobs only. `null` if Redis did not answer.
     pub queue_depth: Option<u64>,
-    /// Age of the oldest job on the queue, in seconds; `null` if Redis did
-    /// not answer.
+    /// Age of the oldest job on the queue (for a client key, of its own
+    /// oldest unfinished job), in seconds; `null` if Redis did not answer.
     pub queue_oldest_age_seconds: Option<f64>,
     /// How many workers sent a heartbeat within the last 60 s.
     pub workers_seen: usize,
@@ -103,6 +103,22 @@ pub struct MinuteSummary {
     pub failed: i64,
 }
 
+/// The age of the oldest of `jobs` (their ids are UUIDv7s, which start with
+/// their creation time), or zero.
+fn oldest_of(jobs: &[uuid::Uuid]) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    jobs.iter()
+        .filter_map(|id| id.get_timestamp())
+        .map(|t| {
+            let (secs, nanos) = t.to_unix();
+            now.saturating_sub(Duration::new(secs, nanos))
+        })
+        .max()
+        .unwrap_or_default()
+}
+
 /// The queue, the workers and each action's recent jobs, for the console.
 #[utoipa::path(
     get,
@@ -137,11 +153,15 @@ pub async fn get(
     // answer (the counts come from PostgreSQL either way).
     let queue = &state.queue;
     let read = async {
-        Ok::<_, QueueError>((
-            queue.depth().await?,
-            queue.oldest_age().await?,
-            queue.workers_seen(WORKER_SEEN_WITHIN).await?,
-        ))
+        let (depth, oldest) = match caller {
+            // A client sees its own share of the queue, never the rest.
+            Caller::Client(_) => {
+                let held = queue.held_jobs(&caller.owner()).await?;
+                (held.len() as u64, oldest_of(&held))
+            }
+            _ => (queue.depth().await?, queue.oldest_age().await?),
+        };
+        Ok::<_, QueueError>((depth, oldest, queue.workers_seen(WORKER_SEEN_WITHIN).await?))
     };
     let (depth, oldest, seen) = match tokio::time::timeout(Duration::from_secs(2), read).await {
         Ok(Ok((depth, oldest, seen))) => (Some(depth), Some(oldest.as_secs_f64()), seen),

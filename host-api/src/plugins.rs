@@ -248,7 +248,12 @@ async fn store_upload(
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(headers).and_then(|()| check_name(&name)) {
+    if let Err(e) = state
+        .auth
+        .admin(headers)
+        .await
+        .and_then(|()| check_name(&name))
+    {
         // Read what the client is still sending (up to 1 MiB; nothing is
         // kept), so it sees this answer instead of a reset connection.
         body::discard(request.into_body(), 0).await;
@@ -380,7 +385,12 @@ async fn admin_json<T: serde::de::DeserializeOwned>(
     request: Request,
     shape: &str,
 ) -> Result<T, ApiError> {
-    if let Err(e) = state.auth.admin(headers).and_then(|()| check_name(name)) {
+    if let Err(e) = state
+        .auth
+        .admin(headers)
+        .await
+        .and_then(|()| check_name(name))
+    {
         body::discard(request.into_body(), 0).await;
         return Err(e);
     }
@@ -510,7 +520,7 @@ pub async fn delete(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.auth.admin(&headers)?;
+    state.auth.admin(&headers).await?;
     check_name(&name)?;
     if !state.catalogue.delete(&name).await? {
         return Err(ApiError::new(
@@ -555,7 +565,7 @@ pub async fn delete_version(
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.auth.admin(&headers)?;
+    state.auth.admin(&headers).await?;
     check_name(&name)?;
     let outcome = if imgflow_runtime::metadata::is_valid_version(&version) {
         state.catalogue.delete_version(&name, &version).await?

@@ -1,12 +1,14 @@
 //! Deleting finished jobs after `JOB_RETENTION`: their rows, inputs,
 //! results and idempotency keys. Every API instance runs the sweep; a lock
 //! in Redis lets one of them work each round, and each job is deleted by
-//! exactly one ([`Jobs::expire`]).
+//! exactly one ([`Jobs::expire`]). Each round also deletes the console
+//! sessions that have ended by time ([`Sessions::expire`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use imgflow_platform::jobs::Jobs;
+use imgflow_platform::sessions::Sessions;
 
 use crate::metrics::{ApiMetrics, Deletion};
 
@@ -17,6 +19,8 @@ const BATCH: i64 = 500;
 pub struct Retention {
     /// The jobs.
     pub jobs: Jobs,
+    /// The console's sessions.
+    pub sessions: Sessions,
     /// Counts what was deleted.
     pub metrics: Arc<ApiMetrics>,
     /// How long finished jobs are kept; zero keeps them for ever.
@@ -31,7 +35,6 @@ impl Retention {
     pub async fn run(self) {
         if self.keep.is_zero() {
             tracing::info!("JOB_RETENTION=0: finished jobs are kept for ever");
-            return;
         }
         let every = self.every.max(Duration::from_millis(100));
         let holder = format!("api-{}", uuid::Uuid::now_v7().simple());
@@ -41,6 +44,14 @@ impl Retention {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            match self.sessions.expire().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "deleted ended console sessions"),
+                Err(e) => tracing::warn!(error = %e, "cannot delete ended console sessions"),
+            }
+            if self.keep.is_zero() {
+                continue;
+            }
             // A full batch means more are due: go on at once.
             loop {
                 match self.jobs.expire(&holder, every, self.keep, BATCH).await {

@@ -13,8 +13,10 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 use crate::{batches, console, jobs, keys, metrics, overview, plugins};
+use imgflow_runtime::ErrorCode;
 
 /// The document's fixed parts; the paths come from the routes.
 #[derive(OpenApi)]
@@ -116,7 +118,13 @@ pub fn router(state: AppState) -> Router {
     let (router, _) = api(state.max_body_bytes, state.plugin_max_bytes).split_for_parts();
     router
         .merge(console::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(crate::auth::session_guard))
+        .layer(axum::middleware::from_fn_with_state(
+            state.max_fields_bytes,
+            query_guard,
+        ))
         .layer(axum::middleware::from_fn(console::security_headers))
         .layer(axum::middleware::from_fn_with_state(
             state.body_read_timeout,
@@ -127,6 +135,52 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .with_state(state)
+}
+
+/// Any path no route serves: the JSON error, like every other refusal.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!(
+            "no route {}; see /openapi.json",
+            imgflow_runtime::text::excerpt(uri.path())
+        ),
+    )
+}
+
+/// A route asked with a method it does not serve.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!(
+            "{method} is not served on {}; see /openapi.json",
+            imgflow_runtime::text::excerpt(uri.path())
+        ),
+    )
+}
+
+/// Middleware: a query string over `MAX_FIELDS_BYTES` is refused (414)
+/// before anything parses it. (Hyper already refuses a request head over
+/// `MAX_FIELDS_BYTES` plus [`crate::server::HEADER_ROOM`] with 431.)
+async fn query_guard(
+    State(max): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let length = request.uri().query().map_or(0, str::len);
+    if length > max {
+        // What the client is still sending is read and dropped (up to
+        // 1 MiB), so it reads the answer rather than a reset connection.
+        crate::body::discard(request.into_body(), 0).await;
+        return ApiError::new(
+            ErrorCode::UriTooLong,
+            format!(
+                "the query string has {length} bytes, over the limit of {max} (MAX_FIELDS_BYTES)"
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// The answer of `/healthz`.

@@ -17,6 +17,18 @@
 //! - a **shutdown deadline** (`SHUTDOWN_TIMEOUT`): after the signal, no new
 //!   connection is accepted, open ones are asked to finish their request and
 //!   close, and whatever is still open at the deadline is dropped.
+//! - a **cap on a request's head**: the request line and headers of an
+//!   HTTP/1 request must fit in [`HttpLimits::max_fields_bytes`] plus
+//!   [`HEADER_ROOM`] (hyper answers 431 beyond), so a connection's read
+//!   buffer stays small; the query string alone is held to
+//!   `MAX_FIELDS_BYTES` by the router (414).
+//! - **HTTP/1 only** unless `HTTP2=true`: one HTTP/2 connection carries many
+//!   requests at once, so the connection cap would not bound requests; with
+//!   HTTP/2 on, each connection runs at most `HTTP2_MAX_STREAMS` at once
+//!   (more are refused with `REFUSED_STREAM`).
+//!
+//! Each request carries its peer's address ([`axum::extract::ConnectInfo`]),
+//! the only address the API believes (no forwarding header is trusted).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +41,7 @@ use hyper_util::service::TowerToHyperService;
 use imgflow_platform::config::HumanDuration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::Layer as _;
 
 /// The HTTP limits; each flag also reads the environment variable of the
 /// same name.
@@ -50,7 +63,24 @@ pub struct HttpLimits {
     /// their connections are dropped.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s")]
     pub shutdown_timeout: HumanDuration,
+    /// The most bytes of a request's query string, and of the fields of a
+    /// form other than its files, together (414 or 413 beyond).
+    #[arg(long, env = "MAX_FIELDS_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_fields_bytes: u32,
+    /// Whether clients may speak HTTP/2 without TLS (prior knowledge).
+    /// Off, every connection is HTTP/1 and `MAX_CONNECTIONS` bounds the
+    /// requests served at once.
+    #[arg(long = "http2", env = "HTTP2", default_value_t = false, action = clap::ArgAction::Set)]
+    pub http2: bool,
+    /// With `HTTP2=true`, the most requests one HTTP/2 connection runs at
+    /// once.
+    #[arg(long, env = "HTTP2_MAX_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub http2_max_streams: u32,
 }
+
+/// Room for a request's headers beside its query string in hyper's read
+/// buffer (HTTP/1).
+pub const HEADER_ROOM: usize = 32 * 1024;
 
 /// Serves `router` on `listener` under `limits` until `shutdown` resolves,
 /// then for at most the shutdown deadline.
@@ -64,12 +94,20 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0);
+        .header_read_timeout(limits.header_read_timeout.0)
+        .max_buf_size((limits.max_fields_bytes as usize + HEADER_ROOM).max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.header_read_timeout.0))
-        .keep_alive_timeout(limits.header_read_timeout.0);
+        .keep_alive_timeout(limits.header_read_timeout.0)
+        .max_concurrent_streams(limits.http2_max_streams)
+        .max_header_list_size((limits.max_fields_bytes as usize + HEADER_ROOM) as u32);
+    let builder = if limits.http2 {
+        builder
+    } else {
+        builder.http1_only()
+    };
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1) as usize));
     let graceful = GracefulShutdown::new();
@@ -99,9 +137,11 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(
+            axum::Extension(axum::extract::ConnectInfo(peer)).layer(router.clone()),
+        );
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         let mut killed = killed.clone();

@@ -57,7 +57,7 @@ pub struct AppState {
     /// (`CALLBACK_ALLOW_PRIVATE`).
     pub callback_allow_private: bool,
     /// A client key may have at most this many unfinished jobs.
-    pub key_max_unfinished: i64,
+    pub key_max_unfinished: u64,
     /// Whether equal jobs are completed from an earlier result
     /// (`RESULT_CACHE`).
     pub result_cache: bool,
@@ -75,6 +75,13 @@ pub struct AppState {
     pub compile_slots: Arc<Semaphore>,
     /// The API's metrics.
     pub metrics: Arc<ApiMetrics>,
+    /// How console sign-ins are limited, and the cookie marked.
+    pub sign_in: crate::console::SignInPolicy,
+    /// Event streams and waits each client holds (`KEY_MAX_STREAMS`).
+    pub streams: Arc<crate::streams::StreamSlots>,
+    /// The most bytes of a query string, and of a form's fields other
+    /// than its files (`MAX_FIELDS_BYTES`).
+    pub max_fields_bytes: usize,
 }
 
 impl FromRef<AppState> for Arc<ApiMetrics> {

@@ -340,10 +340,15 @@ async fn run(
 
     // Reserve the job's working set before decoding anything.
     let limits = ctx.limits;
-    let probe = codec::probe(&input, &limits)
+    let cost = codec::decode_cost(&input, &limits)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
     let runtime = ctx.registry.runtime();
-    let need = runtime.job_working_set(input.len(), probe.width, probe.height, steps.len());
+    let need = runtime.job_working_set(
+        input.len(),
+        cost.decode_bytes,
+        (cost.probe.width, cost.probe.height),
+        steps.len(),
+    );
     let reservation = ctx.budget.reserve(need).await.map_err(|e| {
         Failure::permanent(
             ErrorCode::OverMemoryBudget,

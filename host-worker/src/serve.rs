@@ -126,7 +126,9 @@ impl Worker {
         // The smallest job may use the plugin's memory cap twice (its
         // memories and the copy of its output): a budget below that would
         // fail every job.
-        let smallest = runtime.job_working_set(0, 1, 1, 1).div_ceil(1024 * 1024);
+        let smallest = runtime
+            .job_working_set(0, 0, (1, 1), 1)
+            .div_ceil(1024 * 1024);
         anyhow::ensure!(
             u64::from(budget_mib) >= smallest,
             "WORKER_MEMORY_MB ({budget_mib} MiB) cannot hold a single job: each may use up to twice JOB_MAX_MEMORY_MB ({smallest} MiB, the plugin's memories and its output); raise WORKER_MEMORY_MB or lower JOB_MAX_MEMORY_MB"

@@ -46,6 +46,9 @@ pub enum TargetError {
     /// Over [`MAX_URL_LEN`].
     #[error("callback_url is longer than {MAX_URL_LEN} characters")]
     TooLong,
+    /// The target names this machine (`localhost`, `*.localhost`).
+    #[error("{0} names this machine; callbacks go to public addresses only (CALLBACK_ALLOW_PRIVATE=true allows others)")]
+    LocalName(String),
     /// The target is (or resolves to) an address that is not public.
     #[error("{host} is {ip}, a {kind} address; callbacks go to public addresses only (CALLBACK_ALLOW_PRIVATE=true allows others)")]
     NotPublic {
@@ -58,64 +61,97 @@ pub enum TargetError {
     },
 }
 
-/// Why `ip` is not a public address (`Some(kind)`), or `None` if it is:
-/// loopback, private (RFC 1918, unique local), link-local (cloud metadata
-/// services live there), shared (CGNAT), unspecified, multicast, broadcast,
-/// documentation and benchmarking ranges, and IPv4 inside IPv6 of any of
-/// those.
+/// Why `ip` is not a public address (`Some(kind)`), or `None` if it is.
+///
+/// Every range of IANA's IPv4 and IPv6 special-purpose address registries
+/// (RFC 6890 and its updates) is refused, with multicast and the reserved
+/// 240.0.0.0/4. An IPv6 address must be global unicast (`2000::/3`), and
+/// every IPv6 form that carries an IPv4 address inside it (IPv4-mapped
+/// `::ffff:0:0/96`, IPv4-compatible `::/96`, IPv4-translated
+/// `::ffff:0:0:0/96`, NAT64 `64:ff9b::/96` and `64:ff9b:1::/48`, 6to4
+/// `2002::/16`, Teredo `2001::/32`) is refused whatever the IPv4 address
+/// is: a receiver is given by its own IPv4 or IPv6 address.
 pub fn non_public(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_unspecified() || a == 0 {
-                Some("unspecified")
-            } else if v4.is_multicast() || a >= 224 {
-                Some("multicast or reserved")
-            } else if v4.is_broadcast() {
-                Some("broadcast")
-            } else if a == 100 && (64..128).contains(&b) {
-                Some("shared (CGNAT)")
-            } else if (a == 192 && b == 0 && (c == 0 || c == 2))
-                || (a == 198 && b == 51 && c == 100)
-                || (a == 203 && b == 0 && c == 113)
-            {
-                Some("special-purpose or documentation")
-            } else if a == 198 && (b == 18 || b == 19) {
-                Some("benchmarking")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return non_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if first & 0xfe00 == 0xfc00 {
-                Some("private (unique local)")
-            } else if first & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if first == 0x2001 && v6.segments()[1] == 0x0db8 {
-                Some("documentation")
-            } else if first == 0x0064 && v6.segments()[1] == 0xff9b {
-                Some("NAT64")
-            } else {
-                None
-            }
-        }
+        IpAddr::V4(v4) => non_public_v4(v4),
+        IpAddr::V6(v6) => non_public_v6(v6),
     }
+}
+
+/// IPv4 ranges that are not public: `(network, prefix length, kind)`.
+const SPECIAL_V4: &[([u8; 4], u8, &str)] = &[
+    ([0, 0, 0, 0], 8, "\"this network\" (unspecified)"),
+    ([10, 0, 0, 0], 8, "private"),
+    ([100, 64, 0, 0], 10, "shared (CGNAT)"),
+    ([127, 0, 0, 0], 8, "loopback"),
+    ([169, 254, 0, 0], 16, "link-local"),
+    ([172, 16, 0, 0], 12, "private"),
+    ([192, 0, 0, 0], 24, "IETF protocol assignment"),
+    ([192, 0, 2, 0], 24, "documentation"),
+    ([192, 31, 196, 0], 24, "AS112"),
+    ([192, 52, 193, 0], 24, "AMT"),
+    ([192, 88, 99, 0], 24, "6to4 relay anycast"),
+    ([192, 168, 0, 0], 16, "private"),
+    ([192, 175, 48, 0], 24, "AS112 direct delegation"),
+    ([198, 18, 0, 0], 15, "benchmarking"),
+    ([198, 51, 100, 0], 24, "documentation"),
+    ([203, 0, 113, 0], 24, "documentation"),
+    ([224, 0, 0, 0], 4, "multicast"),
+    ([240, 0, 0, 0], 4, "reserved"),
+    ([255, 255, 255, 255], 32, "broadcast"),
+];
+
+fn non_public_v4(ip: std::net::Ipv4Addr) -> Option<&'static str> {
+    let bits = u32::from(ip);
+    SPECIAL_V4.iter().find_map(|(net, len, kind)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+        (bits & mask == u32::from_be_bytes(*net) & mask).then_some(*kind)
+    })
+}
+
+/// IPv6 ranges that are not public, checked in order (the first match
+/// names the kind): `(network, prefix length, kind)`.
+const SPECIAL_V6: &[(u128, u8, &str)] = &[
+    (0, 128, "unspecified"),
+    (1, 128, "loopback"),
+    (0xffff_0000_0000, 96, "IPv4-mapped"),
+    (0xffff_0000_0000_0000, 96, "IPv4-translated"),
+    (0, 96, "IPv4-compatible"),
+    (0x0064_ff9b << 96, 96, "NAT64"),
+    (
+        (0x0064_ff9b_u128 << 96) | (1 << 80),
+        48,
+        "NAT64 (local use)",
+    ),
+    (0x0100 << 112, 64, "discard-only"),
+    (0x2001_0000 << 96, 32, "Teredo"),
+    (0x2001_0db8 << 96, 32, "documentation"),
+    (0x2001 << 112, 23, "IETF protocol assignment"),
+    (0x2002 << 112, 16, "6to4"),
+    ((0x2620_004f_8000_u128) << 80, 48, "AS112 direct delegation"),
+    (0x3fff << 112, 20, "documentation"),
+    (0x5f00 << 112, 16, "segment routing (SRv6)"),
+    (0xfc00 << 112, 7, "private (unique local)"),
+    (0xfe80 << 112, 10, "link-local"),
+    (0xfec0 << 112, 10, "site-local"),
+    (0xff00 << 112, 8, "multicast"),
+];
+
+fn non_public_v6(ip: std::net::Ipv6Addr) -> Option<&'static str> {
+    let bits = u128::from(ip);
+    let special = SPECIAL_V6.iter().find_map(|(net, len, kind)| {
+        let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+        (bits & mask == net & mask).then_some(*kind)
+    });
+    // Beyond the registry: only global unicast (2000::/3) is routed.
+    special.or_else(|| (bits >> 125 != 0b001).then_some("not global unicast"))
+}
+
+/// Host names that always mean this machine (RFC 6761), refused at
+/// submission without looking them up.
+fn is_local_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 /// Checks a callback URL as submitted: its form and, when its host is a
@@ -134,7 +170,12 @@ pub fn check_submitted(text: &str, allow_private: bool) -> Result<Url, TargetErr
     let ip = match url.host() {
         Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
         Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
-        Some(url::Host::Domain(_)) => None,
+        Some(url::Host::Domain(name)) => {
+            if !allow_private && is_local_name(name) {
+                return Err(TargetError::LocalName(name.to_string()));
+            }
+            None
+        }
         None => return Err(TargetError::Malformed("no host".into())),
     };
     if let (false, Some(ip)) = (allow_private, ip) {
@@ -298,26 +339,75 @@ mod tests {
     fn only_public_addresses_pass() {
         for private in [
             "127.0.0.1",
+            "127.255.255.254",
             "10.1.2.3",
             "172.16.0.1",
+            "172.31.255.255",
             "192.168.1.1",
             "169.254.169.254",
             "100.64.0.1",
+            "100.127.255.255",
             "0.0.0.0",
+            "0.1.2.3",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.31.196.1",
+            "192.52.193.1",
+            "192.88.99.1",
+            "192.175.48.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
             "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
             "255.255.255.255",
             "::1",
             "::",
-            "fc00::1",
-            "fe80::1",
+            "::127.0.0.1",
+            "::8.8.8.8",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::ffff:8.8.8.8",
+            "::ffff:0:7f00:1",
             "64:ff9b::a00:1",
+            "64:ff9b::808:808",
+            "64:ff9b:1::1",
+            "100::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:20::1",
+            "2001:db8::1",
+            "2002:7f00:1::1",
+            "2002:808:808::1",
+            "2620:4f:8000::1",
+            "3fff::1",
+            "5f00::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "4000::1",
         ] {
             let ip: IpAddr = private.parse().unwrap();
             assert!(non_public(ip).is_some(), "{private}");
         }
-        for public in ["1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"] {
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "93.184.216.34",
+            "100.63.255.255",
+            "100.128.0.0",
+            "172.32.0.1",
+            "192.0.1.1",
+            "198.20.0.1",
+            "223.255.255.254",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::200e",
+        ] {
             assert_eq!(non_public(public.parse().unwrap()), None, "{public}");
         }
     }
@@ -326,7 +416,7 @@ mod tests {
     fn submitted_urls() {
         assert!(check_submitted("https://example.com/hook", false).is_ok());
         assert!(
-            check_submitted("http://localhost:9/hook", false).is_ok(),
+            check_submitted("http://receiver.example:9/hook", false).is_ok(),
             "a name is checked at connect"
         );
         for bad in [
@@ -334,12 +424,22 @@ mod tests {
             "http://user:pw@example.com/",
             "http://127.0.0.1/",
             "http://[::1]:8080/",
+            "http://[::127.0.0.1]/",
+            "http://[2002:7f00:1::1]/",
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://localhost:9/hook",
+            "http://LOCALHOST./",
+            "http://api.localhost/",
             "http://169.254.169.254/latest/meta-data",
             "not a url",
         ] {
             assert!(check_submitted(bad, false).is_err(), "{bad}");
         }
         assert!(check_submitted("http://127.0.0.1:9/", true).is_ok());
+        assert!(check_submitted("http://localhost:9/", true).is_ok());
         assert!(
             check_submitted(&format!("https://example.com/{}", "a".repeat(3000)), false).is_err()
         );

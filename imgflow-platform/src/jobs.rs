@@ -303,6 +303,11 @@ pub fn cache_key(
     hex::encode(hash.finalize())
 }
 
+/// How old a job held in its owner's share must be before the sweeper
+/// may give it back as finished ([`Jobs::requeue_missing`]): older than any
+/// submission still being recorded.
+const HOLD_SETTLED: Duration = Duration::from_secs(300);
+
 /// What [`Jobs::submit`] did.
 #[derive(Debug, Clone)]
 pub enum Submitted {
@@ -386,6 +391,12 @@ pub enum JobsError {
     /// An idempotency key's job vanished while it was being looked up.
     #[error("a request with the same Idempotency-Key is being recorded; retry")]
     Conflict,
+    /// The owner holds its cap of unfinished jobs.
+    #[error("this key has {held} unfinished jobs, its limit (KEY_MAX_UNFINISHED_JOBS); try again when some finish")]
+    OverCap {
+        /// How many it holds.
+        held: u64,
+    },
 }
 
 impl JobsError {
@@ -397,6 +408,7 @@ impl JobsError {
             JobsError::Queue(_) => ErrorCode::QueueUnavailable,
             JobsError::Storage(_) => ErrorCode::StorageUnavailable,
             JobsError::Conflict => ErrorCode::Conflict,
+            JobsError::OverCap { .. } => ErrorCode::QueueFull,
         }
     }
 }
@@ -420,8 +432,43 @@ impl Jobs {
     /// deleted). With an idempotency key already used, returns that job and
     /// keeps nothing new (callers may look the key up first, with
     /// [`Jobs::by_idempotency_key`], to skip the work of validating).
-    pub async fn submit(&self, new: NewJob, input: Bytes) -> Result<Submitted, JobsError> {
+    ///
+    /// The job is held among its owner's unfinished jobs first, atomically
+    /// within `cap` ([`Queue::hold`]; `None`: no cap), and given back when
+    /// it finishes, or at once if it is not queued after all.
+    pub async fn submit(
+        &self,
+        new: NewJob,
+        input: Bytes,
+        cap: Option<u64>,
+    ) -> Result<Submitted, JobsError> {
         let id = Uuid::now_v7();
+        let owner = new.owner.clone();
+        if let Err(held) = self.queue.hold(&owner, &[id], cap).await? {
+            return Err(JobsError::OverCap { held });
+        }
+        let submitted = self.submit_held(id, new, input).await;
+        if !matches!(submitted, Ok(Submitted::Created(_))) {
+            self.release(&owner, id).await;
+        }
+        submitted
+    }
+
+    /// Gives back a job its owner held ([`Queue::hold`]): it finished, or
+    /// was not made. A failure only delays that (the sweeper reconciles),
+    /// so it is logged.
+    async fn release(&self, owner: &str, id: Uuid) {
+        if let Err(e) = self.queue.release(owner, &[id]).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot give back the job's place in its owner's share");
+        }
+    }
+
+    async fn submit_held(
+        &self,
+        id: Uuid,
+        new: NewJob,
+        input: Bytes,
+    ) -> Result<Submitted, JobsError> {
         if let Some(job) = self.complete_from_cache(id, &new).await? {
             return Ok(job);
         }
@@ -738,6 +785,7 @@ impl Jobs {
         let Some(job) = cancelled else {
             return Ok(None);
         };
+        self.release(&job.owner, id).await;
         if let Some(entry) = &job.stream_id {
             // Recorded first: if this fails, the worker that takes the entry
             // finds the job finished and acknowledges it.
@@ -754,8 +802,19 @@ impl Jobs {
     /// the same owner, input (shared, not copied), plugin version,
     /// parameters and output format, whose `retry_of` is `job`. The caller
     /// checks [`JobStatus::is_retryable`] and admission first.
-    pub async fn retry(&self, job: &JobRecord) -> Result<JobRecord, JobsError> {
+    pub async fn retry(&self, job: &JobRecord, cap: Option<u64>) -> Result<JobRecord, JobsError> {
         let id = Uuid::now_v7();
+        if let Err(held) = self.queue.hold(&job.owner, &[id], cap).await? {
+            return Err(JobsError::OverCap { held });
+        }
+        let successor = self.retry_held(id, job).await;
+        if successor.is_err() {
+            self.release(&job.owner, id).await;
+        }
+        successor
+    }
+
+    async fn retry_held(&self, id: Uuid, job: &JobRecord) -> Result<JobRecord, JobsError> {
         let successor: JobRecord = sqlx::query_as(
             "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                input_size, input_format, output_format, owner, cache_key, retry_of,
@@ -788,26 +847,28 @@ impl Jobs {
         output_size: i64,
         steps: &[Step],
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(concat!(
+        let done: Option<(String,)> = sqlx::query_as(concat!(
             "UPDATE jobs SET status = $4, output_key = $2, output_size = $3, finished_at = now(),
                              error_code = NULL, error_message = NULL, steps = $5, ",
             arm_callback!(),
             " WHERE id = $1 AND ",
-            unfinished!()
+            unfinished!(),
+            " RETURNING owner"
         ))
         .bind(id)
         .bind(output_key)
         .bind(output_size)
         .bind(JobStatus::Completed)
         .bind(Json(steps))
-        .execute(&self.db)
+        .fetch_optional(&self.db)
         .await?;
-        let done = done.rows_affected() == 1;
-        if done {
-            self.announce(id, JobChange::Became(JobStatus::Completed))
-                .await;
-        }
-        Ok(done)
+        let Some((owner,)) = done else {
+            return Ok(false);
+        };
+        self.release(&owner, id).await;
+        self.announce(id, JobChange::Became(JobStatus::Completed))
+            .await;
+        Ok(true)
     }
 
     /// Marks the job `failed` with a code and message, and, when given, its
@@ -820,26 +881,28 @@ impl Jobs {
         message: &str,
         steps: Option<&[Step]>,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(concat!(
+        let done: Option<(String,)> = sqlx::query_as(concat!(
             "UPDATE jobs SET status = $4, error_code = $2, error_message = $3, finished_at = now(),
                              steps = COALESCE($5, steps), ",
             arm_callback!(),
             " WHERE id = $1 AND ",
-            unfinished!()
+            unfinished!(),
+            " RETURNING owner"
         ))
         .bind(id)
         .bind(code.as_str())
         .bind(message)
         .bind(JobStatus::Failed)
         .bind(steps.map(Json))
-        .execute(&self.db)
+        .fetch_optional(&self.db)
         .await?;
-        let done = done.rows_affected() == 1;
-        if done {
-            self.announce(id, JobChange::Became(JobStatus::Failed))
-                .await;
-        }
-        Ok(done)
+        let Some((owner,)) = done else {
+            return Ok(false);
+        };
+        self.release(&owner, id).await;
+        self.announce(id, JobChange::Became(JobStatus::Failed))
+            .await;
+        Ok(true)
     }
 
     /// The sweeper, for ever (drop or abort the future to stop it): a round
@@ -892,10 +955,58 @@ impl Jobs {
                 }
             }
             self.enqueue(job.id).await?;
+            // Redis may have lost its owner's share too (without a cap,
+            // the hold always succeeds).
+            let _ = self.queue.hold(&job.owner, &[job.id], None).await?;
             requeued += 1;
             tracing::warn!(job_id = %job.id, action = %job.action, "re-queued a job missing from Redis");
         }
+        self.reconcile_holdings().await?;
         Ok(requeued)
+    }
+
+    /// Gives back every job its owner still holds ([`Queue::hold`]) that
+    /// has finished or is gone (its release was lost), once it is older
+    /// than [`HOLD_SETTLED`], so no submission being recorded is touched.
+    async fn reconcile_holdings(&self) -> Result<(), JobsError> {
+        let settled = std::time::SystemTime::now()
+            .checked_sub(HOLD_SETTLED)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        for (owner, ids) in self.queue.holdings().await? {
+            let old: Vec<Uuid> = ids
+                .into_iter()
+                .filter(|id| {
+                    id.get_timestamp().is_some_and(|t| {
+                        let (secs, nanos) = t.to_unix();
+                        Duration::new(secs, nanos) < settled
+                    })
+                })
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            let live: Vec<(Uuid,)> = sqlx::query_as(concat!(
+                "SELECT id FROM jobs WHERE id = ANY($1) AND ",
+                unfinished!()
+            ))
+            .bind(&old)
+            .fetch_all(&self.db)
+            .await?;
+            let gone: Vec<Uuid> = old
+                .into_iter()
+                .filter(|id| !live.iter().any(|(l,)| l == id))
+                .collect();
+            if !gone.is_empty() {
+                tracing::info!(
+                    owner,
+                    count = gone.len(),
+                    "gave back finished jobs still held in their owner's share"
+                );
+                self.queue.release(&owner, &gone).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes a job (as last read): its queue entry (so no worker starts
@@ -916,6 +1027,9 @@ impl Jobs {
             // Deleted meanwhile by another request or the retention sweep.
             return Ok(false);
         };
+        if !deleted.status.is_finished() {
+            self.release(&deleted.owner, deleted.id).await;
+        }
         self.announce(deleted.id, JobChange::Deleted).await;
         self.delete_files(&deleted, &[deleted.id]).await?;
         Ok(true)

@@ -82,15 +82,21 @@ impl Keys {
         .await
     }
 
-    /// Revokes a key: it stops working at once. Returns false if there is
-    /// no such live key.
+    /// Revokes a key: it stops working at once, and its console sessions
+    /// end with it. Returns false if there is no such live key.
     pub async fn revoke(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
         )
         .bind(id)
-        .execute(&self.db)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM console_sessions WHERE key_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -13,9 +13,13 @@
 //! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
 //!   notices that tell workers).
 //! - [`keys`]: client API keys (create, list, revoke, verify).
+//! - [`sessions`]: the console's sign-in sessions (server-side, by a
+//!   random id; never the credential).
 //! - [`queue`]: every Redis key and command (the job stream, plugin-change
 //!   notices, the sweeper's lock).
 //! - [`storage`]: where images and plugin components are kept.
+//! - [`submission`]: a submission's fields, from the query and a form
+//!   alike.
 //! - [`db`]: the PostgreSQL connection and migrations.
 //! - [`config`]: connection settings (flags and environment variables).
 //! - [`retry`]: backoff for transient failures.
@@ -37,5 +41,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod queue;
 pub mod retry;
+pub mod sessions;
 pub mod shutdown;
 pub mod storage;
+pub mod submission;

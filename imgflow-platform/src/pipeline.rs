@@ -115,11 +115,9 @@ pub enum StepsError {
     /// The value is empty.
     #[error("steps is empty; name at least one step")]
     Empty,
-    /// More steps than allowed.
-    #[error("{count} steps asked for; at most {max} are allowed (MAX_STEPS)")]
+    /// More steps than allowed (reading stops at the first one over).
+    #[error("more than {max} steps asked for; at most {max} are allowed (MAX_STEPS)")]
     TooMany {
-        /// How many were given.
-        count: usize,
         /// `MAX_STEPS`.
         max: usize,
     },
@@ -147,32 +145,70 @@ struct JsonStep {
 }
 
 /// Reads a `steps` value: a JSON array when it starts with `[`, else the
-/// short form. At most `max` steps.
+/// short form. At most `max` steps: reading stops at the first step over
+/// (nothing beyond it is parsed or kept), whatever the value's length.
 pub fn parse(text: &str, max: usize) -> Result<Vec<StepRequest>, StepsError> {
     let text = text.trim();
     if text.is_empty() {
         return Err(StepsError::Empty);
     }
     let steps = if text.starts_with('[') {
-        parse_json(text)?
+        parse_json(text, max)?
     } else {
-        parse_short(text)?
+        parse_short(text, max)?
     };
     if steps.is_empty() {
         return Err(StepsError::Empty);
     }
-    if steps.len() > max {
-        return Err(StepsError::TooMany {
-            count: steps.len(),
-            max,
-        });
-    }
     Ok(steps)
 }
 
-fn parse_json(text: &str) -> Result<Vec<StepRequest>, StepsError> {
-    let steps: Vec<JsonStep> =
-        serde_json::from_str(text).map_err(|e| StepsError::Json(e.to_string()))?;
+/// The message a bounded JSON read stops with.
+const TOO_MANY: &str = "imgflow: too many steps";
+
+/// Reads a JSON array of steps, at most `max` of them.
+struct Bounded(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Bounded {
+    type Value = Vec<JsonStep>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Bounded {
+    type Value = Vec<JsonStep>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of steps")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut steps = Vec::new();
+        while let Some(step) = seq.next_element::<JsonStep>()? {
+            if steps.len() == self.0 {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+}
+
+fn parse_json(text: &str, max: usize) -> Result<Vec<StepRequest>, StepsError> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let steps = Bounded(max)
+        .deserialize(&mut de)
+        .and_then(|steps| de.end().map(|()| steps))
+        .map_err(|e| {
+            if e.to_string().starts_with(TOO_MANY) {
+                StepsError::TooMany { max }
+            } else {
+                StepsError::Json(e.to_string())
+            }
+        })?;
     steps
         .into_iter()
         .enumerate()
@@ -201,10 +237,13 @@ fn parse_json(text: &str) -> Result<Vec<StepRequest>, StepsError> {
         .collect()
 }
 
-fn parse_short(text: &str) -> Result<Vec<StepRequest>, StepsError> {
+fn parse_short(text: &str, max: usize) -> Result<Vec<StepRequest>, StepsError> {
     text.split(',')
         .enumerate()
         .map(|(i, step)| {
+            if i == max {
+                return Err(StepsError::TooMany { max });
+            }
             let bad = |message: String| StepsError::Step {
                 index: i + 1,
                 message,
@@ -215,7 +254,8 @@ fn parse_short(text: &str) -> Result<Vec<StepRequest>, StepsError> {
             };
             if action.is_empty() {
                 return Err(bad(format!(
-                    "{step:?} names no action (write action:name=value;name=value)"
+                    "{} names no action (write action:name=value;name=value)",
+                    imgflow_runtime::text::excerpt(step)
                 )));
             }
             let pairs = params
@@ -224,7 +264,9 @@ fn parse_short(text: &str) -> Result<Vec<StepRequest>, StepsError> {
                 .map(|pair| match pair.split_once('=') {
                     Some((name, value)) => Ok((name.trim().to_string(), value.trim().to_string())),
                     None => Err(bad(format!(
-                        "parameter {pair:?} of {action} is not name=value"
+                        "parameter {} of {} is not name=value",
+                        imgflow_runtime::text::excerpt(pair),
+                        imgflow_runtime::text::excerpt(action)
                     ))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -294,10 +336,20 @@ mod tests {
     fn refusals_name_the_step() {
         assert_eq!(parse("  ", 8), Err(StepsError::Empty));
         assert_eq!(parse("[]", 8), Err(StepsError::Empty));
+        assert_eq!(parse("a,b,c", 2), Err(StepsError::TooMany { max: 2 }));
         assert_eq!(
-            parse("a,b,c", 2),
-            Err(StepsError::TooMany { count: 3, max: 2 })
+            parse(&format!("[{}]", [r#"{"action":"a"}"#; 3].join(",")), 2),
+            Err(StepsError::TooMany { max: 2 })
         );
+        // Reading stops at the first step over: a huge value costs nothing
+        // beyond it (an unparseable tail is never seen).
+        let huge = format!("a,b,c,{}", "\u{0}".repeat(1 << 20));
+        assert_eq!(parse(&huge, 2), Err(StepsError::TooMany { max: 2 }));
+        let huge = format!(
+            r#"[{{"action":"a"}},{{"action":"b"}},{{"action":"c"}},{}"#,
+            "[".repeat(1 << 20)
+        );
+        assert_eq!(parse(&huge, 2), Err(StepsError::TooMany { max: 2 }));
         let e = parse("resize:width=1,blur:sigma", 8).unwrap_err();
         assert!(e.to_string().starts_with("step 2:"), "{e}");
         let e = parse("resize,:x=1", 8).unwrap_err();

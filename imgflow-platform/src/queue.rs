@@ -18,8 +18,12 @@
 //! deployment's prefix, `IMGFLOW_QUEUE`) and every command, including the
 //! plugin-change notices (pub/sub on `<prefix>:plugins`), the job-change
 //! notices that waiting clients hear (pub/sub on `<prefix>:job-changes`),
-//! the workers' heartbeats (a sorted set, `<prefix>:workers`) and the
-//! locks of
+//! the workers' heartbeats (a sorted set, `<prefix>:workers`), failure
+//! counters with a time window (`<prefix>:failures:<scope>`, console
+//! sign-ins by address), each client's unfinished jobs (a set,
+//! `<prefix>:unfinished:<owner>`, and the owners that hold any,
+//! `<prefix>:unfinished-owners`: the per-key cap, checked and taken
+//! atomically) and the locks of
 //! the sweeper and the retention sweep (`<prefix>:sweeper`,
 //! `<prefix>:retention`). No connection or key leaves it.
 
@@ -346,6 +350,133 @@ impl Queue {
         Ok(taken.is_some())
     }
 
+    /// Adds `jobs` to `owner`'s unfinished jobs, unless that would make
+    /// more than `cap` of them (with `Some(cap)`): atomically, so
+    /// concurrent submissions of one client cannot pass the cap together.
+    /// Returns `Ok(())` when added, `Err(held)` (how many it holds) when
+    /// refused. Every job held is given back by [`Queue::release`] when it
+    /// finishes (or is not made after all).
+    pub async fn hold(
+        &self,
+        owner: &str,
+        jobs: &[Uuid],
+        cap: Option<u64>,
+    ) -> RedisResult<Result<(), u64>> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(
+            r"local held = redis.call('SCARD', KEYS[1])
+              local cap = tonumber(ARGV[1])
+              if cap >= 0 and held + #ARGV - 2 > cap then return held end
+              for i = 3, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+              redis.call('SADD', KEYS[2], ARGV[2])
+              return -1",
+        );
+        let mut invocation = script.key(self.held_key(owner));
+        invocation
+            .key(self.key(HOLDERS))
+            .arg(cap.map_or(-1, |c| c.min(i64::MAX as u64) as i64))
+            .arg(owner);
+        for job in jobs {
+            invocation.arg(job.to_string());
+        }
+        let held: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(if held < 0 { Ok(()) } else { Err(held as u64) })
+    }
+
+    /// Gives back `jobs` of `owner` ([`Queue::hold`]): they finished, or
+    /// were never made. Giving back a job not held changes nothing.
+    pub async fn release(&self, owner: &str, jobs: &[Uuid]) -> RedisResult<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
+        conn.srem(self.held_key(owner), ids).await
+    }
+
+    /// How many unfinished jobs `owner` holds.
+    pub async fn held(&self, owner: &str) -> RedisResult<u64> {
+        let mut conn = self.conn().await?;
+        conn.scard(self.held_key(owner)).await
+    }
+
+    /// The unfinished jobs `owner` holds.
+    pub async fn held_jobs(&self, owner: &str) -> RedisResult<Vec<Uuid>> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = conn.smembers(self.held_key(owner)).await?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| Uuid::parse_str(id).ok())
+            .collect())
+    }
+
+    /// Every owner that has held jobs, and the jobs each holds, for the
+    /// sweeper's reconciliation; owners holding none are forgotten.
+    pub async fn holdings(&self) -> RedisResult<Vec<(String, Vec<Uuid>)>> {
+        let mut conn = self.conn().await?;
+        let owners: Vec<String> = conn.smembers(self.key(HOLDERS)).await?;
+        let mut holdings = Vec::with_capacity(owners.len());
+        for owner in owners {
+            let ids: Vec<String> = conn.smembers(self.held_key(&owner)).await?;
+            if ids.is_empty() {
+                let _: () = conn.srem(self.key(HOLDERS), &owner).await?;
+                continue;
+            }
+            let ids = ids
+                .iter()
+                .filter_map(|id| Uuid::parse_str(id).ok())
+                .collect();
+            holdings.push((owner, ids));
+        }
+        Ok(holdings)
+    }
+
+    fn held_key(&self, owner: &str) -> String {
+        self.key(&format!("{HELD}:{owner}"))
+    }
+
+    /// Counts a failure of `scope` (such as a sign-in from one address) in a
+    /// window of `window` that starts at its first failure. Returns the
+    /// count so far and the time left in the window.
+    pub async fn count_failure(
+        &self,
+        scope: &str,
+        window: Duration,
+    ) -> RedisResult<(u64, Duration)> {
+        let mut conn = self.conn().await?;
+        let key = self.key(&format!("{FAILURES}:{scope}"));
+        let (count, left): (u64, i64) = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(window.as_millis() as u64)
+            .arg("NX")
+            .ignore()
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        Ok((count, Duration::from_millis(left.max(0) as u64)))
+    }
+
+    /// The failures of `scope` counted in its current window, and the time
+    /// left in it (zero and zero when none).
+    pub async fn failures(&self, scope: &str) -> RedisResult<(u64, Duration)> {
+        let mut conn = self.conn().await?;
+        let key = self.key(&format!("{FAILURES}:{scope}"));
+        let (count, left): (Option<u64>, i64) = redis::pipe()
+            .get(&key)
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        Ok((
+            count.unwrap_or(0),
+            Duration::from_millis(left.max(0) as u64),
+        ))
+    }
+
     /// Deletes every key of this queue: the stream (and so every queued
     /// entry) and the locks. For tests and for tearing a deployment down;
     /// PostgreSQL still knows every unfinished job, and the sweeper queues
@@ -363,6 +494,16 @@ impl Queue {
 
 /// The channel of plugin-change notices, under the prefix.
 const PLUGIN_NOTICES: &str = "plugins";
+
+/// Failure counters ([`Queue::count_failure`]), under the prefix.
+const FAILURES: &str = "failures";
+
+/// Each owner's unfinished jobs (a set of job ids, [`Queue::hold`]), under
+/// the prefix and followed by the owner.
+const HELD: &str = "unfinished";
+
+/// The owners that hold unfinished jobs (a set), under the prefix.
+const HOLDERS: &str = "unfinished-owners";
 
 /// The sorted set of worker heartbeats (score: milliseconds since 1970),
 /// under the prefix.

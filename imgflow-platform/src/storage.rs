@@ -1,15 +1,22 @@
-//! Where images and plugin components are kept: a local directory or an
-//! S3-compatible bucket, through the `object_store` crate.
+//! Where images and plugin components are kept: a local directory
+//! ([`LocalDir`]), or an S3-compatible bucket through the `object_store`
+//! crate.
 //!
 //! Keys: `inputs/<job id>`, `outputs/<job id>.<ext>`, `plugins/<sha256>.wasm`.
 //! Outputs are named by job id alone, so running a job twice writes the same
 //! object twice instead of leaving two results.
+//!
+//! A local directory is the operator's alone: directories are created (and,
+//! if they exist, set) `0700` and files `0600`, whatever the process's
+//! umask, so another user of the machine reads no client's image.
 
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use thiserror::Error;
@@ -37,14 +44,20 @@ pub enum StorageError {
         /// The key.
         key: String,
         /// The store's error.
-        source: object_store::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 /// The object store, shared by the API and the workers.
 #[derive(Debug, Clone)]
 pub struct Storage {
-    store: Arc<dyn ObjectStore>,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local(LocalDir),
+    Object(Arc<dyn ObjectStore>),
 }
 
 impl Storage {
@@ -57,11 +70,10 @@ impl Storage {
             message,
         };
         let local = |dir: &str| -> Result<Storage, StorageError> {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| config(format!("cannot create {dir}: {e}")))?;
-            let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| config(e.to_string()))?;
+            let dir =
+                LocalDir::open(dir.into()).map_err(|e| config(format!("cannot use {dir}: {e}")))?;
             Ok(Storage {
-                store: Arc::new(fs),
+                backend: Backend::Local(dir),
             })
         };
         if let Some(path) = url.strip_prefix("file://") {
@@ -82,60 +94,230 @@ impl Storage {
         } else {
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
-        Ok(Storage { store })
+        Ok(Storage {
+            backend: Backend::Object(store),
+        })
     }
 
     /// Writes `bytes` at `key`, replacing what was there.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
-        self.store
-            .put(&Path::from(key), PutPayload::from_bytes(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|source| backend(key, source))
+        match &self.backend {
+            Backend::Local(dir) => dir.put(key, bytes).await,
+            Backend::Object(store) => store
+                .put(&Path::from(key), PutPayload::from_bytes(bytes))
+                .await
+                .map(|_| ())
+                .map_err(|source| backend(key, source)),
+        }
     }
 
     /// Reads the object at `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        let result = self
-            .store
-            .get(&Path::from(key))
-            .await
-            .map_err(|source| backend(key, source))?;
-        result.bytes().await.map_err(|source| backend(key, source))
+        match &self.backend {
+            Backend::Local(dir) => dir.get(key).await,
+            Backend::Object(store) => {
+                let result = store
+                    .get(&Path::from(key))
+                    .await
+                    .map_err(|source| backend(key, source))?;
+                result.bytes().await.map_err(|source| backend(key, source))
+            }
+        }
     }
 
     /// Opens the object at `key` to be read as a stream of chunks, so it can
     /// be sent on without being held in memory whole.
     pub async fn read_stream(&self, key: &str) -> Result<Object, StorageError> {
-        let result = self
-            .store
-            .get(&Path::from(key))
-            .await
-            .map_err(|source| backend(key, source))?;
-        let size = result.meta.size;
-        let owned = key.to_string();
-        let chunks = result
-            .into_stream()
-            .map(move |chunk| chunk.map_err(|source| backend(&owned, source)))
-            .boxed();
-        Ok(Object { size, chunks })
+        match &self.backend {
+            Backend::Local(dir) => dir.read_stream(key).await,
+            Backend::Object(store) => {
+                let result = store
+                    .get(&Path::from(key))
+                    .await
+                    .map_err(|source| backend(key, source))?;
+                let size = result.meta.size;
+                let owned = key.to_string();
+                let chunks = result
+                    .into_stream()
+                    .map(move |chunk| chunk.map_err(|source| backend(&owned, source)))
+                    .boxed();
+                Ok(Object { size, chunks })
+            }
+        }
     }
 
     /// Deletes the object at `key`; a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        match self.store.delete(&Path::from(key)).await {
-            Ok(()) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(backend(key, source)),
+        match &self.backend {
+            Backend::Local(dir) => dir.delete(key).await,
+            Backend::Object(store) => match store.delete(&Path::from(key)).await {
+                Ok(()) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(source) => Err(backend(key, source)),
+            },
         }
     }
 
     /// Whether an object exists at `key`.
     pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
-        match self.store.head(&Path::from(key)).await {
+        match &self.backend {
+            Backend::Local(dir) => dir.exists(key).await,
+            Backend::Object(store) => match store.head(&Path::from(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(source) => Err(backend(key, source)),
+            },
+        }
+    }
+}
+
+/// Storage in a local directory, private to the process's user: every
+/// directory `0700`, every file `0600`. A write goes to a temporary file
+/// beside its target, then is renamed over it, so a reader never sees half
+/// an object.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: Arc<PathBuf>,
+}
+
+/// The mode of every directory of a [`LocalDir`].
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of every file of a [`LocalDir`].
+pub const FILE_MODE: u32 = 0o600;
+
+/// The size of the chunks a local object is streamed in.
+const CHUNK: usize = 256 * 1024;
+
+impl LocalDir {
+    /// The directory `root`, created if missing; its mode (and that of
+    /// the directories below it) is set to [`DIR_MODE`].
+    pub fn open(root: PathBuf) -> std::io::Result<LocalDir> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&root)?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(DIR_MODE))?;
+        for entry in std::fs::read_dir(&root)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(DIR_MODE))?;
+            }
+        }
+        Ok(LocalDir {
+            root: Arc::new(root),
+        })
+    }
+
+    /// The file of `key`: keys are relative paths of plain names (as this
+    /// module makes them); anything else is refused.
+    fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        let plain = !key.is_empty()
+            && key.split('/').all(|part| {
+                !part.is_empty() && part != "." && part != ".." && !part.contains('\\')
+            });
+        if !plain {
+            return Err(StorageError::Backend {
+                key: key.to_string(),
+                source: "not a storage key".into(),
+            });
+        }
+        Ok(self.root.join(key))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        key: &str,
+        work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let result =
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| StorageError::Backend {
+                    key: key.to_string(),
+                    source: e.into(),
+                })?;
+        result.map_err(|e| io_error(key, e))
+    }
+
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        Self::blocking(key, move || {
+            let dir = path.parent().unwrap_or(&path).to_path_buf();
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(&dir)?;
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let staging = dir.join(format!(".{name}.{}", Uuid::now_v7().simple()));
+            let written = (|| {
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(FILE_MODE)
+                    .open(&staging)?;
+                file.write_all(&bytes)?;
+                std::fs::rename(&staging, &path)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&staging);
+            }
+            written
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        let path = self.path(key)?;
+        Self::blocking(key, move || std::fs::read(path).map(Bytes::from)).await
+    }
+
+    async fn read_stream(&self, key: &str) -> Result<Object, StorageError> {
+        use tokio::io::AsyncReadExt as _;
+        let path = self.path(key)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_error(key, e))?;
+        let size = file.metadata().await.map_err(|e| io_error(key, e))?.len();
+        let owned = key.to_string();
+        let chunks = futures::stream::try_unfold(file, move |mut file| {
+            let key = owned.clone();
+            async move {
+                let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+                let read = file
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| io_error(&key, e))?;
+                Ok((read > 0).then(|| (buf.freeze(), file)))
+            }
+        })
+        .boxed();
+        Ok(Object { size, chunks })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(key, e)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(path).await {
             Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(backend(key, source)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(key, e)),
+        }
+    }
+}
+
+fn io_error(key: &str, e: std::io::Error) -> StorageError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        StorageError::NotFound(key.to_string())
+    } else {
+        StorageError::Backend {
+            key: key.to_string(),
+            source: e.into(),
         }
     }
 }
@@ -159,7 +341,7 @@ fn backend(key: &str, source: object_store::Error) -> StorageError {
         object_store::Error::NotFound { .. } => StorageError::NotFound(key.to_string()),
         source => StorageError::Backend {
             key: key.to_string(),
-            source,
+            source: source.into(),
         },
     }
 }

@@ -9,7 +9,7 @@
 //! 3. GIF encoding of a photo at the encoder's default quantizer speed (1)
 //!    and at imgflow's `GIF_SPEED`.
 //! 4. What the API's check of a submitted image costs: reading the header
-//!    only (`codec::decoded_size`) against decoding it whole
+//!    only (`codec::decode_cost`) against decoding it whole
 //!    (`codec::validate`), on photos and on a decode bomb (8192x8192 16-bit
 //!    zeros).
 //!
@@ -188,8 +188,8 @@ fn main() {
         drop(zeros);
         inputs.push(("bomb 8192x8192 16-bit".into(), bomb));
         for (name, bytes) in &inputs {
-            let (_, decoded) = codec::decoded_size(bytes, &limits).unwrap();
-            let header = time(15, || codec::decoded_size(bytes, &limits).unwrap());
+            let decoded = codec::decode_cost(bytes, &limits).unwrap().validate_bytes;
+            let header = time(15, || codec::decode_cost(bytes, &limits).unwrap());
             let whole = time(3, || codec::validate(bytes, &limits).unwrap());
             println!(
                 "| {name} | {} KiB | {:.1} MiB | {:.3} | {:.1} |",

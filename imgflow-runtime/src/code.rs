@@ -70,6 +70,11 @@ error_codes! {
     InvalidRequest = "invalid_request", 400, false, Submission;
     /// The request body is over its limit.
     BodyTooLarge = "body_too_large", 413, false, Submission;
+    /// The fields of a form other than its files are over
+    /// `MAX_FIELDS_BYTES` together.
+    FieldsTooLarge = "fields_too_large", 413, false, Submission;
+    /// The query string is over `MAX_FIELDS_BYTES`.
+    UriTooLong = "uri_too_long", 414, false, Submission;
     /// The body's content type is not one the route accepts.
     UnsupportedMediaType = "unsupported_media_type", 415, false, Submission;
     // Submitting a job.
@@ -135,6 +140,15 @@ error_codes! {
     DecodeBusy = "decode_busy", 503, true, Submission;
     /// The client sent the request body too slowly (`BODY_READ_TIMEOUT`).
     RequestTimeout = "request_timeout", 408, false, Submission;
+    /// The client key already holds `KEY_MAX_STREAMS` event streams and
+    /// waits open.
+    TooManyStreams = "too_many_streams", 429, true, Other;
+    /// Too many failed sign-ins from this address; try again later.
+    SignInThrottled = "sign_in_throttled", 429, true, Other;
+    /// No such route.
+    NotFound = "not_found", 404, false, Other;
+    /// The route exists but not with this method.
+    MethodNotAllowed = "method_not_allowed", 405, false, Other;
     // Reading jobs.
     /// No such job.
     JobNotFound = "job_not_found", 404, false, Other;

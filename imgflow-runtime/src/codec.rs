@@ -7,7 +7,10 @@
 //!
 //! Dimensions are read from the file's header and checked against
 //! [`ImageLimits`] **before** any pixel is decoded, so a tiny file claiming to
-//! be 100000 x 100000 pixels costs nothing.
+//! be 100000 x 100000 pixels costs nothing; every frame of an animated
+//! file is checked against that header's canvas too ([`crate::frames`]),
+//! and what decoding will hold is known beforehand ([`decode_cost`]) and
+//! imposed on the decoder.
 
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -231,20 +234,77 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
     })
 }
 
-/// How many bytes decoding the image takes, from its header: its pixels
-/// in their own type (16-bit RGBA is 8 bytes a pixel), without decoding.
-/// Checks the header against `limits` first.
-pub fn decoded_size(bytes: &[u8], limits: &ImageLimits) -> Result<(Probe, u64), CodecError> {
+/// What decoding an image costs in memory, read from its structure
+/// without decoding a pixel ([`decode_cost`]). Callers reserve it from
+/// their memory budget before decoding, and the decoder is held to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeCost {
+    /// The header's format and canvas.
+    pub probe: Probe,
+    /// The file's frames, each checked against the canvas
+    /// ([`crate::frames`]); only the first is decoded.
+    pub frames: crate::frames::Frames,
+    /// The most bytes [`validate`] holds at once: the decoded canvas in the
+    /// file's own pixel type (16-bit RGBA is 8 bytes a pixel), and the
+    /// decoder's working buffers (a GIF frame composed onto the canvas, an
+    /// animated WebP's canvas and frame, a progressive JPEG's coefficients,
+    /// a lossy WebP's YUV planes).
+    pub validate_bytes: u64,
+    /// The most bytes [`decode_with`] holds at once: that, plus the 8-bit
+    /// RGBA copy and the copy an EXIF rotation makes.
+    pub decode_bytes: u64,
+}
+
+/// Room for a decoder's fixed state (tables, a zlib window, row buffers).
+const DECODER_SLACK: u64 = 256 * 1024;
+
+/// The memory decoding `bytes` takes ([`DecodeCost`]), from its header and
+/// the walk of its frames: the header is checked against `limits`, and
+/// every frame against the canvas (a frame outside it is refused as
+/// corrupt), before anything is allocated.
+pub fn decode_cost(bytes: &[u8], limits: &ImageLimits) -> Result<DecodeCost, CodecError> {
     use image::ImageDecoder as _;
     let probe = probe(bytes, limits)?;
+    let frames = crate::frames::walk(bytes, probe.format, (probe.width, probe.height))?;
     let (reader, _) = reader(bytes)?;
     let decoder =
         guard(|| reader.into_decoder())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;
-    Ok((probe, decoder.total_bytes()))
+    let native = decoder.total_bytes();
+    let canvas = u64::from(probe.width) * u64::from(probe.height);
+    let first = u64::from(frames.first.0) * u64::from(frames.first.1);
+    let working = match probe.format {
+        // Two rows of filtering.
+        ImageFormat::Png => native / u64::from(probe.height.max(1)) * 2,
+        // A progressive file's coefficients: an i16 for every sample.
+        ImageFormat::Jpeg => native * 2,
+        // A frame that does not span the screen is decoded apart, then
+        // composed onto it.
+        ImageFormat::Gif if frames.composed => first * 4,
+        ImageFormat::Gif => 0,
+        // An animation's canvas (RGBA), and the frame: lossless decodes to
+        // RGBA (plus an RGBA copy without alpha), lossy to YUV planes and
+        // then RGB(A).
+        ImageFormat::Webp => {
+            let composed = if frames.composed { canvas * 4 } else { 0 };
+            let frame = if frames.lossless {
+                first * 8
+            } else {
+                first * 6
+            };
+            composed + frame
+        }
+    };
+    let validate_bytes = native + working + DECODER_SLACK;
+    Ok(DecodeCost {
+        probe,
+        frames,
+        validate_bytes,
+        decode_bytes: validate_bytes + canvas * 8,
+    })
 }
 
 /// Decodes the whole image, to check that it is not corrupt, and keeps
-/// nothing: it takes [`decoded_size`] bytes while it runs (no 8-bit copy).
+/// nothing: it holds at most [`DecodeCost::validate_bytes`] while it runs.
 pub fn validate(bytes: &[u8], limits: &ImageLimits) -> Result<Probe, CodecError> {
     let (probe, decoded, _) = decode_native(bytes, limits)?;
     drop(decoded);
@@ -287,13 +347,15 @@ fn decode_native(
     limits: &ImageLimits,
 ) -> Result<(Probe, DynamicImage, image::metadata::Orientation), CodecError> {
     use image::ImageDecoder as _;
-    let probe = probe(bytes, limits)?;
+    let cost = decode_cost(bytes, limits)?;
+    let probe = cost.probe;
     let (reader, _) = reader(bytes)?;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
     decoder_limits.max_image_height = Some(limits.max_side);
-    // Room for the widest pixel type (16-bit RGBA) plus the 8-bit copy.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(12));
+    // No buffer the decoder allocates may be larger than what its caller
+    // reserved for the whole decode.
+    decoder_limits.max_alloc = Some(cost.validate_bytes);
     let decoded = guard(|| -> image::ImageResult<_> {
         let mut decoder = reader.into_decoder()?;
         decoder.set_limits(decoder_limits)?;

@@ -7,12 +7,15 @@
 //! - [`cache`]: the on-disk cache of compiled plugins.
 //! - [`codec`]: decoding and encoding images, with size limits checked from
 //!   the header before any pixel is decoded.
+//! - [`frames`]: an image file's frames, checked against its canvas
+//!   before anything is decoded.
 //! - [`params`]: validating a job's parameters against a plugin's declared
 //!   schema, without running the plugin.
 //! - [`metadata`]: what a plugin says about itself, as plain serialisable
 //!   Rust types.
 //! - [`code`]: every error code imgflow answers, records or prints
 //!   ([`ErrorCode`]).
+//! - [`text`]: quoting untrusted text in messages (a short excerpt).
 //! - [`config`]: the sandbox's settings as command-line flags and
 //!   environment variables ([`config::SandboxArgs`]).
 
@@ -23,10 +26,12 @@ pub mod code;
 pub mod codec;
 pub mod config;
 mod error;
+pub mod frames;
 pub mod metadata;
 pub mod params;
 mod runtime;
 mod sandbox;
+pub mod text;
 
 pub use cache::{sha256_hex, CacheSecret, CompiledCache};
 pub use code::{ErrorCode, Failure};

@@ -129,8 +129,9 @@ impl std::fmt::Display for Constraint {
     }
 }
 
-/// Names a plugin parameter may not have: a raw-body submission's query
-/// carries them beside the plugin's parameters (`?action=blur&sigma=2&wait=30s`).
+/// Names a plugin parameter may not have: a submission's query or form
+/// carries them beside the plugin's parameters
+/// (`?action=blur&sigma=2&wait=30s`, `-F image=@photo.png -F sigma=2`).
 pub const RESERVED_PARAMS: &[&str] = &[
     "action",
     "format",
@@ -139,6 +140,8 @@ pub const RESERVED_PARAMS: &[&str] = &[
     "wait",
     "callback_url",
     "auto_orient",
+    "params",
+    "image",
 ];
 
 /// Whether `name` is acceptable as a plugin name (and so as a job action and

@@ -276,12 +276,13 @@ impl Runtime {
     }
 
     /// An upper estimate of the memory the host holds for one job of
-    /// `steps` plugin calls (a pipeline; at least one) on an image of
-    /// `width` x `height` whose file is `input_len` bytes, in bytes: the
-    /// file, plus the larger of the two peaks —
+    /// `steps` plugin calls (a pipeline; at least one) on an image whose
+    /// file is `input_len` bytes and decodes to `width` x `height`, in
+    /// bytes: the file, plus the larger of the two peaks —
     ///
-    /// - decoding: the decoder's buffer (up to 16-bit RGBA, 8 bytes a pixel)
-    ///   and the 8-bit RGBA copy (4 bytes a pixel);
+    /// - decoding: `decode_bytes`, what decoding the file holds at once
+    ///   ([`crate::codec::DecodeCost::decode_bytes`]: the decoder's own
+    ///   buffers for the frame it decodes, and the 8-bit RGBA copies);
     /// - a plugin call: its input, the plugin's memories (at most the memory
     ///   cap, summed over all of them) and the copy of its output (which
     ///   came out of those memories, so at most the cap too). The first
@@ -291,13 +292,18 @@ impl Runtime {
     ///
     /// Encoding holds the output and its encoding, less than a call's peak.
     /// The caller reserves this much from its memory budget.
-    pub fn job_working_set(&self, input_len: usize, width: u32, height: u32, steps: usize) -> u64 {
+    pub fn job_working_set(
+        &self,
+        input_len: usize,
+        decode_bytes: u64,
+        (width, height): (u32, u32),
+        steps: usize,
+    ) -> u64 {
         let decoded = u64::from(width) * u64::from(height) * 4;
         let cap = self.config.max_memory_bytes as u64;
-        let decoding = decoded * 3;
         let largest_input = if steps > 1 { decoded.max(cap) } else { decoded };
         let calling = largest_input + 2 * cap;
-        input_len as u64 + decoding.max(calling)
+        input_len as u64 + decode_bytes.max(calling)
     }
 
     /// How many compiled-code cache entries this process evicted to keep

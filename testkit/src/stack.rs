@@ -495,6 +495,49 @@ impl Stack {
         }
     }
 
+    /// The URL of `path` on the API.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_url)
+    }
+
+    /// Creates a client key called `name` with the admin token (the API
+    /// must run with `IMGFLOW_ADMIN_TOKEN=TEST_ADMIN_TOKEN`).
+    pub async fn create_key(&self, name: &str) -> ClientKey {
+        let response = self
+            .client
+            .post(self.url("/v1/keys"))
+            .bearer_auth(TEST_ADMIN_TOKEN)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await
+            .expect("the API answers");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.expect("a JSON answer");
+        assert_eq!(status, 201, "creating key {name}: {body}");
+        ClientKey {
+            id: body["id"].as_str().expect("an id").to_string(),
+            key: body["key"].as_str().expect("a key").to_string(),
+        }
+    }
+
+    /// The API's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("the API answers")
+            .text()
+            .await
+            .expect("the metrics")
+    }
+
+    /// The value of one series in the API's metrics, named with its labels
+    /// as the text shows it (`api_jobs_submitted_total{action="blur"}`).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
     /// A pool on the test's database.
     pub async fn pool(&self) -> PgPool {
         PgPool::connect(&self.db_url)
@@ -573,6 +616,30 @@ struct WorkerCli {
 #[derive(clap::Subcommand)]
 enum WorkerCommand {
     Serve(Box<host_worker::Settings>),
+}
+
+/// A client key just created ([`Stack::create_key`]).
+#[derive(Debug, Clone)]
+pub struct ClientKey {
+    /// Its id (the owner of its jobs).
+    pub id: String,
+    /// The secret key, for `Authorization: Bearer`.
+    pub key: String,
+}
+
+/// The value of `series` (a metric name with its labels, as the text
+/// format writes them) in Prometheus text `metrics`.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// Polls `check` every 100 ms until it holds; panics after `timeout`.

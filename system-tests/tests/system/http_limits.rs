@@ -401,7 +401,7 @@ async fn a_large_result_is_streamed_not_buffered() {
         callback_url: None,
     };
     let Submitted::Created(job) = jobs
-        .submit(new, Bytes::from_static(b"input"))
+        .submit(new, Bytes::from_static(b"input"), None)
         .await
         .unwrap()
     else {

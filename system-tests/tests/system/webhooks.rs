@@ -317,9 +317,16 @@ async fn private_targets_are_refused_at_submission_and_when_connecting() {
         assert_eq!(body["error"]["code"], "invalid_callback");
     }
 
-    // A name that resolves to loopback passes submission, and is refused
-    // when connecting: the receiver never hears of it.
+    // `localhost` is refused at submission by its name.
     let url = format!("http://localhost:{}/hook/ok", addr.port());
+    let (status, body) = submit(&stack, &format!("action=grayscale&callback_url={url}")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+
+    // Another name that resolves to loopback (this machine's own name)
+    // passes submission, and is refused when connecting: the receiver never
+    // hears of it.
+    let host = loopback_name();
+    let url = format!("http://{host}:{}/hook/ok", addr.port());
     let id = job_with_callback(&stack, "action=grayscale", &url).await;
     let started = Instant::now();
     let recorded = loop {
@@ -383,4 +390,23 @@ async fn a_delivery_is_given_up_after_callback_retry_for() {
         metrics.contains(r#"api_callback_attempts_total{result="gave_up"} 1"#),
         "{metrics}"
     );
+}
+
+/// A name other than `localhost` that resolves to loopback: this machine's
+/// host name (Debian maps it to 127.0.1.1 or 127.0.0.1 in /etc/hosts).
+fn loopback_name() -> String {
+    use std::net::ToSocketAddrs as _;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("the host name")
+        .trim()
+        .to_string();
+    let addrs: Vec<_> = (host.as_str(), 0)
+        .to_socket_addrs()
+        .expect("the host name resolves")
+        .collect();
+    assert!(
+        addrs.iter().any(|a| a.ip().is_loopback()),
+        "this test needs the machine's name ({host}) to resolve to loopback (/etc/hosts): {addrs:?}"
+    );
+    host
 }
