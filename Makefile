@@ -13,7 +13,7 @@
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: load bench-deps env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
+.PHONY: load load-scale bench-deps env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
 
 all: build
 
@@ -81,6 +81,13 @@ bench: bench-deps plugins
 load: bench-deps
 	$(CARGO) build --release -p imgflow-load
 	scripts/load.sh
+
+# Whether the job path's cost depends on history or queue depth: seeds a
+# million finished jobs of the same key (and more), runs flat out again,
+# times the overview and the retention sweep, deletes what it seeded.
+load-scale: bench-deps
+	$(CARGO) build --release -p imgflow-load
+	scripts/scale.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

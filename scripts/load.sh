@@ -3,9 +3,22 @@
 # `make up` started (this starts nothing). Each run submits distinct image
 # bytes, so the result cache cannot answer and every job really runs.
 #
-#   IMGFLOW_API_URL  default http://127.0.0.1:8080
-#   IMGFLOW_KEY      default: the key `make up` provisioned (.imgflow/client-key)
-#   LOAD_DURATION    default 10s per run
+# For each run it prints what imgflow-load measured (accepted and completed
+# per second, submit-to-completed percentiles from the job records), the CPU
+# each process used over the run, from its first submission until every
+# accepted job finished (from /proc: PostgreSQL, Redis, the API, the worker,
+# and imgflow-load itself), and PostgreSQL's work per completed job (from
+# pg_stat_database and pg_stat_user_tables: commits, tuples read, row
+# updates of `jobs` and how many of them were HOT).
+#
+#   IMGFLOW_API_URL   default http://127.0.0.1:8080
+#   IMGFLOW_KEY       default: the key `make up` provisioned (.imgflow/client-key)
+#   LOAD_DURATION     default 10s: the flat-out and photo runs
+#   LOAD_RATE         default 1000: the fixed-rate run's jobs per second
+#   LOAD_RATE_DURATION default 60s: the fixed-rate run
+#   LOAD_RATE_RUNS    default 1: how many fixed-rate runs, one after the other
+#   LOAD_PHOTOS       default 1: 0 skips the photo runs and libvips
+#   IMGFLOW_PG        default: psql to the database `make up` created
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IMGFLOW_API_URL="${IMGFLOW_API_URL:-http://127.0.0.1:8080}"
@@ -15,47 +28,43 @@ fi
 export IMGFLOW_KEY="${IMGFLOW_KEY:-}"
 [ -n "$IMGFLOW_KEY" ] || unset IMGFLOW_KEY
 duration="${LOAD_DURATION:-10s}"
+rate="${LOAD_RATE:-1000}"
+rate_duration="${LOAD_RATE_DURATION:-60s}"
+rate_runs="${LOAD_RATE_RUNS:-1}"
 load=target/release/imgflow-load
 photo=tests/fixtures/photos/kodim23.png
+pg="${IMGFLOW_PG:-postgres://${IMGFLOW_DB_USER:-imgflow}:${IMGFLOW_DB_PASSWORD:-imgflow}@127.0.0.1:${PG_PORT:-5432}/${IMGFLOW_DB_NAME:-imgflow}}"
 curl -fsS "$IMGFLOW_API_URL/healthz" >/dev/null \
   || { echo "error: no API at $IMGFLOW_API_URL; start the system with make up" >&2; exit 1; }
 
-echo "## make load ($(nproc) cores, $(date -u +%Y-%m-%d), $duration a run)"
-echo
-# CPU time of each part of the system over a run, from /proc (ticks of user
-# + system time of every process with that name), as % of one core.
-cpu_ticks() {
-  for name in postgres redis-server host-api host-worker imgflow-load; do
-    total=0
-    for pid in $(pgrep -x "$name" || true); do
-      t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
-      total=$((total + t))
-    done
-    echo "$name $total"
-  done
+# imgflow-load measures the system itself, from its first submission until
+# every accepted job has finished: CPU per process (/proc) and PostgreSQL's
+# work (psql, pg_stat_*).
+export IMGFLOW_PG="$pg"
+measure() {
+  local title=$1
+  shift
+  echo "### $title"
+  echo
+  $load "$@" | sed -n '/^| figure/,$p'
+  echo
 }
 
-echo "### Small jobs (64x64 PNG, grayscale), flat out, 32 clients"
-before=$(cpu_ticks); started=$(date +%s.%N)
-$load --action grayscale --image small --clients 32 --duration "$duration"
-after=$(cpu_ticks); ended=$(date +%s.%N)
+echo "## make load ($(nproc) cores, $(date -u +%Y-%m-%d), $duration a run)"
 echo
-echo "CPU during that run (100% = one core busy; $(nproc) cores), submitting and draining:"
-echo
-echo "| process | CPU |"
-echo "|---|---:|"
-paste <(echo "$before") <(echo "$after") | awk -v secs="$(echo "$ended - $started" | bc -l)" -v hz="$(getconf CLK_TCK)" \
-  '{ printf "| %s | %.0f%% |\n", $1, ($4 - $2) / hz / secs * 100 }'
-echo
-echo "### Small jobs at a steady 500 jobs/s"
-$load --action grayscale --image small --rate 500 --clients 64 --duration "$duration"
-echo
-echo "### Photo jobs (kodim23 PNG in, PNG out), flat out, 4 clients: grayscale"
-$load --action grayscale --image "$photo" --clients 4 --duration "$duration"
-echo
-echo "### Photo jobs: blur sigma=2"
-$load --action blur --param sigma=2 --image "$photo" --clients 4 --duration "$duration"
-echo
+measure "Small jobs (64x64 PNG, grayscale), flat out, 32 clients, $duration" \
+  --action grayscale --image small --clients 32 --duration "$duration"
+for run in $(seq "$rate_runs"); do
+  measure "Small jobs at a steady $rate jobs/s for $rate_duration (run $run of $rate_runs)" \
+    --action grayscale --image small --rate "$rate" --clients 256 --duration "$rate_duration"
+done
+if [ "${LOAD_PHOTOS:-1}" = 0 ]; then
+  exit 0
+fi
+measure "Photo jobs (kodim23 PNG in, PNG out), flat out, 4 clients: grayscale" \
+  --action grayscale --image "$photo" --clients 4 --duration "$duration"
+measure "Photo jobs: blur sigma=2" \
+  --action blur --param sigma=2 --image "$photo" --clients 4 --duration "$duration"
 if vips=$(python3 scripts/vips_bench.py "$photo" 2 2>/dev/null); then
   python3 - "$vips" <<'PY'
 import json, sys

@@ -146,6 +146,14 @@ impl From<JobsError> for ApiError {
             JobsError::Storage(e) => e.into(),
             JobsError::Conflict => ApiError::new(ErrorCode::Conflict, e.to_string()),
             JobsError::OverCap { .. } => ApiError::new(ErrorCode::QueueFull, e.to_string()),
+            JobsError::Revoked => ApiError::new(
+                ErrorCode::Unauthorized,
+                "the client key was revoked; nothing was recorded",
+            ),
+            JobsError::Stopping => ApiError::new(
+                ErrorCode::DatabaseUnavailable,
+                "the API is stopping; try again",
+            ),
         }
     }
 }

@@ -130,13 +130,12 @@ impl Job {
             plugin_version: job.plugin_version.clone(),
             params: job.params.0.clone(),
             steps: job
-                .steps
-                .0
-                .iter()
+                .steps_as_run()
+                .into_iter()
                 .map(|step| JobStep {
-                    action: step.action.clone(),
-                    version: step.version.clone(),
-                    params: step.params.clone(),
+                    action: step.action,
+                    version: step.version,
+                    params: step.params,
                     run_ms: step.run_ms,
                 })
                 .collect(),
@@ -461,7 +460,9 @@ async fn earlier_job(
 /// atomically when each job is recorded, [`Jobs::submit`].) A client is
 /// told of its own share only, never of the queue's depth.
 pub(crate) async fn admit(state: &AppState, caller: Caller, n: u64) -> Result<(), ApiError> {
-    let depth = state.queue.depth().await?;
+    let cap = unfinished_cap(state, caller);
+    let owner = cap.map(|_| caller.owner());
+    let (depth, held) = state.queue.room(owner.as_deref()).await?;
     if depth + n > state.queue_max_depth {
         let message = match caller {
             Caller::Client(_) => "the queue is full; try again later".to_string(),
@@ -471,8 +472,7 @@ pub(crate) async fn admit(state: &AppState, caller: Caller, n: u64) -> Result<()
         };
         return Err(ApiError::new(ErrorCode::QueueFull, message));
     }
-    if let Some(cap) = unfinished_cap(state, caller) {
-        let held = state.queue.held(&caller.owner()).await?;
+    if let Some(cap) = cap {
         if held + n > cap {
             return Err(ApiError::from(imgflow_platform::jobs::JobsError::OverCap {
                 held,
@@ -843,9 +843,13 @@ pub(crate) async fn record(
     image: Bytes,
     digest: &str,
 ) -> Result<(StatusCode, JobRecord), ApiError> {
+    let key = match caller {
+        Caller::Client(id) => Some(id),
+        _ => None,
+    };
     match state
-        .jobs
-        .submit(new, image, unfinished_cap(state, caller))
+        .intake
+        .submit(new, image, key, unfinished_cap(state, caller))
         .await?
     {
         Submitted::Existing(job) => repeated(&job, digest),
@@ -950,6 +954,12 @@ async fn validate_steps(state: &AppState, s: &SubmitFields) -> Result<(Vec<Step>
 async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, ApiError> {
     let limits = state.limits;
     let need = codec::decode_cost(image, &limits)?.validate_bytes;
+    if need <= codec::INLINE_BYTES {
+        // Small: decoded here, within a fraction of a millisecond.
+        return codec::validate(image, &limits)
+            .map(|probe| probe.format)
+            .map_err(ApiError::from);
+    }
     let reservation = state
         .decode_budget
         .reserve_within(need, state.decode_wait)
@@ -982,7 +992,7 @@ async fn resolve_action(state: &AppState, action: &str) -> Result<PluginRecord, 
         None => (action, None),
     };
     let active = if is_valid_plugin_name(name) {
-        state.catalogue.active_version(name).await?
+        state.catalogue.lookup(name, None).await?
     } else {
         None
     };
@@ -990,7 +1000,7 @@ async fn resolve_action(state: &AppState, action: &str) -> Result<PluginRecord, 
         (Some(active), None) => Ok(active),
         (Some(_), Some(version)) => {
             let found = if imgflow_runtime::metadata::is_valid_version(version) {
-                state.catalogue.version(name, version).await?
+                state.catalogue.lookup(name, Some(version)).await?
             } else {
                 None
             };
@@ -1385,7 +1395,7 @@ pub async fn input(
 ) -> Result<Response, ApiError> {
     let caller = state.auth.caller(&headers).await?;
     let job = find(&state, caller, &id).await?;
-    let bytes = state.jobs.input(&job).await?;
+    let bytes = state.jobs.input(&job.input_key).await?;
     let format = ImageFormat::parse(&job.input_format).unwrap_or(ImageFormat::Png);
     Ok((
         [

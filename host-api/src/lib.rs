@@ -11,7 +11,8 @@
 //!   shutdown deadline.
 //! - [`auth`]: who is calling (admin token, client key, signed URL).
 //! - [`jobs`], [`plugins`], [`keys`], [`overview`]: the handlers.
-//! - [`console`]: the operator console's page and sign-in session.
+//! - [`console`]: the operator console's page and sign-in session; its
+//!   settings in [`console_settings`].
 //! - [`retention`]: deleting finished jobs after `JOB_RETENTION`.
 //! - [`error`]: error answers, from [`imgflow_runtime::ErrorCode`].
 //! - [`body`]: reading request bodies under a limit.
@@ -25,6 +26,7 @@ pub mod batches;
 pub mod body;
 pub mod callbacks;
 pub mod console;
+pub mod console_settings;
 pub mod error;
 pub mod jobs;
 pub mod keys;
@@ -206,7 +208,7 @@ pub struct Settings {
     pub key_max_streams: u32,
     /// The console's sessions and sign-in limits.
     #[command(flatten)]
-    pub console: console::ConsoleSettings,
+    pub console: console_settings::ConsoleSettings,
     /// How logs are written.
     #[command(flatten)]
     pub log: LogArgs,
@@ -289,6 +291,7 @@ impl App {
             catalogue.clone(),
             metrics.clone(),
         ));
+        tokio::spawn(forget_plugins_on_changes(catalogue.clone()));
         let keys = Keys::new(pool.clone());
         let decode_budget = MemoryBudget::new(
             settings.api_decode_memory_mb,
@@ -333,6 +336,7 @@ impl App {
             max_wait: settings.max_wait.0,
             max_steps: settings.max_steps as usize,
             max_batch_images: settings.max_batch_images as usize,
+            intake: imgflow_platform::intake::Intake::start(jobs.clone()),
             jobs,
             auth: Auth::new(settings.auth_required, admin_tokens, keys.clone(), sessions),
             sign_in: settings.console.policy(),
@@ -422,6 +426,29 @@ impl App {
         }
         served?;
         Ok(())
+    }
+}
+
+/// Keeps the catalogue's remembered versions true: every plugin change
+/// notice (an upload, activation or deletion through any API instance)
+/// makes it forget them, and so does (re)subscribing, since notices may
+/// have been missed meanwhile.
+async fn forget_plugins_on_changes(catalogue: Catalogue) {
+    use futures::StreamExt as _;
+    let mut backoff = retry::Backoff::new();
+    loop {
+        match catalogue.changes().await {
+            Ok(mut changes) => {
+                backoff.reset();
+                catalogue.forget();
+                while changes.next().await.is_some() {
+                    catalogue.forget();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot subscribe to plugin changes"),
+        }
+        catalogue.forget();
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -2,6 +2,12 @@
 
 use std::process::ExitCode;
 
+/// mimalloc: a job allocates and frees many small buffers on several
+/// threads, where glibc's allocator spent a tenth of the process's time
+/// (docs/BENCHMARKS.md, "The job path").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use host_api::{App, Settings};
 

@@ -13,11 +13,8 @@ use std::sync::Arc;
 use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::metrics::{self, prometheus};
 use imgflow_platform::pipeline;
-use imgflow_platform::queue::QueueError;
 use imgflow_runtime::ErrorCode;
 use prometheus::{HistogramVec, IntCounterVec, Opts};
-
-use crate::state::AppState;
 
 /// The `route` of requests that matched no route (404s for unknown paths).
 const UNMATCHED: &str = "unmatched";
@@ -265,6 +262,22 @@ impl ApiMetrics {
         self.callbacks.with_label_values(&[result]).inc();
     }
 
+    /// The queue as Redis has it now: its depth and its oldest entry's age.
+    pub fn queue(&self, depth: u64, oldest: std::time::Duration) {
+        self.queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.queue_oldest.set(oldest.as_secs_f64());
+    }
+
+    /// Every metric, with the content type of the text format.
+    pub fn response(&self) -> Response {
+        (
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            self.render(),
+        )
+            .into_response()
+    }
+
     /// Counts a console sign-in by its result.
     pub fn sign_in(&self, result: SignIn) {
         self.sign_ins.with_label_values(&[result.label()]).inc();
@@ -333,34 +346,4 @@ fn method_label(method: &Method) -> &'static str {
         Method::PATCH => "PATCH",
         _ => "OTHER",
     }
-}
-
-/// The API's metrics in the Prometheus text format.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "getMetrics",
-    tag = "operations",
-    responses((status = 200, description = "Every metric", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
-)]
-pub async fn scrape(State(state): State<AppState>) -> Response {
-    // The queue as Redis has it now, within two seconds (else the last
-    // values stay): the API reports it because it always runs, also when
-    // the workers are scaled to zero.
-    let queue = &state.queue;
-    let read = async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
-        Ok(Ok((depth, oldest))) => {
-            let m = &state.metrics;
-            m.queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
-            m.queue_oldest.set(oldest.as_secs_f64());
-        }
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue's depth for the metrics"),
-        Err(_) => tracing::warn!("Redis did not answer within 2 s; queue metrics are stale"),
-    }
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-        .into_response()
 }

@@ -10,6 +10,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use imgflow_platform::activity::Activity;
 use imgflow_platform::queue::QueueError;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -148,7 +149,7 @@ pub async fn get(
         )));
     }
     let owner = caller.scope();
-    let activity = state.jobs.activity(minutes, owner.as_deref()).await?;
+    let activity = Activity::read(&state.db, minutes, owner.as_deref()).await?;
     // Redis is read within two seconds, or the overview says it did not
     // answer (the counts come from PostgreSQL either way).
     let queue = &state.queue;

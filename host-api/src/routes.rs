@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::{batches, console, jobs, keys, metrics, overview, plugins};
+use imgflow_platform::queue::QueueError;
 use imgflow_runtime::ErrorCode;
 
 /// The document's fixed parts; the paths come from the routes.
@@ -104,7 +105,7 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(routes!(overview::get))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
-        .routes(routes!(metrics::scrape))
+        .routes(routes!(scrape))
         .routes(routes!(openapi_json))
 }
 
@@ -135,6 +136,28 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .with_state(state)
+}
+
+/// The API's metrics in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "getMetrics",
+    tag = "operations",
+    responses((status = 200, description = "Every metric", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+)]
+async fn scrape(State(state): State<AppState>) -> Response {
+    // The queue as Redis has it now, within two seconds (else the last
+    // values stay): the API reports it because it always runs, also when
+    // the workers are scaled to zero.
+    let queue = &state.queue;
+    let read = async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        Ok(Ok((depth, oldest))) => state.metrics.queue(depth, oldest),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue's depth for the metrics"),
+        Err(_) => tracing::warn!("Redis did not answer within 2 s; queue metrics are stale"),
+    }
+    state.metrics.response()
 }
 
 /// Any path no route serves: the JSON error, like every other refusal.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::extract::FromRef;
 use imgflow_platform::budget::MemoryBudget;
 use imgflow_platform::events::JobEvents;
+use imgflow_platform::intake::Intake;
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::keys::Keys;
 use imgflow_platform::plugins::Catalogue;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub db: PgPool,
     /// Jobs and their states.
     pub jobs: Jobs,
+    /// New jobs, recorded in groups.
+    pub intake: Intake,
     /// Job changes, heard by clients that wait (`?wait=`, event streams).
     pub events: JobEvents,
     /// The longest one request may wait for a job (`MAX_WAIT`).
@@ -76,7 +79,7 @@ pub struct AppState {
     /// The API's metrics.
     pub metrics: Arc<ApiMetrics>,
     /// How console sign-ins are limited, and the cookie marked.
-    pub sign_in: crate::console::SignInPolicy,
+    pub sign_in: crate::console_settings::SignInPolicy,
     /// Event streams and waits each client holds (`KEY_MAX_STREAMS`).
     pub streams: Arc<crate::streams::StreamSlots>,
     /// The most bytes of a query string, and of a form's fields other

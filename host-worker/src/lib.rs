@@ -4,12 +4,16 @@
 //!
 //! - [`serve`]: the loops (read the queue, take over abandoned jobs, keep
 //!   plugins loaded, sweep for lost jobs) and the metrics endpoint.
-//! - [`process`]: one job, from a queue delivery to a recorded outcome.
+//! - [`process`]: one job, from its start to its outcome handed to the
+//!   recorder.
+//! - [`lease`]: keeping a running job's lease, and noticing it was
+//!   cancelled or deleted.
 //! - [`registry`]: compiled plugins by digest, and the built-in plugins.
 //! - [`metrics`]: the worker's metric families.
 
 #![warn(missing_docs)]
 
+pub mod lease;
 pub mod metrics;
 pub mod process;
 pub mod registry;

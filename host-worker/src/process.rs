@@ -4,10 +4,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use imgflow_platform::events::{JobChange, JobEvents};
-use imgflow_platform::jobs::{JobRecord, JobStatus, Jobs};
+use imgflow_platform::jobs::{JobSpec, JobStatus, Jobs, Running};
+use imgflow_platform::outcomes::{Outcome, Outcomes, Recorded, Starts};
 use imgflow_platform::pipeline::{self, Step};
 use imgflow_platform::plugins::Catalogue;
-use imgflow_platform::queue::{Delivery, Queue};
+use imgflow_platform::queue::Queue;
 use imgflow_platform::retry::retry;
 use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
 use imgflow_runtime::params::Params;
@@ -51,43 +52,59 @@ pub struct Context {
     pub budget: MemoryBudget,
     /// The worker's metrics.
     pub metrics: Arc<WorkerMetrics>,
+    /// Records the jobs' outcomes, many at a time.
+    pub outcomes: Outcomes,
+    /// Records that long jobs are running, many at a time.
+    pub starts: Starts,
+    /// One permit per job doing image work (`CONCURRENCY`).
+    pub cpu: tokio::sync::Semaphore,
+    /// Every job's task and every outcome being recorded: on shutdown the
+    /// worker waits for them (up to `SHUTDOWN_GRACE_MS`), so nothing it
+    /// finished is left unrecorded.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
-/// Handles one delivery to the end: runs the job (unless it is already
-/// finished), records the outcome, then acknowledges the entry. A transient
-/// failure leaves the entry unacknowledged, so it is delivered again after
-/// the lease (to this worker or another), up to `max_attempts`.
-pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
-    let span = tracing::info_span!("job", job_id = %delivery.job, action = tracing::field::Empty);
+impl Context {
+    /// What keeping this worker's leases needs ([`crate::lease::keep`]).
+    pub fn holder(&self) -> crate::lease::Holder {
+        crate::lease::Holder {
+            jobs: self.jobs.clone(),
+            queue: self.queue.clone(),
+            worker_id: self.worker_id.clone(),
+            lease: self.lease,
+        }
+    }
+}
+
+/// How long a job runs before its start is recorded (status `running`,
+/// seen by clients, counted as an attempt). A job that finishes sooner
+/// (most small jobs, in a few milliseconds) has its start recorded with its
+/// outcome, in the same statement: one write for the whole job.
+pub const RECORD_START_AFTER: Duration = Duration::from_millis(10);
+
+/// Runs a job its worker has just started to its end, then hands its
+/// outcome to the recorder ([`Outcomes`]), which records it with others
+/// and acknowledges the entry; the job's slot is free as soon as the
+/// outcome is handed over. A transient failure leaves the entry
+/// unacknowledged, so the job is delivered again after the lease (to this
+/// worker or another), up to `max_attempts`.
+pub async fn handle(ctx: Arc<Context>, job: Running) {
+    let span = tracing::info_span!("job", job_id = %job.spec.id, action = %job.spec.action);
     async move {
         let began = Instant::now();
-        let started = retry("start job", STEP_ATTEMPTS, || ctx.jobs.start(delivery.job, &ctx.worker_id)).await;
-        let job = match started {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                tracing::info!("job already finished or unknown; acknowledging the duplicate delivery");
-                ack(&ctx, &delivery).await;
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot mark the job running; leaving it for redelivery");
-                return;
-            }
-        };
-        tracing::Span::current().record("action", job.action.as_str());
         // A job is counted under each distinct action of its steps.
-        let actions = pipeline::actions(&job.steps);
+        let actions: Vec<String> = pipeline::actions(&job.spec.steps).into_iter().map(String::from).collect();
         let _running: Vec<_> = actions.iter().map(|a| ctx.metrics.in_flight(a)).collect();
-        if job.attempts == 1 {
-            let waited = job.started_at.unwrap_or_else(chrono::Utc::now) - job.created_at;
+        if job.attempt == 1 {
+            let waited = job.started_at - job.spec.created_at;
             for action in &actions {
                 ctx.metrics.queue_wait(action, waited.to_std().unwrap_or_default());
             }
         }
-        if job.attempts > ctx.max_attempts {
-            let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempts - 1, ctx.max_attempts);
-            record_failure(&ctx, &job, &Failure::permanent(ErrorCode::MaxAttempts, message), began, None).await;
-            ack(&ctx, &delivery).await;
+        if job.attempt > ctx.max_attempts {
+            let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempt - 1, ctx.max_attempts);
+            let failure = Failure::permanent(ErrorCode::MaxAttempts, message);
+            record(&ctx, job, Err(failure), None, began);
             return;
         }
 
@@ -98,44 +115,17 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
         // cancels or deletes meanwhile is abandoned (its sandbox dropped)
         // when the announcement arrives, or at the next renewal if it was
         // lost.
-        let mut watch = ctx.events.watch(job.id);
+        let id = job.spec.id;
+        let mut watch = ctx.events.watch(id);
         let deadline = Arc::new(OnceLock::new());
-        let (deleted_tx, mut deleted) = tokio::sync::oneshot::channel::<()>();
-        let renewer = {
-            let ctx = ctx.clone();
-            let entry = delivery.entry.clone();
-            let deadline = deadline.clone();
-            let id = job.id;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(ctx.lease / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    match ctx.jobs.get(id).await {
-                        Ok(None) => {
-                            let _ = deleted_tx.send(());
-                            return;
-                        }
-                        Ok(Some(job)) if job.status == JobStatus::Cancelled => {
-                            let _ = deleted_tx.send(());
-                            return;
-                        }
-                        _ => {}
-                    }
-                    if deadline.get().is_some_and(|d: &Instant| d.elapsed() > Duration::from_secs(1)) {
-                        tracing::warn!("the job is past its deadline; no longer renewing its lease");
-                        return;
-                    }
-                    if let Err(e) = ctx.queue.renew(&ctx.worker_id, &entry).await {
-                        tracing::warn!(error = %e, "cannot renew the job's lease");
-                    }
-                }
-            })
-        };
+        let (renewer, mut deleted) = crate::lease::keep(ctx.holder(), id, job.entry.clone(), deadline.clone());
         // The steps as they run, each with its time once it has run.
-        let mut ran = job.steps.0.clone();
+        let mut ran = job.spec.steps.clone();
+        let start_due = tokio::time::sleep(RECORD_START_AFTER);
+        tokio::pin!(start_due);
+        let mut start_recorded = false;
         let outcome = {
-            let running = run(&ctx, &job, &mut ran, &deadline);
+            let running = run(&ctx, &job.spec, &mut ran, &deadline);
             tokio::pin!(running);
             // The renewer's channel, until it has answered (a completed
             // receiver must not be polled again).
@@ -143,6 +133,11 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
             loop {
                 let stopped = tokio::select! {
                     outcome = &mut running => break outcome,
+                    () = &mut start_due, if !start_recorded => {
+                        start_recorded = true;
+                        ctx.starts.record(job.clone()).await;
+                        false
+                    }
                     gone = &mut deleted, if renewer_open => {
                         renewer_open = false;
                         // Err: the renewer stopped without finding it gone.
@@ -156,81 +151,78 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
                 if stopped {
                     renewer.abort();
                     tracing::info!("job was cancelled or deleted while it ran; abandoned");
-                    ack(&ctx, &delivery).await;
+                    ack(&ctx, id, &job.entry).await;
                     return;
                 }
             }
         };
         renewer.abort();
-
+        let step_ms: Vec<f64> = ran.iter().map_while(|s| s.run_ms).collect();
+        let step_ms = (!step_ms.is_empty()).then_some(step_ms);
         match outcome {
-            Ok((key, size)) => {
-                match retry("complete job", STEP_ATTEMPTS, || ctx.jobs.complete(job.id, &key, size, &ran)).await {
-                    Ok(true) => {
-                        for action in &actions {
-                            ctx.metrics.finished(action, Ok(()), began.elapsed());
-                        }
-                        tracing::info!(output_key = %key, output_size = size, attempts = job.attempts, "job completed");
-                    }
-                    Ok(false) => match ctx.jobs.discard_orphan_result(job.id, &key).await {
-                        Ok(true) => tracing::info!("job was deleted while it ran; its result is discarded"),
-                        Ok(false) => tracing::info!("job was already finished by another delivery"),
-                        Err(e) => tracing::warn!(error = %e, "cannot check whether the job was deleted"),
-                    },
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot record completion; leaving it for redelivery");
-                        return;
-                    }
-                }
-                ack(&ctx, &delivery).await;
-            }
+            Ok(size) => record(&ctx, job, Ok(size), step_ms, began),
             Err(failure) if failure.transient => {
                 tracing::warn!(code = %failure.code, error = %failure.message, "transient failure; the job will be delivered again");
             }
-            Err(failure) => {
-                if record_failure(&ctx, &job, &failure, began, Some(&ran)).await {
-                    ack(&ctx, &delivery).await;
-                }
-            }
+            Err(failure) => record(&ctx, job, Err(failure), step_ms, began),
         }
     }
     .instrument(span)
     .await
 }
 
-/// Records a permanent failure in PostgreSQL (with the steps as far as they
-/// ran, when they did) and the metrics; `false` if it could not be recorded
-/// (the job is then left for redelivery).
-async fn record_failure(
-    ctx: &Context,
-    job: &JobRecord,
-    failure: &Failure,
+/// Hands a finished job's outcome to the recorder; once it is recorded
+/// (with others, in one statement), counts it in the metrics and logs it.
+fn record(
+    ctx: &Arc<Context>,
+    job: Running,
+    result: Result<i64, Failure>,
+    step_ms: Option<Vec<f64>>,
     began: Instant,
-    ran: Option<&[Step]>,
-) -> bool {
-    match retry("fail job", STEP_ATTEMPTS, || {
-        ctx.jobs.fail(job.id, failure.code, &failure.message, ran)
-    })
-    .await
-    {
-        Ok(_) => {
-            for action in pipeline::actions(&job.steps) {
-                ctx.metrics
-                    .finished(action, Err(failure.code), began.elapsed());
+) {
+    let ctx = ctx.clone();
+    let span = tracing::Span::current();
+    ctx.clone().tasks.spawn(
+        async move {
+            let actions: Vec<String> = pipeline::actions(&job.spec.steps).into_iter().map(String::from).collect();
+            let attempt = job.attempt;
+            let code = result.as_ref().err().map(|f| (f.code, f.message.clone()));
+            let size = result.as_ref().ok().copied();
+            let outcome = Outcome {
+                job,
+                result,
+                step_ms,
+            };
+            match ctx.outcomes.record(outcome).await {
+                Recorded::Finished => {
+                    for action in &actions {
+                        ctx.metrics.finished(action, code.as_ref().map_or(Ok(()), |(c, _)| Err(*c)), began.elapsed());
+                    }
+                    match (&code, size) {
+                        (None, Some(size)) => tracing::info!(output_size = size, attempts = attempt, "job completed"),
+                        (Some((code, message)), _) => tracing::warn!(code = %code, error = %message, "job failed"),
+                        _ => {}
+                    }
+                }
+                Recorded::AlreadyFinished { discarded: true } => {
+                    tracing::info!("job was deleted or cancelled while it ran; its result is discarded")
+                }
+                Recorded::AlreadyFinished { discarded: false } => {
+                    tracing::info!("job was already finished by another delivery")
+                }
+                Recorded::Failed(e) => {
+                    tracing::error!(error = %e, "cannot record the outcome; leaving it for redelivery")
+                }
             }
-            tracing::warn!(code = %failure.code, error = %failure.message, "job failed");
-            true
         }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record the failure; leaving it for redelivery");
-            false
-        }
-    }
+        .instrument(span),
+    );
 }
 
-async fn ack(ctx: &Context, delivery: &Delivery) {
+/// Acknowledges a delivery whose job needs nothing more.
+pub(crate) async fn ack(ctx: &Context, job: uuid::Uuid, entry: &str) {
     if let Err(e) = retry("acknowledge", STEP_ATTEMPTS, || {
-        ctx.queue.finish(&delivery.entry)
+        ctx.queue.finish(job, entry)
     })
     .await
     {
@@ -248,12 +240,17 @@ struct Ready {
 /// Loads the plugin version a step names and reads its parameters. A
 /// pipeline's failure names its step.
 async fn prepare(ctx: &Context, step: &Step) -> Result<Ready, Failure> {
-    let active = retry("check plugin", STEP_ATTEMPTS, || {
-        ctx.catalogue.active_version(&step.action)
-    })
-    .await
-    .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
-    if active.is_none() {
+    // The active plugins as this worker last reconciled them (at once on
+    // every change notice); a name not among them is checked in
+    // PostgreSQL (an upload the worker has not heard of yet).
+    let active = ctx.registry.is_active(&step.action)
+        || retry("check plugin", STEP_ATTEMPTS, || {
+            ctx.catalogue.active_version(&step.action)
+        })
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?
+        .is_some();
+    if !active {
         return Err(Failure::permanent(
             ErrorCode::PluginDeleted,
             format!(
@@ -306,7 +303,7 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
 }
 
 /// Runs the job's steps on its input and stores the result. Returns the
-/// output's key and size; `ran` gets each step's time as it runs.
+/// output's size; `ran` gets each step's time as it runs.
 ///
 /// Every step's plugin is made ready first (a pipeline whose third plugin
 /// was deleted fails before the first runs). Once the job's working set is
@@ -319,11 +316,11 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
 /// the image limits).
 async fn run(
     ctx: &Context,
-    job: &JobRecord,
+    job: &JobSpec,
     ran: &mut [Step],
     deadline: &OnceLock<Instant>,
-) -> Result<(String, i64), Failure> {
-    let steps = &job.steps.0;
+) -> Result<i64, Failure> {
+    let steps = &job.steps;
     let mut ready = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
         ready.push(prepare(ctx, step).await.map_err(|f| in_step(f, steps, i))?);
@@ -334,9 +331,11 @@ async fn run(
             format!("unknown output format {}", job.output_format),
         )
     })?;
-    let input = retry("read input", STEP_ATTEMPTS, || ctx.jobs.input(job))
-        .await
-        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
+    let input = retry("read input", STEP_ATTEMPTS, || {
+        ctx.jobs.input(&job.input_key)
+    })
+    .await
+    .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
     // Reserve the job's working set before decoding anything.
     let limits = ctx.limits;
@@ -355,30 +354,31 @@ async fn run(
             format!("the job's estimated working set (decoded image, the plugin's memory cap and its output): {e}"),
         )
     })?;
+    // The image work (decoding, the plugin calls, encoding) of at most
+    // CONCURRENCY jobs at once; the rest of a job (reading its input,
+    // storing its result, recording it) overlaps with other jobs' work.
+    let cpu_slot = ctx
+        .cpu
+        .acquire()
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
     let due = Instant::now() + ctx.job_timeout;
     let _ = deadline.set(due);
-    let past_deadline = |during: &str| {
-        Failure::permanent(
-            ErrorCode::Timeout,
-            format!(
-                "the job ran past its time limit of {} ms {during}",
-                ctx.job_timeout.as_millis()
-            ),
-        )
-    };
 
     let held = reservation.clone();
     let auto_orient = job.auto_orient;
-    let decoding = tokio::task::spawn_blocking(move || {
+    let small = cost.decode_bytes <= codec::INLINE_BYTES;
+    let decode = move || {
         let _held = held;
         codec::decode_with(&input, &limits, auto_orient)
-    });
-    let (mut image, _) = tokio::time::timeout_at(due.into(), decoding)
-        .await
-        .map_err(|_| past_deadline("while decoding the input"))?
-        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("decode thread failed: {e}")))?
-        .map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
+    };
+    // A small image is decoded here (well under a millisecond); a larger
+    // one on a blocking thread, under the deadline.
+    let decoded =
+        inline_or_blocking(small, (due, ctx.job_timeout), "decoding the input", decode).await?;
+    let (mut image, _) =
+        decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
     // Each plugin call is async: at the deadline it is abandoned wherever
     // it is, even blocked in a host call, and its sandbox is dropped.
     for (i, step) in ready.iter().enumerate() {
@@ -411,23 +411,50 @@ async fn run(
     let held = reservation.clone();
     let png_compression = ctx.png_compression;
     let quality = job.output_quality.and_then(|q| u8::try_from(q).ok());
-    let encoding = tokio::task::spawn_blocking(move || {
+    let small = image.as_raw().len() as u64 <= codec::INLINE_BYTES;
+    let encode = move || {
         let _held = held;
         codec::encode_with(&image, output_format, png_compression, quality)
-    });
-    let encoded = tokio::time::timeout_at(due.into(), encoding)
-        .await
-        .map_err(|_| past_deadline("while encoding the result"))?
-        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("encode thread failed: {e}")))?
-        .map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))?;
+    };
+    let encoded =
+        inline_or_blocking(small, (due, ctx.job_timeout), "encoding the result", encode).await?;
+    let encoded =
+        encoded.map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))?;
     drop(reservation);
+    drop(cpu_slot);
 
     let size = encoded.len() as i64;
     let bytes = bytes::Bytes::from(encoded);
-    let key = retry("write output", STEP_ATTEMPTS, || {
-        ctx.jobs.store_result(job, output_format, bytes.clone())
+    retry("write output", STEP_ATTEMPTS, || {
+        ctx.jobs.store_result(&job.output_key, bytes.clone())
     })
     .await
     .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
-    Ok((key, size))
+    Ok(size)
+}
+
+/// Runs `work` (decoding or encoding, named by `what`) here if it is
+/// `small`, else on a blocking thread under the job's deadline (`due`,
+/// `limit` after it started).
+async fn inline_or_blocking<T: Send + 'static>(
+    small: bool,
+    (due, limit): (Instant, Duration),
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
+    if small {
+        return Ok(work());
+    }
+    tokio::time::timeout_at(due.into(), tokio::task::spawn_blocking(work))
+        .await
+        .map_err(|_| {
+            Failure::permanent(
+                ErrorCode::Timeout,
+                format!(
+                    "the job ran past its time limit of {} ms while {what}",
+                    limit.as_millis()
+                ),
+            )
+        })?
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("{what} failed: {e}")))
 }

@@ -4,7 +4,7 @@
 //! compiles each digest once (or loads it from the compiled-code cache) and
 //! keeps it. Built-in plugins are registered from `PLUGINS_DIR` at start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,6 +30,8 @@ pub struct Registry {
     runtime: Arc<Runtime>,
     catalogue: Catalogue,
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
+    /// The names of the active plugins, as last reconciled.
+    active: std::sync::RwLock<HashSet<String>>,
 }
 
 impl Registry {
@@ -39,7 +41,24 @@ impl Registry {
             runtime,
             catalogue,
             plugins: RwLock::new(HashMap::new()),
+            active: Default::default(),
         }
+    }
+
+    /// Records the names of the active plugins (the worker's
+    /// reconciliation, at once on every change notice).
+    pub fn set_active(&self, names: HashSet<String>) {
+        *self.active.write().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// Whether `name` was active when the plugins were last reconciled (a
+    /// name not known then may have been uploaded since: ask the
+    /// catalogue).
+    pub fn is_active(&self, name: &str) -> bool {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
     }
 
     /// The runtime plugins run in.

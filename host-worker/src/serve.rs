@@ -13,9 +13,10 @@ use imgflow_platform::db;
 use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::logging::LogArgs;
+use imgflow_platform::outcomes::{Outcomes, Starts};
 use imgflow_platform::plugins::Catalogue;
-use imgflow_platform::queue::{PluginChanges, Queue, QueueError};
-use imgflow_platform::retry::{until_ok, Backoff};
+use imgflow_platform::queue::{Delivery, PluginChanges, Queue, QueueError};
+use imgflow_platform::retry::{retry, until_ok, Backoff};
 use imgflow_platform::storage::Storage;
 use imgflow_runtime::config::SandboxArgs;
 use imgflow_runtime::Runtime;
@@ -49,7 +50,10 @@ pub struct Settings {
     /// Address of the worker's metrics and health endpoint.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
     pub metrics_addr: SocketAddr,
-    /// Jobs run at once by this worker. Default: the number of CPUs.
+    /// Jobs doing image work (decoding, plugin calls, encoding) at once in
+    /// this worker; up to four times as many are started at once (reading
+    /// their input, storing their result, being recorded meanwhile).
+    /// Default: the number of CPUs.
     #[arg(long, env = "CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// Memory the worker's jobs may hold together, in MiB: a job starts
@@ -203,7 +207,12 @@ impl Worker {
         let db_url = settings.db.url();
         let pool_size = settings.db.db_pool_size.unwrap_or(concurrency as u32 + 4);
         let stopping = || *stop.borrow();
-        let pool = until_ok("PostgreSQL", || db::connect(&db_url, pool_size), stopping).await?;
+        let pool = until_ok(
+            "PostgreSQL",
+            || db::connect(&db_url, pool_size, db::Commits::Relaxed),
+            stopping,
+        )
+        .await?;
         until_ok("migrations", || db::migrate(&pool), stopping).await?;
         until_ok("Redis", || queue.ensure_group(), stopping).await?;
 
@@ -213,9 +222,10 @@ impl Worker {
         tracing::info!(%worker_id, concurrency, memory_budget_mb = budget.mib(), builtins = ?builtins, "worker ready");
         let _ = ready.set(pool.clone());
 
+        let jobs = Jobs::new(pool.clone(), queue.clone(), storage);
         let ctx = Arc::new(Context {
             worker_id: worker_id.clone(),
-            jobs: Jobs::new(pool.clone(), queue.clone(), storage),
+            jobs: jobs.clone(),
             catalogue,
             queue: queue.clone(),
             events: JobEvents::start(queue.clone()),
@@ -227,12 +237,17 @@ impl Worker {
             job_timeout: Duration::from_millis(settings.sandbox.timeout_ms.max(1)),
             budget,
             metrics,
+            outcomes: Outcomes::start(jobs.clone()),
+            starts: Starts::start(jobs),
+            cpu: Semaphore::new(concurrency),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
-        let permits = Arc::new(Semaphore::new(concurrency));
+        // Jobs started and not finished: CONCURRENCY do image work at once
+        // (`Context::cpu`); a few more per slot read their input, store
+        // their result or wait to be recorded meanwhile.
+        let permits = Arc::new(Semaphore::new(concurrency * IN_FLIGHT_PER_SLOT));
         let mut tasks = JoinSet::new();
-        for _ in 0..concurrency {
-            tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
-        }
+        tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
         tasks.spawn(reclaim(ctx.clone(), permits.clone(), stop.clone()));
         tasks.spawn(watch_plugins(
             ctx.clone(),
@@ -250,10 +265,14 @@ impl Worker {
         let mut stopped = stop.clone();
         let _ = stopped.wait_for(|s| *s).await;
         let grace = Duration::from_millis(settings.shutdown_grace_ms);
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
+        // The readers stop taking jobs; the jobs they took finish and their
+        // outcomes are recorded.
+        let finished = async {
+            while tasks.join_next().await.is_some() {}
+            ctx.tasks.close();
+            ctx.tasks.wait().await;
+        };
+        if tokio::time::timeout(grace, finished).await.is_err() {
             tracing::warn!(
                 grace_ms = settings.shutdown_grace_ms,
                 "jobs still running at the end of the grace period are left to other workers"
@@ -285,39 +304,99 @@ async fn heartbeat(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Reads new jobs and runs them, one at a time, while a permit is free.
+/// The most entries one read takes.
+const READ_MAX: usize = 64;
+
+/// How many jobs may be in flight (started, not yet handed to the
+/// recorder) per image-work slot (`CONCURRENCY`).
+const IN_FLIGHT_PER_SLOT: usize = 4;
+
+/// Reads new jobs while slots are free, starts each read together (one
+/// statement) and runs each in a task of its own, holding a slot.
 async fn consume(ctx: Arc<Context>, permits: Arc<Semaphore>, stop: watch::Receiver<bool>) {
     let mut reader = None;
     let mut backoff = Backoff::new();
     while !*stop.borrow() {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        // At least one free slot, and every other one free now.
+        let Ok(first) = permits.clone().acquire_owned().await else {
             return;
         };
+        let mut slots = vec![first];
+        while slots.len() < READ_MAX {
+            match permits.clone().try_acquire_owned() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
         if reader.is_none() {
             match ctx.queue.reader(&ctx.worker_id).await {
                 Ok(r) => reader = Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot connect to Redis");
-                    drop(permit);
+                    drop(slots);
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             }
         }
         let Some(r) = reader.as_mut() else { continue };
-        match r.next(Duration::from_secs(1)).await {
-            Ok(Some(delivery)) => {
+        match r.next_batch(slots.len(), Duration::from_secs(1)).await {
+            Ok(deliveries) => {
                 backoff.reset();
-                process::handle(ctx.clone(), delivery).await;
+                start_and_run(&ctx, deliveries, slots, false).await;
             }
-            Ok(None) => backoff.reset(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the queue");
                 reader = None;
-                drop(permit);
+                drop(slots);
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
+    }
+}
+
+/// Starts `deliveries` ([`Jobs::start_deliveries`]: from the spec each
+/// entry carries, or, `reclaimed` from a worker that died, from the job's
+/// row with its start recorded at once) and runs each in a task holding
+/// one of `slots`; a delivery whose job is finished or gone is
+/// acknowledged. Slots not needed are given back. If the jobs cannot be
+/// read (PostgreSQL down), the deliveries are left for redelivery.
+async fn start_and_run(
+    ctx: &Arc<Context>,
+    deliveries: Vec<Delivery>,
+    mut slots: Vec<tokio::sync::OwnedSemaphorePermit>,
+    reclaimed: bool,
+) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let count = deliveries.len();
+    let started = retry("start jobs", 4, || {
+        ctx.jobs
+            .start_deliveries(deliveries.clone(), &ctx.worker_id, reclaimed)
+    })
+    .await;
+    let (running, finished) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!(jobs = count, error = %e, "cannot start jobs; leaving them for redelivery");
+            return;
+        }
+    };
+    for delivery in finished {
+        tracing::info!(job_id = %delivery.job, "job already finished or unknown; acknowledging the duplicate delivery");
+        process::ack(ctx, delivery.job, &delivery.entry).await;
+    }
+    for job in running {
+        let Some(slot) = slots.pop() else {
+            tracing::error!(job_id = %job.spec.id, "no slot for a started job; leaving it for redelivery");
+            continue;
+        };
+        let ctx = ctx.clone();
+        ctx.clone().tasks.spawn(async move {
+            process::handle(ctx, job).await;
+            drop(slot);
+        });
     }
 }
 
@@ -344,18 +423,16 @@ async fn reclaim(ctx: Arc<Context>, permits: Arc<Semaphore>, mut stop: watch::Re
                 continue;
             }
         };
-        for delivery in deliveries {
+        let mut slots = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
             tracing::info!(job_id = %delivery.job, "took over a job abandoned by another worker");
             ctx.metrics.reclaimed();
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            let Ok(slot) = permits.clone().acquire_owned().await else {
                 return;
             };
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                process::handle(ctx, delivery).await;
-                drop(permit);
-            });
+            slots.push(slot);
         }
+        start_and_run(&ctx, deliveries, slots, true).await;
     }
 }
 
@@ -413,7 +490,10 @@ async fn watch_plugins(ctx: Arc<Context>, every: Duration, mut stop: watch::Rece
 /// ones in the metrics (with their job series created at zero).
 async fn reconcile_plugins(ctx: &Context) -> Result<(), sqlx::Error> {
     let mut loaded = Vec::new();
-    for plugin in ctx.catalogue.active().await? {
+    let active = ctx.catalogue.active().await?;
+    ctx.registry
+        .set_active(active.iter().map(|p| p.name.clone()).collect());
+    for plugin in active {
         match ctx.registry.get(&plugin.digest).await {
             Ok(_) => loaded.push(PluginLabel {
                 action: plugin.name,

@@ -3,9 +3,10 @@
 //! Submits jobs for `--duration`, either at a fixed `--rate` (jobs per
 //! second, at most `--clients` in flight) or flat out (`--rate 0`: `--clients`
 //! clients each submitting as fast as answers come), then waits for every
-//! accepted job to finish and reads the job records: completed per second
-//! (first submission to last completion, by the API's own timestamps) and
-//! the submit-to-completed latency (`finished_at - created_at`) percentiles.
+//! accepted job to finish (the client's queue empty, as the overview shows
+//! it) and reads each job's record once: completed per second (first submission to last completion, by
+//! the API's own timestamps) and the submit-to-completed latency
+//! (`finished_at - created_at`) percentiles, and its own CPU time.
 //!
 //! Every job gets distinct image bytes by default (a `tEXt` chunk with a
 //! counter is added to the PNG), so the result cache cannot answer and the
@@ -65,6 +66,15 @@ struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Processes whose CPU time (from /proc) is reported over the run, by
+    /// name, comma-separated.
+    #[arg(long, default_value = "postgres,redis-server,host-api,host-worker")]
+    watch: String,
+    /// PostgreSQL URL of the API's database: its work per job over the run
+    /// (commits, tuples read, row updates of `jobs`) is reported, read with
+    /// `psql` from pg_stat_database and pg_stat_user_tables.
+    #[arg(long, env = "IMGFLOW_PG")]
+    pg: Option<String>,
 }
 
 /// What the submitting phase saw.
@@ -92,15 +102,190 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     let url = submit_url(&args);
 
+    // The system is measured from the first submission until every
+    // accepted job has finished (the client's queue is empty); reading the
+    // job records afterwards is not part of it.
+    let watched: Vec<&str> = args.watch.split(',').filter(|n| !n.is_empty()).collect();
+    let cpu_before = system::cpu_ticks(&watched);
+    let pg_before = args.pg.as_deref().map(system::pg_counters).transpose()?;
+    let own_before = own_cpu();
     let started = Instant::now();
     let submitted = submit_all(&args, &client, &url, Arc::new(image)).await;
     let submit_secs = started.elapsed().as_secs_f64();
+    if submitted.ids.is_empty() {
+        let hint = if submitted.refused.contains_key(&401) {
+            " (401: set IMGFLOW_KEY or --key to a client key)"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "no submission was accepted: refused {:?}, {} without an answer{hint}",
+            submitted.refused,
+            submitted.errors
+        );
+    }
+    wait_quiet(&args, &client).await?;
+    let window = started.elapsed().as_secs_f64();
+    let cpu_after = system::cpu_ticks(&watched);
+    let own = (own_cpu() - own_before).as_secs_f64() / window;
+    let pg_after = match args.pg.as_deref() {
+        // PostgreSQL publishes its statistics within a second.
+        Some(url) => {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            Some(system::pg_counters(url)?)
+        }
+        None => None,
+    };
     let records = drain(&args, &client, &submitted.ids).await?;
-    report(&args, &submitted, submit_secs, &records);
+    let mut cpu: Vec<(String, f64)> = watched
+        .iter()
+        .map(|name| {
+            let used = system::used_since(&cpu_before, &cpu_after, name);
+            (name.to_string(), system::ticks_to_secs(used) / window)
+        })
+        .collect();
+    cpu.push(("imgflow-load".into(), own));
+    let pg = match (pg_before, pg_after) {
+        (Some(b), Some(a)) => Some(a.minus(&b)),
+        _ => None,
+    };
+    report(&args, &submitted, submit_secs, &records, &cpu, pg);
     Ok(())
 }
 
+/// Waits until the client's queue is empty: every accepted job finished
+/// (its own unfinished jobs, as `GET /v1/overview` shows them), or the
+/// drain timeout passes.
+async fn wait_quiet(args: &Args, client: &reqwest::Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from(args.drain_timeout);
+    loop {
+        let mut request = client.get(format!("{}/v1/overview?minutes=1", args.api_url));
+        if let Some(key) = &args.key {
+            request = request.bearer_auth(key);
+        }
+        let overview: serde_json::Value = request.send().await?.json().await?;
+        if overview["queue_depth"].as_u64() == Some(0) || Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the tool reads of the machine it runs on.
+mod system {
+    use std::collections::HashMap;
+
+    /// The CPU ticks (user + system) of every process named one of
+    /// `names`, by name and process id, from /proc.
+    pub fn cpu_ticks(names: &[&str]) -> HashMap<(String, u32), u64> {
+        let mut ticks: HashMap<(String, u32), u64> = HashMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return ticks;
+        };
+        for entry in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let comm = head.split_once('(').map_or("", |(_, c)| c);
+            if !names.contains(&comm) {
+                continue;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let used: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                .sum();
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            ticks.insert((comm.to_string(), pid), used);
+        }
+        ticks
+    }
+
+    /// The ticks the processes named `name` used between two readings: a
+    /// process started since counts whole, one that ended since (a
+    /// PostgreSQL connection closed) is not counted.
+    pub fn used_since(
+        before: &HashMap<(String, u32), u64>,
+        after: &HashMap<(String, u32), u64>,
+        name: &str,
+    ) -> u64 {
+        after
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|(key, now)| now.saturating_sub(before.get(key).copied().unwrap_or(0)))
+            .sum()
+    }
+
+    /// Seconds in `ticks` clock ticks (USER_HZ, 100 on Linux).
+    pub fn ticks_to_secs(ticks: u64) -> f64 {
+        ticks as f64 / 100.0
+    }
+
+    /// PostgreSQL's counters for the database and its `jobs` table.
+    #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+    pub struct PgCounters {
+        pub commits: i64,
+        pub tuples_read: i64,
+        pub updates: i64,
+        pub hot_updates: i64,
+    }
+
+    impl PgCounters {
+        pub fn minus(self, before: &PgCounters) -> PgCounters {
+            PgCounters {
+                commits: self.commits - before.commits,
+                tuples_read: self.tuples_read - before.tuples_read,
+                updates: self.updates - before.updates,
+                hot_updates: self.hot_updates - before.hot_updates,
+            }
+        }
+    }
+
+    /// The counters now, read with `psql`.
+    pub fn pg_counters(url: &str) -> anyhow::Result<PgCounters> {
+        use anyhow::Context as _;
+        let out = std::process::Command::new("psql")
+            .arg(url)
+            .args([
+                "-tAc",
+                "SELECT d.xact_commit, d.tup_returned + d.tup_fetched,
+                                   t.n_tup_upd, t.n_tup_hot_upd
+                            FROM pg_stat_database d, pg_stat_user_tables t
+                            WHERE d.datname = current_database() AND t.relname = 'jobs'",
+            ])
+            .output()
+            .context("psql runs (the PostgreSQL client)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<i64> = text
+            .trim()
+            .split('|')
+            .filter_map(|f| f.trim().parse().ok())
+            .collect();
+        anyhow::ensure!(v.len() == 4, "unexpected psql output {text:?}");
+        Ok(PgCounters {
+            commits: v[0],
+            tuples_read: v[1],
+            updates: v[2],
+            hot_updates: v[3],
+        })
+    }
+}
+
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// How long a client waits after a `429` or `503` before its next
+/// submission.
+const BACK_OFF: Duration = Duration::from_millis(100);
 
 /// A 64x64 RGBA PNG of deterministic noise.
 fn small_png() -> anyhow::Result<Vec<u8>> {
@@ -195,11 +380,19 @@ async fn submit_all(
                     Ok(r) => Err(r.status().as_u16()),
                     Err(_) => Err(0),
                 };
-                let mut result = result.lock().unwrap_or_else(|e| e.into_inner());
-                match answer {
-                    Ok(id) => result.ids.push(id),
-                    Err(0) => result.errors += 1,
-                    Err(code) => *result.refused.entry(code).or_default() += 1,
+                let busy = matches!(answer, Err(429 | 503));
+                {
+                    let mut result = result.lock().unwrap_or_else(|e| e.into_inner());
+                    match answer {
+                        Ok(id) => result.ids.push(id),
+                        Err(0) => result.errors += 1,
+                        Err(code) => *result.refused.entry(code).or_default() += 1,
+                    }
+                }
+                // A client that respects backpressure: told the queue (or
+                // its share) is full, it waits a little before the next.
+                if busy {
+                    tokio::time::sleep(BACK_OFF).await;
                 }
             }
         }
@@ -254,8 +447,9 @@ struct Record {
     finished: DateTime<Utc>,
 }
 
-/// Reads every job until it is finished (or the drain timeout passes),
-/// 64 at a time.
+/// Reads each job's record once the jobs have finished (`GET
+/// /v1/jobs/{id}`, 32 at a time): one cheap request per job, whatever the
+/// history in the table.
 async fn drain(
     args: &Args,
     client: &reqwest::Client,
@@ -263,15 +457,25 @@ async fn drain(
 ) -> anyhow::Result<Vec<Record>> {
     use futures::StreamExt as _;
     let deadline = Instant::now() + Duration::from(args.drain_timeout);
+    let get = |path: String| {
+        let mut request = client.get(format!("{}{path}", args.api_url));
+        if let Some(key) = &args.key {
+            request = request.bearer_auth(key);
+        }
+        request
+    };
     let read = |id: &String| {
         let id = id.clone();
+        let request = get(format!("/v1/jobs/{id}"));
         async move {
             loop {
-                let mut request = client.get(format!("{}/v1/jobs/{id}", args.api_url));
-                if let Some(key) = &args.key {
-                    request = request.bearer_auth(key);
-                }
-                let job: serde_json::Value = request.send().await?.json().await?;
+                let job: serde_json::Value = request
+                    .try_clone()
+                    .context("a GET request")?
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
                 let status = job["status"].as_str().unwrap_or_default();
                 if status == "completed" || status == "failed" {
                     let time = |field: &str| {
@@ -295,11 +499,26 @@ async fn drain(
     };
     futures::stream::iter(ids)
         .map(read)
-        .buffer_unordered(64)
+        .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect()
+}
+
+/// This process's CPU time (user + system) so far, from `/proc/self/stat`.
+fn own_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // The fields after the command's closing parenthesis; utime and
+            // stime are the 14th and 15th of the whole line.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -310,7 +529,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn report(args: &Args, submitted: &Submitted, submit_secs: f64, records: &[Record]) {
+fn report(
+    args: &Args,
+    submitted: &Submitted,
+    submit_secs: f64,
+    records: &[Record],
+    cpu: &[(String, f64)],
+    pg: Option<system::PgCounters>,
+) {
     let completed: Vec<&Record> = records.iter().filter(|r| r.completed).collect();
     let failed = records.len() - completed.len();
     let mut latency: Vec<f64> = completed
@@ -350,6 +576,8 @@ fn report(args: &Args, submitted: &Submitted, submit_secs: f64, records: &[Recor
                 "completed": completed.len(), "failed": failed,
                 "completed_per_s": per_s,
                 "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+                "cpu": cpu.iter().map(|(n, c)| (n.clone(), *c)).collect::<BTreeMap<_, _>>(),
+                "pg": pg,
             })
         );
         return;
@@ -371,4 +599,23 @@ fn report(args: &Args, submitted: &Submitted, submit_secs: f64, records: &[Recor
     println!("| completed / failed | {} / {failed} |", completed.len());
     println!("| completed/s (first submission to last completion) | {per_s:.0} |");
     println!("| submit -> completed p50 / p90 / p99 / max, ms | {p50:.1} / {p90:.1} / {p99:.1} / {max:.1} |");
+    for (name, share) in cpu {
+        println!("| CPU: {name} (% of one core) | {:.0}% |", share * 100.0);
+    }
+    if let Some(pg) = pg {
+        let jobs = completed.len().max(1) as f64;
+        println!(
+            "| PostgreSQL commits per job | {:.2} |",
+            pg.commits as f64 / jobs
+        );
+        println!(
+            "| PostgreSQL tuples read per job | {:.1} |",
+            pg.tuples_read as f64 / jobs
+        );
+        println!(
+            "| `jobs` row updates per job (HOT) | {:.2} ({:.0}%) |",
+            pg.updates as f64 / jobs,
+            100.0 * pg.hot_updates as f64 / (pg.updates.max(1) as f64)
+        );
+    }
 }

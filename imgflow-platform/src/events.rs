@@ -22,47 +22,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::jobs::{JobRecord, JobStatus, Jobs, JobsError};
+pub use crate::jobs::JobChange;
+use crate::jobs::{JobRecord, Jobs, JobsError};
 use crate::queue::Queue;
-
-/// What a job became, as announced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobChange {
-    /// It entered this status.
-    Became(JobStatus),
-    /// It was deleted (by its owner or the retention sweep).
-    Deleted,
-    /// Changes may have been missed (the subscription was down): read it.
-    Unknown,
-}
-
-impl JobChange {
-    /// The change as announced: a status, or `deleted`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobChange::Became(status) => status.as_str(),
-            JobChange::Deleted => "deleted",
-            JobChange::Unknown => "unknown",
-        }
-    }
-
-    /// Parses an announced change.
-    pub fn parse(text: &str) -> JobChange {
-        match text {
-            "deleted" => JobChange::Deleted,
-            other => JobStatus::parse(other).map_or(JobChange::Unknown, JobChange::Became),
-        }
-    }
-
-    /// Whether the job will not change again (finished, or gone).
-    pub fn is_final(self) -> bool {
-        match self {
-            JobChange::Became(status) => status.is_finished(),
-            JobChange::Deleted => true,
-            JobChange::Unknown => false,
-        }
-    }
-}
 
 /// One subscription to job changes, shared by every waiter in a process.
 /// Cheap to clone; the subscription ends when the last clone is dropped.

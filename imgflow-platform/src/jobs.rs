@@ -1,6 +1,7 @@
 //! A job's life, in one place: its states, how it is submitted (input
-//! stored, row inserted, entry queued), started, completed, failed, and
-//! queued again when its entry went missing.
+//! stored, row inserted, entry queued: the `intake` module), started,
+//! completed or failed ([`crate::outcomes`]), cancelled, retried, deleted,
+//! and queued again when its entry went missing ([`crate::sweep`]).
 //!
 //! ```text
 //!            submit            start              complete
@@ -26,8 +27,14 @@
 //! `UPDATE` (only an unfinished job changes), so two workers that both got
 //! the same job cannot both complete it, and a finished job never changes.
 //! Redis only carries the work ([`crate::queue`]).
-
-use std::time::Duration;
+//!
+//! The `jobs` table holds one row per job. What the busy paths look up is
+//! kept in narrow tables beside it, each written in the same statement as
+//! the change it follows: `unfinished_jobs` (a row while the job is queued
+//! or running), `result_cache` (the job whose result answers equal jobs)
+//! and the per-minute rollups of [`crate::activity`]. No column an index
+//! covers changes after a job is made, so starting and finishing it are HOT
+//! updates, and no busy path reads a client's history.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -40,9 +47,8 @@ use sqlx::{PgPool, Postgres};
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::events::JobChange;
-use crate::pipeline::{self, Step};
-use crate::queue::{Lock, Queue, QueueError};
+use crate::pipeline::Step;
+use crate::queue::{Queue, QueueError};
 use crate::storage::{self, Object, Storage, StorageError};
 
 /// A job's status.
@@ -103,6 +109,45 @@ impl JobStatus {
     }
 }
 
+/// What a job became, as announced ([`crate::events`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobChange {
+    /// It entered this status.
+    Became(JobStatus),
+    /// It was deleted (by its owner or the retention sweep).
+    Deleted,
+    /// Changes may have been missed (the subscription was down): read it.
+    Unknown,
+}
+
+impl JobChange {
+    /// The change as announced: a status, or `deleted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobChange::Became(status) => status.as_str(),
+            JobChange::Deleted => "deleted",
+            JobChange::Unknown => "unknown",
+        }
+    }
+
+    /// Parses an announced change.
+    pub fn parse(text: &str) -> JobChange {
+        match text {
+            "deleted" => JobChange::Deleted,
+            other => JobStatus::parse(other).map_or(JobChange::Unknown, JobChange::Became),
+        }
+    }
+
+    /// Whether the job will not change again (finished, or gone).
+    pub fn is_final(self) -> bool {
+        match self {
+            JobChange::Became(status) => status.is_finished(),
+            JobChange::Deleted => true,
+            JobChange::Unknown => false,
+        }
+    }
+}
+
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -153,12 +198,15 @@ macro_rules! arm_callback {
     };
 }
 
+pub(crate) use arm_callback;
+
 /// The SQL condition "the job has finished", the one retention requires.
 macro_rules! finished {
     () => {
         "status IN ('completed', 'failed', 'cancelled')"
     };
 }
+pub(crate) use finished;
 
 /// A row of the `jobs` table.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -173,10 +221,14 @@ pub struct JobRecord {
     pub plugin_digest: String,
     /// The validated parameters, defaults filled in.
     pub params: Json<serde_json::Value>,
-    /// The steps it runs (one, unless it is a pipeline), with each step's
-    /// time once it ran; `action`, `plugin_version`, `plugin_digest` and
-    /// `params` are their [`pipeline::Summary`].
+    /// The steps it runs (one, unless it is a pipeline); `action`,
+    /// `plugin_version`, `plugin_digest` and `params` are their
+    /// [`crate::pipeline::Summary`]. Their times are in `step_ms` (jobs from before
+    /// it have them in the steps); [`JobRecord::steps_as_run`] joins both.
     pub steps: Json<Vec<Step>>,
+    /// How long each step's plugin call took, in milliseconds, once the
+    /// job ran (as far as it ran).
+    pub step_ms: Option<Vec<f64>>,
     /// Where it is in its life.
     pub status: JobStatus,
     /// How many times a worker started it.
@@ -197,9 +249,11 @@ pub struct JobRecord {
     pub output_quality: Option<i16>,
     /// Whether the input is turned upright by its EXIF orientation.
     pub auto_orient: bool,
-    /// Storage key of the result.
-    pub output_key: Option<String>,
-    /// Result size in bytes.
+    /// Storage key of the result: named by the job (or, completed from the
+    /// cache, by the job it reused) when the job is made; the object exists
+    /// once the job is `completed`.
+    pub output_key: String,
+    /// Result size in bytes, once completed.
     pub output_size: Option<i64>,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
@@ -209,8 +263,8 @@ pub struct JobRecord {
     pub request_hash: Option<String>,
     /// The result-cache key (see [`NewJob::cache_key`]).
     pub cache_key: Option<String>,
-    /// The job whose result (and input) this one reused, when it was
-    /// completed from the result cache without running.
+    /// The job whose result this one reused, when it was completed from
+    /// the result cache without running.
     pub cached_from: Option<Uuid>,
     /// The failed or cancelled job this one retries (same input and
     /// pipeline), if it is a retry.
@@ -224,18 +278,114 @@ pub struct JobRecord {
     pub callback_status: Option<String>,
     /// When the next delivery attempt is due.
     pub callback_next_at: Option<DateTime<Utc>>,
-    /// The Redis stream entry that carries it.
+    /// The Redis stream entry a worker last started it from.
     pub stream_id: Option<String>,
     /// The worker that ran it last.
     pub worker_id: Option<String>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
-    /// When it was last put on the queue.
+    /// When it was last put on the queue (jobs from before
+    /// `unfinished_jobs`; now kept there).
     pub enqueued_at: Option<DateTime<Utc>>,
     /// When a worker last started it.
     pub started_at: Option<DateTime<Utc>>,
     /// When it completed, failed or was cancelled.
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl JobRecord {
+    /// The steps with each one's time (`run_ms`), as far as it ran.
+    pub fn steps_as_run(&self) -> Vec<Step> {
+        let mut steps = self.steps.0.clone();
+        if let Some(times) = &self.step_ms {
+            for (step, ms) in steps.iter_mut().zip(times) {
+                step.run_ms = Some(*ms);
+            }
+        }
+        steps
+    }
+
+    /// The result's format.
+    pub fn output_format(&self) -> ImageFormat {
+        ImageFormat::parse(&self.output_format).unwrap_or(ImageFormat::Png)
+    }
+}
+
+/// What a worker needs of a job to run it. Every queue entry carries it,
+/// so starting a job costs PostgreSQL nothing; an entry from before it
+/// existed, or taken over from a worker that died, is read from the job's
+/// row instead ([`Jobs::start_deliveries`]).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct JobSpec {
+    /// The job's id.
+    pub id: Uuid,
+    /// Who submitted it.
+    pub owner: String,
+    /// Its action (its steps', for a pipeline).
+    pub action: String,
+    /// The steps it runs.
+    pub steps: Vec<Step>,
+    /// Storage key of the input image.
+    pub input_key: String,
+    /// Storage key of the result.
+    pub output_key: String,
+    /// Format of the result.
+    pub output_format: String,
+    /// JPEG or lossy WebP quality, if set.
+    pub output_quality: Option<i16>,
+    /// Whether the input is turned upright by its EXIF orientation.
+    pub auto_orient: bool,
+    /// The starts recorded when it was queued.
+    pub attempts: i32,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+}
+
+impl JobSpec {
+    /// The spec of `job`.
+    pub fn of(job: &JobRecord) -> JobSpec {
+        JobSpec {
+            id: job.id,
+            owner: job.owner.clone(),
+            action: job.action.clone(),
+            steps: job.steps.0.clone(),
+            input_key: job.input_key.clone(),
+            output_key: job.output_key.clone(),
+            output_format: job.output_format.clone(),
+            output_quality: job.output_quality,
+            auto_orient: job.auto_orient,
+            attempts: job.attempts,
+            created_at: job.created_at,
+        }
+    }
+
+    /// As the queue entry carries it.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The result's format.
+    pub fn output_format(&self) -> ImageFormat {
+        ImageFormat::parse(&self.output_format).unwrap_or(ImageFormat::Png)
+    }
+}
+
+/// A job a worker has started: what it runs, the queue entry it came by,
+/// which attempt this is (the starts recorded before, plus one) and when
+/// it started. The start itself is recorded when the outcome is, or
+/// earlier if the job runs for a while ([`Jobs::record_starts`]).
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The job.
+    pub spec: JobSpec,
+    /// Its queue entry.
+    pub entry: String,
+    /// This attempt's number, from 1.
+    pub attempt: i32,
+    /// When this attempt started.
+    pub started_at: DateTime<Utc>,
+    /// The worker running it.
+    pub worker: String,
 }
 
 /// What a client submits, validated: recorded as a new `queued` job.
@@ -303,18 +453,13 @@ pub fn cache_key(
     hex::encode(hash.finalize())
 }
 
-/// How old a job held in its owner's share must be before the sweeper
-/// may give it back as finished ([`Jobs::requeue_missing`]): older than any
-/// submission still being recorded.
-const HOLD_SETTLED: Duration = Duration::from_secs(300);
-
 /// What [`Jobs::submit`] did.
 #[derive(Debug, Clone)]
 pub enum Submitted {
     /// A new job, stored and queued.
     Created(JobRecord),
     /// A new job, completed at once from the result of an equal job of the
-    /// same owner (its `cached_from`); nothing stored or queued.
+    /// same owner (its `cached_from`); nothing queued.
     Cached(JobRecord),
     /// The idempotency key was already used: the earlier job, nothing new.
     Existing(JobRecord),
@@ -333,47 +478,6 @@ pub struct ListFilter {
     pub before: Option<Uuid>,
     /// At most this many.
     pub limit: i64,
-}
-
-/// What finished recently ([`Jobs::activity`]).
-#[derive(Debug, Clone)]
-pub struct Activity {
-    /// One row per action, by name.
-    pub actions: Vec<ActionActivity>,
-    /// One row per minute and action that had jobs finish, oldest first.
-    pub per_minute: Vec<MinuteActivity>,
-}
-
-/// How one action's recent jobs went.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ActionActivity {
-    /// The job's action (a pipeline's: its steps, comma-separated).
-    pub action: String,
-    /// Jobs completed.
-    pub completed: i64,
-    /// Jobs failed.
-    pub failed: i64,
-    /// Jobs cancelled.
-    pub cancelled: i64,
-    /// Median run time of the completed jobs that ran, in milliseconds.
-    pub p50_ms: Option<f64>,
-    /// 95th percentile of that run time.
-    pub p95_ms: Option<f64>,
-    /// 99th percentile of that run time.
-    pub p99_ms: Option<f64>,
-}
-
-/// The jobs of one action that finished within one minute.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct MinuteActivity {
-    /// The minute's start.
-    pub minute: DateTime<Utc>,
-    /// The action.
-    pub action: String,
-    /// Jobs completed in that minute.
-    pub completed: i64,
-    /// Jobs failed in that minute.
-    pub failed: i64,
 }
 
 /// Why a job operation failed: which service was unavailable.
@@ -397,6 +501,12 @@ pub enum JobsError {
         /// How many it holds.
         held: u64,
     },
+    /// The client key was revoked while the job was being recorded.
+    #[error("the client key was revoked")]
+    Revoked,
+    /// The group writer stopped (the process is shutting down).
+    #[error("the process is stopping")]
+    Stopping,
 }
 
 impl JobsError {
@@ -409,16 +519,24 @@ impl JobsError {
             JobsError::Storage(_) => ErrorCode::StorageUnavailable,
             JobsError::Conflict => ErrorCode::Conflict,
             JobsError::OverCap { .. } => ErrorCode::QueueFull,
+            JobsError::Revoked => ErrorCode::Unauthorized,
+            JobsError::Stopping => ErrorCode::Internal,
         }
+    }
+}
+
+impl From<crate::batch::Stopped> for JobsError {
+    fn from(_: crate::batch::Stopped) -> JobsError {
+        JobsError::Stopping
     }
 }
 
 /// Every job operation, for the API and the worker alike. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Jobs {
-    db: PgPool,
-    queue: Queue,
-    storage: Storage,
+    pub(crate) db: PgPool,
+    pub(crate) queue: Queue,
+    pub(crate) storage: Storage,
 }
 
 impl Jobs {
@@ -427,199 +545,13 @@ impl Jobs {
         Jobs { db, queue, storage }
     }
 
-    /// Records a new job: stores its input, inserts it as `queued`, queues
-    /// it. On any failure nothing is left behind (input deleted, row
-    /// deleted). With an idempotency key already used, returns that job and
-    /// keeps nothing new (callers may look the key up first, with
-    /// [`Jobs::by_idempotency_key`], to skip the work of validating).
-    ///
-    /// The job is held among its owner's unfinished jobs first, atomically
-    /// within `cap` ([`Queue::hold`]; `None`: no cap), and given back when
-    /// it finishes, or at once if it is not queued after all.
-    pub async fn submit(
-        &self,
-        new: NewJob,
-        input: Bytes,
-        cap: Option<u64>,
-    ) -> Result<Submitted, JobsError> {
-        let id = Uuid::now_v7();
-        let owner = new.owner.clone();
-        if let Err(held) = self.queue.hold(&owner, &[id], cap).await? {
-            return Err(JobsError::OverCap { held });
+    /// Gives back jobs their owner held ([`Queue::hold`]): they finished,
+    /// or were not made. A failure only delays that (the sweeper
+    /// reconciles), so it is logged.
+    pub(crate) async fn release(&self, owner: &str, ids: &[Uuid]) {
+        if let Err(e) = self.queue.release(owner, ids).await {
+            tracing::warn!(owner, error = %e, "cannot give back finished jobs in their owner's share");
         }
-        let submitted = self.submit_held(id, new, input).await;
-        if !matches!(submitted, Ok(Submitted::Created(_))) {
-            self.release(&owner, id).await;
-        }
-        submitted
-    }
-
-    /// Gives back a job its owner held ([`Queue::hold`]): it finished, or
-    /// was not made. A failure only delays that (the sweeper reconciles),
-    /// so it is logged.
-    async fn release(&self, owner: &str, id: Uuid) {
-        if let Err(e) = self.queue.release(owner, &[id]).await {
-            tracing::warn!(job_id = %id, error = %e, "cannot give back the job's place in its owner's share");
-        }
-    }
-
-    async fn submit_held(
-        &self,
-        id: Uuid,
-        new: NewJob,
-        input: Bytes,
-    ) -> Result<Submitted, JobsError> {
-        if let Some(job) = self.complete_from_cache(id, &new).await? {
-            return Ok(job);
-        }
-        let input_key = storage::input_key(id);
-        let input_size = input.len() as i64;
-        self.storage.put(&input_key, input).await?;
-        let pipeline = pipeline::summary(&new.steps);
-        let inserted = sqlx::query_as::<_, JobRecord>(
-            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
-                               input_size, input_format, output_format, idempotency_key,
-                               owner, request_hash, cache_key, output_quality, auto_orient, steps,
-                               batch_id, callback_url)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                     $18, $19)
-             ON CONFLICT (owner, idempotency_key) DO NOTHING
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(&pipeline.action)
-        .bind(&pipeline.version)
-        .bind(&pipeline.digest)
-        .bind(Json(&pipeline.params))
-        .bind(JobStatus::Queued)
-        .bind(&input_key)
-        .bind(input_size)
-        .bind(&new.input_format)
-        .bind(&new.output_format)
-        .bind(&new.idempotency_key)
-        .bind(&new.owner)
-        .bind(&new.request_hash)
-        .bind(&new.cache_key)
-        .bind(new.output_quality)
-        .bind(new.auto_orient)
-        .bind(Json(&new.steps))
-        .bind(new.batch_id)
-        .bind(&new.callback_url)
-        .fetch_optional(&self.db)
-        .await;
-        let job = match inserted {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                // Another request with the same Idempotency-Key won the race.
-                let _ = self.storage.delete(&input_key).await;
-                let key = new.idempotency_key.as_deref().unwrap_or_default();
-                return match self.by_idempotency_key(&new.owner, key).await? {
-                    Some(job) => Ok(Submitted::Existing(job)),
-                    None => Err(JobsError::Conflict),
-                };
-            }
-            Err(e) => {
-                let _ = self.storage.delete(&input_key).await;
-                return Err(e.into());
-            }
-        };
-        self.enqueue_new(id, Some(&input_key)).await?;
-        Ok(Submitted::Created(job))
-    }
-
-    /// With a cache key: records the job as `completed` with the result
-    /// (and input) of the newest completed job of the same owner and key, in
-    /// one statement. That job's row is locked (`FOR SHARE`) meanwhile, so a
-    /// concurrent deletion waits and then sees the new job referencing the
-    /// files (and keeps them). `None`: no such job (or the idempotency key
-    /// was taken meanwhile, which the ordinary path then reports).
-    async fn complete_from_cache(
-        &self,
-        id: Uuid,
-        new: &NewJob,
-    ) -> Result<Option<Submitted>, JobsError> {
-        let Some(cache_key) = &new.cache_key else {
-            return Ok(None);
-        };
-        let pipeline = pipeline::summary(&new.steps);
-        let hit: Option<JobRecord> = sqlx::query_as(
-            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
-                               input_size, input_format, output_format, output_key, output_size,
-                               idempotency_key, owner, request_hash, cache_key, cached_from,
-                               started_at, finished_at, output_quality, auto_orient, steps,
-                               batch_id, callback_url, callback_status, callback_next_at)
-             SELECT $1, $2, $3, $4, $5, $6, source.input_key, source.input_size, $7, $8,
-                    source.output_key, source.output_size, $9, $10, $11, $12, source.id,
-                    now(), now(), $13, $14, $15, $16, $17,
-                    CASE WHEN $17::text IS NULL THEN NULL ELSE 'pending' END,
-                    CASE WHEN $17::text IS NULL THEN NULL ELSE now() END
-             FROM (SELECT * FROM jobs
-                   WHERE owner = $10 AND cache_key = $12 AND status = 'completed'
-                     AND output_key IS NOT NULL
-                   ORDER BY id DESC LIMIT 1
-                   FOR SHARE) AS source
-             ON CONFLICT (owner, idempotency_key) DO NOTHING
-             RETURNING *",
-        )
-        .bind(id)
-        .bind(&pipeline.action)
-        .bind(&pipeline.version)
-        .bind(&pipeline.digest)
-        .bind(Json(&pipeline.params))
-        .bind(JobStatus::Completed)
-        .bind(&new.input_format)
-        .bind(&new.output_format)
-        .bind(&new.idempotency_key)
-        .bind(&new.owner)
-        .bind(&new.request_hash)
-        .bind(cache_key)
-        .bind(new.output_quality)
-        .bind(new.auto_orient)
-        .bind(Json(&new.steps))
-        .bind(new.batch_id)
-        .bind(&new.callback_url)
-        .fetch_optional(&self.db)
-        .await?;
-        Ok(hit.map(Submitted::Cached))
-    }
-
-    /// Queues a job just inserted. If Redis refuses, the job is undone (its
-    /// row, and `own_input` when the input is the job's alone) and the
-    /// error returned; if only recording the entry fails, the job is queued
-    /// and safe (the sweeper settles the entry), so that is just logged.
-    async fn enqueue_new(&self, id: Uuid, own_input: Option<&str>) -> Result<(), JobsError> {
-        match self.enqueue(id).await {
-            Err(e @ JobsError::Queue(_)) => {
-                let _ = sqlx::query("DELETE FROM jobs WHERE id = $1")
-                    .bind(id)
-                    .execute(&self.db)
-                    .await;
-                if let Some(key) = own_input {
-                    let _ = self.storage.delete(key).await;
-                }
-                Err(e)
-            }
-            Err(e) => {
-                tracing::warn!(job_id = %id, error = %e, "cannot record the queue entry");
-                Ok(())
-            }
-            Ok(()) => Ok(()),
-        }
-    }
-
-    /// Puts the job on the queue and records its entry.
-    async fn enqueue(&self, id: Uuid) -> Result<(), JobsError> {
-        let entry = self.queue.enqueue(id).await?;
-        self.mark_enqueued(id, &entry).await
-    }
-
-    async fn mark_enqueued(&self, id: Uuid, entry: &str) -> Result<(), JobsError> {
-        sqlx::query("UPDATE jobs SET stream_id = $2, enqueued_at = now() WHERE id = $1")
-            .bind(id)
-            .bind(entry)
-            .execute(&self.db)
-            .await?;
-        Ok(())
     }
 
     /// The job with this id.
@@ -630,19 +562,29 @@ impl Jobs {
             .await?)
     }
 
+    /// The job's status, or `None` if it is gone (a cheap read for a
+    /// worker checking on the job it runs).
+    pub async fn status(&self, id: Uuid) -> Result<Option<JobStatus>, JobsError> {
+        let status: Option<(JobStatus,)> = sqlx::query_as("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(status.map(|(s,)| s))
+    }
+
     /// The job `owner` submitted with this idempotency key.
     pub async fn by_idempotency_key(
         &self,
         owner: &str,
         key: &str,
     ) -> Result<Option<JobRecord>, JobsError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM jobs WHERE owner = $1 AND idempotency_key = $2")
-                .bind(owner)
-                .bind(key)
-                .fetch_optional(&self.db)
-                .await?,
+        Ok(sqlx::query_as(
+            "SELECT * FROM jobs WHERE owner = $1 AND idempotency_key = $2 AND idempotency_key IS NOT NULL",
         )
+        .bind(owner)
+        .bind(key)
+        .fetch_optional(&self.db)
+        .await?)
     }
 
     /// The jobs of batch `id`, in the order they were submitted.
@@ -655,112 +597,145 @@ impl Jobs {
         )
     }
 
-    /// How many of `owner`'s jobs are unfinished (its share of the queue).
-    pub async fn unfinished_of(&self, owner: &str) -> Result<i64, JobsError> {
-        let (count,): (i64,) = sqlx::query_as(concat!(
-            "SELECT count(*) FROM jobs WHERE owner = $1 AND ",
+    /// A page of jobs, newest first. The owner's (or everyone's) jobs are
+    /// walked newest first by id from the cursor (an index range, whatever
+    /// the history); the status and action, when asked, are filters on
+    /// that walk (a status is not indexed: it changes, and keeping it out
+    /// of every index keeps a job's updates cheap).
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, JobsError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new("SELECT * FROM jobs WHERE id < ");
+        query.push_bind(filter.before.unwrap_or(Uuid::max()));
+        if let Some(owner) = &filter.owner {
+            query.push(" AND owner = ").push_bind(owner);
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status);
+        }
+        if let Some(action) = &filter.action {
+            query
+                .push(" AND (action = ")
+                .push_bind(action)
+                .push(
+                    " OR (action LIKE '%,%'
+                          AND steps @> jsonb_build_array(jsonb_build_object('action', ",
+                )
+                .push_bind(action)
+                .push("::text))))");
+        }
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(filter.limit);
+        Ok(query.build_query_as().fetch_all(&self.db).await?)
+    }
+
+    /// Starts `deliveries` for `worker`: each with a spec in its entry is
+    /// running at once (attempt: the starts recorded when it was queued,
+    /// plus one) and costs PostgreSQL nothing. The others (entries from
+    /// before specs, and every one `reclaimed` from a worker that died) are
+    /// read from their rows, and their starts recorded at once, so a job
+    /// that kills its workers is counted. Returns the running jobs, and the
+    /// deliveries whose job has finished or is gone (nothing to do but
+    /// acknowledge them).
+    pub async fn start_deliveries(
+        &self,
+        deliveries: Vec<crate::queue::Delivery>,
+        worker: &str,
+        reclaimed: bool,
+    ) -> Result<(Vec<Running>, Vec<crate::queue::Delivery>), sqlx::Error> {
+        let now = Utc::now();
+        let mut running = Vec::with_capacity(deliveries.len());
+        let mut unknown = Vec::new();
+        for delivery in deliveries {
+            let spec = match (&delivery.spec, reclaimed) {
+                (Some(json), false) => serde_json::from_str::<JobSpec>(json).ok(),
+                _ => None,
+            };
+            match spec {
+                Some(spec) if spec.id == delivery.job => running.push(Running {
+                    attempt: spec.attempts + 1,
+                    spec,
+                    entry: delivery.entry,
+                    started_at: now,
+                    worker: worker.to_string(),
+                }),
+                _ => unknown.push(delivery),
+            }
+        }
+        if unknown.is_empty() {
+            return Ok((running, Vec::new()));
+        }
+        let ids: Vec<Uuid> = unknown.iter().map(|d| d.job).collect();
+        let rows: Vec<JobRecord> = sqlx::query_as(concat!(
+            "SELECT * FROM jobs WHERE id = ANY($1) AND ",
             unfinished!()
         ))
-        .bind(owner)
-        .fetch_one(&self.db)
-        .await?;
-        Ok(count)
-    }
-
-    /// A page of jobs, newest first.
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, JobsError> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM jobs
-             WHERE ($1::text IS NULL OR status = $1)
-               AND ($2::text IS NULL OR action = $2
-                    OR steps @> jsonb_build_array(jsonb_build_object('action', $2::text)))
-               AND ($3::uuid IS NULL OR id < $3)
-               AND ($5::text IS NULL OR owner = $5)
-             ORDER BY id DESC
-             LIMIT $4",
-        )
-        .bind(filter.status)
-        .bind(filter.action.as_deref())
-        .bind(filter.before)
-        .bind(filter.limit)
-        .bind(filter.owner.as_deref())
-        .fetch_all(&self.db)
-        .await?)
-    }
-
-    /// How each action's jobs that finished in the last `minutes` went:
-    /// counts by outcome and run-time percentiles (start to finish of the
-    /// last attempt, of completed jobs that ran: not those completed from
-    /// the result cache), only `owner`'s if given.
-    pub async fn activity(&self, minutes: i32, owner: Option<&str>) -> Result<Activity, JobsError> {
-        let actions: Vec<ActionActivity> = sqlx::query_as(
-            "SELECT action,
-                    count(*) FILTER (WHERE status = 'completed') AS completed,
-                    count(*) FILTER (WHERE status = 'failed') AS failed,
-                    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p50_ms,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p95_ms,
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY run_ms) FILTER (WHERE ran) AS p99_ms
-             FROM (SELECT action, status,
-                          (status = 'completed' AND started_at IS NOT NULL
-                           AND cached_from IS NULL) AS ran,
-                          (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS run_ms
-                   FROM jobs
-                   WHERE finished_at >= now() - make_interval(mins => $1)
-                     AND ($2::text IS NULL OR owner = $2)) AS recent
-             GROUP BY action
-             ORDER BY action",
-        )
-        .bind(minutes)
-        .bind(owner)
+        .bind(&ids)
         .fetch_all(&self.db)
         .await?;
-        let per_minute: Vec<MinuteActivity> = sqlx::query_as(
-            "SELECT date_trunc('minute', finished_at) AS minute, action,
-                    count(*) FILTER (WHERE status = 'completed') AS completed,
-                    count(*) FILTER (WHERE status = 'failed') AS failed
-             FROM jobs
-             WHERE finished_at >= now() - make_interval(mins => $1)
-               AND ($2::text IS NULL OR owner = $2)
-             GROUP BY 1, 2
-             ORDER BY 1, 2",
-        )
-        .bind(minutes)
-        .bind(owner)
-        .fetch_all(&self.db)
-        .await?;
-        Ok(Activity {
-            actions,
-            per_minute,
-        })
-    }
-
-    /// Marks the job `running` for `worker` and counts the attempt. Returns
-    /// the updated row, or `None` if the job is finished (or gone): then
-    /// there is nothing to do.
-    pub async fn start(&self, id: Uuid, worker: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        let started: Option<JobRecord> = sqlx::query_as(concat!(
-            "UPDATE jobs SET status = $3, attempts = attempts + 1, started_at = now(), worker_id = $2
-             WHERE id = $1 AND ",
-            unfinished!(),
-            " RETURNING *"
-        ))
-        .bind(id)
-        .bind(worker)
-        .bind(JobStatus::Running)
-        .fetch_optional(&self.db)
-        .await?;
-        if started.is_some() {
-            self.announce(id, JobChange::Became(JobStatus::Running))
-                .await;
+        let mut read = Vec::new();
+        let mut finished = Vec::new();
+        for delivery in unknown {
+            match rows.iter().find(|row| row.id == delivery.job) {
+                Some(row) => read.push(Running {
+                    spec: JobSpec::of(row),
+                    attempt: row.attempts + 1,
+                    entry: delivery.entry,
+                    started_at: now,
+                    worker: worker.to_string(),
+                }),
+                None => finished.push(delivery),
+            }
         }
-        Ok(started)
+        let recorded = self.record_starts(&read).await?;
+        running.extend(read.into_iter().filter(|r| recorded.contains(&r.spec.id)));
+        Ok((running, finished))
+    }
+
+    /// Records that these jobs are running (status, attempt, start time,
+    /// worker), in one statement, and announces it. A job finished
+    /// meanwhile does not change; the attempt number never goes down, so
+    /// recording a start twice, or after its outcome, changes nothing.
+    /// Returns the jobs recorded as running.
+    pub async fn record_starts(&self, running: &[Running]) -> Result<Vec<Uuid>, sqlx::Error> {
+        if running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = running.iter().map(|r| r.spec.id).collect();
+        let attempts: Vec<i32> = running.iter().map(|r| r.attempt).collect();
+        let started: Vec<DateTime<Utc>> = running.iter().map(|r| r.started_at).collect();
+        let entries: Vec<&str> = running.iter().map(|r| r.entry.as_str()).collect();
+        let workers: Vec<&str> = running.iter().map(|r| r.worker.as_str()).collect();
+        let recorded: Vec<(Uuid,)> = sqlx::query_as(concat!(
+            "UPDATE jobs SET status = 'running', attempts = GREATEST(jobs.attempts, d.attempt),
+                             started_at = d.started_at, worker_id = d.worker, stream_id = d.entry
+             FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[], $4::text[], $5::text[])
+                  AS d(id, attempt, started_at, entry, worker)
+             WHERE jobs.id = d.id AND jobs.",
+            unfinished!(),
+            " RETURNING jobs.id"
+        ))
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&started)
+        .bind(&entries)
+        .bind(&workers)
+        .fetch_all(&self.db)
+        .await?;
+        let recorded: Vec<Uuid> = recorded.into_iter().map(|(id,)| id).collect();
+        let changes: Vec<(Uuid, &str)> = recorded
+            .iter()
+            .map(|id| (*id, JobStatus::Running.as_str()))
+            .collect();
+        if let Err(e) = self.queue.announce_job_changes(&changes).await {
+            tracing::warn!(error = %e, "cannot announce that jobs started");
+        }
+        Ok(recorded)
     }
 
     /// Announces a change to whoever waits for the job. A lost announcement
     /// delays waiters (until their wait ends) but changes nothing recorded,
     /// so it is logged, not returned.
-    async fn announce(&self, id: Uuid, change: JobChange) {
+    pub(crate) async fn announce(&self, id: Uuid, change: JobChange) {
         if let Err(e) = self.queue.announce_job_change(id, change.as_str()).await {
             tracing::warn!(job_id = %id, error = %e, "cannot announce the job's change");
         }
@@ -772,26 +747,29 @@ impl Jobs {
     /// `None` if it had finished (or is gone) meanwhile.
     pub async fn cancel(&self, id: Uuid) -> Result<Option<JobRecord>, JobsError> {
         let cancelled: Option<JobRecord> = sqlx::query_as(concat!(
-            "UPDATE jobs SET status = $2, finished_at = now(), ",
+            "WITH c AS (
+                UPDATE jobs SET status = 'cancelled', finished_at = now(), ",
             arm_callback!(),
             " WHERE id = $1 AND ",
             unfinished!(),
-            " RETURNING *"
+            " RETURNING *
+             ), gone AS (
+                DELETE FROM unfinished_jobs u USING c WHERE u.id = c.id
+             ), ",
+            crate::activity::rollup_ctes!("c", "NULL::float8"),
+            " SELECT * FROM c"
         ))
         .bind(id)
-        .bind(JobStatus::Cancelled)
         .fetch_optional(&self.db)
         .await?;
         let Some(job) = cancelled else {
             return Ok(None);
         };
-        self.release(&job.owner, id).await;
-        if let Some(entry) = &job.stream_id {
-            // Recorded first: if this fails, the worker that takes the entry
-            // finds the job finished and acknowledges it.
-            if let Err(e) = self.queue.finish(entry).await {
-                tracing::warn!(job_id = %id, error = %e, "cannot take the cancelled job off the queue");
-            }
+        self.release(&job.owner, &[id]).await;
+        // Recorded first: if this fails, the worker that takes the entry
+        // finds the job finished and acknowledges it.
+        if let Err(e) = self.queue.take_off(id).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot take the cancelled job off the queue");
         }
         self.announce(id, JobChange::Became(JobStatus::Cancelled))
             .await;
@@ -809,348 +787,145 @@ impl Jobs {
         }
         let successor = self.retry_held(id, job).await;
         if successor.is_err() {
-            self.release(&job.owner, id).await;
+            self.release(&job.owner, &[id]).await;
         }
         successor
     }
 
     async fn retry_held(&self, id: Uuid, job: &JobRecord) -> Result<JobRecord, JobsError> {
+        let output_key = storage::output_key(id, job.output_format());
         let successor: JobRecord = sqlx::query_as(
-            "INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
-                               input_size, input_format, output_format, owner, cache_key, retry_of,
-                               output_quality, auto_orient, callback_url, steps)
-             SELECT $1, action, plugin_version, plugin_digest, params, $3, input_key,
-                    input_size, input_format, output_format, owner, cache_key, id,
-                    output_quality, auto_orient, callback_url,
-                    (SELECT jsonb_agg(step - 'run_ms' ORDER BY n)
-                     FROM jsonb_array_elements(steps) WITH ORDINALITY AS s(step, n))
-             FROM jobs WHERE id = $2
-             RETURNING *",
+            "WITH r AS (
+                INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
+                                  input_size, input_format, output_format, output_key, owner, cache_key,
+                                  retry_of, output_quality, auto_orient, callback_url, steps)
+                SELECT $1, action, plugin_version, plugin_digest, params, 'queued', input_key,
+                       input_size, input_format, output_format, $3, owner, cache_key, id,
+                       output_quality, auto_orient, callback_url,
+                       (SELECT jsonb_agg(step - 'run_ms' ORDER BY n)
+                        FROM jsonb_array_elements(steps) WITH ORDINALITY AS s(step, n))
+                FROM jobs WHERE id = $2
+                RETURNING *
+             ), q AS (
+                INSERT INTO unfinished_jobs (id, owner, enqueued_at) SELECT id, owner, created_at FROM r
+             )
+             SELECT * FROM r",
         )
         .bind(id)
         .bind(job.id)
-        .bind(JobStatus::Queued)
+        .bind(&output_key)
         .fetch_one(&self.db)
         .await?;
-        // The input is the original's: only the row goes on failure.
-        self.enqueue_new(id, None).await?;
+        if let Err(e) = self
+            .queue
+            .enqueue(id, &JobSpec::of(&successor).to_json())
+            .await
+        {
+            // Not queued: the successor is undone (the input is the
+            // original's and stays).
+            let _ = sqlx::query(
+                "WITH u AS (DELETE FROM unfinished_jobs WHERE id = $1) DELETE FROM jobs WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&self.db)
+            .await;
+            return Err(e.into());
+        }
         Ok(successor)
-    }
-
-    /// Marks the job `completed` with its stored result and its steps as
-    /// they ran (with their times). Returns false if it had already
-    /// finished (a duplicate delivery): nothing changes.
-    pub async fn complete(
-        &self,
-        id: Uuid,
-        output_key: &str,
-        output_size: i64,
-        steps: &[Step],
-    ) -> Result<bool, sqlx::Error> {
-        let done: Option<(String,)> = sqlx::query_as(concat!(
-            "UPDATE jobs SET status = $4, output_key = $2, output_size = $3, finished_at = now(),
-                             error_code = NULL, error_message = NULL, steps = $5, ",
-            arm_callback!(),
-            " WHERE id = $1 AND ",
-            unfinished!(),
-            " RETURNING owner"
-        ))
-        .bind(id)
-        .bind(output_key)
-        .bind(output_size)
-        .bind(JobStatus::Completed)
-        .bind(Json(steps))
-        .fetch_optional(&self.db)
-        .await?;
-        let Some((owner,)) = done else {
-            return Ok(false);
-        };
-        self.release(&owner, id).await;
-        self.announce(id, JobChange::Became(JobStatus::Completed))
-            .await;
-        Ok(true)
-    }
-
-    /// Marks the job `failed` with a code and message, and, when given, its
-    /// steps as far as they ran (with their times). Returns false if it had
-    /// already finished.
-    pub async fn fail(
-        &self,
-        id: Uuid,
-        code: ErrorCode,
-        message: &str,
-        steps: Option<&[Step]>,
-    ) -> Result<bool, sqlx::Error> {
-        let done: Option<(String,)> = sqlx::query_as(concat!(
-            "UPDATE jobs SET status = $4, error_code = $2, error_message = $3, finished_at = now(),
-                             steps = COALESCE($5, steps), ",
-            arm_callback!(),
-            " WHERE id = $1 AND ",
-            unfinished!(),
-            " RETURNING owner"
-        ))
-        .bind(id)
-        .bind(code.as_str())
-        .bind(message)
-        .bind(JobStatus::Failed)
-        .bind(steps.map(Json))
-        .fetch_optional(&self.db)
-        .await?;
-        let Some((owner,)) = done else {
-            return Ok(false);
-        };
-        self.release(&owner, id).await;
-        self.announce(id, JobChange::Became(JobStatus::Failed))
-            .await;
-        Ok(true)
-    }
-
-    /// The sweeper, for ever (drop or abort the future to stop it): a round
-    /// of [`Jobs::requeue_missing`] every `every`. Workers and API instances
-    /// all run it; the lock makes one of them work each round, so it goes
-    /// on with no worker running (scaled to zero).
-    pub async fn sweep_forever(&self, holder: &str, every: Duration, after: Duration) {
-        let every = every.max(Duration::from_millis(100));
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = self.requeue_missing(holder, every, after).await {
-                tracing::warn!(error = %e, "sweep failed; trying again next round");
-            }
-        }
-    }
-
-    /// The sweeper's round: if `holder` gets the sweeper lock (for `every`),
-    /// queues again every unfinished job whose queue entry has been missing
-    /// for longer than `after` (it never reached Redis because the API died
-    /// in between, or Redis lost it). Returns how many were queued again.
-    pub async fn requeue_missing(
-        &self,
-        holder: &str,
-        every: Duration,
-        after: Duration,
-    ) -> Result<usize, JobsError> {
-        if !self.queue.try_lock(Lock::Sweeper, holder, every).await? {
-            return Ok(0);
-        }
-        let stale: Vec<JobRecord> = sqlx::query_as(concat!(
-            "SELECT * FROM jobs
-             WHERE ",
-            unfinished!(),
-            " AND COALESCE(enqueued_at, created_at) < now() - make_interval(secs => $1)
-             ORDER BY COALESCE(enqueued_at, created_at)
-             LIMIT 500"
-        ))
-        .bind(after.as_secs_f64())
-        .fetch_all(&self.db)
-        .await?;
-        let mut requeued = 0;
-        for job in stale {
-            if let Some(entry) = &job.stream_id {
-                if self.queue.contains(entry).await? {
-                    // Still on the queue (waiting, or pending with a worker
-                    // whose lease the reclaimer watches): just note that it
-                    // was seen.
-                    self.mark_enqueued(job.id, entry).await?;
-                    continue;
-                }
-            }
-            self.enqueue(job.id).await?;
-            // Redis may have lost its owner's share too (without a cap,
-            // the hold always succeeds).
-            let _ = self.queue.hold(&job.owner, &[job.id], None).await?;
-            requeued += 1;
-            tracing::warn!(job_id = %job.id, action = %job.action, "re-queued a job missing from Redis");
-        }
-        self.reconcile_holdings().await?;
-        Ok(requeued)
-    }
-
-    /// Gives back every job its owner still holds ([`Queue::hold`]) that
-    /// has finished or is gone (its release was lost), once it is older
-    /// than [`HOLD_SETTLED`], so no submission being recorded is touched.
-    async fn reconcile_holdings(&self) -> Result<(), JobsError> {
-        let settled = std::time::SystemTime::now()
-            .checked_sub(HOLD_SETTLED)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        for (owner, ids) in self.queue.holdings().await? {
-            let old: Vec<Uuid> = ids
-                .into_iter()
-                .filter(|id| {
-                    id.get_timestamp().is_some_and(|t| {
-                        let (secs, nanos) = t.to_unix();
-                        Duration::new(secs, nanos) < settled
-                    })
-                })
-                .collect();
-            if old.is_empty() {
-                continue;
-            }
-            let live: Vec<(Uuid,)> = sqlx::query_as(concat!(
-                "SELECT id FROM jobs WHERE id = ANY($1) AND ",
-                unfinished!()
-            ))
-            .bind(&old)
-            .fetch_all(&self.db)
-            .await?;
-            let gone: Vec<Uuid> = old
-                .into_iter()
-                .filter(|id| !live.iter().any(|(l,)| l == id))
-                .collect();
-            if !gone.is_empty() {
-                tracing::info!(
-                    owner,
-                    count = gone.len(),
-                    "gave back finished jobs still held in their owner's share"
-                );
-                self.queue.release(&owner, &gone).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Deletes a job (as last read): its queue entry (so no worker starts
     /// it), its row, its input and its result. Returns false if it was gone
     /// already. A worker already running it finds the row gone at its next
     /// lease renewal and abandons it, or when it records the outcome, and
-    /// then deletes the result it wrote ([`Jobs::discard_orphan_result`]).
+    /// then deletes the result it wrote.
     pub async fn delete(&self, job: &JobRecord) -> Result<bool, JobsError> {
-        if let (false, Some(entry)) = (job.status.is_finished(), &job.stream_id) {
-            self.queue.finish(entry).await?;
+        if !job.status.is_finished() {
+            self.queue.take_off(job.id).await?;
         }
-        let deleted: Option<JobRecord> =
-            sqlx::query_as("DELETE FROM jobs WHERE id = $1 RETURNING *")
-                .bind(job.id)
-                .fetch_optional(&self.db)
-                .await?;
+        let deleted: Option<JobRecord> = sqlx::query_as(
+            "WITH d AS (DELETE FROM jobs WHERE id = $1 RETURNING *),
+                  u AS (DELETE FROM unfinished_jobs WHERE id = $1),
+                  c AS (DELETE FROM result_cache WHERE job_id = $1)
+             SELECT * FROM d",
+        )
+        .bind(job.id)
+        .fetch_optional(&self.db)
+        .await?;
         let Some(deleted) = deleted else {
             // Deleted meanwhile by another request or the retention sweep.
             return Ok(false);
         };
         if !deleted.status.is_finished() {
-            self.release(&deleted.owner, deleted.id).await;
+            self.release(&deleted.owner, &[deleted.id]).await;
         }
         self.announce(deleted.id, JobChange::Deleted).await;
-        self.delete_files(&deleted, &[deleted.id]).await?;
+        self.delete_files(std::slice::from_ref(&deleted)).await?;
         Ok(true)
     }
 
-    /// The retention sweep's round: if `holder` gets the retention lock (for
-    /// `every`), deletes up to `batch` jobs that finished more than
-    /// `retention` ago, with their files (and so their idempotency keys).
-    /// Each job is deleted by exactly one caller, even when several sweep
-    /// at once. Returns how many were deleted.
-    pub async fn expire(
-        &self,
-        holder: &str,
-        every: Duration,
-        retention: Duration,
-        batch: i64,
-    ) -> Result<usize, JobsError> {
-        if !self.queue.try_lock(Lock::Retention, holder, every).await? {
-            return Ok(0);
-        }
-        let mut tx = self.db.begin().await?;
-        // Rows locked until the commit, skipped by any other sweeper: the
-        // files go first, then the rows, so a failure leaves the job (and
-        // the next round deletes it) rather than an orphan file.
-        let expired: Vec<JobRecord> = sqlx::query_as(concat!(
-            "SELECT * FROM jobs
-             WHERE ",
-            finished!(),
-            " AND finished_at < now() - make_interval(secs => $1)
-             ORDER BY finished_at
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(retention.as_secs_f64())
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        let ids: Vec<Uuid> = expired.iter().map(|j| j.id).collect();
-        for job in &expired {
-            self.delete_files(job, &ids).await?;
-        }
-        let done = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() as usize)
-    }
-
-    /// Deletes the job's input and result unless another job still uses
-    /// them (a job completed from the result cache shares both with the job
-    /// it reused). `going` are the jobs being deleted with it, whose rows may
-    /// still be visible.
-    async fn delete_files(&self, job: &JobRecord, going: &[Uuid]) -> Result<(), JobsError> {
-        // A result may exist even when not recorded (a worker that stored
-        // it just before the job was deleted or failed): it is named by the
-        // job and its output format.
-        let own_result = ImageFormat::parse(&job.output_format)
-            .map(|format| storage::output_key(job.id, format));
-        let files = [
-            Some(job.input_key.clone()),
-            job.output_key.clone(),
-            own_result,
-        ];
-        for (i, key) in files.iter().enumerate() {
-            let Some(key) = key else { continue };
-            if files[..i].iter().flatten().any(|k| k == key) {
-                continue;
+    /// Deletes the inputs and results of `gone` (jobs whose rows were just
+    /// deleted) that no remaining job uses. A file is named by the job that
+    /// made it (`inputs/<id>`, `outputs/<id>.<ext>`); a job completed from
+    /// the cache uses its source's result, and a retry its original's
+    /// input, so a file is kept while the job it is named by, or a job
+    /// borrowing it, remains.
+    pub(crate) async fn delete_files(&self, gone: &[JobRecord]) -> Result<(), JobsError> {
+        let mut keys: Vec<String> = Vec::new();
+        for job in gone {
+            // A result may exist even when not recorded (a worker that
+            // stored it just before the job was deleted or failed): it is
+            // named by the job.
+            for key in [
+                job.input_key.clone(),
+                job.output_key.clone(),
+                storage::output_key(job.id, job.output_format()),
+            ] {
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
             }
-            let (shared,): (bool,) = sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM jobs
-                                WHERE (input_key = $1 OR output_key = $1) AND id <> ALL($2))",
-            )
-            .bind(key)
-            .bind(going)
-            .fetch_one(&self.db)
-            .await?;
-            if !shared {
-                self.storage.delete(key).await?;
+        }
+        let makers: Vec<Option<Uuid>> = keys.iter().map(|k| storage::maker(k)).collect();
+        let going: Vec<Uuid> = gone.iter().map(|j| j.id).collect();
+        let kept: Vec<(String,)> = sqlx::query_as(
+            "SELECT f.key FROM unnest($1::text[], $2::uuid[]) AS f(key, maker)
+             WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = f.maker AND j.id <> ALL($3))
+                OR EXISTS (SELECT 1 FROM jobs j WHERE j.output_key = f.key
+                           AND j.cached_from IS NOT NULL AND j.id <> ALL($3))
+                OR EXISTS (SELECT 1 FROM jobs j WHERE j.input_key = f.key
+                           AND (j.cached_from IS NOT NULL OR j.retry_of IS NOT NULL)
+                           AND j.id <> ALL($3))",
+        )
+        .bind(&keys)
+        .bind(&makers)
+        .bind(&going)
+        .fetch_all(&self.db)
+        .await?;
+        for key in keys {
+            if !kept.iter().any(|(k,)| *k == key) {
+                self.storage.delete(&key).await?;
             }
         }
         Ok(())
     }
 
-    /// After [`Jobs::complete`] found nothing to complete: unless the job
-    /// is recorded with this result (another delivery completed it), it was
-    /// deleted or cancelled meanwhile, and the result the worker stored is
-    /// deleted, so nothing of it stays behind. Returns whether it was.
-    pub async fn discard_orphan_result(&self, id: Uuid, key: &str) -> Result<bool, JobsError> {
-        if let Some(job) = self.get(id).await? {
-            if job.output_key.as_deref() == Some(key) {
-                return Ok(false);
-            }
-        }
-        self.storage.delete(key).await?;
-        Ok(true)
+    /// A job's input image, stored at `input_key`.
+    pub async fn input(&self, input_key: &str) -> Result<Bytes, StorageError> {
+        self.storage.get(input_key).await
     }
 
-    /// The job's input image.
-    pub async fn input(&self, job: &JobRecord) -> Result<Bytes, StorageError> {
-        self.storage.get(&job.input_key).await
-    }
-
-    /// Stores the job's result (named by the job, so running it twice
-    /// writes one object twice); returns its key.
-    pub async fn store_result(
-        &self,
-        job: &JobRecord,
-        format: ImageFormat,
-        bytes: Bytes,
-    ) -> Result<String, StorageError> {
-        let key = storage::output_key(job.id, format);
-        self.storage.put(&key, bytes).await?;
-        Ok(key)
+    /// Stores a job's result at its `output_key` (named by the job, so
+    /// running it twice writes one object twice).
+    pub async fn store_result(&self, output_key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        self.storage.put(output_key, bytes).await
     }
 
     /// The completed job's result, opened to be streamed, or `None` if it
     /// has none.
     pub async fn result(&self, job: &JobRecord) -> Result<Option<Object>, StorageError> {
-        match (&job.status, &job.output_key) {
-            (JobStatus::Completed, Some(key)) => self.storage.read_stream(key).await.map(Some),
+        match job.status {
+            JobStatus::Completed => self.storage.read_stream(&job.output_key).await.map(Some),
             _ => Ok(None),
         }
     }

@@ -39,16 +39,35 @@ pub struct NewKey {
     pub key: String,
 }
 
+/// How long a verified key is believed without asking PostgreSQL again:
+/// a revocation takes effect on every API instance within it (and at once
+/// on the instance that revoked it, and for any job being recorded: the
+/// insert checks the key, [`crate::jobs::Jobs::submit`]).
+pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most keys remembered at once (the memory is emptied when full, so
+/// a flood of wrong keys costs lookups, not memory).
+const REMEMBERED: usize = 10_000;
+
 /// The key store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Keys {
     db: PgPool,
+    /// Keys verified lately.
+    verified: std::sync::Arc<std::sync::Mutex<Verified>>,
 }
+
+/// Keys verified lately, by the SHA-256 of the whole key: its id, or
+/// `None` if it is not a live key; and when.
+type Verified = std::collections::HashMap<[u8; 32], (Option<Uuid>, std::time::Instant)>;
 
 impl Keys {
     /// The store in this database.
     pub fn new(db: PgPool) -> Keys {
-        Keys { db }
+        Keys {
+            db,
+            verified: Default::default(),
+        }
     }
 
     /// Creates a key called `name`.
@@ -97,15 +116,42 @@ impl Keys {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        // Forgotten here at once (other instances within VERIFIED_FOR).
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, (answer, _)| *answer != Some(id));
         Ok(done.rows_affected() == 1)
     }
 
     /// The id of the live key `key`, or `None` if it is not one (malformed,
     /// unknown, revoked or a wrong secret; which, the caller is not told).
+    /// An answer is remembered for [`VERIFIED_FOR`].
     pub async fn verify(&self, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
         let Some((id, secret)) = parse(key) else {
             return Ok(None);
         };
+        let digest = hash(key);
+        let remembered = {
+            let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            verified
+                .get(&digest)
+                .filter(|(_, at)| at.elapsed() < VERIFIED_FOR)
+                .map(|(answer, _)| *answer)
+        };
+        if let Some(answer) = remembered {
+            return Ok(answer);
+        }
+        let answer = self.look_up(id, secret).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= REMEMBERED {
+            verified.clear();
+        }
+        verified.insert(digest, (answer, std::time::Instant::now()));
+        Ok(answer)
+    }
+
+    async fn look_up(&self, id: Uuid, secret: &str) -> Result<Option<Uuid>, sqlx::Error> {
         let stored: Option<(Vec<u8>,)> =
             sqlx::query_as("SELECT hash FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
                 .bind(id)

@@ -2,13 +2,17 @@
 //! sandbox (which is `imgflow-runtime`).
 //!
 //! Each behaviour has one home:
+//! - [`activity`]: per-minute rollups of finished jobs (the overview).
+//! - [`batch`]: many small writes done as one statement.
 //! - [`budget`]: a memory budget that large allocations reserve from.
 //! - [`callbacks`]: webhooks: which targets are allowed, and the record of
 //!   delivering a finished job to one.
 //! - [`events`]: hearing that a job changed (Redis pub/sub), for clients
 //!   that wait and workers that watch for cancellation.
 //! - [`jobs`]: a job's states and every change of state (submit, start,
-//!   complete, fail, queue again when missing).
+//!   cancel, retry, delete); new jobs are recorded in groups ([`intake`]),
+//!   outcomes too ([`outcomes`]), and the periodic sweeps (`sweep`) queue
+//!   again what went missing and delete what expired.
 //! - [`pipeline`]: a job's steps, as recorded and as clients write them.
 //! - [`plugins`]: a plugin's lifecycle (publish, activate, delete, and the
 //!   notices that tell workers).
@@ -28,15 +32,19 @@
 
 #![warn(missing_docs)]
 
+pub mod activity;
+pub mod batch;
 pub mod budget;
 pub mod callbacks;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod intake;
 pub mod jobs;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod outcomes;
 pub mod pipeline;
 pub mod plugins;
 pub mod queue;
@@ -45,3 +53,4 @@ pub mod sessions;
 pub mod shutdown;
 pub mod storage;
 pub mod submission;
+mod sweep;

@@ -3,20 +3,36 @@
 /// Logs to stderr as JSON lines (for production) or text (`json = false`);
 /// `RUST_LOG` overrides `default` (for example `RUST_LOG=debug`, or
 /// `RUST_LOG=info` to see what plugins print in the runner).
-pub fn init(default: &str, json: bool) {
+///
+/// Lines are written by a thread of their own, so a slow log file or pipe
+/// (a disk busy writing back) never stalls a request or a job; nothing is
+/// dropped (when many lines wait, the writers wait). Keep the returned
+/// guard until the process ends: dropping it writes what is left.
+pub fn init(default: &str, json: bool) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: not in log files (make up) or collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if json {
         let _ = builder.json().try_init();
     } else {
         let _ = builder.try_init();
     }
+    LogGuard { _writer: guard }
+}
+
+/// Writes the log lines still waiting when dropped ([`init`]).
+#[must_use = "log lines still waiting are written when the guard is dropped"]
+pub struct LogGuard {
+    _writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 /// How a service writes its logs.
@@ -44,7 +60,7 @@ pub fn run_service<E: std::fmt::Display>(
     log: &LogArgs,
     main: impl std::future::Future<Output = Result<(), E>>,
 ) -> std::process::ExitCode {
-    init("info", log.log_format == LogFormat::Json);
+    let _logs = init("info", log.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

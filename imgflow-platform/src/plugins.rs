@@ -134,18 +134,72 @@ impl CatalogueError {
     }
 }
 
+/// How long a looked-up version is believed without asking PostgreSQL
+/// again, when no change notice arrived meanwhile ([`Catalogue::lookup`]).
+pub const REMEMBERED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Versions looked up lately: by name and pinned version (`None`: the
+/// active one), the record (or none) and when.
+type Remembered =
+    std::collections::HashMap<(String, Option<String>), (Option<PluginRecord>, std::time::Instant)>;
+
 /// The plugin catalogue. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Catalogue {
     db: PgPool,
     storage: Storage,
     queue: Queue,
+    remembered: std::sync::Arc<std::sync::Mutex<Remembered>>,
 }
 
 impl Catalogue {
     /// The catalogue over these stores.
     pub fn new(db: PgPool, storage: Storage, queue: Queue) -> Catalogue {
-        Catalogue { db, storage, queue }
+        Catalogue {
+            db,
+            storage,
+            queue,
+            remembered: Default::default(),
+        }
+    }
+
+    /// The version of `name` a job names, `pinned` or (`None`) the active
+    /// one, remembered for [`REMEMBERED_FOR`] or until a change is heard
+    /// ([`Catalogue::forget`]): a submission costs PostgreSQL nothing.
+    pub async fn lookup(
+        &self,
+        name: &str,
+        pinned: Option<&str>,
+    ) -> Result<Option<PluginRecord>, sqlx::Error> {
+        let key = (name.to_string(), pinned.map(str::to_string));
+        let remembered = {
+            let map = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(&key)
+                .filter(|(_, at)| at.elapsed() < REMEMBERED_FOR)
+                .map(|(record, _)| record.clone())
+        };
+        if let Some(record) = remembered {
+            return Ok(record);
+        }
+        let record = match pinned {
+            None => self.active_version(name).await?,
+            Some(version) => self.version(name, version).await?,
+        };
+        let mut map = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= 10_000 {
+            map.clear();
+        }
+        map.insert(key, (record.clone(), std::time::Instant::now()));
+        Ok(record)
+    }
+
+    /// Forgets every remembered version: a plugin changed (here, or as a
+    /// change notice says).
+    pub fn forget(&self) {
+        self.remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Publishes a loaded (validated) plugin whose component is `wasm`:
@@ -177,7 +231,9 @@ impl Catalogue {
             self.storage.put(&key, wasm).await?;
         }
         let outcome = self.record(plugin, origin).await?;
-        if let Origin::Upload { .. } = origin {
+        if let (Origin::Upload { .. }, _) | (Origin::Builtin, Published::Created) =
+            (origin, outcome)
+        {
             self.announce(&meta.name).await;
         }
         let record = self
@@ -282,6 +338,7 @@ impl Catalogue {
             .bind(cacheable)
             .execute(&self.db)
             .await?;
+        self.announce(name).await;
         Ok(done.rows_affected() > 0)
     }
 
@@ -322,10 +379,13 @@ impl Catalogue {
         if active {
             return Ok(VersionDeleted::Active);
         }
-        let (waiting,): (i64,) = sqlx::query_as(concat!(
-            "SELECT count(*) FROM jobs WHERE action = $1 AND plugin_version = $2 AND ",
-            crate::jobs::unfinished!()
-        ))
+        // Any unfinished job with a step of this version (a pipeline's
+        // too): read from the unfinished jobs, however many finished.
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM unfinished_jobs u JOIN jobs j ON j.id = u.id
+             WHERE j.steps @> jsonb_build_array(jsonb_build_object('action', $1::text,
+                                                                   'version', $2::text))",
+        )
         .bind(name)
         .bind(version)
         .fetch_one(&mut *tx)
@@ -353,6 +413,7 @@ impl Catalogue {
     /// Tells every worker that `name` changed. A notice that cannot be sent
     /// only delays the change until the workers' next reconciliation.
     async fn announce(&self, name: &str) {
+        self.forget();
         if let Err(e) = self.queue.announce_plugin_change(name).await {
             tracing::warn!(plugin = name, error = %e, "cannot notify workers; they will reconcile shortly");
         }

@@ -1,6 +1,8 @@
 //! The work queue: a Redis stream with a consumer group.
 //!
-//! - The API adds one entry (`job` = the job id) per accepted job (`XADD`).
+//! - The API adds one entry (`job` = the job id) per accepted job (`XADD`),
+//!   and records the entry's id under the job's (`<prefix>:entries`), so a
+//!   cancelled or deleted job leaves the stream at once.
 //! - Workers read new entries through the group (`XREADGROUP`); an entry
 //!   stays pending, owned by its worker, until that worker acknowledges and
 //!   deletes it (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
@@ -51,6 +53,10 @@ pub struct Delivery {
     pub entry: String,
     /// The job.
     pub job: Uuid,
+    /// What the worker needs to run it (`spec`, JSON), when the entry
+    /// carries it (every entry made since it existed); else the worker
+    /// reads the job's row.
+    pub spec: Option<String>,
 }
 
 /// A worker, as its heartbeats tell ([`Queue::workers_seen`]).
@@ -140,11 +146,121 @@ impl Queue {
         redis::cmd("PING").query_async(&mut conn).await
     }
 
-    /// Adds a job; returns its entry id.
-    pub async fn enqueue(&self, job: Uuid) -> RedisResult<String> {
+    /// Adds a job, with what a worker needs to run it (`spec`).
+    pub async fn enqueue(&self, job: Uuid, spec: &str) -> RedisResult<()> {
+        self.enqueue_many(&[(job, spec)]).await
+    }
+
+    /// Adds jobs (each with its spec), in one round trip: each an entry on
+    /// the stream, whose id
+    /// is recorded under the job's id (the `<prefix>:entries` hash), both
+    /// at once, so a job can be taken off the queue by its id
+    /// ([`Queue::take_off`]) and the sweeper can tell which are on it
+    /// ([`Queue::entries_of`]).
+    pub async fn enqueue_many(&self, jobs: &[(Uuid, &str)]) -> RedisResult<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.conn().await?;
-        conn.xadd(&self.stream, "*", &[("job", job.to_string())])
-            .await
+        let script = redis::Script::new(
+            r"for i = 1, #ARGV, 2 do
+                local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[i], 'spec', ARGV[i + 1])
+                redis.call('HSET', KEYS[2], ARGV[i], entry)
+              end
+              return #ARGV",
+        );
+        let mut invocation = script.key(&self.stream);
+        invocation.key(self.key(ENTRIES));
+        for (job, spec) in jobs {
+            invocation.arg(job.to_string()).arg(*spec);
+        }
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Takes job `id` off the queue (it was cancelled or deleted): its
+    /// entry is acknowledged and deleted, so no worker starts it, and the
+    /// queue's depth drops at once. Returns whether it was on the queue.
+    pub async fn take_off(&self, id: Uuid) -> RedisResult<bool> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(
+            r"local entry = redis.call('HGET', KEYS[2], ARGV[1])
+              if not entry then return 0 end
+              redis.call('XACK', KEYS[1], ARGV[2], entry)
+              redis.call('XDEL', KEYS[1], entry)
+              redis.call('HDEL', KEYS[2], ARGV[1])
+              return 1",
+        );
+        let taken: i64 = script
+            .key(&self.stream)
+            .key(self.key(ENTRIES))
+            .arg(id.to_string())
+            .arg(GROUP)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(taken == 1)
+    }
+
+    /// For each of `jobs`, whether it has an entry on the queue.
+    pub async fn entries_of(&self, jobs: &[Uuid]) -> RedisResult<Vec<bool>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
+        let entries: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.key(ENTRIES))
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(entries.iter().map(Option::is_some).collect())
+    }
+
+    /// Settles finished jobs in one round trip: acknowledges and deletes
+    /// their `entries` (job, entry), announces their `changes` (job, what it
+    /// became) and gives back their owners' shares (`releases`: owner,
+    /// job).
+    pub async fn settle(
+        &self,
+        entries: &[(Uuid, &str)],
+        changes: &[(Uuid, &str)],
+        releases: &[(&str, Uuid)],
+    ) -> RedisResult<()> {
+        if entries.is_empty() && changes.is_empty() && releases.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let ids: Vec<&str> = entries
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| !e.is_empty())
+            .collect();
+        if !ids.is_empty() {
+            pipe.xack(&self.stream, GROUP, &ids)
+                .ignore()
+                .xdel(&self.stream, &ids)
+                .ignore();
+        }
+        if !entries.is_empty() {
+            let jobs: Vec<String> = entries.iter().map(|(j, _)| j.to_string()).collect();
+            pipe.hdel(self.key(ENTRIES), jobs).ignore();
+        }
+        for (id, what) in changes {
+            pipe.publish(self.key(JOB_NOTICES), format!("{id} {what}"))
+                .ignore();
+        }
+        for (owner, id) in releases {
+            pipe.srem(self.held_key(owner), id.to_string()).ignore();
+        }
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Announces several job changes (job, what it became) in one round
+    /// trip.
+    pub async fn announce_job_changes(&self, changes: &[(Uuid, &str)]) -> RedisResult<()> {
+        self.settle(&[], changes, &[]).await
     }
 
     /// How many jobs are on the queue (waiting or being run).
@@ -161,17 +277,10 @@ impl Queue {
         Ok(!found.ids.is_empty())
     }
 
-    /// Acknowledges and deletes an entry: the job's outcome is recorded.
-    pub async fn finish(&self, entry: &str) -> RedisResult<()> {
-        let mut conn = self.conn().await?;
-        redis::pipe()
-            .atomic()
-            .xack(&self.stream, GROUP, &[entry])
-            .ignore()
-            .xdel(&self.stream, &[entry])
-            .ignore()
-            .query_async(&mut conn)
-            .await
+    /// Acknowledges and deletes job `job`'s entry: the job's outcome is
+    /// recorded (or it needs nothing more).
+    pub async fn finish(&self, job: Uuid, entry: &str) -> RedisResult<()> {
+        self.settle(&[(job, entry)], &[], &[]).await
     }
 
     /// Renews `consumer`'s lease on an entry (resets its idle time).
@@ -335,19 +444,27 @@ impl Queue {
     }
 
     /// Takes `lock` for `holder` for `ttl`, unless another holder has it:
-    /// `true` if this call took it. The lock expires by itself, so a holder
-    /// that dies never blocks the others for longer than `ttl`.
+    /// `true` if `holder` has it now (taken, or already its own: then its
+    /// `ttl` starts again, so a holder with more work goes on). The lock
+    /// expires by itself, so a holder that dies never blocks the others
+    /// for longer than `ttl`.
     pub async fn try_lock(&self, lock: Lock, holder: &str, ttl: Duration) -> RedisResult<bool> {
         let mut conn = self.conn().await?;
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(self.key(lock.key()))
+        let script = redis::Script::new(
+            r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+              if redis.call('GET', KEYS[1]) == ARGV[1] then
+                redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                return 1
+              end
+              return 0",
+        );
+        let held: i64 = script
+            .key(self.key(lock.key()))
             .arg(holder)
-            .arg("NX")
-            .arg("PX")
             .arg(ttl.as_millis() as u64)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(taken.is_some())
+        Ok(held == 1)
     }
 
     /// Adds `jobs` to `owner`'s unfinished jobs, unless that would make
@@ -392,6 +509,22 @@ impl Queue {
         let mut conn = self.conn().await?;
         let ids: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
         conn.srem(self.held_key(owner), ids).await
+    }
+
+    /// The queue's depth and, with an `owner`, how many unfinished jobs it
+    /// holds, in one round trip (a submission's admission check).
+    pub async fn room(&self, owner: Option<&str>) -> RedisResult<(u64, u64)> {
+        let mut conn = self.conn().await?;
+        match owner {
+            None => Ok((conn.xlen(&self.stream).await?, 0)),
+            Some(owner) => {
+                redis::pipe()
+                    .xlen(&self.stream)
+                    .scard(self.held_key(owner))
+                    .query_async(&mut conn)
+                    .await
+            }
+        }
     }
 
     /// How many unfinished jobs `owner` holds.
@@ -485,6 +618,7 @@ impl Queue {
         let mut conn = self.conn().await?;
         let keys = [
             self.stream.clone(),
+            self.key(ENTRIES),
             self.key(Lock::Sweeper.key()),
             self.key(Lock::Retention.key()),
         ];
@@ -494,6 +628,9 @@ impl Queue {
 
 /// The channel of plugin-change notices, under the prefix.
 const PLUGIN_NOTICES: &str = "plugins";
+
+/// Each queued job's entry id, by job id (a hash), under the prefix.
+const ENTRIES: &str = "entries";
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
 const FAILURES: &str = "failures";
@@ -562,13 +699,23 @@ pub struct Reader {
 impl Reader {
     /// Waits up to `block` for one new entry.
     pub async fn next(&mut self, block: Duration) -> RedisResult<Option<Delivery>> {
+        Ok(self.next_batch(1, block).await?.into_iter().next())
+    }
+
+    /// Waits up to `block` for new entries; returns at most `count` (at
+    /// least one, unless the wait ended with none).
+    pub async fn next_batch(
+        &mut self,
+        count: usize,
+        block: Duration,
+    ) -> RedisResult<Vec<Delivery>> {
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
             .arg(GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(1)
+            .arg(count.max(1))
             .arg("BLOCK")
             .arg(block.as_millis() as u64)
             .arg("STREAMS")
@@ -580,7 +727,7 @@ impl Reader {
             Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                 // Redis lost the group (restart without persistence).
                 self.queue.ensure_group().await?;
-                return Ok(None);
+                return Ok(Vec::new());
             }
             Ok(Err(e)) => return Err(e),
             Err(_) => {
@@ -592,7 +739,8 @@ impl Reader {
         };
         Ok(reply
             .and_then(|r| r.keys.into_iter().next())
-            .and_then(|k| deliveries(k.ids).into_iter().next()))
+            .map(|k| deliveries(k.ids))
+            .unwrap_or_default())
     }
 }
 
@@ -603,7 +751,11 @@ fn deliveries(ids: Vec<redis::streams::StreamId>) -> Vec<Delivery> {
                 .get::<String>("job")
                 .and_then(|j| Uuid::parse_str(&j).ok());
             match job {
-                Some(job) => Some(Delivery { entry: e.id, job }),
+                Some(job) => Some(Delivery {
+                    spec: e.get::<String>("spec"),
+                    entry: e.id,
+                    job,
+                }),
                 None => {
                     tracing::warn!(entry = %e.id, "ignoring a queue entry without a valid job id");
                     None

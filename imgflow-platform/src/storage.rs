@@ -178,7 +178,12 @@ impl Storage {
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     root: Arc<PathBuf>,
+    /// The directories this process made (or found) already.
+    made: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
+
+/// Objects up to this size are read and written on the calling thread.
+const SMALL: usize = 64 * 1024;
 
 /// The mode of every directory of a [`LocalDir`].
 pub const DIR_MODE: u32 = 0o700;
@@ -205,6 +210,7 @@ impl LocalDir {
         }
         Ok(LocalDir {
             root: Arc::new(root),
+            made: Default::default(),
         })
     }
 
@@ -224,28 +230,48 @@ impl LocalDir {
         Ok(self.root.join(key))
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Runs file work `work` for `key`: here when it is `small` (a few
+    /// system calls on a small file cost less than handing them to a
+    /// blocking thread), else on a blocking thread.
+    async fn run<T: Send + 'static>(
         key: &str,
+        small: bool,
         work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let result =
+        let result = if small {
+            work()
+        } else {
             tokio::task::spawn_blocking(work)
                 .await
                 .map_err(|e| StorageError::Backend {
                     key: key.to_string(),
                     source: e.into(),
-                })?;
+                })?
+        };
         result.map_err(|e| io_error(key, e))
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         let path = self.path(key)?;
-        Self::blocking(key, move || {
+        let small = bytes.len() <= SMALL;
+        let made = self.made.clone();
+        Self::run(key, small, move || {
             let dir = path.parent().unwrap_or(&path).to_path_buf();
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(&dir)?;
+            // Each directory is made once per process (`inputs/` and
+            // `outputs/` hold every job's file).
+            let known = made
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&dir);
+            if !known {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(&dir)?;
+                made.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dir.clone());
+            }
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             let staging = dir.join(format!(".{name}.{}", Uuid::now_v7().simple()));
             let written = (|| {
@@ -259,6 +285,8 @@ impl LocalDir {
             })();
             if written.is_err() {
                 let _ = std::fs::remove_file(&staging);
+                // The directory may have been removed behind our back.
+                made.lock().unwrap_or_else(|e| e.into_inner()).remove(&dir);
             }
             written
         })
@@ -266,8 +294,17 @@ impl LocalDir {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        use std::io::Read as _;
         let path = self.path(key)?;
-        Self::blocking(key, move || std::fs::read(path).map(Bytes::from)).await
+        // Opened here; read here when small, else on a blocking thread.
+        let mut file = std::fs::File::open(&path).map_err(|e| io_error(key, e))?;
+        let size = file.metadata().map_err(|e| io_error(key, e))?.len();
+        Self::run(key, size <= SMALL as u64, move || {
+            let mut bytes = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut bytes)?;
+            Ok(Bytes::from(bytes))
+        })
+        .await
     }
 
     async fn read_stream(&self, key: &str) -> Result<Object, StorageError> {
@@ -354,6 +391,16 @@ pub fn input_key(job: Uuid) -> String {
 /// The key of a job's result.
 pub fn output_key(job: Uuid, format: ImageFormat) -> String {
     format!("outputs/{job}.{}", format.extension())
+}
+
+/// The job a job's file is named by (`inputs/<id>`, `outputs/<id>.<ext>`),
+/// or `None` for another key.
+pub fn maker(key: &str) -> Option<Uuid> {
+    let name = key
+        .strip_prefix("inputs/")
+        .or_else(|| key.strip_prefix("outputs/"))?;
+    let id = name.split_once('.').map_or(name, |(id, _)| id);
+    Uuid::try_parse(id).ok()
 }
 
 /// The key of a plugin component with SHA-256 `digest`.

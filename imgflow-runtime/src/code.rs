@@ -280,28 +280,6 @@ impl fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
-impl From<crate::error::JobError> for Failure {
-    fn from(e: crate::error::JobError) -> Failure {
-        Failure {
-            code: e.code(),
-            message: e.to_string(),
-            transient: e.is_transient(),
-        }
-    }
-}
-
-impl From<crate::error::LoadError> for Failure {
-    fn from(e: crate::error::LoadError) -> Failure {
-        Failure::new(e.code(), e.to_string())
-    }
-}
-
-impl From<crate::codec::CodecError> for Failure {
-    fn from(e: crate::codec::CodecError) -> Failure {
-        Failure::new(e.code(), e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,17 @@ impl ImageFormat {
         }
     }
 
+    /// How the format stores its frames.
+    pub fn container(self) -> crate::frames::Container {
+        use crate::frames::Container;
+        match self {
+            ImageFormat::Png => Container::Png,
+            ImageFormat::Jpeg => Container::Still,
+            ImageFormat::Webp => Container::Webp,
+            ImageFormat::Gif => Container::Gif,
+        }
+    }
+
     /// The usual file extension.
     pub fn extension(self) -> &'static str {
         match self {
@@ -174,6 +185,18 @@ pub enum CodecError {
         /// The encoder's message.
         message: String,
     },
+}
+
+impl From<CodecError> for crate::code::Failure {
+    fn from(e: CodecError) -> crate::code::Failure {
+        crate::code::Failure::new(e.code(), e.to_string())
+    }
+}
+
+impl From<crate::frames::FrameError> for CodecError {
+    fn from(e: crate::frames::FrameError) -> CodecError {
+        CodecError::Corrupt(e.0)
+    }
 }
 
 impl CodecError {
@@ -255,6 +278,12 @@ pub struct DecodeCost {
     pub decode_bytes: u64,
 }
 
+/// Images whose decoding holds at most this much ([`DecodeCost`]), or
+/// whose pixels are at most this much to encode, are cheap enough (well
+/// under a millisecond) for callers to decode and encode on the thread they
+/// are on, rather than hand them to a blocking thread.
+pub const INLINE_BYTES: u64 = 1024 * 1024;
+
 /// Room for a decoder's fixed state (tables, a zlib window, row buffers).
 const DECODER_SLACK: u64 = 256 * 1024;
 
@@ -265,7 +294,7 @@ const DECODER_SLACK: u64 = 256 * 1024;
 pub fn decode_cost(bytes: &[u8], limits: &ImageLimits) -> Result<DecodeCost, CodecError> {
     use image::ImageDecoder as _;
     let probe = probe(bytes, limits)?;
-    let frames = crate::frames::walk(bytes, probe.format, (probe.width, probe.height))?;
+    let frames = crate::frames::walk(bytes, probe.format.container(), (probe.width, probe.height))?;
     let (reader, _) = reader(bytes)?;
     let decoder =
         guard(|| reader.into_decoder())?.map_err(|e| CodecError::Corrupt(e.to_string()))?;

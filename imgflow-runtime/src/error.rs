@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::code::ErrorCode;
+use crate::code::{ErrorCode, Failure};
 
 /// Why a job ended without an image. Each variant has a stable
 /// [`code`](JobError::code) for APIs, metrics and exit messages.
@@ -126,4 +126,20 @@ pub enum RuntimeError {
     /// The wasmtime engine rejected the configuration.
     #[error("cannot configure the WebAssembly engine: {0}")]
     Engine(String),
+}
+
+impl From<JobError> for Failure {
+    fn from(e: JobError) -> Failure {
+        Failure {
+            code: e.code(),
+            message: e.to_string(),
+            transient: e.is_transient(),
+        }
+    }
+}
+
+impl From<LoadError> for Failure {
+    fn from(e: LoadError) -> Failure {
+        Failure::new(e.code(), e.to_string())
+    }
 }

@@ -14,8 +14,6 @@
 //!
 //! The walk is linear in the file's size and allocates nothing.
 
-use crate::codec::{CodecError, ImageFormat};
-
 /// What the walk found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frames {
@@ -43,19 +41,40 @@ impl Frames {
     }
 }
 
-/// Walks `bytes` (already known to be `format`, with a `canvas` from its
-/// header) and checks every frame against the canvas.
-pub fn walk(bytes: &[u8], format: ImageFormat, canvas: (u32, u32)) -> Result<Frames, CodecError> {
-    match format {
-        ImageFormat::Gif => gif(bytes, canvas),
-        ImageFormat::Png => png(bytes, canvas),
-        ImageFormat::Webp => webp(bytes, canvas),
-        ImageFormat::Jpeg => Ok(Frames::still(canvas)),
+/// How an image's frames are stored: the containers that can hold
+/// several, and the still ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Container {
+    /// GIF: frames placed on the logical screen.
+    Gif,
+    /// PNG, animated (APNG) or not.
+    Png,
+    /// WebP, animated or not.
+    Webp,
+    /// One image, its canvas (JPEG).
+    Still,
+}
+
+/// Why a file's frames cannot be accepted: one lies outside its canvas,
+/// or the container cannot be read (the codec reports it as a corrupt
+/// image).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(pub String);
+
+/// Walks `bytes` (already known to be in `container`, with a `canvas` from
+/// its header) and checks every frame against the canvas.
+pub fn walk(bytes: &[u8], container: Container, canvas: (u32, u32)) -> Result<Frames, FrameError> {
+    match container {
+        Container::Gif => gif(bytes, canvas),
+        Container::Png => png(bytes, canvas),
+        Container::Webp => webp(bytes, canvas),
+        Container::Still => Ok(Frames::still(canvas)),
     }
 }
 
-fn corrupt(message: String) -> CodecError {
-    CodecError::Corrupt(message)
+fn corrupt(message: String) -> FrameError {
+    FrameError(message)
 }
 
 /// Checks frame `n` (from 1), `w`x`h` at (`x`, `y`), against the canvas.
@@ -63,7 +82,7 @@ fn inside(
     n: u32,
     (x, y, w, h): (u32, u32, u32, u32),
     canvas: (u32, u32),
-) -> Result<(), CodecError> {
+) -> Result<(), FrameError> {
     let fits = w > 0
         && h > 0
         && u64::from(x) + u64::from(w) <= u64::from(canvas.0)
@@ -104,7 +123,7 @@ impl<'a> Cursor<'a> {
 
 /// GIF: the logical screen is the canvas; each image descriptor is a frame
 /// with its own rectangle.
-fn gif(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, CodecError> {
+fn gif(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, FrameError> {
     let truncated = || corrupt("the GIF ends inside a block".into());
     let mut c = Cursor { bytes, at: 0 };
     c.take(6).ok_or_else(truncated)?;
@@ -172,7 +191,7 @@ fn skip_sub_blocks(c: &mut Cursor<'_>) -> Option<()> {
 /// PNG: IHDR is the canvas; each `fcTL` of an animated PNG is a frame with
 /// its own rectangle (the first one, when it describes the IDAT image,
 /// must be the whole canvas).
-fn png(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, CodecError> {
+fn png(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, FrameError> {
     let mut at = 8usize;
     let mut frames = Frames::still(canvas);
     let mut fctl = 0u32;
@@ -206,7 +225,7 @@ fn png(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, CodecError> {
 /// (`VP8 `, `VP8L`) declares its own dimensions, which must be those of
 /// its frame, so the decoder never allocates for a bitstream larger than
 /// what was checked.
-fn webp(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, CodecError> {
+fn webp(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, FrameError> {
     let mut frames = Frames::still(canvas);
     let mut count = 0u32;
     let mut at = 12usize;
@@ -285,7 +304,7 @@ fn webp(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, CodecError> {
 
 /// The dimensions a `VP8 ` (key frame header) or `VP8L` bitstream
 /// declares.
-fn bitstream_dimensions(kind: &[u8], data: &[u8]) -> Result<(u32, u32), CodecError> {
+fn bitstream_dimensions(kind: &[u8], data: &[u8]) -> Result<(u32, u32), FrameError> {
     let short = || corrupt("the WebP's bitstream is too short to hold its dimensions".into());
     if kind == b"VP8L" {
         let d = data.get(..5).ok_or_else(short)?;
@@ -330,20 +349,15 @@ mod tests {
     #[test]
     fn a_gif_frame_larger_than_its_screen_is_refused() {
         let bomb = gif_with((1, 1), (0, 0, 14000, 14000));
-        let e = walk(&bomb, ImageFormat::Gif, (1, 1)).unwrap_err();
+        let e = walk(&bomb, Container::Gif, (1, 1)).unwrap_err();
         assert!(e.to_string().contains("outside the 1x1 canvas"), "{e}");
         let off = gif_with((10, 10), (5, 5, 6, 5));
-        assert!(walk(&off, ImageFormat::Gif, (10, 10)).is_err());
-        let ok = walk(
-            &gif_with((10, 10), (2, 3, 4, 5)),
-            ImageFormat::Gif,
-            (10, 10),
-        )
-        .unwrap();
+        assert!(walk(&off, Container::Gif, (10, 10)).is_err());
+        let ok = walk(&gif_with((10, 10), (2, 3, 4, 5)), Container::Gif, (10, 10)).unwrap();
         assert_eq!((ok.count, ok.first, ok.composed), (1, (4, 5), true));
         let whole = walk(
             &gif_with((10, 10), (0, 0, 10, 10)),
-            ImageFormat::Gif,
+            Container::Gif,
             (10, 10),
         )
         .unwrap();
@@ -355,15 +369,15 @@ mod tests {
         use image::{ImageFormat as F, RgbaImage};
         let img = RgbaImage::from_pixel(7, 5, image::Rgba([1, 2, 3, 255]));
         for (format, ours) in [
-            (F::Png, ImageFormat::Png),
-            (F::Gif, ImageFormat::Gif),
-            (F::WebP, ImageFormat::Webp),
+            (F::Png, Container::Png),
+            (F::Gif, Container::Gif),
+            (F::WebP, Container::Webp),
         ] {
             let mut out = std::io::Cursor::new(Vec::new());
             img.write_to(&mut out, format).unwrap();
             let frames = walk(out.get_ref(), ours, (7, 5)).unwrap();
-            assert_eq!(frames.count, 1, "{ours}");
-            assert_eq!(frames.first, (7, 5), "{ours}");
+            assert_eq!(frames.count, 1, "{ours:?}");
+            assert_eq!(frames.first, (7, 5), "{ours:?}");
         }
     }
 }

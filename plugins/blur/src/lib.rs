@@ -43,7 +43,7 @@ impl Guest for Blur {
         };
         match gaussian_blur(image.width, image.height, &image.pixels, sigma) {
             Ok(pixels) => Ok(Image { pixels, ..image }),
-            Err(e @ (BlurError::InvalidSigma(_) | BlurError::InvalidAmount(_))) => {
+            Err(e @ (BlurError::InvalidSigma(_) | BlurError::InvalidAmount { .. })) => {
                 Err(FilterError::InvalidParams(e.to_string()))
             }
             Err(e @ BlurError::BufferLength { .. }) => {

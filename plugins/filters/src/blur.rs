@@ -30,8 +30,13 @@ pub const RECURSIVE_FROM: f64 = 3.0;
 pub enum BlurError {
     /// `sigma` is not in `(0, MAX_SIGMA]` (or is not a finite number).
     InvalidSigma(f64),
-    /// A sharpening `amount` outside `[0, MAX_AMOUNT]`.
-    InvalidAmount(f64),
+    /// A sharpening `amount` outside `[0, max]`.
+    InvalidAmount {
+        /// The amount asked for.
+        amount: f64,
+        /// The largest allowed.
+        max: f64,
+    },
     /// The buffer is not `width * height * 4` bytes long.
     BufferLength {
         /// `width * height * 4`.
@@ -47,11 +52,9 @@ impl fmt::Display for BlurError {
             BlurError::InvalidSigma(s) => {
                 write!(f, "sigma must be in (0, {MAX_SIGMA}], got {s}")
             }
-            BlurError::InvalidAmount(a) => write!(
-                f,
-                "amount must be in [0, {}], got {a}",
-                crate::sharpen::MAX_AMOUNT
-            ),
+            BlurError::InvalidAmount { amount, max } => {
+                write!(f, "amount must be in [0, {max}], got {amount}")
+            }
             BlurError::BufferLength { expected, actual } => write!(
                 f,
                 "pixel buffer holds {actual} bytes, expected width x height x 4 = {expected}"

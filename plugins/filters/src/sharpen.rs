@@ -17,7 +17,10 @@ pub fn sharpen(
     amount: f64,
 ) -> Result<Vec<u8>, BlurError> {
     if !(0.0..=MAX_AMOUNT).contains(&amount) {
-        return Err(BlurError::InvalidAmount(amount));
+        return Err(BlurError::InvalidAmount {
+            amount,
+            max: MAX_AMOUNT,
+        });
     }
     let blurred = gaussian_blur(width, height, rgba, sigma)?;
     let amount = amount as f32;

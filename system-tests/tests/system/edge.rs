@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use imgflow_platform::intake::Intake;
 use imgflow_platform::jobs::{Jobs, NewJob};
 use imgflow_platform::pipeline::Step;
 use imgflow_platform::storage::Storage;
@@ -446,7 +447,7 @@ async fn frames_outside_their_canvas_are_refused_within_the_decoding_budget() {
     // an older API might have): each job fails, and the worker stays
     // within its budget.
     let storage = Storage::open(&stack.storage.display().to_string()).unwrap();
-    let jobs = Jobs::new(pool.clone(), stack.redis_queue(), storage);
+    let intake = Intake::start(Jobs::new(pool.clone(), stack.redis_queue(), storage));
     let (digest,): (String,) =
         sqlx::query_as("SELECT digest FROM plugins WHERE name = 'grayscale' AND active")
             .fetch_one(&pool)
@@ -478,8 +479,8 @@ async fn frames_outside_their_canvas_are_refused_within_the_decoding_budget() {
                 batch_id: None,
                 callback_url: None,
             };
-            match jobs
-                .submit(new, Bytes::from(bytes.clone()), None)
+            match intake
+                .submit(new, Bytes::from(bytes.clone()), None, None)
                 .await
                 .unwrap()
             {
@@ -617,7 +618,12 @@ async fn console_sessions_are_kept_on_the_server_and_sign_ins_are_throttled() {
 
     // The cookie is a random session id, neither secret in any form.
     let response = sign_in(&stack, &base, &key.key, Some("https")).await;
-    assert_eq!(response.status(), StatusCode::OK, "{:?}", response.headers());
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "{:?}",
+        response.headers()
+    );
     let (cookie, secure) = session_cookie(&response);
     for secret in [key.key.as_str(), TEST_ADMIN_TOKEN] {
         assert!(!cookie.contains(secret), "the cookie holds a credential");

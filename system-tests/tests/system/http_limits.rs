@@ -8,10 +8,11 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use imgflow_platform::jobs::{Jobs, NewJob, Submitted};
+use imgflow_platform::intake::Intake;
+use imgflow_platform::jobs::{JobSpec, Jobs, NewJob, Running, Submitted};
+use imgflow_platform::outcomes::{Outcome, Outcomes, Recorded};
 use imgflow_platform::pipeline::Step;
 use imgflow_platform::storage::Storage;
-use imgflow_runtime::codec::ImageFormat;
 use imgflow_testkit::stack::{repo, Proc, Stack};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -375,12 +376,14 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
 async fn a_large_result_is_streamed_not_buffered() {
     let mut stack = Stack::new().await;
     let api = stack.start_api_process(&[]).await;
+    stack.wait_for_migrations().await;
 
     // A completed job whose result is 100 MB, recorded the way a worker
     // records one.
     let pool = stack.pool().await;
     let storage = Storage::open(&stack.storage.display().to_string()).unwrap();
     let jobs = Jobs::new(pool, stack.redis_queue(), storage);
+    let intake = Intake::start(jobs.clone());
     let new = NewJob {
         steps: vec![Step {
             action: "grayscale".into(),
@@ -400,24 +403,31 @@ async fn a_large_result_is_streamed_not_buffered() {
         batch_id: None,
         callback_url: None,
     };
-    let Submitted::Created(job) = jobs
-        .submit(new, Bytes::from_static(b"input"), None)
+    let Submitted::Created(job) = intake
+        .submit(new, Bytes::from_static(b"input"), None, None)
         .await
         .unwrap()
     else {
         panic!("a new job");
     };
-    let job = jobs.start(job.id, "test").await.unwrap().unwrap();
     let size: usize = 100_000_000;
     let result = Bytes::from(vec![7u8; size]);
-    let key = jobs
-        .store_result(&job, ImageFormat::Png, result)
-        .await
-        .unwrap();
-    assert!(jobs
-        .complete(job.id, &key, size as i64, &job.steps)
-        .await
-        .unwrap());
+    jobs.store_result(&job.output_key, result).await.unwrap();
+    let running = Running {
+        spec: JobSpec::of(&job),
+        entry: String::new(),
+        attempt: 1,
+        started_at: chrono::Utc::now(),
+        worker: "test".into(),
+    };
+    let recorded = Outcomes::start(jobs.clone())
+        .record(Outcome {
+            job: running,
+            result: Ok(size as i64),
+            step_ms: None,
+        })
+        .await;
+    assert_eq!(recorded, Recorded::Finished);
     let url = format!("{}/v1/jobs/{}/result", stack.api_url, job.id);
 
     // HEAD: the headers, no body.

@@ -18,6 +18,7 @@ mod observability;
 mod output_formats;
 mod pipeline;
 mod pipelines;
+mod plans;
 mod plugins;
 mod readme;
 mod result_cache;

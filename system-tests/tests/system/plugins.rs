@@ -409,19 +409,30 @@ async fn staged_uploads_and_deleting_old_versions() {
     let (code, _) = error_code(delete_version(&stack, "0.1.0").await, 409).await;
     assert_eq!(code, "version_in_use");
     let pool = stack.pool().await;
-    sqlx::query("UPDATE jobs SET status = 'queued', plugin_version = '0.2.0' WHERE id = $1::uuid")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    // A job of 0.2.0 made unfinished behind the API's back: its row says
+    // so (status, version, step), and so does `unfinished_jobs`, which the
+    // check reads.
+    sqlx::query(
+        "WITH j AS (UPDATE jobs SET status = 'queued', plugin_version = '0.2.0',
+                                    steps = jsonb_set(steps, '{0,version}', '\"0.2.0\"')
+                    WHERE id = $1::uuid RETURNING id, owner)
+         INSERT INTO unfinished_jobs (id, owner) SELECT id, owner FROM j",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
     let (code, message) = error_code(delete_version(&stack, "0.2.0").await, 409).await;
     assert_eq!(code, "version_in_use");
     assert!(message.contains("1 unfinished"), "{message}");
-    sqlx::query("UPDATE jobs SET status = 'completed' WHERE id = $1::uuid")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "WITH j AS (UPDATE jobs SET status = 'completed' WHERE id = $1::uuid RETURNING id)
+         DELETE FROM unfinished_jobs u USING j WHERE u.id = j.id",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
 
     // Now 0.2.0 goes, with its component; 0.1.0 and its component stay.
     let components = stack.stored("plugins").len();

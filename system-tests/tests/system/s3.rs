@@ -263,7 +263,9 @@ async fn a_multi_host_rehearsal_shares_only_postgres_redis_and_s3() {
     let mut ids = Vec::new();
     for n in 0..300 {
         let base = if n % 2 == 0 { &url_a } else { &url_b };
-        let action = ["grayscale", "invert", "blur"][n % 3];
+        // Not periodic in the number of workers: blocked readers are served
+        // in turn, so `n % 3` would hand every worker a single action.
+        let action = ["grayscale", "invert", "blur"][(n + n / 3) % 3];
         let r = stack
             .client
             .post(format!("{base}/v1/jobs?action={action}"))
@@ -340,5 +342,10 @@ async fn a_multi_host_rehearsal_shares_only_postgres_redis_and_s3() {
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert!(workers >= 3, "invert ran on {workers} workers");
+    let spread: Vec<(Option<String>, String, i64)> =
+        sqlx::query_as("SELECT worker_id, action, count(*) FROM jobs GROUP BY 1, 2 ORDER BY 1, 2")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(workers >= 3, "invert ran on {workers} workers: {spread:?}");
 }

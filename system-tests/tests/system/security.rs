@@ -318,6 +318,121 @@ async fn client_keys_keep_jobs_private() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// A small PNG (64x64 grey), for submissions at full speed.
+fn small_png() -> Vec<u8> {
+    let image = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * 4 + y) as u8]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_it_submits_at_full_speed_stops_within_a_second() {
+    // Two instances of one deployment; submissions go to both, through
+    // their key caches and group inserts, while the key is revoked on one.
+    let mut stack = Stack::new().await;
+    let settings = [
+        ("IMGFLOW_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
+        ("AUTH_REQUIRED", "true"),
+        ("KEY_MAX_UNFINISHED_JOBS", "1000000"),
+        ("QUEUE_MAX_DEPTH", "1000000"),
+    ];
+    stack.start_api(&settings).await;
+    let (_second, second_url) = stack.start_another_api(&settings).await;
+    stack.start_worker("revocation", &[]).await;
+    stack.wait_for_plugins().await;
+    let (key_id, key) = create_key(&stack, "revoked-at-full-speed").await;
+    let png = small_png();
+
+    // 16 clients submit as fast as they are answered, for 1.5 s before
+    // the revocation and 2 s after it. Each 202 is noted with the instant
+    // its answer arrived.
+    let begun = Instant::now();
+    let stop = begun + Duration::from_millis(3500);
+    let mut clients = Vec::new();
+    for n in 0..16 {
+        let url = if n % 2 == 0 {
+            stack.api_url.clone()
+        } else {
+            second_url.clone()
+        };
+        let (client, key, png) = (stack.client.clone(), key.clone(), png.clone());
+        clients.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut refused = 0;
+            while Instant::now() < stop {
+                let response = client
+                    .post(format!("{url}/v1/jobs?action=grayscale"))
+                    .bearer_auth(&key)
+                    .header("content-type", "image/png")
+                    .body(png.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status() {
+                    StatusCode::ACCEPTED => accepted.push(Instant::now()),
+                    StatusCode::UNAUTHORIZED => refused += 1,
+                    other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
+                }
+            }
+            (accepted, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = request(
+        &stack,
+        Method::DELETE,
+        &format!("/v1/keys/{key_id}"),
+        Some(TEST_ADMIN_TOKEN),
+    )
+    .send()
+    .await
+    .unwrap()
+    .status();
+    let revoked = Instant::now();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (mut before, mut after, mut refused) = (0, 0, 0);
+    let mut last = Duration::ZERO;
+    for client in clients {
+        let (accepted, refusals) = client.await.unwrap();
+        refused += refusals;
+        for at in accepted {
+            if at <= revoked {
+                before += 1;
+            } else {
+                after += 1;
+                last = last.max(at - revoked);
+            }
+        }
+    }
+    println!(
+        "revocation at full speed: {before} accepted before it, {after} after it \
+         (the last {:.0} ms after), {refused} refused",
+        last.as_secs_f64() * 1000.0
+    );
+    assert!(
+        before > 100,
+        "the clients were not at full speed: {before} accepted"
+    );
+    assert!(refused > 0, "nothing was refused after the revocation");
+    assert!(
+        last < Duration::from_secs(1),
+        "a submission was accepted {last:?} after the key was revoked"
+    );
+    // And PostgreSQL agrees: no job of the key was recorded more than a
+    // second after its revocation.
+    let pool = stack.pool().await;
+    let (late,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM jobs j JOIN api_keys k ON k.id::text = j.owner
+         WHERE k.id::text = $1 AND j.created_at > k.revoked_at + interval '1 second'",
+    )
+    .bind(&key_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(late, 0, "jobs recorded more than 1 s after the revocation");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_tokens_must_be_strong_and_can_be_rotated() {
     // The binary refuses a documented default or a short token, and says why.
