@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: a job allocates and frees many small buffers on several
-/// threads, where glibc's allocator spent a tenth of the process's time
-/// (docs/BENCHMARKS.md, "The job path").
+/// mimalloc: a submission allocates and frees many small buffers on
+/// several threads, where glibc's allocator spent a tenth of the process's
+/// time (docs/BENCHMARKS.md, "The job path"). Not in the worker: there it
+/// kept freed image buffers longer, past the worker's memory budget test.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -11,12 +11,6 @@ use clap::{Parser, Subcommand};
 use host_worker::{Settings, Worker};
 use imgflow_cli::{runner, InfoArgs, RunArgs};
 
-/// mimalloc: a job allocates and frees many small buffers on several
-/// threads, where glibc's allocator spent a tenth of the process's time
-/// (docs/BENCHMARKS.md, "The job path").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Runs imgflow filter plugins (WebAssembly components) in a sandbox.
 #[derive(Debug, Parser)]
 #[command(name = "host-worker", version, about)]
