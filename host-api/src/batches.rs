@@ -16,9 +16,11 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::body;
 use crate::error::{ApiError, ErrorBody};
-use crate::jobs::{self, Job, JobOrigin, Recipe};
+use crate::jobs::admission::{self, Admitted, Kind};
+use crate::jobs::recipe::{record, JobOrigin, Recipe};
+use crate::jobs::Job;
+use crate::schema::BatchForm;
 use crate::state::AppState;
 
 /// A batch: its id and its jobs, one per image, in the order sent.
@@ -76,32 +78,6 @@ impl Batch {
     }
 }
 
-/// A batch submitted as a form.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct BatchForm {
-    /// The images, one `image` field each (at most `MAX_BATCH_IMAGES`).
-    #[schema(value_type = Vec<String>, format = Binary)]
-    image: Vec<Vec<u8>>,
-    /// The plugin to run on each; `name@version` pins a version. Give
-    /// `action` or `steps`.
-    #[schema(example = "resize")]
-    action: Option<String>,
-    /// The plugin's parameters as a JSON object (with `action`).
-    #[schema(example = r#"{"width": 320}"#)]
-    params: Option<String>,
-    /// A pipeline instead of `action` (as for `POST /v1/jobs`).
-    steps: Option<String>,
-    /// The output format (default: each input's).
-    format: Option<String>,
-    /// Quality, 1 to 100, for JPEG or lossy WebP output.
-    quality: Option<String>,
-    /// `false` keeps the inputs' pixels as stored.
-    auto_orient: Option<String>,
-    /// Where to POST each job when it finishes (as for `POST /v1/jobs`).
-    callback_url: Option<String>,
-}
-
 /// Submits a batch: several images, one action or pipeline.
 ///
 /// A `multipart/form-data` form with one `image` field per image (at most
@@ -136,12 +112,8 @@ pub async fn submit(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let result = accept(&state, &headers, request).await;
-    if let Err(e) = &result {
-        state.metrics.rejected(e.code());
-        tracing::info!(code = %e.code(), "batch rejected");
-    }
-    result
+    let answer = accept(&state, &headers, request).await;
+    admission::counted(&state, Kind::Batch, answer)
 }
 
 async fn accept(
@@ -149,32 +121,12 @@ async fn accept(
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let limit = state.max_body_bytes;
-    let (caller, request) =
-        body::refuse_early(state.auth.caller(headers).await, request, 0).await?;
-    let ((), request) = body::refuse_early(form_only(headers), request, limit).await?;
-    let ((), request) = body::refuse_early(
-        body::check_declared(headers, limit, "MAX_BODY_BYTES"),
-        request,
-        limit,
-    )
-    .await?;
-    let ((), request) =
-        body::refuse_early(jobs::admit(state, caller, 1).await, request, limit).await?;
-    let mut submission = jobs::read_submission(state, headers, request).await?;
-    if submission.fields.wait.is_some() {
-        return Err(ApiError::bad_request(
-            "wait is not supported for batches; wait for each job, or poll GET /v1/batches/{id}",
-        ));
-    }
+    let Admitted {
+        caller,
+        mut submission,
+        ..
+    } = admission::admit(state, headers, request, Kind::Batch).await?;
     let count = submission.images.len();
-    if count > state.max_batch_images {
-        return Err(ApiError::bad_request(format!(
-            "{count} images; a batch takes at most {} (MAX_BATCH_IMAGES)",
-            state.max_batch_images
-        )));
-    }
-    jobs::admit(state, caller, count as u64).await?;
     let recipe = Recipe::read(state, &submission.fields).await?;
 
     // Every image validated before anything is stored.
@@ -201,7 +153,7 @@ async fn accept(
     let mut created = Vec::with_capacity(count);
     for (new, image) in ready {
         let digest = new.request_hash.clone();
-        match jobs::record(state, caller, new, image, &digest).await {
+        match record(state, caller, new, image, &digest).await {
             Ok((_, job)) => created.push(job),
             Err(e) => {
                 for job in &created {
@@ -223,26 +175,6 @@ async fn accept(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
-}
-
-/// A batch is a form, without `Idempotency-Key`.
-fn form_only(headers: &HeaderMap) -> Result<(), ApiError> {
-    let is_form = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.to_ascii_lowercase().starts_with("multipart/form-data"));
-    if !is_form {
-        return Err(ApiError::new(
-            ErrorCode::UnsupportedMediaType,
-            "a batch is a multipart/form-data form: one `image` field per image, and `action` or `steps`",
-        ));
-    }
-    if headers.contains_key("idempotency-key") {
-        return Err(ApiError::bad_request(
-            "Idempotency-Key is not supported for batches; submit the jobs one by one to use it",
-        ));
-    }
-    Ok(())
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {

@@ -1,5 +1,5 @@
 //! Delivering finished jobs to their `callback_url`: every API instance
-//! runs a deliverer that claims due deliveries ([`Callbacks::claim`]),
+//! runs a sender that claims due deliveries ([`Callbacks::claim`]),
 //! POSTs each job's JSON, signed, and records the attempt. Deliveries run
 //! apart from job processing (workers only mark them due), each bounded by
 //! `CALLBACK_TIMEOUT`, at most `CALLBACK_CONCURRENCY` at once, so a slow or
@@ -38,8 +38,8 @@ use crate::metrics::ApiMetrics;
 /// How often due deliveries are looked for.
 const POLL: Duration = Duration::from_millis(500);
 
-/// What the deliverer needs.
-pub struct Deliverer {
+/// What the sender needs.
+pub struct WebhookSender {
     /// The pending deliveries.
     pub callbacks: Callbacks,
     /// Signs each delivery (`CALLBACK_SECRET`).
@@ -87,7 +87,7 @@ fn failed(error: impl std::fmt::Display, took: Duration) -> Attempt {
     }
 }
 
-impl Deliverer {
+impl WebhookSender {
     /// Delivers for ever (abort the task to stop it).
     pub async fn run(self) {
         let mut client = reqwest::Client::builder()

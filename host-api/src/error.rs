@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use imgflow_platform::jobs::JobsError;
 use imgflow_platform::plugins::CatalogueError;
 use imgflow_platform::queue::QueueError;
+use imgflow_platform::steps::StepError;
 use imgflow_platform::storage::StorageError;
 use imgflow_runtime::codec::CodecError;
 use imgflow_runtime::{ErrorCode, LoadError};
@@ -111,6 +112,15 @@ impl ApiError {
                 code,
                 format!("the request was refused by the {what}: {error}"),
             )
+        }
+    }
+}
+
+impl From<StepError> for ApiError {
+    fn from(e: StepError) -> ApiError {
+        match e {
+            StepError::Database(e) => e.into(),
+            other => ApiError::new(other.code(), other.to_string()),
         }
     }
 }

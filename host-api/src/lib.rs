@@ -35,6 +35,7 @@ pub mod overview;
 pub mod plugins;
 pub mod retention;
 pub mod routes;
+pub mod schema;
 pub mod server;
 pub mod state;
 pub mod streams;
@@ -184,14 +185,9 @@ pub struct Settings {
     /// event stream (`/v1/jobs/{id}/events`) stays open at most.
     #[arg(long, env = "MAX_WAIT", default_value = "60s")]
     pub max_wait: HumanDuration,
-    /// How often the sweeper looks for unfinished jobs missing from Redis,
-    /// in milliseconds (the API sweeps too, so it goes on with no worker).
-    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 10_000)]
-    pub sweep_interval_ms: u64,
-    /// An unfinished job is re-queued if its queue entry has been missing
-    /// for this long, in milliseconds.
-    #[arg(long, env = "SWEEP_AFTER_MS", default_value_t = 60_000)]
-    pub sweep_after_ms: u64,
+    /// The sweeper (`SWEEP_INTERVAL_MS`, `SWEEP_AFTER_MS`).
+    #[command(flatten)]
+    pub sweep: imgflow_platform::config::SweepArgs,
     /// The most images one batch (`POST /v1/batches`) may carry.
     #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch_images: u32,
@@ -221,7 +217,7 @@ pub struct App {
     http: HttpLimits,
     retention: retention::Retention,
     /// Delivers callbacks, when `CALLBACK_SECRET` is set.
-    deliverer: Option<callbacks::Deliverer>,
+    sender: Option<callbacks::WebhookSender>,
     /// The sweeper's interval and delay (`SWEEP_INTERVAL_MS`,
     /// `SWEEP_AFTER_MS`).
     sweep: (Duration, Duration),
@@ -248,59 +244,123 @@ fn admin_tokens(settings: &Settings) -> anyhow::Result<Vec<String>> {
     Ok(tokens)
 }
 
+/// The secrets that sign things must be long enough to resist guessing.
+fn check_secrets(settings: &Settings) -> anyhow::Result<()> {
+    for (name, secret) in [
+        ("CALLBACK_SECRET", &settings.callback_secret),
+        ("RESULT_URL_SECRET", &settings.result_url_secret),
+    ] {
+        if let Some(secret) = secret.as_deref() {
+            if secret.len() < auth::MIN_ADMIN_TOKEN_LEN {
+                anyhow::bail!(
+                    "{name} has {} characters; it needs at least {} (e.g. `head -c 32 /dev/urandom | base64`)",
+                    secret.len(),
+                    auth::MIN_ADMIN_TOKEN_LEN
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Says at start what an operator must know about the credentials.
+fn warn_about_auth(settings: &Settings, admin_tokens: &[String]) {
+    if !settings.auth_required {
+        tracing::warn!("AUTH_REQUIRED=false: anyone who can reach this API can submit jobs and read every job and result; for local development only");
+    } else if admin_tokens.is_empty() {
+        tracing::warn!("AUTH_REQUIRED=true without IMGFLOW_ADMIN_TOKEN: no client key can be created through this instance");
+    }
+}
+
+/// The memory the API may hold decoding submitted images
+/// (`API_DECODE_MEMORY_MB`), its size published.
+fn decode_budget(settings: &Settings, metrics: &ApiMetrics) -> MemoryBudget {
+    let budget = MemoryBudget::new(
+        settings.api_decode_memory_mb,
+        "API_DECODE_MEMORY_MB",
+        metrics.decode_reserved.clone(),
+    );
+    metrics
+        .decode_budget
+        .set(i64::from(budget.mib()) * 1024 * 1024);
+    budget
+}
+
+/// The sandbox the API compiles and checks uploaded plugins with.
+fn sandbox(settings: &Settings) -> anyhow::Result<Arc<Runtime>> {
+    let runtime = Runtime::new(
+        settings
+            .sandbox
+            .runtime_config(settings.plugin_compile_slots.max(1)),
+    )
+    .context("cannot start the plugin sandbox")?;
+    Ok(Arc::new(runtime))
+}
+
+/// The webhook sender, when callbacks are on (`CALLBACK_SECRET`).
+fn webhook_sender(
+    settings: &Settings,
+    pool: &sqlx::PgPool,
+    result_urls: &ResultUrls,
+    metrics: &Arc<ApiMetrics>,
+) -> Option<callbacks::WebhookSender> {
+    settings
+        .callback_secret
+        .as_ref()
+        .map(|secret| callbacks::WebhookSender {
+            callbacks: imgflow_platform::callbacks::Callbacks::new(pool.clone()),
+            secret: secret.as_bytes().to_vec(),
+            urls: result_urls.clone(),
+            allow_private: settings.callback_allow_private,
+            timeout: settings.callback_timeout.0,
+            retry_for: settings.callback_retry_for.0,
+            concurrency: settings.callback_concurrency.max(1) as usize,
+            metrics: metrics.clone(),
+        })
+}
+
+/// The database pool (connecting lazily) and the plugin catalogue; the
+/// migrations run in the background, then the catalogue follows plugin
+/// changes.
+fn connect(
+    settings: &Settings,
+    storage: &Storage,
+    queue: &Queue,
+    metrics: &Arc<ApiMetrics>,
+) -> anyhow::Result<(sqlx::PgPool, Catalogue)> {
+    let migrated = db::Migrated::default();
+    let pool = db::connect_lazy(
+        &settings.db.url(),
+        settings.db.db_pool_size.unwrap_or(20),
+        &migrated,
+    )
+    .context("invalid database URL")?;
+    let catalogue = Catalogue::new(pool.clone(), storage.clone(), queue.clone());
+    tokio::spawn(migrate_then_watch_actions(
+        pool.clone(),
+        migrated,
+        catalogue.clone(),
+        metrics.clone(),
+    ));
+    tokio::spawn(forget_plugins_on_changes(catalogue.clone()));
+    Ok((pool, catalogue))
+}
+
 impl App {
     /// Builds the state (PostgreSQL and Redis connect lazily, so the API
     /// starts, and answers 503, while they are down), binds the address and
     /// starts the migrations in the background.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let admin_tokens = admin_tokens(&settings)?;
-        for (name, secret) in [
-            ("CALLBACK_SECRET", &settings.callback_secret),
-            ("RESULT_URL_SECRET", &settings.result_url_secret),
-        ] {
-            if let Some(secret) = secret.as_deref() {
-                if secret.len() < auth::MIN_ADMIN_TOKEN_LEN {
-                    anyhow::bail!(
-                        "{name} has {} characters; it needs at least {} (e.g. `head -c 32 /dev/urandom | base64`)",
-                        secret.len(),
-                        auth::MIN_ADMIN_TOKEN_LEN
-                    );
-                }
-            }
-        }
-        if !settings.auth_required {
-            tracing::warn!("AUTH_REQUIRED=false: anyone who can reach this API can submit jobs and read every job and result; for local development only");
-        } else if admin_tokens.is_empty() {
-            tracing::warn!("AUTH_REQUIRED=true without IMGFLOW_ADMIN_TOKEN: no client key can be created through this instance");
-        }
-        let migrated = db::Migrated::default();
-        let pool = db::connect_lazy(
-            &settings.db.url(),
-            settings.db.db_pool_size.unwrap_or(20),
-            &migrated,
-        )
-        .context("invalid database URL")?;
+        check_secrets(&settings)?;
+        warn_about_auth(&settings, &admin_tokens);
         let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
             .context("invalid Redis URL")?;
         let storage = Storage::open(&settings.storage.storage_url)?;
-        let catalogue = Catalogue::new(pool.clone(), storage.clone(), queue.clone());
-        tokio::spawn(migrate_then_watch_actions(
-            pool.clone(),
-            migrated,
-            catalogue.clone(),
-            metrics.clone(),
-        ));
-        tokio::spawn(forget_plugins_on_changes(catalogue.clone()));
+        let (pool, catalogue) = connect(&settings, &storage, &queue, &metrics)?;
         let keys = Keys::new(pool.clone());
-        let decode_budget = MemoryBudget::new(
-            settings.api_decode_memory_mb,
-            "API_DECODE_MEMORY_MB",
-            metrics.decode_reserved.clone(),
-        );
-        metrics
-            .decode_budget
-            .set(i64::from(decode_budget.mib()) * 1024 * 1024);
+        let decode_budget = decode_budget(&settings, &metrics);
         let jobs = Jobs::new(pool.clone(), queue.clone(), storage);
         let sessions = Sessions::new(
             pool.clone(),
@@ -318,19 +378,7 @@ impl App {
             settings.result_url_secret.clone(),
             settings.result_url_ttl.0,
         );
-        let deliverer = settings
-            .callback_secret
-            .as_ref()
-            .map(|secret| callbacks::Deliverer {
-                callbacks: imgflow_platform::callbacks::Callbacks::new(pool.clone()),
-                secret: secret.as_bytes().to_vec(),
-                urls: result_urls.clone(),
-                allow_private: settings.callback_allow_private,
-                timeout: settings.callback_timeout.0,
-                retry_for: settings.callback_retry_for.0,
-                concurrency: settings.callback_concurrency.max(1) as usize,
-                metrics: metrics.clone(),
-            });
+        let sender = webhook_sender(&settings, &pool, &result_urls, &metrics);
         let state = AppState {
             events: JobEvents::start(queue.clone()),
             max_wait: settings.max_wait.0,
@@ -357,14 +405,7 @@ impl App {
             limits: settings.sandbox.image_limits(),
             max_body_bytes: settings.max_body_bytes,
             queue_max_depth: settings.queue_max_depth,
-            runtime: Arc::new(
-                Runtime::new(
-                    settings
-                        .sandbox
-                        .runtime_config(settings.plugin_compile_slots.max(1)),
-                )
-                .context("cannot start the plugin sandbox")?,
-            ),
+            runtime: sandbox(&settings)?,
             compile_slots: Arc::new(Semaphore::new(settings.plugin_compile_slots.max(1) as usize)),
             plugin_max_bytes: settings.plugin_max_bytes,
             plugin_compile_timeout: Duration::from_millis(settings.plugin_compile_timeout_ms),
@@ -378,11 +419,8 @@ impl App {
             listener,
             http: settings.http,
             retention,
-            deliverer,
-            sweep: (
-                Duration::from_millis(settings.sweep_interval_ms),
-                Duration::from_millis(settings.sweep_after_ms),
-            ),
+            sender,
+            sweep: (settings.sweep.interval(), settings.sweep.after()),
         })
     }
 
@@ -405,7 +443,7 @@ impl App {
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr()?, "API listening");
         let sweeping = tokio::spawn(self.retention.run());
-        let delivering = self.deliverer.map(|d| tokio::spawn(d.run()));
+        let delivering = self.sender.map(|d| tokio::spawn(d.run()));
         let sweeping_queue = {
             let jobs = self.state.jobs.clone();
             let (every, after) = self.sweep;

@@ -14,7 +14,7 @@ use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::metrics::{self, prometheus};
 use imgflow_platform::pipeline;
 use imgflow_runtime::ErrorCode;
-use prometheus::{HistogramVec, IntCounterVec, Opts};
+use prometheus::{HistogramVec, IntCounterVec};
 
 /// The `route` of requests that matched no route (404s for unknown paths).
 const UNMATCHED: &str = "unmatched";
@@ -101,75 +101,21 @@ impl ApiMetrics {
     pub fn new() -> Result<ApiMetrics, prometheus::Error> {
         let registry = metrics::registry("api")?;
         let m = ApiMetrics {
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "http_requests_total",
-                    "HTTP requests answered, by method, matched route template and status code.",
-                ),
-                &["method", "route", "status"],
-            )?,
+            requests: metrics::counter_vec("http_requests_total", "HTTP requests answered, by method, matched route template and status code.", &["method", "route", "status"])?,
             duration: metrics::histogram_vec(
                 "http_request_duration_seconds",
                 "Time from a request's arrival to its response being ready (a streamed download's body not included), by method and matched route template.",
                 &["method", "route"],
                 metrics::HTTP_SECONDS,
             )?,
-            submitted: IntCounterVec::new(
-                Opts::new(
-                    "api_jobs_submitted_total",
-                    "Jobs accepted and queued, by action.",
-                ),
-                &["action"],
-            )?,
-            rejected: IntCounterVec::new(
-                Opts::new(
-                    "api_jobs_rejected_total",
-                    "Job submissions refused, by reason (the error code of the answer).",
-                ),
-                &["reason"],
-            )?,
-            uploads: IntCounterVec::new(
-                Opts::new(
-                    "api_plugin_uploads_total",
-                    "Plugin uploads, by result: created, unchanged, or the error code of the refusal.",
-                ),
-                &["result"],
-            )?,
-            deleted: IntCounterVec::new(
-                Opts::new(
-                    "api_deletions_total",
-                    "What this API instance deleted (with its files): what (job, plugin_version) and why (request, retention).",
-                ),
-                &["what", "reason"],
-            )?,
-            cache_hits: IntCounterVec::new(
-                Opts::new(
-                    "api_result_cache_hits_total",
-                    "Jobs completed from the result cache (RESULT_CACHE) without running, by action; they are counted in api_jobs_submitted_total too.",
-                ),
-                &["action"],
-            )?,
-            cancelled: IntCounterVec::new(
-                Opts::new(
-                    "api_jobs_cancelled_total",
-                    "Jobs cancelled by their owner or an operator while queued or running, by action.",
-                ),
-                &["action"],
-            )?,
-            callbacks: IntCounterVec::new(
-                Opts::new(
-                    "api_callback_attempts_total",
-                    "Callback (webhook) delivery attempts, by result: delivered, failed (to be retried) or gave_up (CALLBACK_RETRY_FOR spent).",
-                ),
-                &["result"],
-            )?,
-            sign_ins: IntCounterVec::new(
-                Opts::new(
-                    "api_console_sign_ins_total",
-                    "Console sign-ins, by result: ok, refused (not a live key nor the admin token) or throttled (SIGN_IN_MAX_FAILURES reached from that address).",
-                ),
-                &["result"],
-            )?,
+            submitted: metrics::counter_vec("api_jobs_submitted_total", "Jobs accepted and queued, by action.", &["action"])?,
+            rejected: metrics::counter_vec("api_jobs_rejected_total", "Job submissions refused, by reason (the error code of the answer).", &["reason"])?,
+            uploads: metrics::counter_vec("api_plugin_uploads_total", "Plugin uploads, by result: created, unchanged, or the error code of the refusal.", &["result"])?,
+            deleted: metrics::counter_vec("api_deletions_total", "What this API instance deleted (with its files): what (job, plugin_version) and why (request, retention).", &["what", "reason"])?,
+            cache_hits: metrics::counter_vec("api_result_cache_hits_total", "Jobs completed from the result cache (RESULT_CACHE) without running, by action; they are counted in api_jobs_submitted_total too.", &["action"])?,
+            cancelled: metrics::counter_vec("api_jobs_cancelled_total", "Jobs cancelled by their owner or an operator while queued or running, by action.", &["action"])?,
+            callbacks: metrics::counter_vec("api_callback_attempts_total", "Callback (webhook) delivery attempts, by result: delivered, failed (to be retried) or gave_up (CALLBACK_RETRY_FOR spent).", &["result"])?,
+            sign_ins: metrics::counter_vec("api_console_sign_ins_total", "Console sign-ins, by result: ok, refused (not a live key nor the admin token) or throttled (SIGN_IN_MAX_FAILURES reached from that address).", &["result"])?,
             queue_depth: prometheus::IntGauge::new(
                 "api_queue_depth",
                 "Jobs on the Redis queue (waiting or running), read at scrape time; every API instance reports the same value (aggregate with max).",
@@ -188,29 +134,34 @@ impl ApiMetrics {
             )?,
             registry,
         };
-        m.registry.register(Box::new(m.deleted.clone()))?;
-        m.registry.register(Box::new(m.cache_hits.clone()))?;
-        m.registry.register(Box::new(m.cancelled.clone()))?;
-        m.registry.register(Box::new(m.callbacks.clone()))?;
-        m.registry.register(Box::new(m.sign_ins.clone()))?;
+        metrics::register_all(
+            &m.registry,
+            vec![
+                Box::new(m.deleted.clone()),
+                Box::new(m.cache_hits.clone()),
+                Box::new(m.cancelled.clone()),
+                Box::new(m.callbacks.clone()),
+                Box::new(m.sign_ins.clone()),
+                Box::new(m.queue_depth.clone()),
+                Box::new(m.queue_oldest.clone()),
+                Box::new(m.decode_budget.clone()),
+                Box::new(m.decode_reserved.clone()),
+                Box::new(m.requests.clone()),
+                Box::new(m.duration.clone()),
+                Box::new(m.submitted.clone()),
+                Box::new(m.rejected.clone()),
+                Box::new(m.uploads.clone()),
+            ],
+        )?;
         for result in SignIn::ALL {
             m.sign_ins.with_label_values(&[result.label()]);
         }
-        m.registry.register(Box::new(m.queue_depth.clone()))?;
-        m.registry.register(Box::new(m.queue_oldest.clone()))?;
         for result in ["delivered", "failed", "gave_up"] {
             m.callbacks.with_label_values(&[result]);
         }
-        m.registry.register(Box::new(m.decode_budget.clone()))?;
-        m.registry.register(Box::new(m.decode_reserved.clone()))?;
         for deletion in Deletion::ALL {
             m.deleted.with_label_values(&deletion.labels());
         }
-        m.registry.register(Box::new(m.requests.clone()))?;
-        m.registry.register(Box::new(m.duration.clone()))?;
-        m.registry.register(Box::new(m.submitted.clone()))?;
-        m.registry.register(Box::new(m.rejected.clone()))?;
-        m.registry.register(Box::new(m.uploads.clone()))?;
         for result in [UPLOAD_CREATED, UPLOAD_UNCHANGED] {
             m.uploads.with_label_values(&[result]);
         }

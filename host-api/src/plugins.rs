@@ -22,6 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::body::{self, Limited};
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::Deletion;
+use crate::schema::UploadForm;
 use crate::state::AppState;
 
 /// A plugin version as the API shows it.
@@ -222,15 +223,6 @@ pub async fn upload(
         Err(e) => state.metrics.upload_refused(e.code()),
     }
     result
-}
-
-/// A plugin uploaded as a form.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct UploadForm {
-    /// The component (any file field is taken).
-    #[schema(value_type = String, format = Binary)]
-    plugin: Vec<u8>,
 }
 
 /// The query of an upload.

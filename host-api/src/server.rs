@@ -82,14 +82,10 @@ pub struct HttpLimits {
 /// buffer (HTTP/1).
 pub const HEADER_ROOM: usize = 32 * 1024;
 
-/// Serves `router` on `listener` under `limits` until `shutdown` resolves,
-/// then for at most the shutdown deadline.
-pub async fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    limits: HttpLimits,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+/// How each connection is served: HTTP/1 with a header deadline and a
+/// bounded read buffer; HTTP/2 (cleartext) only when `limits.http2`, with
+/// its streams bounded.
+fn connection_builder(limits: &HttpLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -103,12 +99,22 @@ pub async fn serve(
         .keep_alive_timeout(limits.header_read_timeout.0)
         .max_concurrent_streams(limits.http2_max_streams)
         .max_header_list_size((limits.max_fields_bytes as usize + HEADER_ROOM) as u32);
-    let builder = if limits.http2 {
+    if limits.http2 {
         builder
     } else {
         builder.http1_only()
-    };
-    let builder = Arc::new(builder);
+    }
+}
+
+/// Serves `router` on `listener` under `limits` until `shutdown` resolves,
+/// then for at most the shutdown deadline.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let builder = Arc::new(connection_builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1) as usize));
     let graceful = GracefulShutdown::new();
     // Past the deadline, every connection task is told to drop its

@@ -57,13 +57,7 @@ impl WorkerMetrics {
     pub fn new() -> Result<WorkerMetrics, prometheus::Error> {
         let registry = metrics::registry("worker")?;
         let m = WorkerMetrics {
-            processed: IntCounterVec::new(
-                Opts::new(
-                    "worker_jobs_processed_total",
-                    "Jobs this worker finished, by action and final status (completed or failed).",
-                ),
-                &["action", "status"],
-            )?,
+            processed: metrics::counter_vec("worker_jobs_processed_total", "Jobs this worker finished, by action and final status (completed or failed).", &["action", "status"])?,
             duration: metrics::histogram_vec(
                 "worker_job_duration_seconds",
                 "Whole job in the worker, from taking it to recording its outcome (read, decode, plugin, encode, store).",
@@ -88,13 +82,7 @@ impl WorkerMetrics {
                 &["action"],
                 metrics::QUEUE_WAIT_SECONDS,
             )?,
-            failures: IntCounterVec::new(
-                Opts::new(
-                    "worker_job_failures_total",
-                    "Jobs that failed, by action and reason (the job's error code).",
-                ),
-                &["action", "reason"],
-            )?,
+            failures: metrics::counter_vec("worker_job_failures_total", "Jobs that failed, by action and reason (the job's error code).", &["action", "reason"])?,
             in_flight: IntGaugeVec::new(
                 Opts::new("worker_jobs_in_flight", "Jobs this worker is running now."),
                 &["action"],
@@ -133,21 +121,31 @@ impl WorkerMetrics {
             shown: Mutex::new(HashSet::new()),
             registry,
         };
-        m.registry.register(Box::new(m.processed.clone()))?;
-        m.registry.register(Box::new(m.duration.clone()))?;
-        m.registry.register(Box::new(m.execution.clone()))?;
-        m.registry.register(Box::new(m.instantiation.clone()))?;
-        m.registry.register(Box::new(m.queue_wait.clone()))?;
-        m.registry.register(Box::new(m.failures.clone()))?;
-        m.registry.register(Box::new(m.in_flight.clone()))?;
-        m.registry.register(Box::new(m.reclaimed.clone()))?;
-        m.registry.register(Box::new(m.plugin_info.clone()))?;
-        m.registry.register(Box::new(m.queue_depth.clone()))?;
-        m.registry.register(Box::new(m.cache_evictions.clone()))?;
-        m.registry.register(Box::new(m.queue_oldest.clone()))?;
-        m.registry.register(Box::new(m.memory_budget.clone()))?;
-        m.registry.register(Box::new(m.memory_reserved.clone()))?;
+        m.register()?;
         Ok(m)
+    }
+
+    /// Registers every family.
+    fn register(&self) -> Result<(), prometheus::Error> {
+        metrics::register_all(
+            &self.registry,
+            vec![
+                Box::new(self.processed.clone()),
+                Box::new(self.duration.clone()),
+                Box::new(self.execution.clone()),
+                Box::new(self.instantiation.clone()),
+                Box::new(self.queue_wait.clone()),
+                Box::new(self.failures.clone()),
+                Box::new(self.in_flight.clone()),
+                Box::new(self.reclaimed.clone()),
+                Box::new(self.plugin_info.clone()),
+                Box::new(self.queue_depth.clone()),
+                Box::new(self.cache_evictions.clone()),
+                Box::new(self.queue_oldest.clone()),
+                Box::new(self.memory_budget.clone()),
+                Box::new(self.memory_reserved.clone()),
+            ],
+        )
     }
 
     /// Shows `active` as the loaded plugin versions, and creates every job

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
-use imgflow_platform::budget::MemoryBudget;
+use imgflow_platform::budget::{MemoryBudget, Reservation};
 
 /// How many times a storage or database step is tried within one delivery.
 const STEP_ATTEMPTS: u32 = 4;
@@ -108,55 +108,13 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
             return;
         }
 
-        // Keep the lease while the job runs, so no other worker takes it;
-        // but only until the job's deadline (plus a tick): a job that is
-        // still running then is wedged, and its lease lapses so another
-        // worker takes it over and the attempt counts. A job its owner
-        // cancels or deletes meanwhile is abandoned (its sandbox dropped)
-        // when the announcement arrives, or at the next renewal if it was
-        // lost.
-        let id = job.spec.id;
-        let mut watch = ctx.events.watch(id);
-        let deadline = Arc::new(OnceLock::new());
-        let (renewer, mut deleted) = crate::lease::keep(ctx.holder(), id, job.entry.clone(), deadline.clone());
         // The steps as they run, each with its time once it has run.
         let mut ran = job.spec.steps.clone();
-        let start_due = tokio::time::sleep(RECORD_START_AFTER);
-        tokio::pin!(start_due);
-        let mut start_recorded = false;
-        let outcome = {
-            let running = run(&ctx, &job.spec, &mut ran, &deadline);
-            tokio::pin!(running);
-            // The renewer's channel, until it has answered (a completed
-            // receiver must not be polled again).
-            let mut renewer_open = true;
-            loop {
-                let stopped = tokio::select! {
-                    outcome = &mut running => break outcome,
-                    () = &mut start_due, if !start_recorded => {
-                        start_recorded = true;
-                        ctx.starts.record(job.clone()).await;
-                        false
-                    }
-                    gone = &mut deleted, if renewer_open => {
-                        renewer_open = false;
-                        // Err: the renewer stopped without finding it gone.
-                        gone.is_ok()
-                    }
-                    change = watch.changed() => matches!(
-                        change,
-                        JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)
-                    ),
-                };
-                if stopped {
-                    renewer.abort();
-                    tracing::info!("job was cancelled or deleted while it ran; abandoned");
-                    ack(&ctx, id, &job.entry).await;
-                    return;
-                }
-            }
+        let Some(outcome) = run_watched(&ctx, &job, &mut ran).await else {
+            tracing::info!("job was cancelled or deleted while it ran; abandoned");
+            ack(&ctx, job.spec.id, &job.entry).await;
+            return;
         };
-        renewer.abort();
         let step_ms: Vec<f64> = ran.iter().map_while(|s| s.run_ms).collect();
         let step_ms = (!step_ms.is_empty()).then_some(step_ms);
         match outcome {
@@ -169,6 +127,64 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
     }
     .instrument(span)
     .await
+}
+
+/// Runs the job while keeping its lease and watching for its cancellation
+/// or deletion, and records its start once it has run for
+/// `RECORD_START_AFTER`. `None`: the job was cancelled or deleted while it
+/// ran, and was abandoned.
+async fn run_watched(
+    ctx: &Arc<Context>,
+    job: &Running,
+    ran: &mut [Step],
+) -> Option<Result<i64, Failure>> {
+    // Keep the lease while the job runs, so no other worker takes it;
+    // but only until the job's deadline (plus a tick): a job that is
+    // still running then is wedged, and its lease lapses so another
+    // worker takes it over and the attempt counts. A job its owner
+    // cancels or deletes meanwhile is abandoned (its sandbox dropped)
+    // when the announcement arrives, or at the next renewal if it was
+    // lost.
+    let id = job.spec.id;
+    let mut watch = ctx.events.watch(id);
+    let deadline = Arc::new(OnceLock::new());
+    let (renewer, mut deleted) =
+        crate::lease::keep(ctx.holder(), id, job.entry.clone(), deadline.clone());
+    let start_due = tokio::time::sleep(RECORD_START_AFTER);
+    tokio::pin!(start_due);
+    let mut start_recorded = false;
+    let outcome = {
+        let running = run(ctx, &job.spec, ran, &deadline);
+        tokio::pin!(running);
+        // The renewer's channel, until it has answered (a completed
+        // receiver must not be polled again).
+        let mut renewer_open = true;
+        loop {
+            let stopped = tokio::select! {
+                outcome = &mut running => break outcome,
+                () = &mut start_due, if !start_recorded => {
+                    start_recorded = true;
+                    ctx.starts.record(job.clone()).await;
+                    false
+                }
+                gone = &mut deleted, if renewer_open => {
+                    renewer_open = false;
+                    // Err: the renewer stopped without finding it gone.
+                    gone.is_ok()
+                }
+                change = watch.changed() => matches!(
+                    change,
+                    JobChange::Deleted | JobChange::Became(JobStatus::Cancelled)
+                ),
+            };
+            if stopped {
+                renewer.abort();
+                return None;
+            }
+        }
+    };
+    renewer.abort();
+    Some(outcome)
 }
 
 /// Hands a finished job's outcome to the recorder; once it is recorded
@@ -325,12 +341,7 @@ async fn run(
     for (i, step) in steps.iter().enumerate() {
         ready.push(prepare(ctx, step).await.map_err(|f| in_step(f, steps, i))?);
     }
-    let output_format = ImageFormat::parse(&job.output_format).ok_or_else(|| {
-        Failure::permanent(
-            ErrorCode::InvalidParams,
-            format!("unknown output format {}", job.output_format),
-        )
-    })?;
+    output_format(job)?;
     let input = retry("read input", STEP_ATTEMPTS, || {
         ctx.jobs.input(&job.input_key)
     })
@@ -377,8 +388,26 @@ async fn run(
     // one on a blocking thread, under the deadline.
     let decoded =
         inline_or_blocking(small, (due, ctx.job_timeout), "decoding the input", decode).await?;
-    let (mut image, _) =
+    let (image, _) =
         decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
+    let image = apply_steps(ctx, &ready, steps, image, due, ran).await?;
+    let encoded = encode(ctx, job, image, &reservation, due).await?;
+    drop(reservation);
+    drop(cpu_slot);
+    store(ctx, job, encoded).await
+}
+
+/// Each step's plugin called on the previous step's output, each in a
+/// fresh sandbox, under the job's deadline; `ran` gets each step's time.
+async fn apply_steps(
+    ctx: &Context,
+    ready: &[Ready],
+    steps: &[Step],
+    mut image: codec::RgbaImage,
+    due: Instant,
+    ran: &mut [Step],
+) -> Result<codec::RgbaImage, Failure> {
+    let runtime = ctx.registry.runtime();
     // Each plugin call is async: at the deadline it is abandoned wherever
     // it is, even blocked in a host call, and its sandbox is dropped.
     for (i, step) in ready.iter().enumerate() {
@@ -408,6 +437,18 @@ async fn run(
             }
         }
     }
+    Ok(image)
+}
+
+/// The result encoded in the job's output format, under its deadline.
+async fn encode(
+    ctx: &Context,
+    job: &JobSpec,
+    image: codec::RgbaImage,
+    reservation: &Reservation,
+    due: Instant,
+) -> Result<Vec<u8>, Failure> {
+    let output_format = output_format(job)?;
     let held = reservation.clone();
     let png_compression = ctx.png_compression;
     let quality = job.output_quality.and_then(|q| u8::try_from(q).ok());
@@ -418,11 +459,11 @@ async fn run(
     };
     let encoded =
         inline_or_blocking(small, (due, ctx.job_timeout), "encoding the result", encode).await?;
-    let encoded =
-        encoded.map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))?;
-    drop(reservation);
-    drop(cpu_slot);
+    encoded.map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))
+}
 
+/// Stores the encoded result; returns its size.
+async fn store(ctx: &Context, job: &JobSpec, encoded: Vec<u8>) -> Result<i64, Failure> {
     let size = encoded.len() as i64;
     let bytes = bytes::Bytes::from(encoded);
     retry("write output", STEP_ATTEMPTS, || {
@@ -431,6 +472,16 @@ async fn run(
     .await
     .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     Ok(size)
+}
+
+/// The job's output format, which the API checked.
+fn output_format(job: &JobSpec) -> Result<ImageFormat, Failure> {
+    ImageFormat::parse(&job.output_format).ok_or_else(|| {
+        Failure::permanent(
+            ErrorCode::InvalidParams,
+            format!("unknown output format {}", job.output_format),
+        )
+    })
 }
 
 /// Runs `work` (decoding or encoding, named by `what`) here if it is

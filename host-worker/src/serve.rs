@@ -68,14 +68,9 @@ pub struct Settings {
     /// A job delivered more than this many times fails as `max_attempts`.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
-    /// How often the sweeper looks for unfinished jobs missing from Redis,
-    /// in milliseconds.
-    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 10_000)]
-    pub sweep_interval_ms: u64,
-    /// An unfinished job is re-queued if its queue entry has been missing
-    /// for this long, in milliseconds.
-    #[arg(long, env = "SWEEP_AFTER_MS", default_value_t = 60_000)]
-    pub sweep_after_ms: u64,
+    /// The sweeper (`SWEEP_INTERVAL_MS`, `SWEEP_AFTER_MS`).
+    #[command(flatten)]
+    pub sweep: imgflow_platform::config::SweepArgs,
     /// On SIGTERM, how long in-flight jobs may take to finish, in
     /// milliseconds; unfinished ones are left for other workers.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
@@ -185,12 +180,7 @@ impl Worker {
             budget,
             listener,
         } = self;
-        let (stop_tx, stop) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: no new jobs, finishing the ones in flight");
-            let _ = stop_tx.send(true);
-        });
+        let stop = stop_on(shutdown);
         tracing::info!(addr = %settings.metrics_addr, "metrics and health endpoint listening");
         // Set once the worker is ready to take jobs: `/readyz` then checks
         // PostgreSQL and Redis.
@@ -245,42 +235,73 @@ impl Worker {
         // Jobs started and not finished: CONCURRENCY do image work at once
         // (`Context::cpu`); a few more per slot read their input, store
         // their result or wait to be recorded meanwhile.
-        let permits = Arc::new(Semaphore::new(concurrency * IN_FLIGHT_PER_SLOT));
-        let mut tasks = JoinSet::new();
-        tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
-        tasks.spawn(reclaim(ctx.clone(), permits.clone(), stop.clone()));
-        tasks.spawn(watch_plugins(
-            ctx.clone(),
-            Duration::from_millis(settings.plugin_reconcile_ms.max(100)),
-            stop.clone(),
-        ));
-        tasks.spawn(heartbeat(ctx.clone(), stop.clone()));
-        tasks.spawn(sweep(
-            ctx.clone(),
-            Duration::from_millis(settings.sweep_interval_ms.max(100)),
-            Duration::from_millis(settings.sweep_after_ms),
-            stop.clone(),
-        ));
-
+        let tasks = spawn_tasks(&ctx, &settings, concurrency, &stop);
         let mut stopped = stop.clone();
         let _ = stopped.wait_for(|s| *s).await;
-        let grace = Duration::from_millis(settings.shutdown_grace_ms);
-        // The readers stop taking jobs; the jobs they took finish and their
-        // outcomes are recorded.
-        let finished = async {
-            while tasks.join_next().await.is_some() {}
-            ctx.tasks.close();
-            ctx.tasks.wait().await;
-        };
-        if tokio::time::timeout(grace, finished).await.is_err() {
-            tracing::warn!(
-                grace_ms = settings.shutdown_grace_ms,
-                "jobs still running at the end of the grace period are left to other workers"
-            );
-        }
+        drain(tasks, &ctx, settings.shutdown_grace_ms).await;
         health.abort();
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// A channel that turns true once `shutdown` resolves.
+fn stop_on(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> watch::Receiver<bool> {
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: no new jobs, finishing the ones in flight");
+        let _ = stop_tx.send(true);
+    });
+    stop
+}
+
+/// The worker's background tasks: reading jobs, reclaiming lapsed ones,
+/// following plugin changes, the heartbeat, the sweeper.
+fn spawn_tasks(
+    ctx: &Arc<Context>,
+    settings: &Settings,
+    concurrency: usize,
+    stop: &watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let permits = Arc::new(Semaphore::new(concurrency * IN_FLIGHT_PER_SLOT));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
+    tasks.spawn(reclaim(ctx.clone(), permits.clone(), stop.clone()));
+    tasks.spawn(watch_plugins(
+        ctx.clone(),
+        Duration::from_millis(settings.plugin_reconcile_ms.max(100)),
+        stop.clone(),
+    ));
+    tasks.spawn(heartbeat(ctx.clone(), stop.clone()));
+    tasks.spawn(sweep(
+        ctx.clone(),
+        settings.sweep.interval(),
+        settings.sweep.after(),
+        stop.clone(),
+    ));
+
+    tasks
+}
+
+/// Waits for the readers to stop and the jobs they took to finish and be
+/// recorded, at most `grace_ms`; unfinished jobs are left to other workers.
+async fn drain(mut tasks: JoinSet<()>, ctx: &Arc<Context>, grace_ms: u64) {
+    let grace = Duration::from_millis(grace_ms);
+    // The readers stop taking jobs; the jobs they took finish and their
+    // outcomes are recorded.
+    let finished = async {
+        while tasks.join_next().await.is_some() {}
+        ctx.tasks.close();
+        ctx.tasks.wait().await;
+    };
+    if tokio::time::timeout(grace, finished).await.is_err() {
+        tracing::warn!(
+            grace_ms,
+            "jobs still running at the end of the grace period are left to other workers"
+        );
     }
 }
 

@@ -24,7 +24,7 @@ use image::RgbaImage;
 use imgflow_runtime::config::SandboxArgs;
 use imgflow_runtime::metadata::{Constraint, ParamKind, ParamSpec, ParamValue};
 use imgflow_runtime::params::Params;
-use imgflow_runtime::{ErrorCode, Failure, JobError, Plugin, Runtime};
+use imgflow_runtime::{ErrorCode, Failure, Plugin, RunError, Runtime};
 
 /// Arguments of `imgflow check`.
 #[derive(Debug, Args)]
@@ -127,8 +127,147 @@ struct Battery<'a> {
 }
 
 impl Battery<'_> {
+    /// Images of every awkward shape, and the largest the limits allow.
+    async fn shapes(&mut self) {
+        let defaults = self.defaults.clone();
+        self.case(
+            "1x1 image".into(),
+            RgbaImage::from_pixel(1, 1, image::Rgba([200, 100, 50, 255])),
+            &defaults,
+            false,
+        )
+        .await;
+        for (w, h) in [(3, 5), (17, 1), (1, 17)] {
+            self.case(
+                format!("odd size {w}x{h}"),
+                opaque(noise(w, h, w * 31 + h)),
+                &defaults,
+                false,
+            )
+            .await;
+        }
+        self.case(
+            "fully transparent pixels".into(),
+            RgbaImage::from_pixel(7, 5, image::Rgba([0, 0, 0, 0])),
+            &defaults,
+            false,
+        )
+        .await;
+        self.case(
+            "partly transparent pixels".into(),
+            noise(9, 9, 7),
+            &defaults,
+            false,
+        )
+        .await;
+
+        // The largest image the limits allow, as square as they allow.
+        let limits = self.runtime.config().image_limits;
+        let side = (limits.max_pixels as f64).sqrt().floor() as u64;
+        let side = side.min(u64::from(limits.max_side)).max(1) as u32;
+        let largest = RgbaImage::from_fn(side, side, |x, y| {
+            image::Rgba([(x % 256) as u8, (y % 256) as u8, ((x ^ y) % 256) as u8, 255])
+        });
+        self.case(
+            format!(
+                "largest allowed image {side}x{side} within {} ms",
+                self.runtime.config().timeout.as_millis()
+            ),
+            largest,
+            &defaults,
+            false,
+        )
+        .await;
+    }
+
+    /// Every parameter at its default and at its bounds, the others at
+    /// their defaults.
+    async fn parameters(&mut self) {
+        let defaults = self.defaults.clone();
+        for spec in self.plugin.metadata().params.clone() {
+            self.case(
+                format!("{} at its default {}", spec.name, spec.default),
+                opaque(noise(16, 16, 3)),
+                &defaults,
+                false,
+            )
+            .await;
+            for value in bounds(&spec) {
+                let mut given = serde_json::Map::new();
+                given.insert(
+                    spec.name.clone(),
+                    serde_json::to_value(&value).unwrap_or_default(),
+                );
+                let name = format!("{} at its bound {value}", spec.name);
+                match self
+                    .plugin
+                    .params_from_json(&serde_json::Value::Object(given))
+                {
+                    Ok(params) => self.case(name, noise(16, 16, 5), &params, true).await,
+                    Err(e) => self.record(
+                        name,
+                        Verdict::Fail(format!(
+                            "the declared bound is refused by the declaration itself: {e}"
+                        )),
+                        Duration::ZERO,
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The same call twice: the same pixels.
+    async fn deterministic(&mut self) {
+        let defaults = self.defaults.clone();
+        let started = Instant::now();
+        let input = noise(31, 17, 11);
+        let first = self.call(input.clone(), &defaults).await;
+        let second = self.call(input, &defaults).await;
+        let verdict = match (first, second) {
+            (Ok(a), Ok(b)) if a == b => Verdict::Pass,
+            (Ok(a), Ok(b)) => Verdict::Fail(format!(
+                "two calls on the same image gave different results ({}x{} and {}x{}{})",
+                a.width(),
+                a.height(),
+                b.width(),
+                b.height(),
+                if a.dimensions() == b.dimensions() {
+                    ", pixels differ"
+                } else {
+                    ""
+                }
+            )),
+            (a, b) => judge(a.and(b).map(|_| ()), false),
+        };
+        self.record(
+            "deterministic (same call twice)",
+            verdict,
+            started.elapsed(),
+        );
+    }
+
+    /// Every output buffer had the right length (the runtime checks each;
+    /// a wrong one failed its case with `invalid_output`).
+    fn buffer_lengths(&mut self) {
+        let wrong: Vec<String> = self
+            .outcomes
+            .iter()
+            .filter(|o| matches!(&o.verdict, Verdict::Fail(m) if m.contains("pixel buffer")))
+            .map(|o| o.name.clone())
+            .collect();
+        let verdict = if wrong.is_empty() {
+            Verdict::Pass
+        } else {
+            Verdict::Fail(format!(
+                "the buffer was not width x height x 4 bytes in: {}",
+                wrong.join("; ")
+            ))
+        };
+        self.record("output buffer length", verdict, Duration::ZERO);
+    }
+
     /// Runs the plugin on `image` with `params`; the output or the error.
-    async fn call(&self, image: RgbaImage, params: &Params) -> Result<RgbaImage, JobError> {
+    async fn call(&self, image: RgbaImage, params: &Params) -> Result<RgbaImage, RunError> {
         self.runtime
             .apply(self.plugin, image, params)
             .await
@@ -154,17 +293,17 @@ impl Battery<'_> {
     }
 }
 
-fn judge(result: Result<(), JobError>, at_bound: bool) -> Verdict {
+fn judge(result: Result<(), RunError>, at_bound: bool) -> Verdict {
     match result {
         Ok(()) => Verdict::Pass,
         Err(
             e
-            @ (JobError::InvalidParams(_) | JobError::InvalidInput(_) | JobError::PluginFailed(_)),
+            @ (RunError::InvalidParams(_) | RunError::InvalidInput(_) | RunError::PluginFailed(_)),
         ) => Verdict::Warn(format!("refused cleanly: {e}")),
-        Err(e @ JobError::OutOfMemory { .. }) if at_bound => {
+        Err(e @ RunError::OutOfMemory { .. }) if at_bound => {
             Verdict::Warn(format!("{e} (at a parameter's bound)"))
         }
-        Err(e @ JobError::InvalidOutput(_)) if at_bound && !e.to_string().contains("buffer") => {
+        Err(e @ RunError::InvalidOutput(_)) if at_bound && !e.to_string().contains("buffer") => {
             Verdict::Warn(format!("{e} (at a parameter's bound)"))
         }
         Err(e) => Verdict::Fail(format!("{}: {e}", e.code())),
@@ -212,137 +351,10 @@ pub async fn battery(runtime: &Runtime, plugin_path: &std::path::Path) -> Vec<Ou
         defaults,
         outcomes,
     };
-    let defaults = battery.defaults.clone();
-
-    battery
-        .case(
-            "1x1 image".into(),
-            RgbaImage::from_pixel(1, 1, image::Rgba([200, 100, 50, 255])),
-            &defaults,
-            false,
-        )
-        .await;
-    for (w, h) in [(3, 5), (17, 1), (1, 17)] {
-        battery
-            .case(
-                format!("odd size {w}x{h}"),
-                opaque(noise(w, h, w * 31 + h)),
-                &defaults,
-                false,
-            )
-            .await;
-    }
-    battery
-        .case(
-            "fully transparent pixels".into(),
-            RgbaImage::from_pixel(7, 5, image::Rgba([0, 0, 0, 0])),
-            &defaults,
-            false,
-        )
-        .await;
-    battery
-        .case(
-            "partly transparent pixels".into(),
-            noise(9, 9, 7),
-            &defaults,
-            false,
-        )
-        .await;
-
-    // The largest image the limits allow, as square as they allow.
-    let limits = runtime.config().image_limits;
-    let side = (limits.max_pixels as f64).sqrt().floor() as u64;
-    let side = side.min(u64::from(limits.max_side)).max(1) as u32;
-    let largest = RgbaImage::from_fn(side, side, |x, y| {
-        image::Rgba([(x % 256) as u8, (y % 256) as u8, ((x ^ y) % 256) as u8, 255])
-    });
-    battery
-        .case(
-            format!(
-                "largest allowed image {side}x{side} within {} ms",
-                runtime.config().timeout.as_millis()
-            ),
-            largest,
-            &defaults,
-            false,
-        )
-        .await;
-
-    // Every parameter at its default and at its bounds, the others at
-    // their defaults.
-    for spec in plugin.metadata().params.clone() {
-        battery
-            .case(
-                format!("{} at its default {}", spec.name, spec.default),
-                opaque(noise(16, 16, 3)),
-                &defaults,
-                false,
-            )
-            .await;
-        for value in bounds(&spec) {
-            let mut given = serde_json::Map::new();
-            given.insert(
-                spec.name.clone(),
-                serde_json::to_value(&value).unwrap_or_default(),
-            );
-            let name = format!("{} at its bound {value}", spec.name);
-            match plugin.params_from_json(&serde_json::Value::Object(given)) {
-                Ok(params) => battery.case(name, noise(16, 16, 5), &params, true).await,
-                Err(e) => battery.record(
-                    name,
-                    Verdict::Fail(format!(
-                        "the declared bound is refused by the declaration itself: {e}"
-                    )),
-                    Duration::ZERO,
-                ),
-            }
-        }
-    }
-
-    // The same call twice: the same pixels.
-    let started = Instant::now();
-    let input = noise(31, 17, 11);
-    let first = battery.call(input.clone(), &defaults).await;
-    let second = battery.call(input, &defaults).await;
-    let verdict = match (first, second) {
-        (Ok(a), Ok(b)) if a == b => Verdict::Pass,
-        (Ok(a), Ok(b)) => Verdict::Fail(format!(
-            "two calls on the same image gave different results ({}x{} and {}x{}{})",
-            a.width(),
-            a.height(),
-            b.width(),
-            b.height(),
-            if a.dimensions() == b.dimensions() {
-                ", pixels differ"
-            } else {
-                ""
-            }
-        )),
-        (a, b) => judge(a.and(b).map(|_| ()), false),
-    };
-    battery.record(
-        "deterministic (same call twice)",
-        verdict,
-        started.elapsed(),
-    );
-
-    // Every output buffer had the right length (the runtime checks each;
-    // a wrong one failed its case above with `invalid_output`).
-    let wrong: Vec<String> = battery
-        .outcomes
-        .iter()
-        .filter(|o| matches!(&o.verdict, Verdict::Fail(m) if m.contains("pixel buffer")))
-        .map(|o| o.name.clone())
-        .collect();
-    let verdict = if wrong.is_empty() {
-        Verdict::Pass
-    } else {
-        Verdict::Fail(format!(
-            "the buffer was not width x height x 4 bytes in: {}",
-            wrong.join("; ")
-        ))
-    };
-    battery.record("output buffer length", verdict, Duration::ZERO);
+    battery.shapes().await;
+    battery.parameters().await;
+    battery.deterministic().await;
+    battery.buffer_lengths();
     battery.outcomes
 }
 

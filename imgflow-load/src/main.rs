@@ -329,6 +329,61 @@ fn submit_url(args: &Args) -> String {
     url
 }
 
+/// One submitting client's settings and what all of them got back.
+struct Submitter {
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    same_bytes: bool,
+    image: Arc<Vec<u8>>,
+    result: Mutex<Submitted>,
+    counter: AtomicU64,
+}
+
+impl Submitter {
+    /// Submits one job and notes the answer; told the queue (or its share)
+    /// is full, waits a little before returning, as a client that respects
+    /// backpressure does.
+    async fn one(&self) {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let body = if self.same_bytes {
+            (*self.image).clone()
+        } else {
+            distinct(&self.image, n)
+        };
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("content-type", "image/png")
+            .body(body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        let answer = match request.send().await {
+            Ok(r) if r.status().as_u16() == 202 => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|j| j["id"].as_str().map(str::to_string))
+                .ok_or(202),
+            Ok(r) => Err(r.status().as_u16()),
+            Err(_) => Err(0),
+        };
+        let busy = matches!(answer, Err(429 | 503));
+        {
+            let mut result = self.result.lock().unwrap_or_else(|e| e.into_inner());
+            match answer {
+                Ok(id) => result.ids.push(id),
+                Err(0) => result.errors += 1,
+                Err(code) => *result.refused.entry(code).or_default() += 1,
+            }
+        }
+        if busy {
+            tokio::time::sleep(BACK_OFF).await;
+        }
+    }
+}
+
 /// Submits for the duration; returns the accepted ids and the refusals.
 async fn submit_all(
     args: &Args,
@@ -336,108 +391,71 @@ async fn submit_all(
     url: &str,
     image: Arc<Vec<u8>>,
 ) -> Submitted {
-    let result = Arc::new(Mutex::new(Submitted::default()));
     // Distinct from any earlier run's bytes too (their results may be in
     // the cache): the counter starts at the clock.
     let base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let counter = Arc::new(AtomicU64::new(base));
+    let submitter = Arc::new(Submitter {
+        client: client.clone(),
+        url: url.to_string(),
+        key: args.key.clone(),
+        same_bytes: args.same_bytes,
+        image,
+        result: Mutex::new(Submitted::default()),
+        counter: AtomicU64::new(base),
+    });
     let end = Instant::now() + Duration::from(args.duration);
-    let one = {
-        let (client, url, key, same) = (
-            client.clone(),
-            url.to_string(),
-            args.key.clone(),
-            args.same_bytes,
-        );
-        let (result, counter) = (result.clone(), counter.clone());
-        move || {
-            let (client, url, key, image) =
-                (client.clone(), url.clone(), key.clone(), image.clone());
-            let (result, counter) = (result.clone(), counter.clone());
-            async move {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let body = if same {
-                    (*image).clone()
-                } else {
-                    distinct(&image, n)
-                };
-                let mut request = client
-                    .post(&url)
-                    .header("content-type", "image/png")
-                    .body(body);
-                if let Some(key) = &key {
-                    request = request.bearer_auth(key);
-                }
-                let answer = match request.send().await {
-                    Ok(r) if r.status().as_u16() == 202 => r
-                        .json::<serde_json::Value>()
-                        .await
-                        .ok()
-                        .and_then(|j| j["id"].as_str().map(str::to_string))
-                        .ok_or(202),
-                    Ok(r) => Err(r.status().as_u16()),
-                    Err(_) => Err(0),
-                };
-                let busy = matches!(answer, Err(429 | 503));
-                {
-                    let mut result = result.lock().unwrap_or_else(|e| e.into_inner());
-                    match answer {
-                        Ok(id) => result.ids.push(id),
-                        Err(0) => result.errors += 1,
-                        Err(code) => *result.refused.entry(code).or_default() += 1,
-                    }
-                }
-                // A client that respects backpressure: told the queue (or
-                // its share) is full, it waits a little before the next.
-                if busy {
-                    tokio::time::sleep(BACK_OFF).await;
-                }
-            }
-        }
-    };
     let clients = args.clients.max(1);
-    if args.rate == 0 {
-        let tasks: Vec<_> = (0..clients)
+    let tasks = if args.rate == 0 {
+        (0..clients)
             .map(|_| {
-                let one = one.clone();
+                let submitter = submitter.clone();
                 tokio::spawn(async move {
                     while Instant::now() < end {
-                        one().await;
+                        submitter.one().await;
                     }
                 })
             })
-            .collect();
-        for t in tasks {
-            let _ = t.await;
-        }
+            .collect()
     } else {
-        let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-        let in_flight = Arc::new(Semaphore::new(clients));
-        let start = tokio::time::Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0.. {
-            let at = start + period * i;
-            if at.into_std() >= end {
-                break;
-            }
-            tokio::time::sleep_until(at).await;
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                break;
-            };
-            let one = one.clone();
-            tasks.push(tokio::spawn(async move {
-                one().await;
-                drop(permit);
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
+        at_rate(&submitter, args.rate, clients, end).await
+    };
+    for t in tasks {
+        let _ = t.await;
     }
-    let mut taken = result.lock().unwrap_or_else(|e| e.into_inner());
+    let mut taken = submitter.result.lock().unwrap_or_else(|e| e.into_inner());
     std::mem::take(&mut *taken)
+}
+
+/// Starts one submission every `1/rate` s until `end`, at most `clients`
+/// at once; returns their tasks.
+async fn at_rate(
+    submitter: &Arc<Submitter>,
+    rate: u32,
+    clients: usize,
+    end: Instant,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let in_flight = Arc::new(Semaphore::new(clients));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0.. {
+        let at = start + period * i;
+        if at.into_std() >= end {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let submitter = submitter.clone();
+        tasks.push(tokio::spawn(async move {
+            submitter.one().await;
+            drop(permit);
+        }));
+    }
+    tasks
 }
 
 /// A finished job's record: status and the API's timestamps.
@@ -529,6 +547,59 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// What a run's job records say: how many completed and failed, the
+/// completion rate from the first submission to the last completion, and
+/// the submit -> completed latencies (ms).
+struct Figures {
+    completed: usize,
+    failed: usize,
+    per_s: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Figures {
+    fn of(records: &[Record]) -> Figures {
+        let completed: Vec<&Record> = records.iter().filter(|r| r.completed).collect();
+        let failed = records.len() - completed.len();
+        let mut latency: Vec<f64> = completed
+            .iter()
+            .map(|r| (r.finished - r.created).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+            .collect();
+        latency.sort_by(f64::total_cmp);
+        let first = records.iter().map(|r| r.created).min();
+        let last = completed.iter().map(|r| r.finished).max();
+        let span = match (first, last) {
+            (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1e6,
+            _ => 0.0,
+        };
+        let per_s = if span > 0.0 {
+            completed.len() as f64 / span
+        } else {
+            0.0
+        };
+        let (p50, p90, p99) = (
+            percentile(&latency, 0.5),
+            percentile(&latency, 0.9),
+            percentile(&latency, 0.99),
+        );
+        let max = latency.last().copied().unwrap_or(f64::NAN);
+        Figures {
+            completed: completed.len(),
+            failed,
+            per_s,
+            p50,
+            p90,
+            p99,
+            max,
+        }
+    }
+}
+
+/// Prints the run's figures: a Markdown table, or one JSON object with
+/// `--json`.
 fn report(
     args: &Args,
     submitted: &Submitted,
@@ -537,30 +608,15 @@ fn report(
     cpu: &[(String, f64)],
     pg: Option<system::PgCounters>,
 ) {
-    let completed: Vec<&Record> = records.iter().filter(|r| r.completed).collect();
-    let failed = records.len() - completed.len();
-    let mut latency: Vec<f64> = completed
-        .iter()
-        .map(|r| (r.finished - r.created).num_microseconds().unwrap_or(0) as f64 / 1000.0)
-        .collect();
-    latency.sort_by(f64::total_cmp);
-    let first = records.iter().map(|r| r.created).min();
-    let last = completed.iter().map(|r| r.finished).max();
-    let span = match (first, last) {
-        (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1e6,
-        _ => 0.0,
-    };
-    let per_s = if span > 0.0 {
-        completed.len() as f64 / span
-    } else {
-        0.0
-    };
-    let (p50, p90, p99) = (
-        percentile(&latency, 0.5),
-        percentile(&latency, 0.9),
-        percentile(&latency, 0.99),
-    );
-    let max = latency.last().copied().unwrap_or(f64::NAN);
+    let Figures {
+        completed,
+        failed,
+        per_s,
+        p50,
+        p90,
+        p99,
+        max,
+    } = Figures::of(records);
     let mode = if args.rate == 0 {
         format!("flat out, {} clients", args.clients)
     } else {
@@ -573,7 +629,7 @@ fn report(
                 "action": args.action, "image": args.image, "mode": mode,
                 "submitted": submitted.ids.len(), "submit_per_s": submitted.ids.len() as f64 / submit_secs,
                 "refused": submitted.refused, "errors": submitted.errors,
-                "completed": completed.len(), "failed": failed,
+                "completed": completed, "failed": failed,
                 "completed_per_s": per_s,
                 "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
                 "cpu": cpu.iter().map(|(n, c)| (n.clone(), *c)).collect::<BTreeMap<_, _>>(),
@@ -596,14 +652,14 @@ fn report(
         "| refused | {:?}, no answer {} |",
         submitted.refused, submitted.errors
     );
-    println!("| completed / failed | {} / {failed} |", completed.len());
+    println!("| completed / failed | {completed} / {failed} |");
     println!("| completed/s (first submission to last completion) | {per_s:.0} |");
     println!("| submit -> completed p50 / p90 / p99 / max, ms | {p50:.1} / {p90:.1} / {p99:.1} / {max:.1} |");
     for (name, share) in cpu {
         println!("| CPU: {name} (% of one core) | {:.0}% |", share * 100.0);
     }
     if let Some(pg) = pg {
-        let jobs = completed.len().max(1) as f64;
+        let jobs = completed.max(1) as f64;
         println!(
             "| PostgreSQL commits per job | {:.2} |",
             pg.commits as f64 / jobs

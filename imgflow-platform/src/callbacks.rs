@@ -5,7 +5,7 @@
 //! it finishes (completed, failed or cancelled): the same `UPDATE` that
 //! finishes it sets `callback_status = 'pending'` and `callback_next_at`
 //! ([`crate::jobs`]), so a delivery is never lost between the two. A
-//! deliverer claims due deliveries ([`Callbacks::claim`], each claim a
+//! sender claims due deliveries ([`Callbacks::claim`], each claim a
 //! lease, so several API instances never try the same one at once), makes
 //! the attempt, records it ([`Callbacks::record`]) and settles what comes
 //! next ([`Callbacks::settle`]): delivered, another attempt later, or given
@@ -251,7 +251,7 @@ pub fn backoff(failed: u32) -> Duration {
     base.mul_f64(1.0 + jitter)
 }
 
-/// Pending deliveries, for the deliverer. Cheap to clone.
+/// Pending deliveries, for the sender. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Callbacks {
     db: PgPool,

@@ -55,6 +55,32 @@ impl DatabaseArgs {
     }
 }
 
+/// The sweeper's settings, the same in the API and the worker (both
+/// sweep, so it goes on with either alone).
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// How often the sweeper looks for unfinished jobs missing from Redis,
+    /// in milliseconds (at least 100).
+    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 10_000)]
+    pub sweep_interval_ms: u64,
+    /// An unfinished job is re-queued if its queue entry has been missing
+    /// for this long, in milliseconds.
+    #[arg(long, env = "SWEEP_AFTER_MS", default_value_t = 60_000)]
+    pub sweep_after_ms: u64,
+}
+
+impl SweepArgs {
+    /// How often it sweeps.
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.sweep_interval_ms.max(100))
+    }
+
+    /// How long an entry must be missing before its job is queued again.
+    pub fn after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.sweep_after_ms)
+    }
+}
+
 /// Where Redis is, and which keys are ours.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {

@@ -280,6 +280,42 @@ async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, sqlx::E
         .iter()
         .map(|p| pipeline::summary(&p.new.steps))
         .collect();
+    let rows = insert_rows(jobs, group, &summaries).await?;
+    let mut answers = Vec::with_capacity(group.len());
+    for (pending, summary) in group.iter().zip(summaries) {
+        let Some(row) = rows.iter().find(|r| r.id == pending.id) else {
+            answers.push(Inserted::Revoked);
+            continue;
+        };
+        answers.push(inserted(pending, summary, row));
+    }
+    let queued: Vec<(Uuid, String)> = answers
+        .iter()
+        .filter_map(|answer| match answer {
+            Inserted::Recorded(job) if job.status == JobStatus::Queued => {
+                Some((job.id, crate::jobs::JobSpec::of(job).to_json()))
+            }
+            _ => None,
+        })
+        .collect();
+    let entries: Vec<(Uuid, &str)> = queued
+        .iter()
+        .map(|(id, spec)| (*id, spec.as_str()))
+        .collect();
+    if let Err(e) = jobs.queue.enqueue_many(&entries).await {
+        // Recorded, so not lost: the sweeper queues them once they have been
+        // missing from the stream for SWEEP_AFTER.
+        tracing::warn!(jobs = queued.len(), error = %e, "cannot queue new jobs; the sweeper will");
+    }
+    Ok(answers)
+}
+
+/// The group insert itself ([`GROUP_INSERT`]): one array per column.
+async fn insert_rows(
+    jobs: &Jobs,
+    group: &[Pending],
+    summaries: &[pipeline::Summary],
+) -> Result<Vec<Row>, sqlx::Error> {
     let col = |f: &dyn Fn(&Pending) -> Option<String>| -> Vec<Option<String>> {
         group.iter().map(f).collect()
     };
@@ -303,7 +339,7 @@ async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, sqlx::E
     let batches: Vec<Option<Uuid>> = group.iter().map(|p| p.new.batch_id).collect();
     let callbacks = col(&|p| p.new.callback_url.clone());
     let keys: Vec<Option<Uuid>> = group.iter().map(|p| p.key).collect();
-    let rows: Vec<Row> = sqlx::query_as(GROUP_INSERT)
+    sqlx::query_as(GROUP_INSERT)
         .bind(&ids)
         .bind(&actions)
         .bind(&versions)
@@ -325,82 +361,60 @@ async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, sqlx::E
         .bind(&callbacks)
         .bind(&keys)
         .fetch_all(&jobs.db)
-        .await?;
-    let mut answers = Vec::with_capacity(group.len());
-    let mut queued = Vec::new();
-    for (pending, summary) in group.iter().zip(summaries) {
-        let Some(row) = rows.iter().find(|r| r.id == pending.id) else {
-            answers.push(Inserted::Revoked);
-            continue;
+        .await
+}
+
+/// What the group insert did with one job, from its row.
+fn inserted(pending: &Pending, summary: pipeline::Summary, row: &Row) -> Inserted {
+    let (Some(status), Some(created_at)) = (row.status, row.created_at) else {
+        return if row.revoked {
+            Inserted::Revoked
+        } else {
+            Inserted::Duplicate
         };
-        let (Some(status), Some(created_at)) = (row.status, row.created_at) else {
-            answers.push(if row.revoked {
-                Inserted::Revoked
-            } else {
-                Inserted::Duplicate
-            });
-            continue;
-        };
-        let new = pending.new.clone();
-        answers.push(Inserted::Recorded(Box::new(JobRecord {
-            id: pending.id,
-            action: summary.action,
-            plugin_version: summary.version,
-            plugin_digest: summary.digest,
-            params: Json(summary.params),
-            steps: Json(new.steps),
-            step_ms: None,
-            status,
-            attempts: 0,
-            error_code: None,
-            error_message: None,
-            input_key: row
-                .input_key
-                .clone()
-                .unwrap_or_else(|| pending.input_key.clone()),
-            input_size: pending.input_size,
-            input_format: new.input_format,
-            output_format: new.output_format,
-            output_quality: new.output_quality,
-            auto_orient: new.auto_orient,
-            output_key: row
-                .output_key
-                .clone()
-                .unwrap_or_else(|| pending.output_key.clone()),
-            output_size: row.output_size,
-            idempotency_key: new.idempotency_key,
-            owner: new.owner,
-            request_hash: Some(new.request_hash),
-            cache_key: new.cache_key,
-            cached_from: row.cached_from,
-            retry_of: None,
-            batch_id: new.batch_id,
-            callback_url: new.callback_url,
-            callback_status: row.callback_status.clone(),
-            callback_next_at: row.callback_next_at,
-            stream_id: None,
-            worker_id: None,
-            created_at,
-            enqueued_at: None,
-            started_at: row.started_at,
-            finished_at: row.finished_at,
-        })));
-    }
-    for answer in &answers {
-        if let Inserted::Recorded(job) = answer {
-            if job.status == JobStatus::Queued {
-                queued.push((job.id, crate::jobs::JobSpec::of(job).to_json()));
-            }
-        }
-    }
-    let entries: Vec<(Uuid, &str)> = queued
-        .iter()
-        .map(|(id, spec)| (*id, spec.as_str()))
-        .collect();
-    if let Err(e) = jobs.queue.enqueue_many(&entries).await {
-        // Recorded, so not lost: the sweeper queues them once they have been
-        // missing from the stream for SWEEP_AFTER.
-        tracing::warn!(jobs = queued.len(), error = %e, "cannot queue new jobs; the sweeper will");
-    }
-    Ok(answers)
+    };
+    let new = pending.new.clone();
+    Inserted::Recorded(Box::new(JobRecord {
+        id: pending.id,
+        action: summary.action,
+        plugin_version: summary.version,
+        plugin_digest: summary.digest,
+        params: Json(summary.params),
+        steps: Json(new.steps),
+        step_ms: None,
+        status,
+        attempts: 0,
+        error_code: None,
+        error_message: None,
+        input_key: row
+            .input_key
+            .clone()
+            .unwrap_or_else(|| pending.input_key.clone()),
+        input_size: pending.input_size,
+        input_format: new.input_format,
+        output_format: new.output_format,
+        output_quality: new.output_quality,
+        auto_orient: new.auto_orient,
+        output_key: row
+            .output_key
+            .clone()
+            .unwrap_or_else(|| pending.output_key.clone()),
+        output_size: row.output_size,
+        idempotency_key: new.idempotency_key,
+        owner: new.owner,
+        request_hash: Some(new.request_hash),
+        cache_key: new.cache_key,
+        cached_from: row.cached_from,
+        retry_of: None,
+        batch_id: new.batch_id,
+        callback_url: new.callback_url,
+        callback_status: row.callback_status.clone(),
+        callback_next_at: row.callback_next_at,
+        stream_id: None,
+        worker_id: None,
+        created_at,
+        enqueued_at: None,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+    }))
 }

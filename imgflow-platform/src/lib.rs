@@ -51,6 +51,7 @@ pub mod queue;
 pub mod retry;
 pub mod sessions;
 pub mod shutdown;
+pub mod steps;
 pub mod storage;
 pub mod submission;
 mod sweep;

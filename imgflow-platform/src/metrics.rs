@@ -84,6 +84,25 @@ pub fn histogram_vec(
     )
 }
 
+/// An integer counter family.
+pub fn counter_vec(
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<prometheus::IntCounterVec, prometheus::Error> {
+    prometheus::IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+/// Registers every one of `collectors` with `registry`.
+pub fn register_all(
+    registry: &Registry,
+    collectors: Vec<Box<dyn prometheus::core::Collector>>,
+) -> Result<(), prometheus::Error> {
+    collectors
+        .into_iter()
+        .try_for_each(|collector| registry.register(collector))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

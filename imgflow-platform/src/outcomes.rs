@@ -140,7 +140,25 @@ pub const GROUP_OUTCOMES: &str = concat!(
     " SELECT id, owner FROM done"
 );
 
+/// Records a group's outcomes in one statement ([`GROUP_OUTCOMES`]), then
+/// settles their entries in Redis. An outcome whose job had already
+/// finished (cancelled, deleted) has the result it stored removed.
 async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
+    let done = match write(jobs, &group).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(jobs = group.len(), error = %e, "cannot record job outcomes; leaving them for redelivery");
+            return vec![Recorded::Failed(e.to_string()); group.len()];
+        }
+    };
+    let answers = answers(jobs, &group, &done).await;
+    settle(jobs, &group, &done).await;
+    answers
+}
+
+/// The group's outcomes written, retried; the jobs that were still
+/// unfinished (and are now finished).
+async fn write(jobs: &Jobs, group: &[Outcome]) -> Result<Vec<Done>, sqlx::Error> {
     let ids: Vec<Uuid> = group.iter().map(|o| o.job.spec.id).collect();
     let attempts: Vec<i32> = group.iter().map(|o| o.job.attempt).collect();
     let started: Vec<chrono::DateTime<chrono::Utc>> =
@@ -168,7 +186,7 @@ async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
         .collect();
     let times: Vec<Option<Json<&Vec<f64>>>> =
         group.iter().map(|o| o.step_ms.as_ref().map(Json)).collect();
-    let written = retry("record job outcomes", ATTEMPTS, || async {
+    retry("record job outcomes", ATTEMPTS, || async {
         sqlx::query_as::<_, Done>(GROUP_OUTCOMES)
             .bind(&ids)
             .bind(&statuses)
@@ -183,14 +201,12 @@ async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
             .fetch_all(&jobs.db)
             .await
     })
-    .await;
-    let done = match written {
-        Ok(done) => done,
-        Err(e) => {
-            tracing::error!(jobs = group.len(), error = %e, "cannot record job outcomes; leaving them for redelivery");
-            return vec![Recorded::Failed(e.to_string()); group.len()];
-        }
-    };
+    .await
+}
+
+/// What became of each outcome: recorded, or its job already finished
+/// (then the result it stored is deleted unless the job is completed).
+async fn answers(jobs: &Jobs, group: &[Outcome], done: &[Done]) -> Vec<Recorded> {
     // Outcomes that found their job finished or gone: a result this
     // delivery stored stays only if the job is completed (with the same
     // result, named by the job).
@@ -209,7 +225,7 @@ async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
             .unwrap_or_default()
     };
     let mut answers = Vec::with_capacity(group.len());
-    for outcome in &group {
+    for outcome in group {
         let id = outcome.job.spec.id;
         if done.iter().any(|d| d.id == id) {
             answers.push(Recorded::Finished);
@@ -223,8 +239,12 @@ async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
         }
         answers.push(Recorded::AlreadyFinished { discarded: discard });
     }
-    // Every entry is settled (recorded, or a duplicate), every change
-    // announced and every share given back, in one round trip.
+    answers
+}
+
+/// Every entry settled (recorded, or a duplicate), every change announced
+/// and every share given back, in one round trip.
+async fn settle(jobs: &Jobs, group: &[Outcome], done: &[Done]) {
     let entries: Vec<(Uuid, &str)> = group
         .iter()
         .map(|o| (o.job.spec.id, o.job.entry.as_str()))
@@ -247,7 +267,6 @@ async fn record(jobs: &Jobs, group: Vec<Outcome>) -> Vec<Recorded> {
         // sweeper gives back the shares.
         tracing::warn!(error = %e, "cannot acknowledge, announce or release recorded outcomes");
     }
-    answers
 }
 
 /// Records that jobs running for a while are running, many at a time (a

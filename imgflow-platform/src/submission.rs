@@ -14,18 +14,78 @@
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
+/// One field a submission may carry besides its images and plugin
+/// parameters, with what the API's documentation says of it (the OpenAPI
+/// document's query parameters and form fields are made from [`FIELDS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    /// Its name, in the query and in a form.
+    pub name: &'static str,
+    /// What it means (Markdown).
+    pub about: &'static str,
+    /// An example value.
+    pub example: Option<&'static str>,
+    /// Whether a batch (`POST /v1/batches`) takes it too.
+    pub in_batch: bool,
+}
+
 /// The fields a submission may carry besides its images and plugin
 /// parameters, in the order the request digest takes them.
-pub const FIELDS: [&str; 8] = [
-    "action",
-    "steps",
-    "params",
-    "format",
-    "quality",
-    "auto_orient",
-    "wait",
-    "callback_url",
+pub const FIELDS: [Field; 8] = [
+    Field {
+        name: "action",
+        about: "The plugin to run; `name@version` pins a version. Give `action` or `steps`. Any field not in this list is a plugin parameter (`sigma=2.5`), given instead of `params`.",
+        example: Some("blur"),
+        in_batch: true,
+    },
+    Field {
+        name: "steps",
+        about: "A pipeline instead of `action` (at most `MAX_STEPS` steps): steps separated by `,`, each an action (optionally `@version`), then `:` and its parameters as `name=value` separated by `;` (`resize:width=320;height=200,blur:sigma=1`), or a JSON array of steps (`[{\"action\": \"resize\", \"params\": {\"width\": 320}}, {\"action\": \"blur\", \"version\": \"0.1.0\"}]`). No other plugin parameters go with it.",
+        example: Some("resize:width=320,blur:sigma=1"),
+        in_batch: true,
+    },
+    Field {
+        name: "params",
+        about: "The plugin's parameters as a JSON object (with `action`); or give each as a field of its own (`sigma=2.5`), not both.",
+        example: Some(r#"{"sigma": 2.5}"#),
+        in_batch: true,
+    },
+    Field {
+        name: "format",
+        about: "The output format: `png`, `jpeg`, `webp` or `gif` (default: the input's).",
+        example: None,
+        in_batch: true,
+    },
+    Field {
+        name: "quality",
+        about: "Quality, 1 to 100: JPEG (default 90), or WebP written lossy at that quality (without it, WebP is lossless); refused with PNG and GIF.",
+        example: None,
+        in_batch: true,
+    },
+    Field {
+        name: "auto_orient",
+        about: "Whether the input is turned upright by its EXIF orientation before the plugin runs (JPEG, WebP, PNG): `true` (default) or `false`.",
+        example: None,
+        in_batch: true,
+    },
+    Field {
+        name: "wait",
+        about: "Wait up to this long (`30s`, `500ms`, or seconds; at most `MAX_WAIT`) for the job to finish: then the answer is the result itself (`200`, or the job's JSON with `Accept: application/json`), else the job as usual (`202`). Not for batches.",
+        example: Some("30s"),
+        in_batch: false,
+    },
+    Field {
+        name: "callback_url",
+        about: "When the job finishes (completed, failed or cancelled), POST its JSON here, signed with `Imgflow-Signature` (HMAC-SHA256 with `CALLBACK_SECRET`), retried with backoff for `CALLBACK_RETRY_FOR` (see the README's \"Webhooks\"). http or https, a public address unless `CALLBACK_ALLOW_PRIVATE`.",
+        example: Some("https://example.com/hooks/imgflow"),
+        in_batch: true,
+    },
 ];
+
+/// The names of [`FIELDS`], for messages.
+fn field_names() -> String {
+    FIELDS.map(|f| f.name).join(", ")
+}
 
 /// The name of the file fields of a form (one for a job, several for a
 /// batch); never a plugin parameter.
@@ -67,7 +127,7 @@ pub enum FieldError {
         name: String,
     },
     /// A field whose name cannot be a plugin parameter either.
-    #[error("unexpected field {0}; expected image, {fields} or a plugin parameter", fields = FIELDS.join(", "))]
+    #[error("unexpected field {0}; expected image, {fields} or a plugin parameter", fields = field_names())]
     Unexpected(String),
     /// `image` in the query.
     #[error("the image goes in the body (a raw image, or an `image` file field of a form), not in the query")]
@@ -159,7 +219,7 @@ impl SubmitFields {
     /// have the same value in both.
     pub fn merge(self, form: SubmitFields) -> Result<SubmitFields, FieldError> {
         let mut merged = self;
-        for name in FIELDS {
+        for name in FIELDS.map(|f| f.name) {
             let theirs = form.clone().slot_value(name);
             let ours = merged.slot(name).expect("a known field");
             match (ours.as_deref(), theirs) {
@@ -237,6 +297,18 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn plugins_may_not_declare_a_submission_field_as_a_parameter() {
+        // The sandbox crate refuses these names in a plugin's declaration
+        // (it cannot see this list): the two must say the same.
+        let mut fields: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
+        fields.push(IMAGE_FIELD);
+        fields.sort_unstable();
+        let mut reserved = imgflow_runtime::metadata::RESERVED_PARAMS.to_vec();
+        reserved.sort_unstable();
+        assert_eq!(fields, reserved);
     }
 
     #[test]

@@ -32,6 +32,11 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Where `make plugins` leaves the components.
+fn plugins_dir() -> PathBuf {
+    repo().join("plugins/target/wasm32-wasip2/release")
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -54,6 +59,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// What every section uses: the executor, the runtime, the two plugins
+/// with their parameters, the photos.
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    runtime: Runtime,
+    grayscale: imgflow_runtime::Plugin,
+    blur: imgflow_runtime::Plugin,
+    no_params: imgflow_runtime::params::Params,
+    sigma: imgflow_runtime::params::Params,
+    photos: Vec<PathBuf>,
+}
+
+/// A section of the benchmark.
+type Section = fn(&Bench);
+
 fn main() {
     // Plugin calls are async (their deadline can abandon them anywhere); a
     // single-threaded executor drives them, as in the local runner.
@@ -61,13 +81,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let plugins = repo().join("plugins/target/wasm32-wasip2/release");
     let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
     let grayscale = rt
-        .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
+        .block_on(runtime.load_file(&plugins_dir().join("grayscale.wasm")))
         .expect("make plugins first");
     let blur = rt
-        .block_on(runtime.load_file(&plugins.join("blur.wasm")))
+        .block_on(runtime.load_file(&plugins_dir().join("blur.wasm")))
         .expect("make plugins first");
     let no_params = grayscale.params_from_pairs([]).unwrap();
     let sigma = blur.params_from_pairs([("sigma", "2")]).unwrap();
@@ -78,162 +97,207 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
     photos.sort();
+
+    let bench = Bench {
+        rt,
+        runtime,
+        grayscale,
+        blur,
+        no_params,
+        sigma,
+        photos,
+    };
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let run = |section: &str| only.is_empty() || only == section;
-
-    if run("filters") {
-        println!("## Filters on the Kodak photos (median, ms per image)\n");
-        println!("| photo | size | filter | component via host | native | ratio |");
-        println!("|---|---|---|---:|---:|---:|");
-        for path in &photos {
-            let bytes = std::fs::read(path).unwrap();
-            let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
-            let (w, h) = image.dimensions();
-            let name = path.file_name().unwrap().to_string_lossy();
-
-            let wasm = time(15, || {
-                rt.block_on(runtime.apply(&grayscale, image.clone(), &no_params))
-                    .unwrap()
-            });
-            let native = time(15, || {
-                let mut px = image.as_raw().clone();
-                imgflow_filters::grayscale_in_place(&mut px);
-                px
-            });
-            println!(
-                "| {name} | {w}x{h} | grayscale | {:.2} | {:.2} | {:.2} |",
-                ms(wasm),
-                ms(native),
-                wasm.as_secs_f64() / native.as_secs_f64()
-            );
-
-            let wasm = time(7, || {
-                rt.block_on(runtime.apply(&blur, image.clone(), &sigma))
-                    .unwrap()
-            });
-            let native = time(7, || {
-                imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
-            });
-            println!(
-                "| {name} | {w}x{h} | blur sigma=2 | {:.2} | {:.2} | {:.2} |",
-                ms(wasm),
-                ms(native),
-                wasm.as_secs_f64() / native.as_secs_f64()
-            );
+    let sections: [(&str, Section); 5] = [
+        ("filters", filters),
+        ("libvips", libvips),
+        ("overhead", overhead),
+        ("validate", validate),
+        ("gif", gif),
+    ];
+    for (name, section) in sections {
+        if only.is_empty() || only == name {
+            section(&bench);
         }
     }
+}
 
-    if run("libvips") {
-        libvips_side_by_side(&rt, &runtime, &grayscale, &blur);
-    }
+/// The `filters` section.
+fn filters(b: &Bench) {
+    let Bench {
+        rt,
+        runtime,
+        grayscale,
+        blur,
+        no_params,
+        sigma,
+        photos,
+    } = b;
+    println!("## Filters on the Kodak photos (median, ms per image)\n");
+    println!("| photo | size | filter | component via host | native | ratio |");
+    println!("|---|---|---|---:|---:|---:|");
+    for path in photos.iter() {
+        let bytes = std::fs::read(path).unwrap();
+        let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+        let (w, h) = image.dimensions();
+        let name = path.file_name().unwrap().to_string_lossy();
 
-    if run("overhead") {
-        println!("\n## Per-job sandbox overhead (1x1 image through grayscale)\n");
-        println!("| pooling allocator | median µs per job | mean µs per job (2000 jobs) |");
-        println!("|---|---:|---:|");
-        for pooling in [true, false] {
-            let runtime = Runtime::new(RuntimeConfig {
-                pooling,
-                ..RuntimeConfig::default()
-            })
-            .unwrap();
-            let plugin = rt
-                .block_on(runtime.load_file(&plugins.join("grayscale.wasm")))
-                .unwrap();
-            let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
-            let job = || {
-                rt.block_on(runtime.apply(&plugin, pixel.clone(), &no_params))
-                    .unwrap()
-            };
-            let med = time(2000, job);
-            let started = Instant::now();
-            for _ in 0..2000 {
-                std::hint::black_box(job());
-            }
-            let mean = started.elapsed() / 2000;
-            println!(
-                "| {} | {:.1} | {:.1} |",
-                if pooling { "on" } else { "off" },
-                med.as_secs_f64() * 1e6,
-                mean.as_secs_f64() * 1e6
-            );
-        }
-    }
-
-    if run("validate") {
-        println!("\n## Checking a submitted image: header only vs whole decode (median, ms)\n");
-        println!("| image | file | decoded (what the decode holds) | header only | whole decode |");
-        println!("|---|---:|---:|---:|---:|");
-        let limits = ImageLimits::default();
-        let mut inputs: Vec<(String, Vec<u8>)> = photos
-            .iter()
-            .take(2)
-            .map(|p| {
-                (
-                    p.file_name().unwrap().to_string_lossy().into_owned(),
-                    std::fs::read(p).unwrap(),
-                )
-            })
-            .collect();
-        // The decode bomb the API's test uses: all zeros, zlib level 9.
-        let mut bomb = Vec::new();
-        let zeros = vec![0u8; 8192 * 8192 * 8];
-        image::codecs::png::PngEncoder::new_with_quality(
-            &mut bomb,
-            image::codecs::png::CompressionType::Best,
-            image::codecs::png::FilterType::NoFilter,
-        )
-        .write_image(&zeros, 8192, 8192, image::ExtendedColorType::Rgba16)
-        .unwrap();
-        drop(zeros);
-        inputs.push(("bomb 8192x8192 16-bit".into(), bomb));
-        for (name, bytes) in &inputs {
-            let decoded = codec::decode_cost(bytes, &limits).unwrap().validate_bytes;
-            let header = time(15, || codec::decode_cost(bytes, &limits).unwrap());
-            let whole = time(3, || codec::validate(bytes, &limits).unwrap());
-            println!(
-                "| {name} | {} KiB | {:.1} MiB | {:.3} | {:.1} |",
-                bytes.len() / 1024,
-                decoded as f64 / (1024.0 * 1024.0),
-                ms(header),
-                ms(whole)
-            );
-        }
-    }
-
-    if run("gif") {
-        println!("\n## GIF encoding (median of 3, ms per image)\n");
+        let wasm = time(15, || {
+            rt.block_on(runtime.apply(grayscale, image.clone(), no_params))
+                .unwrap()
+        });
+        let native = time(15, || {
+            let mut px = image.as_raw().clone();
+            imgflow_filters::grayscale_in_place(&mut px);
+            px
+        });
         println!(
-            "| photo | size | quantizer speed 1 (encoder default) | speed {} (imgflow) | ratio |",
-            codec::GIF_SPEED
+            "| {name} | {w}x{h} | grayscale | {:.2} | {:.2} | {:.2} |",
+            ms(wasm),
+            ms(native),
+            wasm.as_secs_f64() / native.as_secs_f64()
         );
-        println!("|---|---|---:|---:|---:|");
-        for path in photos.iter().take(2) {
-            let bytes = std::fs::read(path).unwrap();
-            let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
-            let (w, h) = image.dimensions();
-            let at = |speed: i32| {
-                time(3, || {
-                    let mut out = Vec::new();
-                    image::codecs::gif::GifEncoder::new_with_speed(&mut out, speed)
-                        .encode(image.as_raw(), w, h, image::ExtendedColorType::Rgba8)
-                        .unwrap();
-                    out
-                })
-            };
-            let (slow, fast) = (at(1), at(codec::GIF_SPEED));
-            let ours = time(3, || {
-                codec::encode(&image, codec::ImageFormat::Gif).unwrap()
-            });
-            println!(
-                "| {} | {w}x{h} | {:.0} | {:.0} (codec::encode: {:.0}) | {:.1} |",
-                path.file_name().unwrap().to_string_lossy(),
-                ms(slow),
-                ms(fast),
-                ms(ours),
-                slow.as_secs_f64() / fast.as_secs_f64()
-            );
+
+        let wasm = time(7, || {
+            rt.block_on(runtime.apply(blur, image.clone(), sigma))
+                .unwrap()
+        });
+        let native = time(7, || {
+            imgflow_filters::gaussian_blur(w, h, image.as_raw(), 2.0).unwrap()
+        });
+        println!(
+            "| {name} | {w}x{h} | blur sigma=2 | {:.2} | {:.2} | {:.2} |",
+            ms(wasm),
+            ms(native),
+            wasm.as_secs_f64() / native.as_secs_f64()
+        );
+    }
+}
+
+/// The `libvips` section.
+fn libvips(b: &Bench) {
+    let Bench {
+        rt,
+        runtime,
+        grayscale,
+        blur,
+        ..
+    } = b;
+    libvips_side_by_side(rt, runtime, grayscale, blur);
+}
+
+/// The `overhead` section.
+fn overhead(b: &Bench) {
+    let Bench { rt, no_params, .. } = b;
+    println!("\n## Per-job sandbox overhead (1x1 image through grayscale)\n");
+    println!("| pooling allocator | median µs per job | mean µs per job (2000 jobs) |");
+    println!("|---|---:|---:|");
+    for pooling in [true, false] {
+        let runtime = Runtime::new(RuntimeConfig {
+            pooling,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let plugin = rt
+            .block_on(runtime.load_file(&plugins_dir().join("grayscale.wasm")))
+            .unwrap();
+        let pixel = RgbaImage::from_pixel(1, 1, image::Rgba([1, 2, 3, 4]));
+        let job = || {
+            rt.block_on(runtime.apply(&plugin, pixel.clone(), no_params))
+                .unwrap()
+        };
+        let med = time(2000, job);
+        let started = Instant::now();
+        for _ in 0..2000 {
+            std::hint::black_box(job());
         }
+        let mean = started.elapsed() / 2000;
+        println!(
+            "| {} | {:.1} | {:.1} |",
+            if pooling { "on" } else { "off" },
+            med.as_secs_f64() * 1e6,
+            mean.as_secs_f64() * 1e6
+        );
+    }
+}
+
+/// The `validate` section.
+fn validate(b: &Bench) {
+    let Bench { photos, .. } = b;
+    println!("\n## Checking a submitted image: header only vs whole decode (median, ms)\n");
+    println!("| image | file | decoded (what the decode holds) | header only | whole decode |");
+    println!("|---|---:|---:|---:|---:|");
+    let limits = ImageLimits::default();
+    let mut inputs: Vec<(String, Vec<u8>)> = photos
+        .iter()
+        .take(2)
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(p).unwrap(),
+            )
+        })
+        .collect();
+    // The decode bomb the API's test uses: all zeros, zlib level 9.
+    let mut bomb = Vec::new();
+    let zeros = vec![0u8; 8192 * 8192 * 8];
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut bomb,
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::NoFilter,
+    )
+    .write_image(&zeros, 8192, 8192, image::ExtendedColorType::Rgba16)
+    .unwrap();
+    drop(zeros);
+    inputs.push(("bomb 8192x8192 16-bit".into(), bomb));
+    for (name, bytes) in &inputs {
+        let decoded = codec::decode_cost(bytes, &limits).unwrap().validate_bytes;
+        let header = time(15, || codec::decode_cost(bytes, &limits).unwrap());
+        let whole = time(3, || codec::validate(bytes, &limits).unwrap());
+        println!(
+            "| {name} | {} KiB | {:.1} MiB | {:.3} | {:.1} |",
+            bytes.len() / 1024,
+            decoded as f64 / (1024.0 * 1024.0),
+            ms(header),
+            ms(whole)
+        );
+    }
+}
+
+/// The `gif` section.
+fn gif(b: &Bench) {
+    let Bench { photos, .. } = b;
+    println!("\n## GIF encoding (median of 3, ms per image)\n");
+    println!(
+        "| photo | size | quantizer speed 1 (encoder default) | speed {} (imgflow) | ratio |",
+        codec::GIF_SPEED
+    );
+    println!("|---|---|---:|---:|---:|");
+    for path in photos.iter().take(2) {
+        let bytes = std::fs::read(path).unwrap();
+        let (image, _) = codec::decode(&bytes, &ImageLimits::default()).unwrap();
+        let (w, h) = image.dimensions();
+        let at = |speed: i32| {
+            time(3, || {
+                let mut out = Vec::new();
+                image::codecs::gif::GifEncoder::new_with_speed(&mut out, speed)
+                    .encode(image.as_raw(), w, h, image::ExtendedColorType::Rgba8)
+                    .unwrap();
+                out
+            })
+        };
+        let (slow, fast) = (at(1), at(codec::GIF_SPEED));
+        let ours = time(3, || {
+            codec::encode(&image, codec::ImageFormat::Gif).unwrap()
+        });
+        println!(
+            "| {} | {w}x{h} | {:.0} | {:.0} (codec::encode: {:.0}) | {:.1} |",
+            path.file_name().unwrap().to_string_lossy(),
+            ms(slow),
+            ms(fast),
+            ms(ours),
+            slow.as_secs_f64() / fast.as_secs_f64()
+        );
     }
 }
 

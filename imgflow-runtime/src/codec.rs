@@ -15,7 +15,9 @@
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use image::{DynamicImage, ImageReader, RgbaImage};
+/// The decoded image every codec function takes and returns.
+pub use image::RgbaImage;
+use image::{DynamicImage, ImageReader};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 

@@ -6,10 +6,10 @@ use thiserror::Error;
 
 use crate::code::{ErrorCode, Failure};
 
-/// Why a job ended without an image. Each variant has a stable
-/// [`code`](JobError::code) for APIs, metrics and exit messages.
+/// Why a plugin run ended without an image. Each variant has a stable
+/// [`code`](RunError::code) for APIs, metrics and exit messages.
 #[derive(Debug, Clone, PartialEq, Error)]
-pub enum JobError {
+pub enum RunError {
     /// The plugin ran past its wall-clock limit and was interrupted.
     #[error("plugin exceeded its time limit of {} ms", .limit.as_millis())]
     Timeout {
@@ -50,25 +50,25 @@ pub enum JobError {
     Internal(String),
 }
 
-impl JobError {
+impl RunError {
     /// The error's stable code.
     pub fn code(&self) -> ErrorCode {
         match self {
-            JobError::Timeout { .. } => ErrorCode::Timeout,
-            JobError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
-            JobError::Trap { .. } => ErrorCode::Trap,
-            JobError::InvalidOutput(_) => ErrorCode::InvalidOutput,
-            JobError::InvalidParams(_) => ErrorCode::InvalidParams,
-            JobError::InvalidInput(_) => ErrorCode::InvalidInput,
-            JobError::PluginFailed(_) => ErrorCode::PluginFailed,
-            JobError::Internal(_) => ErrorCode::Internal,
+            RunError::Timeout { .. } => ErrorCode::Timeout,
+            RunError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
+            RunError::Trap { .. } => ErrorCode::Trap,
+            RunError::InvalidOutput(_) => ErrorCode::InvalidOutput,
+            RunError::InvalidParams(_) => ErrorCode::InvalidParams,
+            RunError::InvalidInput(_) => ErrorCode::InvalidInput,
+            RunError::PluginFailed(_) => ErrorCode::PluginFailed,
+            RunError::Internal(_) => ErrorCode::Internal,
         }
     }
 
     /// Whether running the same job again could succeed. Plugin failures are
     /// deterministic and are not retried; host-side failures are.
     pub fn is_transient(&self) -> bool {
-        matches!(self, JobError::Internal(_))
+        matches!(self, RunError::Internal(_))
     }
 }
 
@@ -99,7 +99,7 @@ pub enum LoadError {
     WrongWorld(String),
     /// Calling `metadata()` failed.
     #[error("metadata() failed: {0}")]
-    Metadata(#[source] JobError),
+    Metadata(#[source] RunError),
     /// `metadata()` returned something unacceptable.
     #[error("invalid metadata: {0}")]
     InvalidMetadata(String),
@@ -128,8 +128,8 @@ pub enum RuntimeError {
     Engine(String),
 }
 
-impl From<JobError> for Failure {
-    fn from(e: JobError) -> Failure {
+impl From<RunError> for Failure {
+    fn from(e: RunError) -> Failure {
         Failure {
             code: e.code(),
             message: e.to_string(),

@@ -3,7 +3,7 @@
 //!
 //! - [`Runtime`]: one wasmtime engine per process, compiled plugins kept
 //!   ready to instantiate ([`Plugin`]), a fresh store per call with time and
-//!   memory limits, and the call's errors classified ([`JobError`]).
+//!   memory limits, and the call's errors classified ([`RunError`]).
 //! - [`cache`]: the on-disk cache of compiled plugins.
 //! - [`codec`]: decoding and encoding images, with size limits checked from
 //!   the header before any pixel is decoded.
@@ -35,5 +35,5 @@ pub mod text;
 
 pub use cache::{sha256_hex, CacheSecret, CompiledCache};
 pub use code::{ErrorCode, Failure};
-pub use error::{JobError, LoadError, RuntimeError};
+pub use error::{LoadError, RunError, RuntimeError};
 pub use runtime::{Applied, Compiled, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};

@@ -12,7 +12,7 @@
 //!   a resource limiter;
 //! - the output image, checked for dimensions and buffer length.
 //!
-//! Each violation ends the call with its own [`JobError`].
+//! Each violation ends the call with its own [`RunError`].
 //!
 //! [`cache`]: crate::cache
 
@@ -30,7 +30,7 @@ use wasmtime::{
 
 use crate::cache::{sha256_hex, CacheSecret, CompiledCache};
 use crate::codec::ImageLimits;
-use crate::error::{JobError, LoadError, RuntimeError};
+use crate::error::{LoadError, RunError, RuntimeError};
 use crate::metadata::{self, Constraint, ParamKind, ParamSpec, ParamValue, PluginMetadata};
 use crate::params::{self, Params};
 use crate::sandbox::{Limits, Sandbox};
@@ -379,7 +379,7 @@ impl Runtime {
         let stderr = drain_output(&store, "(loading)");
         let raw = match result {
             Err(_) => {
-                return Err(LoadError::Metadata(JobError::Timeout {
+                return Err(LoadError::Metadata(RunError::Timeout {
                     limit: self.config.timeout,
                 }))
             }
@@ -448,13 +448,13 @@ impl Runtime {
     /// Runs `plugin` on `image` with already validated `params`, in a fresh
     /// sandbox, within the time limit: a call still running at the
     /// deadline, whether computing or blocked in a host call, is abandoned
-    /// (its store and instance dropped) and fails as [`JobError::Timeout`].
+    /// (its store and instance dropped) and fails as [`RunError::Timeout`].
     pub async fn apply(
         &self,
         plugin: &Plugin,
         image: RgbaImage,
         params: &Params,
-    ) -> Result<Applied, JobError> {
+    ) -> Result<Applied, RunError> {
         self.apply_observed(plugin, image, params, |_| {}).await
     }
 
@@ -467,7 +467,7 @@ impl Runtime {
         image: RgbaImage,
         params: &Params,
         on_instantiated: impl FnOnce(Duration),
-    ) -> Result<Applied, JobError> {
+    ) -> Result<Applied, RunError> {
         let deadline = Instant::now() + self.config.timeout;
         self.apply_by(plugin, image, params, deadline, on_instantiated)
             .await
@@ -476,7 +476,7 @@ impl Runtime {
     /// [`Runtime::apply_observed`] with the deadline given rather than
     /// starting now: a caller whose time limit covers more than the plugin
     /// call (the worker's covers decoding and encoding too) passes the
-    /// job's deadline, and a call past it fails as [`JobError::Timeout`]
+    /// job's deadline, and a call past it fails as [`RunError::Timeout`]
     /// with the configured limit.
     pub async fn apply_by(
         &self,
@@ -485,11 +485,11 @@ impl Runtime {
         params: &Params,
         deadline: Instant,
         on_instantiated: impl FnOnce(Duration),
-    ) -> Result<Applied, JobError> {
+    ) -> Result<Applied, RunError> {
         let call = self.call_apply(plugin, image, params, on_instantiated);
         match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
-            Err(_) => Err(JobError::Timeout {
+            Err(_) => Err(RunError::Timeout {
                 limit: self.config.timeout,
             }),
         }
@@ -501,7 +501,7 @@ impl Runtime {
         image: RgbaImage,
         params: &Params,
         on_instantiated: impl FnOnce(Duration),
-    ) -> Result<Applied, JobError> {
+    ) -> Result<Applied, RunError> {
         let (width, height) = image.dimensions();
         let input = wit::Image {
             width,
@@ -526,8 +526,8 @@ impl Runtime {
             Err(e) => {
                 let stderr = drain_output(&store, &plugin.metadata.name);
                 return Err(match self.classify(&store, e, &stderr) {
-                    JobError::Trap { message } => {
-                        JobError::Internal(format!("cannot instantiate the plugin: {message}"))
+                    RunError::Trap { message } => {
+                        RunError::Internal(format!("cannot instantiate the plugin: {message}"))
                     }
                     other => other,
                 });
@@ -539,11 +539,11 @@ impl Runtime {
         let stderr = drain_output(&store, &plugin.metadata.name);
         let output = match result {
             Ok(Ok(output)) => output,
-            Ok(Err(wit::FilterError::InvalidParams(m))) => return Err(JobError::InvalidParams(m)),
+            Ok(Err(wit::FilterError::InvalidParams(m))) => return Err(RunError::InvalidParams(m)),
             Ok(Err(wit::FilterError::UnsupportedInput(m))) => {
-                return Err(JobError::InvalidInput(m))
+                return Err(RunError::InvalidInput(m))
             }
-            Ok(Err(wit::FilterError::Failed(m))) => return Err(JobError::PluginFailed(m)),
+            Ok(Err(wit::FilterError::Failed(m))) => return Err(RunError::PluginFailed(m)),
             Err(e) => return Err(self.classify(&store, e, &stderr)),
         };
         let image = self.check_output(output)?;
@@ -554,36 +554,36 @@ impl Runtime {
         })
     }
 
-    fn check_output(&self, output: wit::Image) -> Result<RgbaImage, JobError> {
+    fn check_output(&self, output: wit::Image) -> Result<RgbaImage, RunError> {
         let (w, h) = (output.width, output.height);
         self.config
             .image_limits
             .check(w, h)
-            .map_err(|e| JobError::InvalidOutput(e.to_string()))?;
+            .map_err(|e| RunError::InvalidOutput(e.to_string()))?;
         let expected = u64::from(w) * u64::from(h) * 4;
         let actual = output.pixels.len() as u64;
         if actual != expected {
-            return Err(JobError::InvalidOutput(format!(
+            return Err(RunError::InvalidOutput(format!(
                 "pixel buffer holds {actual} bytes, but a {w}x{h} RGBA image needs {expected} (width x height x 4)"
             )));
         }
         RgbaImage::from_raw(w, h, output.pixels).ok_or_else(|| {
-            JobError::InvalidOutput(format!("cannot build a {w}x{h} image from the buffer"))
+            RunError::InvalidOutput(format!("cannot build a {w}x{h} image from the buffer"))
         })
     }
 
     /// Names the failure of a call from the error, what the store saw, and
     /// what the plugin wrote to stderr.
-    fn classify(&self, store: &Store<Sandbox>, error: wasmtime::Error, stderr: &str) -> JobError {
+    fn classify(&self, store: &Store<Sandbox>, error: wasmtime::Error, stderr: &str) -> RunError {
         if let Some(detail) = &store.data().limiter.exceeded {
-            return JobError::OutOfMemory {
+            return RunError::OutOfMemory {
                 limit_bytes: self.config.max_memory_bytes,
                 detail: detail.clone(),
             };
         }
         let trap = error.downcast_ref::<Trap>().copied();
         if trap == Some(Trap::Interrupt) {
-            return JobError::Timeout {
+            return RunError::Timeout {
                 limit: self.config.timeout,
             };
         }
@@ -610,7 +610,7 @@ impl Runtime {
                 message.push_str(&format!("; in {}", frames.join(" <- ")));
             }
         }
-        JobError::Trap { message }
+        RunError::Trap { message }
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use image::{Rgba, RgbaImage};
-use imgflow_runtime::{CacheSecret, JobError, LoadError, Plugin, Runtime, RuntimeConfig};
+use imgflow_runtime::{CacheSecret, LoadError, Plugin, RunError, Runtime, RuntimeConfig};
 use imgflow_testkit::block_on;
 
 fn runtime(timeout: Duration, max_memory_mb: usize) -> Runtime {
@@ -27,7 +27,7 @@ fn small_image() -> RgbaImage {
     RgbaImage::from_fn(4, 3, |x, y| Rgba([x as u8 * 60, y as u8 * 100, 200, 255]))
 }
 
-fn run(runtime: &Runtime, plugin: &Plugin, pairs: &[(&str, &str)]) -> Result<RgbaImage, JobError> {
+fn run(runtime: &Runtime, plugin: &Plugin, pairs: &[(&str, &str)]) -> Result<RgbaImage, RunError> {
     let params = plugin
         .params_from_pairs(pairs.iter().copied())
         .expect("params");
@@ -51,7 +51,7 @@ fn an_endless_loop_times_out_within_the_limit_plus_one_second() {
     let started = Instant::now();
     let err = run(&rt, &plugin, &[]).unwrap_err();
     let elapsed = started.elapsed();
-    assert_eq!(err, JobError::Timeout { limit });
+    assert_eq!(err, RunError::Timeout { limit });
     assert_eq!(err.code().as_str(), "timeout");
     assert!(elapsed >= limit, "stopped early: {elapsed:?}");
     assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
@@ -68,7 +68,7 @@ fn a_plugin_blocked_in_a_host_call_times_out_within_the_limit_plus_one_second() 
     let started = Instant::now();
     let err = run(&rt, &plugin, &[]).unwrap_err();
     let elapsed = started.elapsed();
-    assert_eq!(err, JobError::Timeout { limit });
+    assert_eq!(err, RunError::Timeout { limit });
     assert!(elapsed >= limit, "stopped early: {elapsed:?}");
     assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
     assert_still_works(&rt);
@@ -85,7 +85,7 @@ fn a_metadata_call_that_sleeps_fails_to_load_within_the_limit_plus_one_second() 
         let elapsed = started.elapsed();
         assert_eq!(err.code().as_str(), "metadata_failed", "{err}");
         assert!(
-            matches!(&err, LoadError::Metadata(JobError::Timeout { limit: l }) if *l == limit),
+            matches!(&err, LoadError::Metadata(RunError::Timeout { limit: l }) if *l == limit),
             "{err:?}"
         );
         assert!(elapsed < limit + Duration::from_secs(1), "took {elapsed:?}");
@@ -130,7 +130,7 @@ fn the_memory_cap_is_the_sum_over_all_of_a_components_memories() {
     let err = run(&roomy, &plugin, &[]).unwrap_err();
     assert_eq!(
         err,
-        JobError::PluginFailed("both memories grew to 40 MiB".into())
+        RunError::PluginFailed("both memories grew to 40 MiB".into())
     );
 }
 

@@ -421,6 +421,28 @@ impl Stack {
             },
         )
         .await;
+        // The API answers once its first migrations have run; wait for the
+        // last one too (each runs in its own transaction).
+        let migrations = std::fs::read_dir(repo().join("imgflow-platform/migrations"))
+            .expect("the migrations")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+            })
+            .count() as i64;
+        let pool = self.pool().await;
+        wait_until(
+            "every migration has run",
+            Duration::from_secs(60),
+            || async {
+                let applied: Result<(i64,), _> =
+                    sqlx::query_as("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                        .fetch_one(&pool)
+                        .await;
+                applied.is_ok_and(|(n,)| n >= migrations)
+            },
+        )
+        .await;
     }
 
     /// Waits until every built-in plugin is listed by the API.
@@ -459,17 +481,37 @@ impl Stack {
             .expect("a JSON answer")
     }
 
+    /// POSTs `image` (PNG bytes) as a raw body to `/v1/jobs?{query}`; the
+    /// answer, whatever it is.
+    pub async fn post_image(&self, query: &str, image: Vec<u8>) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/jobs?{query}", self.api_url))
+            .header("content-type", "image/png")
+            .body(image)
+            .send()
+            .await
+            .expect("the API answers")
+    }
+
+    /// Uploads `component` as plugin `name` with the admin token (the API
+    /// must run with `IMGFLOW_ADMIN_TOKEN=TEST_ADMIN_TOKEN`); the answer.
+    pub async fn upload_plugin(&self, name: &str, component: Vec<u8>) -> reqwest::Response {
+        self.client
+            .put(self.url(&format!("/v1/plugins/{name}")))
+            .bearer_auth(TEST_ADMIN_TOKEN)
+            .header("content-type", "application/wasm")
+            .body(component)
+            .send()
+            .await
+            .expect("the API answers")
+    }
+
     /// Submits the repository file `image` as a raw body with `query`
     /// (`action=NAME&PARAM=VALUE...`); asserts 202 and returns the job.
     pub async fn submit_raw(&self, query: &str, image: &str) -> serde_json::Value {
         let r = self
-            .client
-            .post(format!("{}/v1/jobs?{query}", self.api_url))
-            .header("content-type", "image/png")
-            .body(std::fs::read(repo().join(image)).expect("the image"))
-            .send()
-            .await
-            .expect("the API answers");
+            .post_image(query, std::fs::read(repo().join(image)).expect("the image"))
+            .await;
         let status = r.status();
         let body: serde_json::Value = r.json().await.expect("a JSON answer");
         assert_eq!(status, 202, "{body}");

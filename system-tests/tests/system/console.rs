@@ -40,21 +40,8 @@ async fn start(stack: &mut Stack) {
 }
 
 async fn create_key(stack: &Stack, name: &str) -> (String, String) {
-    let body: Value = stack
-        .client
-        .post(format!("{}/v1/keys", stack.api_url))
-        .bearer_auth(TEST_ADMIN_TOKEN)
-        .json(&json!({ "name": name }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        body["key"].as_str().unwrap().to_string(),
-        body["id"].as_str().unwrap().to_string(),
-    )
+    let key = stack.create_key(name).await;
+    (key.key, key.id)
 }
 
 /// Signs in with `credential`; the cookie as a `Cookie` header value.

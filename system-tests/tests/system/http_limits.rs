@@ -66,14 +66,7 @@ sys.stdout.buffer.write(png)
 }
 
 async fn submit_raw(stack: &Stack, body: Vec<u8>) -> (StatusCode, String) {
-    let response = stack
-        .client
-        .post(format!("{}/v1/jobs?action=grayscale", stack.api_url))
-        .header("content-type", "image/png")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_image("action=grayscale", body).await;
     let status = response.status();
     (status, response.text().await.unwrap_or_default())
 }

@@ -26,4 +26,5 @@ mod s3;
 mod sandbox_limits;
 mod schema_change;
 mod security;
+mod submission;
 mod webhooks;

@@ -53,14 +53,7 @@ async fn submit_multipart(
 
 /// Submits `file` as a raw body with the action and params in the query.
 async fn submit_raw(stack: &Stack, file: &PathBuf, query: &str) -> reqwest::Response {
-    stack
-        .client
-        .post(format!("{}/v1/jobs?{query}", stack.api_url))
-        .header("content-type", "image/png")
-        .body(std::fs::read(file).unwrap())
-        .send()
-        .await
-        .unwrap()
+    stack.post_image(query, std::fs::read(file).unwrap()).await
 }
 
 async fn job(stack: &Stack, id: &str) -> Value {

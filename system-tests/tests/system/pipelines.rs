@@ -29,28 +29,15 @@ fn invert(version: &str) -> Vec<u8> {
 }
 
 async fn upload(stack: &Stack, body: Vec<u8>) {
-    let r = stack
-        .client
-        .put(format!("{}/v1/plugins/invert", stack.api_url))
-        .bearer_auth(TEST_ADMIN_TOKEN)
-        .header("content-type", "application/wasm")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = stack.upload_plugin("invert", body).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
 }
 
 /// Submits `PHOTO` raw with `query`; the status and the JSON answer.
 async fn submit(stack: &Stack, query: &str) -> (StatusCode, Value) {
     let r = stack
-        .client
-        .post(format!("{}/v1/jobs?{query}", stack.api_url))
-        .header("content-type", "image/png")
-        .body(std::fs::read(repo().join(PHOTO)).unwrap())
-        .send()
-        .await
-        .unwrap();
+        .post_image(query, std::fs::read(repo().join(PHOTO)).unwrap())
+        .await;
     (r.status(), r.json().await.unwrap())
 }
 
