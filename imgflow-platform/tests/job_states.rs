@@ -27,6 +27,7 @@ fn pg_admin_url() -> String {
 
 /// A database of its own (migrated), a queue prefix, a storage directory.
 struct World {
+    name: String,
     jobs: Jobs,
     intake: Intake,
     outcomes: Outcomes,
@@ -56,6 +57,7 @@ async fn world() -> World {
     let storage = Storage::open(&dir.path().display().to_string()).expect("storage");
     let jobs = Jobs::new(pool, queue.clone(), storage);
     World {
+        name,
         intake: Intake::start(jobs.clone()),
         outcomes: Outcomes::start(jobs.clone()),
         jobs,
@@ -88,6 +90,22 @@ fn new_job(owner: &str) -> NewJob {
 }
 
 impl World {
+    /// Drops the test's database and queue keys (a failed test leaves
+    /// them, to be looked at).
+    async fn tear_down(self) {
+        self.queue.purge().await.expect("purge the queue");
+        let mut conn = PgConnection::connect(&pg_admin_url())
+            .await
+            .expect("PostgreSQL runs");
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("drop the test database");
+    }
+
     /// Records a new job of `owner` (its share capped at `cap`).
     async fn submit(&self, owner: &str, cap: Option<u64>) -> JobRecord {
         match self
@@ -187,6 +205,7 @@ async fn queued_running_completed_once() {
         "{cancelled:?}"
     );
     assert_eq!(w.status(&job).await, Some(JobStatus::Completed));
+    w.tear_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -210,6 +229,7 @@ async fn failed_then_retried_then_deleted() {
     assert_eq!(w.status(&retry).await, None);
     assert_eq!(w.queue.held("client:b").await.unwrap(), 0);
     assert!(!w.jobs.delete(&retry).await.expect("deleting again"));
+    w.tear_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,6 +259,7 @@ async fn queued_and_running_jobs_are_cancelled() {
     let record = w.jobs.get(job.id).await.unwrap().unwrap();
     let retry = w.jobs.retry(&record, Some(10)).await.expect("retried");
     assert_eq!(retry.status, JobStatus::Queued);
+    w.tear_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -252,4 +273,5 @@ async fn the_share_caps_unfinished_jobs() {
         .await;
     assert!(third.is_err(), "over the cap: {third:?}");
     assert_eq!(w.queue.held("client:d").await.unwrap(), 2);
+    w.tear_down().await;
 }
