@@ -1,4 +1,5 @@
-//! The imgflow HTTP API as a library: [`App::build`] from [`Settings`], then
+//! The imgflow HTTP API as a library: [`App::build`] from [`Settings`]
+//! (defined, like every setting, in `imgflow-settings`), then
 //! [`App::run_until`] a shutdown signal; [`App::router`] for tests that call
 //! it without a socket. The `host-api` binary is this plus signal handling.
 //!
@@ -11,8 +12,7 @@
 //!   shutdown deadline.
 //! - [`auth`]: who is calling (admin token, client key, signed URL).
 //! - [`jobs`], [`plugins`], [`keys`], [`overview`]: the handlers.
-//! - [`console`]: the operator console's page and sign-in session; its
-//!   settings in [`console_settings`].
+//! - [`console`]: the operator console's page and sign-in session.
 //! - [`retention`]: deleting finished jobs after `JOB_RETENTION`.
 //! - [`error`]: error answers, from [`imgflow_runtime::ErrorCode`].
 //! - [`body`]: reading request bodies under a limit.
@@ -26,7 +26,6 @@ pub mod batches;
 pub mod body;
 pub mod callbacks;
 pub mod console;
-pub mod console_settings;
 pub mod error;
 pub mod jobs;
 pub mod keys;
@@ -45,20 +44,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Args;
 use imgflow_platform::budget::MemoryBudget;
-use imgflow_platform::config::{DatabaseArgs, HumanDuration, RedisArgs, StorageArgs};
 use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::keys::Keys;
-use imgflow_platform::logging::LogArgs;
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::Queue;
 use imgflow_platform::sessions::Sessions;
 use imgflow_platform::storage::Storage;
 use imgflow_platform::{db, retry};
-use imgflow_runtime::config::SandboxArgs;
-use imgflow_runtime::Runtime;
+use imgflow_runtime::codec::ImageLimits;
+use imgflow_runtime::{Runtime, RuntimeConfig};
 use tokio::sync::Semaphore;
 
 use crate::auth::{Auth, ResultUrls};
@@ -68,147 +64,9 @@ use crate::state::AppState;
 
 pub use routes::openapi;
 
-/// The API's settings: each flag also reads the environment variable of the
-/// same name (`--max-body-bytes` is `MAX_BODY_BYTES`).
-#[derive(Debug, Clone, Args)]
-pub struct Settings {
-    /// Address to listen on.
-    #[arg(long, env = "API_ADDR", default_value = "0.0.0.0:8080")]
-    pub api_addr: SocketAddr,
-    /// Where PostgreSQL is.
-    #[command(flatten)]
-    pub db: DatabaseArgs,
-    /// Where Redis is.
-    #[command(flatten)]
-    pub redis: RedisArgs,
-    /// Where images and components are kept.
-    #[command(flatten)]
-    pub storage: StorageArgs,
-    /// Largest accepted request body, in bytes (413 beyond).
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// The sandbox that validates uploads, and the image limits.
-    #[command(flatten)]
-    pub sandbox: SandboxArgs,
-    /// The operators' bearer token: plugin management, client keys, every
-    /// job. At least 32 characters, and not a documented default (the API
-    /// refuses to start otherwise). Unset: management is refused (403).
-    #[arg(
-        long = "imgflow-admin-token",
-        value_name = "IMGFLOW_ADMIN_TOKEN",
-        alias = "admin-token",
-        env = "IMGFLOW_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    pub admin_token: Option<String>,
-    /// The previous admin token, still accepted while clients move to the
-    /// new one (a rotation); unset it afterwards.
-    #[arg(
-        long = "imgflow-admin-token-previous",
-        value_name = "IMGFLOW_ADMIN_TOKEN_PREVIOUS",
-        env = "IMGFLOW_ADMIN_TOKEN_PREVIOUS",
-        hide_env_values = true
-    )]
-    pub admin_token_previous: Option<String>,
-    /// Whether `/v1/jobs` needs a client key or the admin token. `false` is
-    /// for local development only: anyone who reaches the API sees every
-    /// job (a warning is logged at start).
-    #[arg(long, env = "AUTH_REQUIRED", default_value_t = true, action = clap::ArgAction::Set)]
-    pub auth_required: bool,
-    /// The secret that signs result URLs (at least 32 characters; the same
-    /// on every API instance). Unset: result URLs are plain and need
-    /// credentials.
-    #[arg(long, env = "RESULT_URL_SECRET", hide_env_values = true)]
-    pub result_url_secret: Option<String>,
-    /// How long a signed result URL stays valid.
-    #[arg(long, env = "RESULT_URL_TTL", default_value = "1h")]
-    pub result_url_ttl: HumanDuration,
-    /// Unfinished jobs one client key may have (429 beyond), so one client
-    /// cannot fill the queue.
-    #[arg(long, env = "KEY_MAX_UNFINISHED_JOBS", default_value_t = 1000)]
-    pub key_max_unfinished_jobs: u32,
-    /// Whether a job equal to a completed job of the same client (same
-    /// input bytes, plugin digest, parameters and output format) is
-    /// completed from that job's result without running. Plugins marked not
-    /// cacheable always run.
-    #[arg(long, env = "RESULT_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub result_cache: bool,
-    /// Signs callback (webhook) deliveries with HMAC-SHA256 (at least 32
-    /// characters; the same on every API instance). Unset: jobs with a
-    /// `callback_url` are refused.
-    #[arg(long, env = "CALLBACK_SECRET", hide_env_values = true)]
-    pub callback_secret: Option<String>,
-    /// Let callbacks go to loopback, private and link-local addresses (for
-    /// tests and closed networks; never on a network you do not trust).
-    #[arg(long, env = "CALLBACK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
-    pub callback_allow_private: bool,
-    /// How long one delivery attempt may take.
-    #[arg(long, env = "CALLBACK_TIMEOUT", default_value = "10s")]
-    pub callback_timeout: HumanDuration,
-    /// How long after a job finished its delivery is retried.
-    #[arg(long, env = "CALLBACK_RETRY_FOR", default_value = "1h")]
-    pub callback_retry_for: HumanDuration,
-    /// Delivery attempts in flight at once, per API instance.
-    #[arg(long, env = "CALLBACK_CONCURRENCY", default_value_t = 16)]
-    pub callback_concurrency: u32,
-    /// Memory for decoding submitted images to validate them, in MiB: a
-    /// submission reserves its decoded size (from the header) first.
-    #[arg(long, env = "API_DECODE_MEMORY_MB", default_value_t = 1024)]
-    pub api_decode_memory_mb: u32,
-    /// How long a submission waits for room in API_DECODE_MEMORY_MB before
-    /// it is answered 503 `decode_busy`.
-    #[arg(long, env = "API_DECODE_WAIT", default_value = "2s")]
-    pub api_decode_wait: HumanDuration,
-    /// Finished jobs (rows, inputs, results, idempotency keys) are deleted
-    /// this long after they finished; `0` keeps them for ever.
-    #[arg(long, env = "JOB_RETENTION", default_value = "7d")]
-    pub job_retention: HumanDuration,
-    /// How often the retention sweep runs (one API instance at a time).
-    #[arg(long, env = "RETENTION_SWEEP_INTERVAL", default_value = "1m")]
-    pub retention_sweep_interval: HumanDuration,
-    /// HTTP timeouts and limits.
-    #[command(flatten)]
-    pub http: HttpLimits,
-    /// Largest accepted plugin upload, in bytes (413 beyond).
-    #[arg(long, env = "PLUGIN_MAX_BYTES", default_value_t = 50 * 1024 * 1024)]
-    pub plugin_max_bytes: usize,
-    /// How long compiling an uploaded plugin may take, in milliseconds.
-    #[arg(long, env = "PLUGIN_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
-    pub plugin_compile_timeout_ms: u64,
-    /// Uploads compiled at once; an upload that finds every slot taken is
-    /// answered 503 `busy` with `Retry-After`. A slot is returned when its
-    /// compile really ends, not when the upload gives up waiting.
-    #[arg(long, env = "PLUGIN_COMPILE_SLOTS", default_value_t = 2)]
-    pub plugin_compile_slots: u32,
-    /// The longest a client may wait for a job in one request (`?wait=` on
-    /// submit and read; longer waits are cut to this). Also how long an
-    /// event stream (`/v1/jobs/{id}/events`) stays open at most.
-    #[arg(long, env = "MAX_WAIT", default_value = "60s")]
-    pub max_wait: HumanDuration,
-    /// The sweeper (`SWEEP_INTERVAL_MS`, `SWEEP_AFTER_MS`).
-    #[command(flatten)]
-    pub sweep: imgflow_platform::config::SweepArgs,
-    /// The most images one batch (`POST /v1/batches`) may carry.
-    #[arg(long, env = "MAX_BATCH_IMAGES", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub max_batch_images: u32,
-    /// The most steps one job's pipeline may have (`steps`).
-    #[arg(long, env = "MAX_STEPS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub max_steps: u32,
-    /// Submissions are refused (429) while this many jobs are unfinished.
-    #[arg(long, env = "QUEUE_MAX_DEPTH", default_value_t = 10_000)]
-    pub queue_max_depth: u64,
-    /// Event streams and waits one client key may hold open at once on
-    /// this instance (429 `too_many_streams` beyond); operators are not
-    /// limited.
-    #[arg(long, env = "KEY_MAX_STREAMS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
-    pub key_max_streams: u32,
-    /// The console's sessions and sign-in limits.
-    #[command(flatten)]
-    pub console: console_settings::ConsoleSettings,
-    /// How logs are written.
-    #[command(flatten)]
-    pub log: LogArgs,
-}
+/// The API's settings, defined with every other setting in
+/// `imgflow-settings`.
+pub use imgflow_settings::ApiSettings as Settings;
 
 /// The API, built and bound to its address.
 pub struct App {
@@ -288,11 +146,10 @@ fn decode_budget(settings: &Settings, metrics: &ApiMetrics) -> MemoryBudget {
 
 /// The sandbox the API compiles and checks uploaded plugins with.
 fn sandbox(settings: &Settings) -> anyhow::Result<Arc<Runtime>> {
-    let runtime = Runtime::new(
-        settings
-            .sandbox
-            .runtime_config(settings.plugin_compile_slots.max(1)),
-    )
+    let runtime = Runtime::new(RuntimeConfig::for_sandbox(
+        &settings.sandbox,
+        settings.plugin_compile_slots.max(1),
+    ))
     .context("cannot start the plugin sandbox")?;
     Ok(Arc::new(runtime))
 }
@@ -402,7 +259,7 @@ impl App {
             catalogue,
             db: pool,
             queue,
-            limits: settings.sandbox.image_limits(),
+            limits: ImageLimits::from(&settings.sandbox),
             max_body_bytes: settings.max_body_bytes,
             queue_max_depth: settings.queue_max_depth,
             runtime: sandbox(&settings)?,

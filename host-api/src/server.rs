@@ -33,50 +33,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use imgflow_platform::config::HumanDuration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::Layer as _;
 
-/// The HTTP limits; each flag also reads the environment variable of the
-/// same name.
-#[derive(Debug, Clone, Args)]
-pub struct HttpLimits {
-    /// How long a client has to send a request's headers (and, on a
-    /// keep-alive connection, to start its next request) before the
-    /// connection is closed.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s")]
-    pub header_read_timeout: HumanDuration,
-    /// How long a client has to send a request's body; a body still
-    /// arriving after it is answered 408 and the connection closed.
-    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s")]
-    pub body_read_timeout: HumanDuration,
-    /// Connections served at once; more wait to be accepted.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: u32,
-    /// After a shutdown signal, how long requests in flight may take before
-    /// their connections are dropped.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s")]
-    pub shutdown_timeout: HumanDuration,
-    /// The most bytes of a request's query string, and of the fields of a
-    /// form other than its files, together (414 or 413 beyond).
-    #[arg(long, env = "MAX_FIELDS_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
-    pub max_fields_bytes: u32,
-    /// Whether clients may speak HTTP/2 without TLS (prior knowledge).
-    /// Off, every connection is HTTP/1 and `MAX_CONNECTIONS` bounds the
-    /// requests served at once.
-    #[arg(long = "http2", env = "HTTP2", default_value_t = false, action = clap::ArgAction::Set)]
-    pub http2: bool,
-    /// With `HTTP2=true`, the most requests one HTTP/2 connection runs at
-    /// once.
-    #[arg(long, env = "HTTP2_MAX_STREAMS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub http2_max_streams: u32,
-}
+pub use imgflow_settings::HttpLimits;
 
 /// Room for a request's headers beside its query string in hyper's read
 /// buffer (HTTP/1).

@@ -79,7 +79,7 @@ pub struct AppState {
     /// The API's metrics.
     pub metrics: Arc<ApiMetrics>,
     /// How console sign-ins are limited, and the cookie marked.
-    pub sign_in: crate::console_settings::SignInPolicy,
+    pub sign_in: imgflow_settings::SignInPolicy,
     /// Event streams and waits each client holds (`KEY_MAX_STREAMS`).
     pub streams: Arc<crate::streams::StreamSlots>,
     /// The most bytes of a query string, and of a form's fields other

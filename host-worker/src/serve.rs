@@ -2,24 +2,20 @@
 //! them in their plugins and records the outcome in PostgreSQL.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Args;
-use imgflow_platform::config::{DatabaseArgs, RedisArgs, StorageArgs};
 use imgflow_platform::db;
 use imgflow_platform::events::JobEvents;
 use imgflow_platform::jobs::Jobs;
-use imgflow_platform::logging::LogArgs;
 use imgflow_platform::outcomes::{Outcomes, Starts};
 use imgflow_platform::plugins::Catalogue;
 use imgflow_platform::queue::{Delivery, PluginChanges, Queue, QueueError};
 use imgflow_platform::retry::{retry, until_ok, Backoff};
 use imgflow_platform::storage::Storage;
-use imgflow_runtime::config::SandboxArgs;
-use imgflow_runtime::Runtime;
+use imgflow_runtime::codec::ImageLimits;
+use imgflow_runtime::{Runtime, RuntimeConfig};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -28,66 +24,9 @@ use crate::process::{self, Context};
 use crate::registry::Registry;
 use imgflow_platform::budget::{self, MemoryBudget};
 
-/// The worker's settings (`host-worker serve`): each flag also reads the
-/// environment variable of the same name.
-#[derive(Debug, Clone, Args)]
-pub struct Settings {
-    /// Where PostgreSQL is.
-    #[command(flatten)]
-    pub db: DatabaseArgs,
-    /// Where Redis is.
-    #[command(flatten)]
-    pub redis: RedisArgs,
-    /// Where images and components are kept.
-    #[command(flatten)]
-    pub storage: StorageArgs,
-    /// The sandbox's limits.
-    #[command(flatten)]
-    pub sandbox: SandboxArgs,
-    /// Directory of the built-in plugins (*.wasm), registered at start.
-    #[arg(long, env = "PLUGINS_DIR", default_value = "target/builtin-plugins")]
-    pub plugins_dir: PathBuf,
-    /// Address of the worker's metrics and health endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9091")]
-    pub metrics_addr: SocketAddr,
-    /// Jobs doing image work (decoding, plugin calls, encoding) at once in
-    /// this worker; up to four times as many are started at once (reading
-    /// their input, storing their result, being recorded meanwhile).
-    /// Default: the number of CPUs.
-    #[arg(long, env = "CONCURRENCY")]
-    pub concurrency: Option<usize>,
-    /// Memory the worker's jobs may hold together, in MiB: a job starts
-    /// only when its estimated working set fits. Default: three quarters of
-    /// the cgroup's memory limit, or of the machine's memory.
-    #[arg(long, env = "WORKER_MEMORY_MB")]
-    pub worker_memory_mb: Option<u32>,
-    /// A job whose worker has not renewed it for this long is taken over
-    /// by another worker, in milliseconds.
-    #[arg(long, env = "LEASE_MS", default_value_t = 30_000)]
-    pub lease_ms: u64,
-    /// A job delivered more than this many times fails as `max_attempts`.
-    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 5)]
-    pub max_attempts: i32,
-    /// The sweeper (`SWEEP_INTERVAL_MS`, `SWEEP_AFTER_MS`).
-    #[command(flatten)]
-    pub sweep: imgflow_platform::config::SweepArgs,
-    /// On SIGTERM, how long in-flight jobs may take to finish, in
-    /// milliseconds; unfinished ones are left for other workers.
-    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
-    pub shutdown_grace_ms: u64,
-    /// How often the worker reconciles its loaded plugins with PostgreSQL,
-    /// in milliseconds (uploads are also announced on Redis pub/sub, which
-    /// is faster; this catches a missed notice).
-    #[arg(long, env = "PLUGIN_RECONCILE_MS", default_value_t = 10_000)]
-    pub plugin_reconcile_ms: u64,
-    /// This worker's name in Redis and in job records. Default: host name,
-    /// process id and a random suffix.
-    #[arg(long, env = "WORKER_ID")]
-    pub worker_id: Option<String>,
-    /// How logs are written.
-    #[command(flatten)]
-    pub log: LogArgs,
-}
+/// The worker's settings, defined with every other setting in
+/// `imgflow-settings`.
+pub use imgflow_settings::WorkerSettings as Settings;
 
 /// A worker, built and bound to its metrics address, ready to run.
 pub struct Worker {
@@ -112,8 +51,11 @@ impl Worker {
             .max(1);
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         let runtime = Arc::new(
-            Runtime::new(settings.sandbox.runtime_config(concurrency as u32 + 1))
-                .context("cannot start the plugin runtime")?,
+            Runtime::new(RuntimeConfig::for_sandbox(
+                &settings.sandbox,
+                concurrency as u32 + 1,
+            ))
+            .context("cannot start the plugin runtime")?,
         );
         let storage = Storage::open(&settings.storage.storage_url)?;
         let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
@@ -220,7 +162,7 @@ impl Worker {
             queue: queue.clone(),
             events: JobEvents::start(queue.clone()),
             registry,
-            limits: settings.sandbox.image_limits(),
+            limits: ImageLimits::from(&settings.sandbox),
             png_compression: settings.sandbox.png_compression,
             max_attempts: settings.max_attempts,
             lease: Duration::from_millis(settings.lease_ms.max(300)),

@@ -24,7 +24,7 @@ use image::RgbaImage;
 use imgflow_runtime::config::SandboxArgs;
 use imgflow_runtime::metadata::{Constraint, ParamKind, ParamSpec, ParamValue};
 use imgflow_runtime::params::Params;
-use imgflow_runtime::{ErrorCode, Failure, Plugin, RunError, Runtime};
+use imgflow_runtime::{ErrorCode, Failure, Plugin, RunError, Runtime, RuntimeConfig};
 
 /// Arguments of `imgflow check`.
 #[derive(Debug, Args)]
@@ -360,7 +360,7 @@ pub async fn battery(runtime: &Runtime, plugin_path: &std::path::Path) -> Vec<Ou
 
 /// Prints the battery's table; fails (exit code 1) if any check failed.
 pub async fn check(args: CheckArgs) -> Result<(), Failure> {
-    let runtime = Runtime::new(args.sandbox.runtime_config(1))
+    let runtime = Runtime::new(RuntimeConfig::for_sandbox(&args.sandbox, 1))
         .map_err(|e| Failure::new(ErrorCode::RuntimeUnavailable, e.to_string()))?;
     let outcomes = battery(&runtime, &args.plugin).await;
     let width = outcomes

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use imgflow_runtime::codec::{self, ImageFormat};
+use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
 use imgflow_runtime::config::SandboxArgs;
-use imgflow_runtime::{ErrorCode, Failure, Runtime};
+use imgflow_runtime::{ErrorCode, Failure, Runtime, RuntimeConfig};
 
 /// Arguments of `imgflow run`.
 #[derive(Debug, Args)]
@@ -40,7 +40,7 @@ pub struct InfoArgs {
 }
 
 fn runtime(sandbox: &SandboxArgs) -> Result<Runtime, Failure> {
-    Runtime::new(sandbox.runtime_config(1))
+    Runtime::new(RuntimeConfig::for_sandbox(sandbox, 1))
         .map_err(|e| Failure::new(ErrorCode::RuntimeUnavailable, e.to_string()))
 }
 
@@ -79,7 +79,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         )
     })?;
     let (image, input_format) =
-        codec::decode(&bytes, &args.sandbox.image_limits()).map_err(Failure::from)?;
+        codec::decode(&bytes, &ImageLimits::from(&args.sandbox)).map_err(Failure::from)?;
     let applied = runtime.apply(&plugin, image, &params).await?;
     let format = format.unwrap_or(input_format);
     let encoded = codec::encode_with(&applied.image, format, args.sandbox.png_compression, None)

@@ -25,7 +25,6 @@
 //! - [`submission`]: a submission's fields, from the query and a form
 //!   alike.
 //! - [`db`]: the PostgreSQL connection and migrations.
-//! - [`config`]: connection settings (flags and environment variables).
 //! - [`retry`]: backoff for transient failures.
 //! - [`metrics`]: what both services' `/metrics` endpoints share.
 //! - [`logging`], [`shutdown`]: the service binaries' plumbing.
@@ -36,7 +35,6 @@ pub mod activity;
 pub mod batch;
 pub mod budget;
 pub mod callbacks;
-pub mod config;
 pub mod db;
 pub mod events;
 pub mod intake;

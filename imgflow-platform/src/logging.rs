@@ -34,23 +34,7 @@ pub fn init(default: &str, json: bool) -> LogGuard {
 pub struct LogGuard {
     _writer: tracing_appender::non_blocking::WorkerGuard,
 }
-
-/// How a service writes its logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object a line (for production and log collectors).
-    Json,
-    /// Plain text lines (for a terminal).
-    Text,
-}
-
-/// The logging setting of the service binaries.
-#[derive(Debug, Clone, clap::Args)]
-pub struct LogArgs {
-    /// Log format: `json` (default) or `text`. `RUST_LOG` sets the level.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-}
+use imgflow_settings::{LogArgs, LogFormat};
 
 /// Runs a service's main future on a new multi-threaded tokio runtime with
 /// logs set up as `log` says, and turns its outcome into the process exit

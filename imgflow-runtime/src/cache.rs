@@ -49,43 +49,9 @@ pub fn engine_fingerprint(engine: &Engine) -> String {
     hex::encode(&hasher.0.finalize()[..8])
 }
 
-/// The key that authenticates cache entries (`COMPILE_CACHE_SECRET`): at
-/// least 16 bytes of text, shared by the processes that share a cache
-/// directory. Never shown by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct CacheSecret(Vec<u8>);
-
-impl CacheSecret {
-    /// The shortest secret accepted, in bytes.
-    pub const MIN_LEN: usize = 16;
-
-    /// Whether this is the empty secret (an empty setting), which turns the
-    /// disk cache off like no setting at all.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::str::FromStr for CacheSecret {
-    type Err = String;
-
-    /// Parses a secret; the empty string is [`CacheSecret::is_empty`].
-    fn from_str(text: &str) -> Result<CacheSecret, String> {
-        if !text.is_empty() && text.len() < CacheSecret::MIN_LEN {
-            return Err(format!(
-                "the compiled-code cache secret must be at least {} bytes (for example `openssl rand -hex 32`)",
-                CacheSecret::MIN_LEN
-            ));
-        }
-        Ok(CacheSecret(text.as_bytes().to_vec()))
-    }
-}
-
-impl std::fmt::Debug for CacheSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheSecret(..)")
-    }
-}
+/// The key that authenticates cache entries (`COMPILE_CACHE_SECRET`),
+/// defined with the other settings.
+pub use imgflow_settings::CacheSecret;
 
 /// The length of an entry's authentication tag, in bytes.
 const TAG_LEN: usize = 32;
@@ -122,7 +88,7 @@ impl CompiledCache {
         CompiledCache {
             dir,
             fingerprint: engine_fingerprint(engine),
-            key: secret.0.clone(),
+            key: secret.as_bytes().to_vec(),
             max_bytes,
             evicted: Default::default(),
         }

@@ -415,19 +415,9 @@ fn decode_native(
 /// the pixels.
 pub const GIF_SPEED: i32 = 10;
 
-/// How hard PNG output is compressed (`PNG_COMPRESSION`): `fast` (the
-/// default) spends a fraction of the time for files a little larger; `best`
-/// the smallest files at several times the time (see docs/BENCHMARKS.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum PngCompression {
-    /// The fastest zlib level, adaptive filtering.
-    #[default]
-    Fast,
-    /// zlib's default level, adaptive filtering.
-    Default,
-    /// The smallest files.
-    Best,
-}
+/// How hard PNG output is compressed (`PNG_COMPRESSION`), defined with the
+/// other settings.
+pub use imgflow_settings::PngCompression;
 
 /// The PNG colour type that holds these RGBA pixels exactly, with the
 /// fewest channels: grey when every pixel has `r == g == b`, without alpha

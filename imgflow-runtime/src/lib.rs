@@ -16,8 +16,8 @@
 //! - [`code`]: every error code imgflow answers, records or prints
 //!   ([`ErrorCode`]).
 //! - [`text`]: quoting untrusted text in messages (a short excerpt).
-//! - [`config`]: the sandbox's settings as command-line flags and
-//!   environment variables ([`config::SandboxArgs`]).
+//! - [`config`]: what the sandbox's settings ([`config::SandboxArgs`],
+//!   defined with every setting in `imgflow-settings`) make.
 
 #![warn(missing_docs)]
 
