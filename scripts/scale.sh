@@ -24,6 +24,9 @@
 #   SCALE_QUEUED    default 100000
 #   SCALE_EXPIRED   default 200000
 #   LOAD_DURATION   default 10s
+#   SCALE_RUNS      default 3: flat-out runs of each case (one after the
+#                   other; each printed, then their median, which the
+#                   comparison uses: one 10 s run varies by about 5%)
 #   IMGFLOW_API_URL, IMGFLOW_KEY, IMGFLOW_PG, IMGFLOW_ADMIN_TOKEN: as `make load`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +42,7 @@ history="${SCALE_HISTORY:-1000000}"
 queued="${SCALE_QUEUED:-100000}"
 expired="${SCALE_EXPIRED:-200000}"
 duration="${LOAD_DURATION:-10s}"
+runs="${SCALE_RUNS:-3}"
 load=target/release/imgflow-load
 export IMGFLOW_PG="${IMGFLOW_PG:-postgres://${IMGFLOW_DB_USER:-imgflow}:${IMGFLOW_DB_PASSWORD:-imgflow}@127.0.0.1:${PG_PORT:-5432}/${IMGFLOW_DB_NAME:-imgflow}}"
 sql() { psql "$IMGFLOW_PG" -v ON_ERROR_STOP=1 -qAtX "$@"; }
@@ -46,18 +50,28 @@ curl -fsS "$IMGFLOW_API_URL/healthz" >/dev/null \
   || { echo "error: no API at $IMGFLOW_API_URL; start the system with make up" >&2; exit 1; }
 
 wal() { sql -c "SELECT wal_bytes, wal_fpi FROM pg_stat_wal" | tr '|' ' '; }
-flat_out() {
+flat_out() { # title; each of SCALE_RUNS runs printed, then their median
   echo "### $1"
   echo
-  local before after jobs0 jobs1
-  read -r -a before <<<"$(wal)"
-  jobs0=$(rows)
-  $load --action grayscale --image small --clients 32 --duration "$duration" | sed -n '/^| figure/,$p'
-  read -r -a after <<<"$(wal)"
-  jobs1=$(rows)
-  printf '| WAL bytes per job (full-page images per job) | %.0f (%.2f) |\n\n' \
-    "$(echo "(${after[0]} - ${before[0]}) / ($jobs1 - $jobs0)" | bc -l)" \
-    "$(echo "(${after[1]} - ${before[1]}) / ($jobs1 - $jobs0)" | bc -l)"
+  local before after jobs0 jobs1 out rates=() run
+  for run in $(seq "$runs"); do
+    read -r -a before <<<"$(wal)"
+    jobs0=$(rows)
+    out=$($load --action grayscale --image small --clients 32 --duration "$duration" | sed -n '/^| figure/,$p')
+    read -r -a after <<<"$(wal)"
+    jobs1=$(rows)
+    [ "$runs" = 1 ] || printf 'Run %s of %s:\n\n' "$run" "$runs"
+    echo "$out"
+    printf '| WAL bytes per job (full-page images per job) | %.0f (%.2f) |\n\n' \
+      "$(echo "(${after[0]} - ${before[0]}) / ($jobs1 - $jobs0)" | bc -l)" \
+      "$(echo "(${after[1]} - ${before[1]}) / ($jobs1 - $jobs0)" | bc -l)"
+    rates+=("$(echo "$out" | sed -n 's/^| completed\/s [^|]*| \([0-9.]*\) |$/\1/p')")
+  done
+  median=$(printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p")
+  if [ "$runs" != 1 ]; then
+    echo "completed/s in the $runs runs: ${rates[*]}; median $median"
+    echo
+  fi
 }
 # Writes everything the seeding dirtied, so that it is not written during
 # the next run (needs a superuser or pg_checkpoint; skipped if refused).
@@ -71,6 +85,7 @@ echo "## make load-scale ($(nproc) cores, $(date -u +%Y-%m-%d), autovacuum $(sql
 echo
 checkpoint
 flat_out "1. Flat out, the table as it is ($(rows) jobs)"
+empty_median=$median
 
 owner=$(sql -c "SELECT owner FROM jobs WHERE status = 'completed' AND owner NOT IN ('admin', 'anonymous')
                 ORDER BY id DESC LIMIT 1")
@@ -131,6 +146,8 @@ printf 'Seeded %s finished jobs (two clients, %s each) in %.0f s.\n\n' \
 checkpoint
 
 flat_out "2. Flat out with $history finished jobs of the same key ($(rows) jobs), no manual ANALYZE"
+printf 'Median with the history: %.1f%% of run 1 (goal: within 10%%).\n\n' \
+  "$(echo "100 * $median / $empty_median" | bc -l)"
 
 echo "### 3. GET /v1/overview with $((history * 2)) jobs finished in its window"
 echo
@@ -160,6 +177,7 @@ sql -c "INSERT INTO unfinished_jobs (id, owner, enqueued_at)
         WHERE owner = 'scale-queued-client' AND input_key LIKE 'seed/%'"
 checkpoint
 flat_out "4. Flat out with $queued jobs of other keys queued"
+printf 'Median with the queue: %.1f%% of run 1.\n\n' "$(echo "100 * $median / $empty_median" | bc -l)"
 sql -c "DELETE FROM unfinished_jobs WHERE owner = 'scale-queued-client';
         DELETE FROM jobs WHERE owner = 'scale-queued-client' AND input_key LIKE 'seed/%'"
 
