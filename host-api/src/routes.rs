@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::{batches, console, jobs, keys, metrics, overview, plugins};
-use imgflow_platform::queue::QueueError;
+use imgflow_platform::health::{self, Readiness};
 use imgflow_runtime::ErrorCode;
 
 /// The document's fixed parts; the paths come from the routes.
@@ -147,15 +147,10 @@ pub fn router(state: AppState) -> Router {
     responses((status = 200, description = "Every metric", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
 )]
 async fn scrape(State(state): State<AppState>) -> Response {
-    // The queue as Redis has it now, within two seconds (else the last
-    // values stay): the API reports it because it always runs, also when
-    // the workers are scaled to zero.
-    let queue = &state.queue;
-    let read = async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
-        Ok(Ok((depth, oldest))) => state.metrics.queue(depth, oldest),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue's depth for the metrics"),
-        Err(_) => tracing::warn!("Redis did not answer within 2 s; queue metrics are stale"),
+    // The queue as Redis has it now: the API reports it because it always
+    // runs, also when the workers are scaled to zero.
+    if let Some((depth, oldest)) = health::queue_figures(&state.queue).await {
+        state.metrics.queue(depth, oldest);
     }
     state.metrics.response()
 }
@@ -226,15 +221,6 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The answer of `/readyz`.
-#[derive(Debug, Serialize, ToSchema)]
-struct Readiness {
-    /// `ok` or `unavailable`.
-    database: &'static str,
-    /// `ok` or `unavailable`.
-    queue: &'static str,
-}
-
 /// PostgreSQL and Redis answer, so requests can be served.
 #[utoipa::path(
     get,
@@ -247,22 +233,10 @@ struct Readiness {
     )
 )]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database = imgflow_platform::db::ping(&state.db).await.is_ok();
-    let queue = state.queue.ping().await.is_ok();
-    let status = if database && queue {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    (
-        status,
-        Json(Readiness {
-            database: word(database),
-            queue: word(queue),
-        }),
-    )
-        .into_response()
+    let readiness = health::probe(&state.db, &state.queue).await;
+    let status =
+        StatusCode::from_u16(readiness.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    (status, Json(readiness)).into_response()
 }
 
 /// This document.

@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use imgflow_platform::db;
 use imgflow_platform::events::JobEvents;
+use imgflow_platform::health::{self, Readiness};
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::outcomes::{Outcomes, Starts};
 use imgflow_platform::plugins::Catalogue;
-use imgflow_platform::queue::{Delivery, PluginChanges, Queue, QueueError};
+use imgflow_platform::queue::{Delivery, PluginChanges, Queue};
 use imgflow_platform::retry::{retry, until_ok, Backoff};
 use imgflow_platform::storage::Storage;
 use imgflow_runtime::codec::ImageLimits;
@@ -489,11 +490,11 @@ async fn sweep(
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on the metrics address. The
 /// queue's depth and oldest-job age are read from Redis at each scrape
-/// (bounded to two seconds; the last values are kept when Redis does not
-/// answer). `/healthz` answers while the process serves (a liveness probe
-/// that an outage of PostgreSQL or Redis does not fail); `/readyz` is 200
-/// once the worker has started (connected, migrated, built-ins registered)
-/// and while PostgreSQL and Redis answer within two seconds, else 503.
+/// ([`health::queue_figures`], as the API does). `/healthz` answers while
+/// the process serves (a liveness probe that an outage of PostgreSQL or
+/// Redis does not fail); `/readyz` answers like the API's
+/// ([`health::probe`]) once the worker has started (connected, migrated,
+/// built-ins registered), and 503 `starting` before.
 async fn metrics_server(
     listener: tokio::net::TcpListener,
     metrics: Arc<WorkerMetrics>,
@@ -507,16 +508,8 @@ async fn metrics_server(
         let (metrics, queue) = (metrics.clone(), queue.clone());
         metrics.set_cache_evictions(runtime.cache_evictions());
         async move {
-            let read =
-                async { Ok::<_, QueueError>((queue.depth().await?, queue.oldest_age().await?)) };
-            match tokio::time::timeout(Duration::from_secs(2), read).await {
-                Ok(Ok((depth, oldest))) => metrics.set_queue(depth, oldest),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot read the queue's depth for the metrics")
-                }
-                Err(_) => {
-                    tracing::warn!("Redis did not answer within 2 s; queue metrics are stale")
-                }
+            if let Some((depth, oldest)) = health::queue_figures(&queue).await {
+                metrics.set_queue(depth, oldest);
             }
             (
                 [(
@@ -533,17 +526,13 @@ async fn metrics_server(
             let (queue, ready) = (queue.clone(), ready.clone());
             async move {
                 use axum::http::StatusCode;
-                let Some(pool) = ready.get() else {
-                    return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+                let readiness = match ready.get() {
+                    Some(pool) => health::probe(pool, &queue).await,
+                    None => Readiness::STARTING,
                 };
-                let within = Duration::from_secs(2);
-                let database = tokio::time::timeout(within, db::ping(pool)).await;
-                let redis = tokio::time::timeout(within, queue.ping()).await;
-                match (database, redis) {
-                    (Ok(Ok(())), Ok(Ok(()))) => (StatusCode::OK, "ready\n"),
-                    (Ok(Ok(())), _) => (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n"),
-                    _ => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n"),
-                }
+                let status = StatusCode::from_u16(readiness.http_status())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                (status, axum::Json(readiness))
             }
         }
     };

@@ -37,6 +37,7 @@ pub mod budget;
 pub mod callbacks;
 pub mod db;
 pub mod events;
+pub mod health;
 pub mod intake;
 pub mod jobs;
 pub mod keys;

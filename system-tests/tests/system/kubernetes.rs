@@ -309,7 +309,8 @@ fn scaling_monitoring_and_limits_agree_with_the_code() {
 
 /// `/readyz` is what the worker Deployment's readiness probe asks: 503
 /// until the worker has started (and while PostgreSQL or Redis does not
-/// answer), 200 then; `/healthz` (liveness) answers regardless.
+/// answer), 200 then, with the API's JSON; `/healthz` (liveness) answers
+/// regardless.
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_readiness_reflects_its_services() {
     let mut stack = Stack::new().await;
@@ -340,6 +341,24 @@ async fn worker_readiness_reflects_its_services() {
     assert_eq!(alive, 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(get(addr.clone(), "/readyz").await, 503);
+    let answer = |addr: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://{addr}/readyz"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        answer(addr.clone()).await,
+        serde_json::json!({"database": "starting", "queue": "starting"})
+    );
 
     // A worker with its services: ready.
     stack.start_worker("ready", &[]).await;
@@ -353,6 +372,11 @@ async fn worker_readiness_reflects_its_services() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(ready, 200, "{}", stack.logs());
+    assert_eq!(
+        answer(addr).await,
+        serde_json::json!({"database": "ok", "queue": "ok"}),
+        "the worker answers like the API"
+    );
 }
 
 /// With the workers scaled to zero, the API still reports the queue and

@@ -646,3 +646,35 @@ async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
             .unwrap();
     assert_eq!(completed, 8);
 }
+
+/// `/readyz` answers within its probe bound (2 s) when Redis accepts
+/// connections and never answers, saying which service is missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_answers_within_its_bound_when_redis_hangs() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    // Accepts every connection and keeps it open without a word.
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((connection, _)) = hole.accept().await {
+            open.push(connection);
+        }
+    });
+    let mut stack = Stack::new().await;
+    let redis = format!("redis://127.0.0.1:{port}/0");
+    stack.start_api(&[("REDIS_URL", redis.as_str())]).await;
+    let asked = std::time::Instant::now();
+    let r = stack
+        .client
+        .get(format!("{}/readyz", stack.api_url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(took < Duration::from_secs(4), "/readyz took {took:?}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body, json!({"database": "ok", "queue": "unavailable"}));
+    held.abort();
+}
