@@ -315,16 +315,22 @@ fn scaling_monitoring_and_limits_agree_with_the_code() {
 async fn worker_readiness_reflects_its_services() {
     let mut stack = Stack::new().await;
     let client = reqwest::Client::new();
+    // The status (0 when nothing answers) and the JSON body, if any.
     let get = |addr: String, path: &'static str| {
         let client = client.clone();
         async move {
-            client
+            let sent = client
                 .get(format!("http://{addr}{path}"))
                 .timeout(Duration::from_secs(5))
                 .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
+                .await;
+            match sent {
+                Ok(r) => (
+                    r.status().as_u16(),
+                    r.json::<serde_json::Value>().await.ok(),
+                ),
+                Err(_) => (0, None),
+            }
         }
     };
     // Redis unreachable: alive, never ready.
@@ -332,7 +338,7 @@ async fn worker_readiness_reflects_its_services() {
     let addr = stack.worker_metrics.last().unwrap().clone();
     let mut alive = 0;
     for _ in 0..100 {
-        alive = get(addr.clone(), "/healthz").await;
+        alive = get(addr.clone(), "/healthz").await.0;
         if alive == 200 {
             break;
         }
@@ -340,41 +346,28 @@ async fn worker_readiness_reflects_its_services() {
     }
     assert_eq!(alive, 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(get(addr.clone(), "/readyz").await, 503);
-    let answer = |addr: String| {
-        let client = client.clone();
-        async move {
-            client
-                .get(format!("http://{addr}/readyz"))
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
-        }
-    };
+    let (status, body) = get(addr.clone(), "/readyz").await;
+    assert_eq!(status, 503);
     assert_eq!(
-        answer(addr.clone()).await,
-        serde_json::json!({"database": "starting", "queue": "starting"})
+        body,
+        Some(serde_json::json!({"database": "starting", "queue": "starting"}))
     );
 
     // A worker with its services: ready.
     stack.start_worker("ready", &[]).await;
     let addr = stack.worker_metrics.last().unwrap().clone();
-    let mut ready = 0;
+    let mut ready = (0, None);
     for _ in 0..100 {
         ready = get(addr.clone(), "/readyz").await;
-        if ready == 200 {
+        if ready.0 == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(ready, 200, "{}", stack.logs());
+    assert_eq!(ready.0, 200, "{}", stack.logs());
     assert_eq!(
-        answer(addr).await,
-        serde_json::json!({"database": "ok", "queue": "ok"}),
+        ready.1,
+        Some(serde_json::json!({"database": "ok", "queue": "ok"})),
         "the worker answers like the API"
     );
 }
