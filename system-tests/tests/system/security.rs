@@ -568,6 +568,20 @@ async fn jobs_are_deleted_on_request_and_after_retention_once() {
     .await;
     assert_eq!(files(&stack, "inputs"), 0);
     assert_eq!(files(&stack, "outputs"), 0);
+    // The sweeper counts its deletions once its round has returned, a
+    // moment after the commit the row count sees: wait for the count, then
+    // give both instances two more rounds to count any job a second time.
+    wait_until(
+        "the deletions are counted",
+        Duration::from_secs(5),
+        || async {
+            deletions(&stack.client, &stack.api_url, "retention").await
+                + deletions(&stack.client, &second_url, "retention").await
+                >= 5.0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let first = deletions(&stack.client, &stack.api_url, "retention").await;
     let second = deletions(&stack.client, &second_url, "retention").await;
     assert_eq!(
