@@ -52,6 +52,14 @@ measure() {
 
 echo "## make load ($(nproc) cores, $(date -u +%Y-%m-%d), $duration a run)"
 echo
+# The kernel's writeback settings shape the tail at a fixed rate (README,
+# "How a job flows": one disk for PostgreSQL and the storage directory).
+vm() { cat "/proc/sys/vm/$1" 2>/dev/null || echo '?'; }
+echo "Kernel writeback: vm.dirty_background_bytes=$(vm dirty_background_bytes)" \
+  "(0: vm.dirty_background_ratio=$(vm dirty_background_ratio)% of memory)," \
+  "vm.dirty_expire_centisecs=$(vm dirty_expire_centisecs)," \
+  "vm.dirty_writeback_centisecs=$(vm dirty_writeback_centisecs)"
+echo
 measure "Small jobs (64x64 PNG, grayscale), flat out, 32 clients, $duration" \
   --action grayscale --image small --clients 32 --duration "$duration"
 for run in $(seq "$rate_runs"); do

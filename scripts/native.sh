@@ -240,7 +240,15 @@ up() {
   done
   curl -fsS "http://127.0.0.1:$API_PORT/v1/plugins" | grep -q '"grayscale"' \
     || die "the worker did not register the built-in plugins; see $STATE/logs/worker.log"
-  # A first client key, for the README quickstart (jobs need one).
+  # A first client key, for the README quickstart (jobs need one); made
+  # again when the database no longer knows the one kept (a new database,
+  # or the key revoked), so the printed curl commands keep working.
+  if [ -s "$STATE/client-key" ] && [ "$(curl -s -o /dev/null -w '%{http_code}' \
+      -H "Authorization: Bearer $(cat "$STATE/client-key")" \
+      "http://127.0.0.1:$API_PORT/v1/jobs?limit=1")" = 401 ]; then
+    echo "The client key in $STATE/client-key is not a live key of this database; making a new one." >&2
+    rm -f "$STATE/client-key"
+  fi
   if [ ! -s "$STATE/client-key" ]; then
     curl -fsS -X POST -H "Authorization: Bearer $(cat "$STATE/admin-token")" \
       -H 'Content-Type: application/json' -d '{"name": "make-up"}' \
