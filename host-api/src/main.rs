@@ -22,8 +22,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let settings = Cli::parse().settings;
-    let log = settings.log.clone();
-    imgflow_platform::logging::run_service("API", &log, async move {
+    let (log, threads) = (settings.log.clone(), settings.threads);
+    imgflow_platform::logging::run_service("API", &log, threads, async move {
         App::build(settings)
             .await?
             .run_until(imgflow_platform::shutdown::signal())

@@ -32,8 +32,8 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(settings) => {
-            let log = settings.log.clone();
-            imgflow_platform::logging::run_service("worker", &log, async move {
+            let (log, threads) = (settings.log.clone(), settings.threads);
+            imgflow_platform::logging::run_service("worker", &log, threads, async move {
                 Worker::build(*settings)
                     .await?
                     .run_until(imgflow_platform::shutdown::signal())

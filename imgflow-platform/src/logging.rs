@@ -34,24 +34,34 @@ pub fn init(default: &str, json: bool) -> LogGuard {
 pub struct LogGuard {
     _writer: tracing_appender::non_blocking::WorkerGuard,
 }
-use imgflow_settings::{LogArgs, LogFormat};
+use imgflow_settings::{LogArgs, LogFormat, ThreadArgs};
 
-/// Runs a service's main future on a new multi-threaded tokio runtime with
-/// logs set up as `log` says, and turns its outcome into the process exit
-/// code; a failure is logged with its whole cause chain.
+/// Runs a service's main future on a new multi-threaded tokio runtime (of
+/// as many threads as `threads` says) with logs set up as `log` says, and
+/// turns its outcome into the process exit code; a failure is logged with
+/// its whole cause chain.
 pub fn run_service<E: std::fmt::Display>(
     what: &str,
     log: &LogArgs,
+    threads: ThreadArgs,
     main: impl std::future::Future<Output = Result<(), E>>,
 ) -> std::process::ExitCode {
     let _logs = init("info", log.log_format == LogFormat::Json);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads.runtime_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        threads = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     let outcome = runtime.block_on(main);
     // The service has had its grace period: threads still busy (a decode
     // past its job's deadline) are not waited for.

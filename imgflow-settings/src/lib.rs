@@ -5,7 +5,7 @@
 //! means. [`ApiSettings`] are host-api's, [`WorkerSettings`] are
 //! `host-worker serve`'s; the groups both share ([`DatabaseArgs`],
 //! [`RedisArgs`], [`StorageArgs`], [`SandboxArgs`], [`SweepArgs`],
-//! [`LogArgs`]) are flattened into both, and [`SandboxArgs`] also into the
+//! [`LogArgs`], [`ThreadArgs`]) are flattened into both, and [`SandboxArgs`] also into the
 //! plugin author's `imgflow` command. The names are the original stack's
 //! where it had them (`DATABASE_URL` or `PG_*`, `REDIS_URL` or `REDIS_*`).
 //!
@@ -127,6 +127,18 @@ pub struct LogArgs {
     /// Log format: `json` (default) or `text`. `RUST_LOG` sets the level.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// The service's async runtime.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ThreadArgs {
+    /// Threads of the async runtime (default: one per CPU). On a small
+    /// host shared with PostgreSQL and Redis, fewer threads spend less CPU
+    /// per small job, and the worker runs its sandboxes on these threads,
+    /// so fewer also means fewer large jobs at once (README, "How a job
+    /// flows").
+    #[arg(long, env = "RUNTIME_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub runtime_threads: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------
@@ -502,6 +514,9 @@ pub struct ApiSettings {
     /// How logs are written.
     #[command(flatten)]
     pub log: LogArgs,
+    /// The async runtime's threads.
+    #[command(flatten)]
+    pub threads: ThreadArgs,
 }
 /// The API's HTTP timeouts and limits.
 #[derive(Debug, Clone, Args)]
@@ -646,6 +661,9 @@ pub struct WorkerSettings {
     /// How logs are written.
     #[command(flatten)]
     pub log: LogArgs,
+    /// The async runtime's threads.
+    #[command(flatten)]
+    pub threads: ThreadArgs,
 }
 
 #[cfg(test)]

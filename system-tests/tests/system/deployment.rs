@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use imgflow_testkit::stack::Stack;
 use imgflow_testkit::{binary, repo};
 use serde_yaml::Value;
 
@@ -476,4 +477,73 @@ fn every_error_code_is_in_the_readme() {
         let row = format!("| `{code}` | {} |", code.http_status());
         assert!(section.contains(&row), "README's Error codes lack {row}");
     }
+}
+
+/// How many threads the async runtime of the process logging to `log`
+/// says it has (its "async runtime started" line).
+fn runtime_threads(log: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read_to_string(log).expect("the process's log");
+    let line = text.lines().find(|l| l.contains("async runtime started"))?;
+    let json: Option<serde_json::Value> = serde_json::from_str(line).ok();
+    match json {
+        Some(v) => v["fields"]["threads"].as_u64().map(|n| n as usize),
+        None => line
+            .split_whitespace()
+            .find_map(|w| strip_ansi(w).strip_prefix("threads=")?.parse().ok()),
+    }
+}
+
+/// `word` without terminal colour codes.
+fn strip_ansi(word: &str) -> String {
+    let mut out = String::new();
+    let mut chars = word.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runtime_threads_sets_each_services_async_threads() {
+    // Zero is refused by name.
+    for binary_name in ["host-api", "host-worker"] {
+        let mut cmd = Command::new(binary(binary_name));
+        if binary_name == "host-worker" {
+            cmd.arg("serve");
+        }
+        let out = cmd.env("RUNTIME_THREADS", "0").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{binary_name} started with 0 threads"
+        );
+        assert!(
+            stderr.contains("RUNTIME_THREADS"),
+            "{binary_name}: {stderr}"
+        );
+    }
+    // One thread for the API, three for the worker: each runtime reports
+    // that many workers, and a job goes through both.
+    let mut stack = Stack::new().await;
+    let api = stack.start_api_process(&[("RUNTIME_THREADS", "1")]).await;
+    let worker = stack.start_worker_process("threads", &[("RUNTIME_THREADS", "3")]);
+    stack.wait_for_plugins().await;
+    assert_eq!(runtime_threads(&api.log), Some(1));
+    assert_eq!(
+        runtime_threads(&stack.workers[worker].process().log),
+        Some(3)
+    );
+    let job = stack
+        .submit_raw("action=grayscale", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let done = stack.wait_done(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
 }
