@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod auth;
 pub mod batches;
 pub mod body;

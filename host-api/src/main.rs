@@ -2,12 +2,12 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: a submission allocates and frees many small buffers on
-/// several threads, where glibc's allocator spent a tenth of the process's
-/// time (docs/BENCHMARKS.md, "The job path"). Not in the worker: there it
-/// kept freed image buffers longer, past the worker's memory budget test.
+/// mimalloc for small buffers, each large one mapped on its own and
+/// returned when freed, so `API_DECODE_MEMORY_MB` bounds the process's RSS
+/// ([`host_api::alloc`]). Not in the worker: there mimalloc kept freed image
+/// buffers longer, past the worker's memory budget test.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: host_api::alloc::Allocator = host_api::alloc::Allocator;
 
 use clap::Parser;
 use host_api::{App, Settings};
