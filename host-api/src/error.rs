@@ -143,8 +143,18 @@ impl From<QueueError> for ApiError {
 }
 
 impl From<StorageError> for ApiError {
+    /// A missing object is `410 image_missing` (asking again will not bring
+    /// it back); anything else is storage being unavailable (`503`).
     fn from(e: StorageError) -> ApiError {
-        ApiError::unavailable(ErrorCode::StorageUnavailable, "image storage", &e)
+        match e {
+            StorageError::NotFound(key) => ApiError::new(
+                ErrorCode::ImageMissing,
+                format!(
+                    "the job's stored image {key:?} is gone from storage (lost in a crash of the host before it reached the disk, or removed outside imgflow)"
+                ),
+            ),
+            e => ApiError::unavailable(ErrorCode::StorageUnavailable, "image storage", &e),
+        }
     }
 }
 

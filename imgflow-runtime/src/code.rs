@@ -160,6 +160,10 @@ error_codes! {
     JobCancelled = "job_cancelled", 409, false, Other;
     /// The job has finished, so it cannot be cancelled.
     JobFinished = "job_finished", 409, false, Other;
+    /// The job's stored image (its input or its result) is gone from
+    /// storage: lost in a crash of the host before it was written to disk,
+    /// or removed outside imgflow. It will not come back.
+    ImageMissing = "image_missing", 410, false, Other;
     /// Only a failed or cancelled job can be retried.
     JobNotRetryable = "job_not_retryable", 409, false, Other;
     /// No such batch (or none of its jobs is the caller's).

@@ -242,6 +242,8 @@ fn reader(bytes: &[u8]) -> Result<(MemReader<'_>, ImageFormat), CodecError> {
             ))
         }
     };
+    // Before any decoder reads the header: what it would inflate there.
+    crate::frames::header_chunks(bytes, format.container())?;
     Ok((reader, format))
 }
 

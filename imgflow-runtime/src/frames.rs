@@ -220,6 +220,60 @@ fn png(bytes: &[u8], canvas: (u32, u32)) -> Result<Frames, FrameError> {
     Ok(frames)
 }
 
+/// The most a PNG's colour profile (`iCCP`) may inflate to. Real profiles
+/// are a few kilobytes, the largest LUT profiles about a megabyte; the
+/// PNG decoder inflates the profile while reading the header, before any
+/// reservation, up to 512 MiB, so a 0.5 MB file could make it hold half a
+/// gigabyte outside `API_DECODE_MEMORY_MB`.
+pub const MAX_PROFILE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Checks what a decoder would inflate from a file's header chunks before
+/// it reads any pixels: a PNG's `iCCP` profile must inflate to at most
+/// [`MAX_PROFILE_BYTES`] (inflated here with that bound, so checking costs
+/// no more). Other containers hold nothing compressed in their headers.
+pub fn header_chunks(bytes: &[u8], container: Container) -> Result<(), FrameError> {
+    if container != Container::Png {
+        return Ok(());
+    }
+    let mut at = 8usize;
+    while let Some(header) = bytes.get(at..at + 8) {
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = &header[4..8];
+        let data = at + 8;
+        if kind == b"IDAT" || kind == b"IEND" {
+            break;
+        }
+        if kind == b"iCCP" {
+            let chunk = data
+                .checked_add(length)
+                .and_then(|end| bytes.get(data..end))
+                .ok_or_else(|| corrupt("the PNG ends inside its iCCP chunk".into()))?;
+            // The profile's name (up to 79 bytes), a zero, the method byte,
+            // then the zlib stream.
+            let stream = chunk
+                .iter()
+                .position(|&b| b == 0)
+                .and_then(|name_end| chunk.get(name_end + 2..))
+                .ok_or_else(|| corrupt("the PNG's iCCP chunk has no profile".into()))?;
+            miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(stream, MAX_PROFILE_BYTES)
+                .map_err(|e| match e.status {
+                    miniz_oxide::inflate::TINFLStatus::HasMoreOutput => corrupt(format!(
+                        "the PNG's colour profile (iCCP) inflates to more than {} MiB",
+                        MAX_PROFILE_BYTES / (1024 * 1024)
+                    )),
+                    status => corrupt(format!(
+                        "the PNG's colour profile (iCCP) is not zlib data: {status:?}"
+                    )),
+                })?;
+        }
+        at = match data.checked_add(length).and_then(|end| end.checked_add(4)) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    Ok(())
+}
+
 /// WebP: the canvas is the VP8X chunk's (or, for a simple file, its one
 /// bitstream's); each `ANMF` frame has a rectangle, and every bitstream
 /// (`VP8 `, `VP8L`) declares its own dimensions, which must be those of
@@ -329,6 +383,47 @@ fn bitstream_dimensions(kind: &[u8], data: &[u8]) -> Result<(u32, u32), FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 1x1 PNG whose iCCP chunk holds `profile` zero bytes, compressed.
+    fn png_with_profile(profile: usize) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            out.extend_from_slice(&[0; 4]); // the walk does not check CRCs
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        chunk(&mut png, b"IHDR", &[0, 0, 0, 1, 0, 0, 0, 1, 8, 6, 0, 0, 0]);
+        let mut iccp = b"icc\0\0".to_vec();
+        iccp.extend(miniz_oxide::deflate::compress_to_vec_zlib(
+            &vec![0; profile],
+            9,
+        ));
+        chunk(&mut png, b"iCCP", &iccp);
+        chunk(&mut png, b"IEND", &[]);
+        png
+    }
+
+    #[test]
+    fn a_png_profile_is_inflated_only_within_its_bound() {
+        assert_eq!(
+            header_chunks(&png_with_profile(3_144), Container::Png),
+            Ok(())
+        );
+        assert_eq!(
+            header_chunks(&png_with_profile(MAX_PROFILE_BYTES), Container::Png),
+            Ok(())
+        );
+        let refused = header_chunks(&png_with_profile(MAX_PROFILE_BYTES + 1), Container::Png);
+        assert!(
+            refused.as_ref().is_err_and(|e| e.0.contains("iCCP")),
+            "{refused:?}"
+        );
+        let mut not_zlib = png_with_profile(10);
+        let at = not_zlib.len() - 12 - 4 - 4; // inside the iCCP stream
+        not_zlib[at] ^= 0xff;
+        assert!(header_chunks(&not_zlib, Container::Png).is_err());
+    }
 
     /// A GIF with a `screen` and one frame `frame` = (x, y, w, h), whose
     /// image data is an empty LZW stream (enough for the walk).

@@ -44,6 +44,7 @@ use crate::state::AppState;
         (status = 403, description = "A signed URL with a wrong signature, or expired (`invalid_signature`)", body = ErrorBody),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
         (status = 409, description = "The job failed, was cancelled or has not finished (`job_failed`, `job_cancelled`, `job_not_finished`)", body = ErrorBody),
+        (status = 410, description = "The result is gone from storage (`image_missing`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))
@@ -86,6 +87,7 @@ pub async fn result(
         )),
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
+        (status = 410, description = "The input is gone from storage (`image_missing`)", body = ErrorBody),
         (status = 503, description = "PostgreSQL or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))

@@ -137,6 +137,87 @@ async fn decode_bombs_stay_within_the_decoding_budget() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
+/// A 1024x1024 PNG of half a megabyte whose colour profile (`iCCP`)
+/// inflates to 500 MiB: the PNG decoder inflates it while reading the
+/// header, before any reservation (found by a helper attacking the budget:
+/// 8 at once took the API to 3.0 GB against API_DECODE_MEMORY_MB=1024).
+fn profile_bomb() -> Vec<u8> {
+    let script = r#"
+import struct, sys, zlib
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+z = zlib.compressobj(9)
+profile = b"".join(z.compress(bytes(1 << 20)) for _ in range(500)) + z.flush()
+w = h = 1024
+r = zlib.compressobj(9)
+idat = b"".join(r.compress(b"\0" + b"\x80" * (4 * w)) for _ in range(h)) + r.flush()
+png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)) + chunk(b"iCCP", b"icc\0\0" + profile) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+sys.stdout.buffer.write(png)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_colour_profile_bomb_is_refused_before_it_inflates() {
+    let bomb = profile_bomb();
+    assert!(bomb.len() < 1024 * 1024, "{} bytes", bomb.len());
+    let mut stack = Stack::new().await;
+    let api = stack
+        .start_api_process(&[("API_DECODE_MEMORY_MB", "1024")])
+        .await;
+    let worker = stack.start_worker("profile-setup", &[]).await;
+    stack.wait_for_plugins().await;
+    stack.workers[worker].kill();
+
+    let idle = memory(&api, "VmRSS");
+    reset_peak(&api);
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        let (client, url, body) = (stack.client.clone(), stack.api_url.clone(), bomb.clone());
+        answers.push(tokio::spawn(async move {
+            let response = client
+                .post(format!("{url}/v1/jobs?action=grayscale"))
+                .header("content-type", "image/png")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.text().await.unwrap_or_default())
+        }));
+    }
+    for answer in answers {
+        let (status, body) = answer.await.unwrap();
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(
+            body.contains("corrupt_image") && body.contains("iCCP"),
+            "{body}"
+        );
+    }
+    let peak = memory(&api, "VmHWM");
+    println!(
+        "8 profile bombs: API RSS idle {} MiB, peak {} MiB",
+        idle / MIB,
+        peak / MIB
+    );
+    assert!(peak < idle + 200 * MIB, "peak RSS {} MiB", peak / MIB);
+    let pool = stack.pool().await;
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0, "no profile bomb is recorded");
+}
+
 /// Opens a connection that sends a request line and then one header line
 /// every `every`, never finishing; returns how long until the server
 /// closed it (or `None` if it was still open after `give_up`).

@@ -407,3 +407,44 @@ async fn a_wait_longer_than_max_wait_is_cut_to_it() {
         "a wait of 1h under MAX_WAIT=1s took {waited:?}"
     );
 }
+
+/// A finished job whose files were lost (a crash of the host before the
+/// kernel wrote them back; README, "A local STORAGE_URL is not synced file
+/// by file") answers `410 image_missing` for its result and its input,
+/// without `Retry-After`: asking again will not bring them back. Before,
+/// it answered `503 storage_unavailable`, which clients retry for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_image_is_gone_not_unavailable() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[]).await;
+    stack.start_worker("lost", &[]).await;
+    stack.wait_for_plugins().await;
+    let job = stack.submit_raw("action=grayscale", SMALL).await;
+    let done = stack.wait_done(&id(&job)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let mut lost = stack.stored("outputs");
+    lost.extend(stack.stored("inputs"));
+    assert_eq!(lost.len(), 2, "one input and one result: {lost:?}");
+    for file in &lost {
+        std::fs::remove_file(file).unwrap();
+    }
+    for what in ["result", "input"] {
+        let r = stack
+            .client
+            .get(format!("{}/v1/jobs/{}/{what}", stack.api_url, id(&job)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::GONE, "{what}");
+        assert!(r.headers().get("retry-after").is_none(), "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "image_missing", "{what}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("gone from storage"),
+            "{what}: {body}"
+        );
+    }
+}
