@@ -4,6 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use imgflow_platform::budget::BudgetError;
 use imgflow_platform::jobs::JobsError;
 use imgflow_platform::plugins::CatalogueError;
 use imgflow_platform::queue::QueueError;
@@ -139,6 +140,24 @@ impl From<sqlx::Error> for ApiError {
 impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> ApiError {
         ApiError::unavailable(ErrorCode::QueueUnavailable, "job queue", &e)
+    }
+}
+
+impl ApiError {
+    /// `API_DECODE_MEMORY_MB` had no room for `what` (receiving a body,
+    /// decoding an image): `422 image_too_large` if it never could, else
+    /// `503 decode_busy` (with `Retry-After`).
+    pub fn over_budget(e: BudgetError, what: &str) -> ApiError {
+        match e {
+            BudgetError::Never { .. } => ApiError::new(
+                ErrorCode::ImageTooLarge,
+                format!("{what} takes more memory than the API may use: {e}"),
+            ),
+            BudgetError::Busy { .. } => ApiError::new(
+                ErrorCode::DecodeBusy,
+                format!("the API is receiving and decoding other images ({what}: {e}); try again shortly"),
+            ),
+        }
     }
 }
 

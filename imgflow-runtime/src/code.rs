@@ -136,7 +136,7 @@ error_codes! {
     /// The `Idempotency-Key` was used before, by this client, for a
     /// different request.
     IdempotencyKeyReused = "idempotency_key_reused", 422, false, Submission;
-    /// The API's decoding budget (`API_DECODE_MEMORY_MB`) is spent; retry.
+    /// The API's budget for submitted images (`API_DECODE_MEMORY_MB`) is spent; retry.
     DecodeBusy = "decode_busy", 503, true, Submission;
     /// The client sent the request body too slowly (`BODY_READ_TIMEOUT`).
     RequestTimeout = "request_timeout", 408, false, Submission;

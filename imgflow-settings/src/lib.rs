@@ -457,12 +457,13 @@ pub struct ApiSettings {
     /// Delivery attempts in flight at once, per API instance.
     #[arg(long, env = "CALLBACK_CONCURRENCY", default_value_t = 16)]
     pub callback_concurrency: u32,
-    /// Memory for decoding submitted images to validate them, in MiB: a
-    /// submission reserves its decoded size (from the header) first.
+    /// Memory for submitted images, in MiB: a submission reserves its body
+    /// (its declared length, if over 64 KiB) before reading it, and its
+    /// decoded size (from the header) before decoding it to validate it.
     #[arg(long, env = "API_DECODE_MEMORY_MB", default_value_t = 1024)]
     pub api_decode_memory_mb: u32,
-    /// How long a submission waits for room in API_DECODE_MEMORY_MB before
-    /// it is answered 503 `decode_busy`.
+    /// How long a submission waits for room in API_DECODE_MEMORY_MB (for its
+    /// body, then for its decode) before it is answered 503 `decode_busy`.
     #[arg(long, env = "API_DECODE_WAIT", default_value = "2s")]
     pub api_decode_wait: HumanDuration,
     /// Finished jobs (rows, inputs, results, idempotency keys) are deleted

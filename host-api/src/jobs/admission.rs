@@ -8,6 +8,7 @@
 use axum::extract::{FromRequest, Multipart, Query, Request};
 use axum::http::{header, HeaderMap};
 use bytes::Bytes;
+use imgflow_platform::budget::Reservation;
 use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::submission::{Source, SubmitFields, IMAGE_FIELD};
 use imgflow_runtime::ErrorCode;
@@ -42,7 +43,8 @@ pub(crate) struct Admitted {
 
 /// Admission, cheapest first: credentials, what the headers allow for this
 /// kind, the declared size, the queue's room (and this client's share of
-/// it) for one job, then the body is read and its shape checked, and for a
+/// it) for one job, room in `API_DECODE_MEMORY_MB` for the body
+/// ([`reserve_body`]), then the body is read and its shape checked, and for a
 /// batch the room for every image. Every refusal before the body is read
 /// still reads (and drops) what the client is sending, so it sees the
 /// answer ([`body::refuse_early`]). The request is validated and the
@@ -75,7 +77,10 @@ pub(crate) async fn admit(
                 .1
         }
     };
-    let submission = read_submission(state, headers, request).await?;
+    let (memory, request) =
+        body::refuse_early(reserve_body(state, headers).await, request, limit).await?;
+    let mut submission = read_submission(state, headers, request).await?;
+    submission.memory = memory;
     kind.check(state, &submission)?;
     if kind == Kind::Batch {
         room(state, caller, submission.images.len() as u64).await?;
@@ -153,6 +158,40 @@ pub(crate) struct Submission {
     pub(crate) images: Vec<Bytes>,
     /// Everything else it says.
     pub(crate) fields: SubmitFields,
+    /// The body's room in `API_DECODE_MEMORY_MB` ([`reserve_body`]), given
+    /// back when the submission is dropped.
+    pub(crate) memory: Option<Reservation>,
+}
+
+/// Bodies up to this size are read without a reservation: however many
+/// connections send them at once (`MAX_CONNECTIONS`), they hold little.
+pub(crate) const SMALL_BODY: u64 = 64 * 1024;
+
+/// Reserves room for the request's body in `API_DECODE_MEMORY_MB` before
+/// it is read, so bodies being received count with images being decoded:
+/// many large uploads at once (or held open, sent slowly) cannot take the
+/// API past its budget. The declared `Content-Length` is reserved, or
+/// `MAX_BODY_BYTES` when none is declared; a body of at most
+/// [`SMALL_BODY`] is read without one. Waits at most `API_DECODE_WAIT`,
+/// then `503 decode_busy`.
+async fn reserve_body(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Reservation>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bytes = declared.unwrap_or(state.max_body_bytes as u64);
+    if bytes <= SMALL_BODY {
+        return Ok(None);
+    }
+    state
+        .decode_budget
+        .reserve_within(bytes, state.decode_wait)
+        .await
+        .map(Some)
+        .map_err(|e| ApiError::over_budget(e, "receiving this body"))
 }
 
 /// The job the caller submitted earlier with this request's
@@ -252,7 +291,11 @@ async fn read_submission(
             "name an action (or steps), in the query (?action=NAME) or the form (-F action=NAME)",
         ));
     }
-    Ok(Submission { images, fields })
+    Ok(Submission {
+        images,
+        fields,
+        memory: None,
+    })
 }
 
 /// Reads a multipart form: its `image` files (each within the body limit,

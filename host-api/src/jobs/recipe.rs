@@ -5,7 +5,6 @@
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use imgflow_platform::budget::BudgetError;
 use imgflow_platform::callbacks;
 use imgflow_platform::jobs::{JobRecord, NewJob, Submitted};
 use imgflow_platform::pipeline::{self, RequestedParams, Step, StepRequest};
@@ -290,16 +289,7 @@ async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, 
         .decode_budget
         .reserve_within(need, state.decode_wait)
         .await
-        .map_err(|e| match e {
-            BudgetError::Never { .. } => ApiError::new(
-                ErrorCode::ImageTooLarge,
-                format!("decoding this image takes more memory than the API may use: {e}"),
-            ),
-            BudgetError::Busy { .. } => ApiError::new(
-                ErrorCode::DecodeBusy,
-                format!("the API is decoding other images: {e}; try again shortly"),
-            ),
-        })?;
+        .map_err(|e| ApiError::over_budget(e, "decoding this image"))?;
     let image = image.clone();
     tokio::task::spawn_blocking(move || {
         let _reservation = reservation;

@@ -95,7 +95,12 @@ async fn read_and_accept(
     // job is made, so a refusal leaves nothing behind.
     let _slot = wait.map(|_| state.streams.take(caller)).transpose()?;
     let (status, job) = match earlier {
-        Some(job) => repeated(&job, &submission.fields.digest(&submission.image_sha256()))?,
+        Some(job) => {
+            let repeat = repeated(&job, &submission.fields.digest(&submission.image_sha256()));
+            // Its body's room is given back before any wait.
+            drop(submission);
+            repeat?
+        }
         None => accept(state, caller, headers, submission).await?,
     };
     match wait {

@@ -137,6 +137,76 @@ async fn decode_bombs_stay_within_the_decoding_budget() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
 
+/// Sends a `bytes`-long raw body on a new connection, all but its last
+/// byte, holds it `hold`, sends the last byte; returns the answer's status.
+async fn held_upload(addr: String, bytes: usize, hold: Duration) -> u16 {
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs?action=grayscale HTTP/1.1\r\nHost: imgflow\r\nContent-Type: image/png\r\nContent-Length: {bytes}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut body = vec![0u8; bytes];
+    body[..8].copy_from_slice(b"\x89PNG\r\n\x1a\n");
+    // A refused upload may be closed before all of it is sent.
+    if stream.write_all(&body[..bytes - 1]).await.is_ok() {
+        tokio::time::sleep(hold).await;
+        let _ = stream.write_all(&body[bytes - 1..]).await;
+    }
+    let mut answer = vec![0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut answer)).await {
+        Ok(Ok(_)) => String::from_utf8_lossy(&answer[9..12]).parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Bodies being received count in `API_DECODE_MEMORY_MB` with the images
+/// being decoded: 60 uploads of 16 MiB held open at once (960 MiB of
+/// bodies) against a 200 MiB budget. Before, nothing bounded them: a helper
+/// took the API to 2.0 GB with 60 such uploads of 32 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_held_open_stay_within_the_budget() {
+    let budget_mb = 200;
+    let body = 16 * 1024 * 1024;
+    let mut stack = Stack::new().await;
+    let api = stack
+        .start_api_process(&[
+            ("API_DECODE_MEMORY_MB", &budget_mb.to_string()),
+            ("API_DECODE_WAIT", "1s"),
+            ("MAX_BODY_BYTES", &body.to_string()),
+            ("BODY_READ_TIMEOUT", "30s"),
+        ])
+        .await;
+    let addr = stack.api_url.trim_start_matches("http://").to_string();
+    let idle = memory(&api, "VmRSS");
+    reset_peak(&api);
+    let uploads: Vec<_> = (0..60)
+        .map(|_| tokio::spawn(held_upload(addr.clone(), body, Duration::from_secs(3))))
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for upload in uploads {
+        *counts.entry(upload.await.unwrap()).or_insert(0) += 1;
+    }
+    let peak = memory(&api, "VmHWM");
+    println!(
+        "60 uploads of 16 MiB held open: answers {counts:?}; API RSS idle {} MiB, peak {} MiB (bound {} MiB)",
+        idle / MIB,
+        peak / MIB,
+        budget_mb + 300
+    );
+    // Read, then refused (no worker registered `grayscale`: 404), or no
+    // room in time (503 decode_busy).
+    for status in counts.keys() {
+        assert!([404, 503].contains(status), "{counts:?}");
+    }
+    assert!(counts.get(&503).copied().unwrap_or(0) >= 1, "{counts:?}");
+    assert!(counts.get(&404).copied().unwrap_or(0) >= 1, "{counts:?}");
+    assert!(
+        peak < (budget_mb + 300) * MIB,
+        "peak RSS {} MiB over API_DECODE_MEMORY_MB + 300 MiB",
+        peak / MIB
+    );
+}
+
 /// A 1024x1024 PNG of half a megabyte whose colour profile (`iCCP`)
 /// inflates to 500 MiB: the PNG decoder inflates it while reading the
 /// header, before any reservation (found by a helper attacking the budget:
