@@ -126,11 +126,11 @@ impl ApiMetrics {
             )?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
-                "The API's memory budget for decoding submitted images (API_DECODE_MEMORY_MB).",
+                "The API's memory budget for submitted images: bodies being received and images being decoded (API_DECODE_MEMORY_MB).",
             )?,
             decode_reserved: prometheus::IntGauge::new(
                 "api_decode_memory_reserved_bytes",
-                "What the submissions being decoded now hold of the decoding budget.",
+                "What submissions hold of that budget now: bodies being received, images being decoded.",
             )?,
             registry,
         };

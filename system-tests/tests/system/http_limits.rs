@@ -38,9 +38,50 @@ fn reset_peak(proc: &Proc) {
     std::fs::write(format!("/proc/{}/clear_refs", proc.child.id()), "5").unwrap();
 }
 
+/// What a Python script writes to standard output (the bombs are made by
+/// Python's zlib, which is quick at it).
+fn python(script: &str) -> Vec<u8> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Submits `body` as a raw PNG `n` times at once; the answers' statuses
+/// and bodies, in order.
+async fn submit_at_once(stack: &Stack, body: &[u8], n: usize) -> Vec<(StatusCode, String)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url) = (stack.client.clone(), stack.api_url.clone());
+            let body = body.to_vec();
+            tokio::spawn(async move {
+                let response = client
+                    .post(format!("{url}/v1/jobs?action=grayscale"))
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                (status, response.text().await.unwrap_or_default())
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(n);
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
 /// A PNG that declares 8192x8192 16-bit RGBA (512 MiB decoded) but is all
-/// zeros, compressed at zlib level 9 to about half a megabyte. Made by
-/// Python's zlib, which is quick at it.
+/// zeros, compressed at zlib level 9 to about half a megabyte.
 fn decode_bomb() -> Vec<u8> {
     let script = r#"
 import struct, sys, zlib
@@ -53,16 +94,7 @@ idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
 png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 sys.stdout.buffer.write(png)
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    python(script)
 }
 
 async fn submit_raw(stack: &Stack, body: Vec<u8>) -> (StatusCode, String) {
@@ -92,23 +124,9 @@ async fn decode_bombs_stay_within_the_decoding_budget() {
     let idle = memory(&api, "VmRSS");
     reset_peak(&api);
     let started = Instant::now();
-    let mut answers = Vec::new();
-    for _ in 0..40 {
-        let (client, url, body) = (stack.client.clone(), stack.api_url.clone(), bomb.clone());
-        answers.push(tokio::spawn(async move {
-            let response = client
-                .post(format!("{url}/v1/jobs?action=grayscale"))
-                .header("content-type", "image/png")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            response.status()
-        }));
-    }
     let mut counts = std::collections::BTreeMap::new();
-    for answer in answers {
-        *counts.entry(answer.await.unwrap().as_u16()).or_insert(0) += 1;
+    for (status, _) in submit_at_once(&stack, &bomb, 40).await {
+        *counts.entry(status.as_u16()).or_insert(0) += 1;
     }
     let elapsed = started.elapsed();
     let peak = memory(&api, "VmHWM");
@@ -224,16 +242,7 @@ idat = b"".join(r.compress(b"\0" + b"\x80" * (4 * w)) for _ in range(h)) + r.flu
 png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)) + chunk(b"iCCP", b"icc\0\0" + profile) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 sys.stdout.buffer.write(png)
 "#;
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    python(script)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -250,23 +259,7 @@ async fn a_colour_profile_bomb_is_refused_before_it_inflates() {
 
     let idle = memory(&api, "VmRSS");
     reset_peak(&api);
-    let mut answers = Vec::new();
-    for _ in 0..8 {
-        let (client, url, body) = (stack.client.clone(), stack.api_url.clone(), bomb.clone());
-        answers.push(tokio::spawn(async move {
-            let response = client
-                .post(format!("{url}/v1/jobs?action=grayscale"))
-                .header("content-type", "image/png")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            (status, response.text().await.unwrap_or_default())
-        }));
-    }
-    for answer in answers {
-        let (status, body) = answer.await.unwrap();
+    for (status, body) in submit_at_once(&stack, &bomb, 8).await {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert!(
             body.contains("corrupt_image") && body.contains("iCCP"),
