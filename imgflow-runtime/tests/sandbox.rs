@@ -223,6 +223,37 @@ fn each_job_gets_a_fresh_instance() {
 }
 
 #[test]
+fn a_job_finds_nothing_an_earlier_job_left_in_its_memory() {
+    // One slot, so the second job runs in the first one's memory, reused;
+    // whether that memory is zeroed in place (the first
+    // POOL_KEEP_RESIDENT_MB of it) or given back to the kernel.
+    for keep_resident_mb in [0, 4, 16, 64] {
+        let rt = Runtime::new(RuntimeConfig {
+            timeout: Duration::from_secs(10),
+            max_memory_bytes: 128 << 20,
+            max_concurrent_jobs: 1,
+            keep_resident_bytes: keep_resident_mb << 20,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime");
+        let plugin = load(&rt, "residue");
+        // The scan sees the pattern where it is: written in the same job.
+        match run(&rt, &plugin, &[("mode", "both"), ("seed", "7")]) {
+            Err(RunError::PluginFailed(message)) => assert!(message.contains("found"), "{message}"),
+            other => panic!("the scan did not see its own job's pattern: {other:?}"),
+        }
+        for seed in ["11", "12"] {
+            run(&rt, &plugin, &[("mode", "write"), ("seed", seed)]).expect("write");
+            let scanned = run(&rt, &plugin, &[("mode", "scan"), ("seed", seed)]);
+            assert!(
+                scanned.is_ok(),
+                "keep resident {keep_resident_mb} MiB: a job saw the earlier job's data: {scanned:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn load_refuses_what_is_not_a_filter_component() {
     let rt = runtime(Duration::from_secs(10), 128);
     let code = |r: Result<Plugin, LoadError>| r.map(|_| ()).unwrap_err();

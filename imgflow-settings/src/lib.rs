@@ -339,10 +339,12 @@ pub struct SandboxArgs {
     /// How hard PNG results are compressed: fast, default or best.
     #[arg(long, env = "PNG_COMPRESSION", value_enum, default_value_t = PngCompression::Fast)]
     pub png_compression: PngCompression,
-    /// How much of each pooled linear memory, in MiB, is zeroed in place
+    /// How much of each pooled linear memory, in MiB, is restored in place
     /// when a job ends rather than returned to the kernel: the next job on
     /// that slot then takes no page faults there (more resident memory per
-    /// slot, faster jobs; 0 returns it all).
+    /// slot, faster jobs; 0 returns it all). On Linux 6.7 and later only
+    /// the pages the job touched are restored; older kernels zero this
+    /// much whole after every job.
     #[arg(long, env = "POOL_KEEP_RESIDENT_MB", default_value_t = 16)]
     pub pool_keep_resident_mb: usize,
     /// Disable wasmtime's pooling allocator (slower instantiation, less
