@@ -224,9 +224,9 @@ fn each_job_gets_a_fresh_instance() {
 
 #[test]
 fn a_job_finds_nothing_an_earlier_job_left_in_its_memory() {
-    // One slot, so the second job runs in the first one's memory, reused;
-    // whether that memory is zeroed in place (the first
-    // POOL_KEEP_RESIDENT_MB of it) or given back to the kernel.
+    // One slot, so the second job runs in the first one's memory, reused:
+    // restored in place (the pages the job touched, within the first
+    // POOL_KEEP_RESIDENT_MB) or, beyond that, given back to the kernel.
     for keep_resident_mb in [0, 4, 16, 64] {
         let rt = Runtime::new(RuntimeConfig {
             timeout: Duration::from_secs(10),
