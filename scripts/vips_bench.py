@@ -5,6 +5,8 @@ One thread (VIPS_CONCURRENCY=1, set before libvips loads), the image decoded
 into memory first, as imgflow's figures are. Prints one JSON object, in ms:
   blur_<sigma>      gaussblur on the decoded pixels (median)
   grayscale         colourspace b-w on the decoded pixels (median)
+  resize_down, resize_up
+                    resize with the lanczos3 kernel to 320 wide, and 4x up
   job_blur_2, job_grayscale
                     a whole photo job: PNG bytes in, decode, op, PNG bytes out
 Usage: scripts/vips_bench.py IMAGE.png [SIGMA ...]
@@ -43,6 +45,9 @@ def main():
         runs = 3 if sigma >= 20 else 15
         out["blur_%g" % sigma] = median_ms(lambda: image.gaussblur(sigma).write_to_memory(), runs)
     out["grayscale"] = median_ms(lambda: image.colourspace("b-w").write_to_memory(), 15)
+    scale = 320 / image.width
+    out["resize_down"] = median_ms(lambda: image.resize(scale, kernel="lanczos3").write_to_memory(), 15)
+    out["resize_up"] = median_ms(lambda: image.resize(4, kernel="lanczos3").write_to_memory(), 5)
 
     def job(op):
         def run():

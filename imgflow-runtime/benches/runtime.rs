@@ -13,8 +13,9 @@
 //!    (`codec::validate`), on photos and on a decode bomb (8192x8192 16-bit
 //!    zeros).
 //!
-//! 5. `libvips`: on kodim23 (768x512), blur at sigma 2, 8 and 50 and
-//!    grayscale through the host, natively, and libvips measured in the same
+//! 5. `libvips`: on kodim23 (768x512), blur at sigma 2, 8 and 50,
+//!    grayscale, and a Lanczos3 resize to 320 wide and 4x up, through the
+//!    host, natively, and libvips measured in the same
 //!    run (`scripts/vips_bench.py`: one thread, decoded pixels in memory),
 //!    with the ratios the performance goals are stated in.
 //!
@@ -183,7 +184,10 @@ fn libvips(b: &Bench) {
         blur,
         ..
     } = b;
-    libvips_side_by_side(rt, runtime, grayscale, blur);
+    let resize = rt
+        .block_on(runtime.load_file(&plugins_dir().join("resize.wasm")))
+        .expect("make plugins first");
+    libvips_side_by_side(rt, runtime, grayscale, blur, &resize);
 }
 
 /// The `overhead` section.
@@ -308,6 +312,7 @@ fn libvips_side_by_side(
     runtime: &Runtime,
     grayscale: &imgflow_runtime::Plugin,
     blur: &imgflow_runtime::Plugin,
+    resize: &imgflow_runtime::Plugin,
 ) {
     let path = repo().join("tests/fixtures/photos/kodim23.png");
     let bytes = std::fs::read(&path).unwrap();
@@ -372,6 +377,34 @@ fn libvips_side_by_side(
         px
     });
     row("grayscale", wasm, native, vips_ms("grayscale"));
+    // Lanczos3 both ways: down to 320 wide, and 4x up (libvips's `resize`
+    // with the same kernel).
+    for (label, width, key, runs) in [
+        ("resize to 320 wide", 320u32, "resize_down", 15),
+        ("resize 4x up", w * 4, "resize_up", 5),
+    ] {
+        let width_text = width.to_string();
+        let params = resize
+            .params_from_pairs([("width", width_text.as_str())])
+            .unwrap();
+        let wasm = time(runs, || {
+            rt.block_on(runtime.apply(resize, image.clone(), &params))
+                .unwrap()
+        });
+        let native = time(runs, || {
+            imgflow_filters::resize(
+                w,
+                h,
+                image.as_raw(),
+                Some(width),
+                None,
+                imgflow_filters::Fit::Contain,
+                imgflow_filters::Filter::Lanczos3,
+            )
+            .unwrap()
+        });
+        row(label, wasm, native, vips_ms(key));
+    }
     if let (Some(g), Some(b)) = (vips_ms("job_grayscale"), vips_ms("job_blur_2")) {
         println!(
             "\nlibvips, a whole photo job (PNG bytes in, decode, filter, PNG bytes out), one thread: grayscale {g:.1} ms, blur sigma=2 {b:.1} ms, so {:.0} and {:.0} jobs/s on 2 cores (compare `make load`).",

@@ -150,20 +150,21 @@ pub fn gaussian_blur(
     if w == 0 || h == 0 {
         return Ok(Vec::new());
     }
-    let opaque = rgba.chunks_exact(4).all(|px| px[3] == 255);
-    let mut planes = to_f32(rgba, opaque);
+    let opaque = is_opaque(rgba);
     let row_len = w * 4;
     let mut out = vec![0u8; rgba.len()];
     if sigma < RECURSIVE_FROM {
         let kernel = gaussian_kernel(sigma);
         let half = &kernel[kernel.len() / 2..];
-        convolve_rows(&mut planes, w, half);
+        let planes = convolve_rows(rgba, w, opaque, half);
         let mut acc = vec![0.0f32; row_len];
         for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
             convolve_column_row(&planes, row_len, h, y, half, &mut acc);
             finish_row(&acc, opaque, out_row);
         }
     } else {
+        let mut planes = vec![0.0f32; rgba.len()];
+        to_f32(rgba, &mut planes, opaque);
         Recursive::new(sigma).blur(&mut planes, w);
         for (row, out_row) in planes
             .chunks_exact(row_len)
@@ -191,9 +192,36 @@ fn check(width: u32, height: u32, rgba: &[u8], sigma: f64) -> Result<(usize, usi
     Ok((w, h))
 }
 
-/// The pixels as `f32` in the 0..=255 scale, premultiplied unless `opaque`.
-fn to_f32(rgba: &[u8], opaque: bool) -> Vec<f32> {
-    let mut planes: Vec<f32> = rgba.iter().map(|&v| f32::from(v)).collect();
+/// Whether every alpha of `rgba` is 255, sixteen pixels at a time (a loop
+/// of one pixel a turn, compiled to WebAssembly, spent most of its time on
+/// the deadline check every loop makes).
+pub(crate) fn is_opaque(rgba: &[u8]) -> bool {
+    let mut blocks = rgba.chunks_exact(64);
+    let all = blocks.all(|b| b.chunks_exact(4).fold(255, |m, px| m & px[3]) == 255);
+    all && blocks.remainder().chunks_exact(4).all(|px| px[3] == 255)
+}
+
+/// Every sample of `rgba` as an `f32`.
+pub(crate) fn samples_f32(rgba: &[u8]) -> Vec<f32> {
+    let mut planes = vec![0.0f32; rgba.len()];
+    to_f32(rgba, &mut planes, true);
+    planes
+}
+
+/// The pixels `rgba` as `f32` in the 0..=255 scale into `planes` (as long),
+/// premultiplied unless `opaque`; sixteen samples a turn (for the same
+/// reason as [`is_opaque`]).
+fn to_f32(rgba: &[u8], planes: &mut [f32], opaque: bool) {
+    let done = rgba.len() / 16 * 16;
+    let mut blocks = planes.chunks_exact_mut(16);
+    for (p, v) in (&mut blocks).zip(rgba.chunks_exact(16)) {
+        for j in 0..16 {
+            p[j] = f32::from(v[j]);
+        }
+    }
+    for (p, &v) in blocks.into_remainder().iter_mut().zip(&rgba[done..]) {
+        *p = f32::from(v);
+    }
     if !opaque {
         for px in planes.chunks_exact_mut(4) {
             let k = px[3] * (1.0 / 255.0);
@@ -202,18 +230,28 @@ fn to_f32(rgba: &[u8], opaque: bool) -> Vec<f32> {
             px[2] *= k;
         }
     }
-    planes
 }
 
 /// Blurred samples back to 8-bit straight alpha: divided by alpha unless
 /// `opaque` (then alpha is 255 by construction).
 fn finish_row(acc: &[f32], opaque: bool, out: &mut [u8]) {
     if opaque {
-        for (o, &v) in out.iter_mut().zip(acc) {
-            *o = to_u8(v);
+        // Four pixels at a time: compiled to WebAssembly, a loop of one
+        // vector a turn spent more on its deadline check and reloading
+        // constants than on the conversion.
+        let done = out.len() / 16 * 16;
+        let mut blocks = out.chunks_exact_mut(16);
+        for (o, a) in (&mut blocks).zip(acc.chunks_exact(16)) {
+            for j in 0..16 {
+                o[j] = if j % 4 == 3 { 255 } else { to_u8(a[j]) };
+            }
         }
-        for px in out.chunks_exact_mut(4) {
-            px[3] = 255;
+        for (j, o) in blocks.into_remainder().iter_mut().enumerate() {
+            *o = if j % 4 == 3 {
+                255
+            } else {
+                to_u8(acc[done + j])
+            };
         }
         return;
     }
@@ -228,34 +266,37 @@ fn finish_row(acc: &[f32], opaque: bool, out: &mut [u8]) {
     }
 }
 
-/// The horizontal pass of the direct convolution, in place: each row padded
-/// with its edge pixels, then `half[0] * centre + sum half[k] * (left_k +
-/// right_k)`, a whole row at a time.
-fn convolve_rows(planes: &mut [f32], w: usize, half: &[f32]) {
+/// The horizontal pass of the direct convolution: each row of `rgba`
+/// converted to `f32` (premultiplied unless `opaque`) straight into a
+/// buffer padded with its edge pixels, then `half[0] * centre + sum
+/// half[k] * (left_k + right_k)` into the returned planes, a whole row at
+/// a time.
+#[inline(never)]
+fn convolve_rows(rgba: &[u8], w: usize, opaque: bool, half: &[f32]) -> Vec<f32> {
     let r = half.len() - 1;
     let row_len = w * 4;
+    let mut planes = vec![0.0f32; rgba.len()];
     let mut padded = vec![0.0f32; (w + 2 * r) * 4];
-    for row in planes.chunks_exact_mut(row_len) {
-        let (first, last) = (
-            [row[0], row[1], row[2], row[3]],
-            [
-                row[row_len - 4],
-                row[row_len - 3],
-                row[row_len - 2],
-                row[row_len - 1],
-            ],
-        );
+    for (src, row) in rgba
+        .chunks_exact(row_len)
+        .zip(planes.chunks_exact_mut(row_len))
+    {
+        to_f32(src, &mut padded[r * 4..(r + w) * 4], opaque);
+        let (first, last) = (r * 4, (r + w - 1) * 4);
         for i in 0..r {
-            padded[i * 4..i * 4 + 4].copy_from_slice(&first);
-            let j = r + w + i;
-            padded[j * 4..j * 4 + 4].copy_from_slice(&last);
+            padded.copy_within(first..first + 4, i * 4);
+            padded.copy_within(last..last + 4, (r + w + i) * 4);
         }
-        padded[r * 4..(r + w) * 4].copy_from_slice(row);
-        symmetric_taps(row, half, |k| &padded[k * 4..k * 4 + row_len]);
+        let taps: Vec<&[f32]> = (0..=2 * r)
+            .map(|k| &padded[k * 4..k * 4 + row_len])
+            .collect();
+        symmetric_taps(row, half, &taps);
     }
+    planes
 }
 
 /// One output row `y` of the vertical pass, into `acc`.
+#[inline(never)]
 fn convolve_column_row(
     planes: &[f32],
     row_len: usize,
@@ -265,25 +306,117 @@ fn convolve_column_row(
     acc: &mut [f32],
 ) {
     let r = half.len() - 1;
-    symmetric_taps(acc, half, |k| {
-        let sy = (y + k).saturating_sub(r).min(h - 1);
-        &planes[sy * row_len..(sy + 1) * row_len]
-    });
+    let taps: Vec<&[f32]> = (0..=2 * r)
+        .map(|k| {
+            let sy = (y + k).saturating_sub(r).min(h - 1);
+            &planes[sy * row_len..(sy + 1) * row_len]
+        })
+        .collect();
+    symmetric_taps(acc, half, &taps);
 }
 
-/// `out = half[0] * tap(r) + sum over k in 1..=r of half[k] * (tap(r - k) +
-/// tap(r + k))`, element-wise, where `tap(i)` is the input shifted by `i - r`.
-#[inline]
-fn symmetric_taps<'a>(out: &mut [f32], half: &[f32], tap: impl Fn(usize) -> &'a [f32]) {
+/// How many samples the passes of [`symmetric_taps`] handle at once (two
+/// pixels, two 128-bit vectors: with the taps of two pairs loaded, that
+/// still fits in the registers).
+const BLOCK: usize = 8;
+
+/// `out = half[0] * taps[r] + sum over k in 1..=r of half[k] *
+/// (taps[r - k] + taps[r + k])`, element-wise (`taps` holds `2 r + 1`
+/// slices at least as long as `out`), in that order for every sample, so
+/// the result is the same whatever the blocking or the target.
+///
+/// The first tap pair with the centre, then two pairs per pass over the
+/// row, each pass a small function of its own. Compiled to WebAssembly, code that keeps many vectors live has
+/// them spilled to memory (LLVM emits every load of a block first, and the
+/// sandbox's deadline check at each loop header is a call), and inlined
+/// into one large function everything was: 3x native. A pass keeps two
+/// weights, two vectors of sums and the block's loads in registers, and
+/// its row stays in the cache between passes.
+fn symmetric_taps(out: &mut [f32], half: &[f32], taps: &[&[f32]]) {
     let r = half.len() - 1;
-    for (o, &c) in out.iter_mut().zip(tap(r)) {
-        *o = half[0] * c;
-    }
-    for (k, &weight) in half.iter().enumerate().skip(1) {
-        let (left, right) = (tap(r - k), tap(r + k));
-        for ((o, &a), &b) in out.iter_mut().zip(left).zip(right) {
-            *o += weight * (a + b);
+    if r == 0 {
+        for (o, &c) in out.iter_mut().zip(taps[0]) {
+            *o = half[0] * c;
         }
+        return;
+    }
+    first_pass(out, half[0], taps[r], half[1], taps[r - 1], taps[r + 1]);
+    let mut k = 2;
+    while k < r {
+        let (l, m) = (k + 1, k);
+        pass_two(
+            out,
+            (half[m], taps[r - m], taps[r + m]),
+            (half[l], taps[r - l], taps[r + l]),
+        );
+        k += 2;
+    }
+    if k == r {
+        pass_one(out, half[k], taps[r - k], taps[r + k]);
+    }
+}
+
+/// `out = cw * c + w * (a + b)`, element-wise.
+#[inline(never)]
+fn first_pass(out: &mut [f32], cw: f32, c: &[f32], w: f32, a: &[f32], b: &[f32]) {
+    let n = out.len();
+    let (c, a, b) = (&c[..n], &a[..n], &b[..n]);
+    let done = n / BLOCK * BLOCK;
+    let mut blocks = out.chunks_exact_mut(BLOCK);
+    for (((o, c), a), b) in (&mut blocks)
+        .zip(c.chunks_exact(BLOCK))
+        .zip(a.chunks_exact(BLOCK))
+        .zip(b.chunks_exact(BLOCK))
+    {
+        for j in 0..BLOCK {
+            o[j] = cw * c[j] + w * (a[j] + b[j]);
+        }
+    }
+    for (o, i) in blocks.into_remainder().iter_mut().zip(done..) {
+        *o = cw * c[i] + w * (a[i] + b[i]);
+    }
+}
+
+/// `out += w * (a + b)`, element-wise.
+#[inline(never)]
+fn pass_one(out: &mut [f32], w: f32, a: &[f32], b: &[f32]) {
+    let n = out.len();
+    let (a, b) = (&a[..n], &b[..n]);
+    let done = n / BLOCK * BLOCK;
+    let mut blocks = out.chunks_exact_mut(BLOCK);
+    for ((o, a), b) in (&mut blocks)
+        .zip(a.chunks_exact(BLOCK))
+        .zip(b.chunks_exact(BLOCK))
+    {
+        for j in 0..BLOCK {
+            o[j] += w * (a[j] + b[j]);
+        }
+    }
+    for (o, i) in blocks.into_remainder().iter_mut().zip(done..) {
+        *o += w * (a[i] + b[i]);
+    }
+}
+
+/// `out = out + w * (a + b) + v * (c + d)`, element-wise, in that order:
+/// two tap pairs in one pass.
+#[inline(never)]
+fn pass_two(out: &mut [f32], (w, a, b): (f32, &[f32], &[f32]), (v, c, d): (f32, &[f32], &[f32])) {
+    let n = out.len();
+    let (a, b, c, d) = (&a[..n], &b[..n], &c[..n], &d[..n]);
+    let done = n / BLOCK * BLOCK;
+    let mut blocks = out.chunks_exact_mut(BLOCK);
+    for ((((o, a), b), c), d) in (&mut blocks)
+        .zip(a.chunks_exact(BLOCK))
+        .zip(b.chunks_exact(BLOCK))
+        .zip(c.chunks_exact(BLOCK))
+        .zip(d.chunks_exact(BLOCK))
+    {
+        for j in 0..BLOCK {
+            o[j] = o[j] + w * (a[j] + b[j]) + v * (c[j] + d[j]);
+        }
+    }
+    for (o, i) in blocks.into_remainder().iter_mut().zip(done..) {
+        *o = *o + w * (a[i] + b[i]) + v * (c[i] + d[i]);
     }
 }
 
@@ -292,7 +425,7 @@ fn symmetric_taps<'a>(out: &mut [f32], half: &[f32], tap: impl Fn(usize) -> &'a 
 /// a float-to-integer cast this compiles to vector instructions.
 #[inline]
 fn to_u8(v: f32) -> u8 {
-    (v.clamp(0.0, 255.0) + 8_388_608.0).to_bits() as u8
+    (crate::geometry::clamp_u8_range(v) + 8_388_608.0).to_bits() as u8
 }
 
 /// Deriche's fourth-order recursive Gaussian ("Recursively implementing the

@@ -302,8 +302,8 @@ pub fn resize(
             )));
         }
     }
-    let opaque = rgba.chunks_exact(4).all(|p| p[3] == 255);
-    let mut planes: Vec<f32> = rgba.iter().map(|&v| f32::from(v)).collect();
+    let opaque = crate::blur::is_opaque(rgba);
+    let mut planes = crate::blur::samples_f32(rgba);
     if !opaque {
         for px in planes.chunks_exact_mut(4) {
             let a = px[3] / 255.0;
@@ -319,23 +319,70 @@ pub fn resize(
     // Cover: crop the overflow evenly.
     let (cw, ch) = (cw as usize, ch as usize);
     let (x0, y0) = ((tw - cw) / 2, (th - ch) / 2);
-    let mut out = Vec::with_capacity(cw * ch * 4);
-    for y in y0..y0 + ch {
+    let mut out = vec![0u8; cw * ch * 4];
+    for (y, dst) in (y0..y0 + ch).zip(out.chunks_exact_mut(cw * 4)) {
         let row = &both[(y * tw + x0) * 4..(y * tw + x0 + cw) * 4];
-        for px in row.chunks_exact(4) {
-            let a = px[3].clamp(0.0, 255.0);
-            let scale = if opaque || a == 0.0 { 1.0 } else { 255.0 / a };
-            for c in &px[..3] {
-                out.push(to_u8(c * scale));
-            }
-            out.push(to_u8(a));
-        }
+        finish_row(row, opaque, dst);
     }
     Ok((cw as u32, ch as u32, out))
 }
 
+/// One row of resampled samples back to 8-bit straight alpha: divided by
+/// alpha unless `opaque`; four pixels a turn when opaque (compiled to
+/// WebAssembly, a loop of one sample a turn spent most of its time on the
+/// deadline check every loop makes).
+#[inline(never)]
+fn finish_row(row: &[f32], opaque: bool, out: &mut [u8]) {
+    if opaque {
+        let done = out.len() / 16 * 16;
+        let mut blocks = out.chunks_exact_mut(16);
+        for (o, r) in (&mut blocks).zip(row.chunks_exact(16)) {
+            for j in 0..16 {
+                o[j] = to_u8(r[j]);
+            }
+        }
+        for (o, &r) in blocks.into_remainder().iter_mut().zip(&row[done..]) {
+            *o = to_u8(r);
+        }
+        return;
+    }
+    for (px, o) in row.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+        let a = px[3].clamp(0.0, 255.0);
+        let scale = if a == 0.0 { 1.0 } else { 255.0 / a };
+        o[0] = to_u8(px[0] * scale);
+        o[1] = to_u8(px[1] * scale);
+        o[2] = to_u8(px[2] * scale);
+        o[3] = to_u8(a);
+    }
+}
+
+/// Rounds to the nearest integer, halves away from zero, within `0..=255`:
+/// what `v.round().clamp(0.0, 255.0) as u8` gives, in operations that
+/// compile to vector instructions (WebAssembly has no `round`, which was a
+/// library call per sample, and `as u8` a saturating conversion with
+/// branches): adding 2^23 rounds to the nearest integer, halves to even,
+/// and leaves it in the low mantissa bits; a half that went down to even
+/// is then taken up.
+#[inline]
 fn to_u8(v: f32) -> u8 {
-    v.round().clamp(0.0, 255.0) as u8
+    const MAGIC: f32 = 8_388_608.0;
+    let v = clamp_u8_range(v);
+    let even = (v + MAGIC) - MAGIC;
+    let r = if v - even == 0.5 { even + 1.0 } else { even };
+    (r + MAGIC).to_bits() as u8
+}
+
+/// `v` within `0.0..=255.0` (`NaN` gives 0), written as comparisons and
+/// selects, which compile to single vector instructions, where `clamp`'s
+/// NaN rules compile to several in WebAssembly.
+#[inline]
+pub(crate) fn clamp_u8_range(v: f32) -> f32 {
+    let v = if v > 0.0 { v } else { 0.0 };
+    if v < 255.0 {
+        v
+    } else {
+        255.0
+    }
 }
 
 /// For each output position along an axis of `from` samples resized to
@@ -371,12 +418,29 @@ fn resample_columns(src: &[f32], w: usize, h: usize, to: usize, filter: Filter) 
         let dst = &mut out[y * row..(y + 1) * row];
         for (k, weight) in taps.into_iter().enumerate() {
             let line = &src[(left + k) * row..(left + k + 1) * row];
-            for (d, s) in dst.iter_mut().zip(line) {
-                *d += s * weight;
-            }
+            add_scaled(dst, line, weight);
         }
     }
     out
+}
+
+/// `dst += line * weight`, element-wise, sixteen samples a turn (a loop of
+/// one vector a turn, compiled to WebAssembly, reloaded the weight and
+/// checked the deadline for every four samples).
+#[inline(never)]
+fn add_scaled(dst: &mut [f32], line: &[f32], weight: f32) {
+    let n = dst.len().min(line.len());
+    let (dst, line) = (&mut dst[..n], &line[..n]);
+    let done = n / 16 * 16;
+    let mut blocks = dst.chunks_exact_mut(16);
+    for (d, s) in (&mut blocks).zip(line.chunks_exact(16)) {
+        for j in 0..16 {
+            d[j] += s[j] * weight;
+        }
+    }
+    for (d, &s) in blocks.into_remainder().iter_mut().zip(&line[done..]) {
+        *d += s * weight;
+    }
 }
 
 /// Resizes each row of a `w` x `h` RGBA plane to `to` columns.
@@ -388,8 +452,24 @@ fn resample_rows(src: &[f32], w: usize, h: usize, to: usize, filter: Filter) -> 
         let dst = &mut out[y * to * 4..(y + 1) * to * 4];
         for (x, (left, ws)) in taps.iter().enumerate() {
             let mut acc = [0.0f32; 4];
-            for (k, weight) in ws.iter().enumerate() {
-                let p = &line[(left + k) * 4..(left + k) * 4 + 4];
+            let taps = &line[left * 4..(left + ws.len()) * 4];
+            // Four taps a turn, in order: the sums stay in registers for
+            // them (a loop of one tap a turn, compiled to WebAssembly,
+            // stored and reloaded them around its deadline check).
+            let mut quads = ws.chunks_exact(4);
+            let mut pixels = taps.chunks_exact(16);
+            for (w4, p4) in (&mut quads).zip(&mut pixels) {
+                for t in 0..4 {
+                    for c in 0..4 {
+                        acc[c] += p4[t * 4 + c] * w4[t];
+                    }
+                }
+            }
+            for (weight, p) in quads
+                .remainder()
+                .iter()
+                .zip(pixels.remainder().chunks_exact(4))
+            {
                 for c in 0..4 {
                     acc[c] += p[c] * weight;
                 }
