@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+use crate::pixels::{clamp_u8_range, is_opaque, to_f32};
+
 /// The largest `sigma` the blur accepts, in pixels.
 pub const MAX_SIGMA: f64 = 50.0;
 
@@ -192,46 +194,6 @@ fn check(width: u32, height: u32, rgba: &[u8], sigma: f64) -> Result<(usize, usi
     Ok((w, h))
 }
 
-/// Whether every alpha of `rgba` is 255, sixteen pixels at a time (a loop
-/// of one pixel a turn, compiled to WebAssembly, spent most of its time on
-/// the deadline check every loop makes).
-pub(crate) fn is_opaque(rgba: &[u8]) -> bool {
-    let mut blocks = rgba.chunks_exact(64);
-    let all = blocks.all(|b| b.chunks_exact(4).fold(255, |m, px| m & px[3]) == 255);
-    all && blocks.remainder().chunks_exact(4).all(|px| px[3] == 255)
-}
-
-/// Every sample of `rgba` as an `f32`.
-pub(crate) fn samples_f32(rgba: &[u8]) -> Vec<f32> {
-    let mut planes = vec![0.0f32; rgba.len()];
-    to_f32(rgba, &mut planes, true);
-    planes
-}
-
-/// The pixels `rgba` as `f32` in the 0..=255 scale into `planes` (as long),
-/// premultiplied unless `opaque`; sixteen samples a turn (for the same
-/// reason as [`is_opaque`]).
-fn to_f32(rgba: &[u8], planes: &mut [f32], opaque: bool) {
-    let done = rgba.len() / 16 * 16;
-    let mut blocks = planes.chunks_exact_mut(16);
-    for (p, v) in (&mut blocks).zip(rgba.chunks_exact(16)) {
-        for j in 0..16 {
-            p[j] = f32::from(v[j]);
-        }
-    }
-    for (p, &v) in blocks.into_remainder().iter_mut().zip(&rgba[done..]) {
-        *p = f32::from(v);
-    }
-    if !opaque {
-        for px in planes.chunks_exact_mut(4) {
-            let k = px[3] * (1.0 / 255.0);
-            px[0] *= k;
-            px[1] *= k;
-            px[2] *= k;
-        }
-    }
-}
-
 /// Blurred samples back to 8-bit straight alpha: divided by alpha unless
 /// `opaque` (then alpha is 255 by construction).
 fn finish_row(acc: &[f32], opaque: bool, out: &mut [u8]) {
@@ -326,10 +288,11 @@ const BLOCK: usize = 8;
 /// the result is the same whatever the blocking or the target.
 ///
 /// The first tap pair with the centre, then two pairs per pass over the
-/// row, each pass a small function of its own. Compiled to WebAssembly, code that keeps many vectors live has
-/// them spilled to memory (LLVM emits every load of a block first, and the
-/// sandbox's deadline check at each loop header is a call), and inlined
-/// into one large function everything was: 3x native. A pass keeps two
+/// row, each pass a small function of its own. Compiled to WebAssembly,
+/// code that keeps many vectors live has them spilled to memory (LLVM
+/// emits every load of a block first, and the sandbox's deadline check at
+/// each loop header is a call), and inlined into one large function
+/// everything was: 3x native. A pass keeps two
 /// weights, two vectors of sums and the block's loads in registers, and
 /// its row stays in the cache between passes.
 fn symmetric_taps(out: &mut [f32], half: &[f32], taps: &[&[f32]]) {
@@ -343,11 +306,10 @@ fn symmetric_taps(out: &mut [f32], half: &[f32], taps: &[&[f32]]) {
     first_pass(out, half[0], taps[r], half[1], taps[r - 1], taps[r + 1]);
     let mut k = 2;
     while k < r {
-        let (l, m) = (k + 1, k);
         pass_two(
             out,
-            (half[m], taps[r - m], taps[r + m]),
-            (half[l], taps[r - l], taps[r + l]),
+            (half[k], taps[r - k], taps[r + k]),
+            (half[k + 1], taps[r - k - 1], taps[r + k + 1]),
         );
         k += 2;
     }
@@ -425,7 +387,7 @@ fn pass_two(out: &mut [f32], (w, a, b): (f32, &[f32], &[f32]), (v, c, d): (f32, 
 /// a float-to-integer cast this compiles to vector instructions.
 #[inline]
 fn to_u8(v: f32) -> u8 {
-    (crate::geometry::clamp_u8_range(v) + 8_388_608.0).to_bits() as u8
+    (clamp_u8_range(v) + 8_388_608.0).to_bits() as u8
 }
 
 /// Deriche's fourth-order recursive Gaussian ("Recursively implementing the

@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use crate::pixels::{clamp_u8_range, is_opaque, samples_f32};
+
 /// The largest width or height [`resize`] produces (the host's own image
 /// limits may be lower; its check still applies).
 pub const MAX_SIDE: u32 = 16_384;
@@ -302,8 +304,8 @@ pub fn resize(
             )));
         }
     }
-    let opaque = crate::blur::is_opaque(rgba);
-    let mut planes = crate::blur::samples_f32(rgba);
+    let opaque = is_opaque(rgba);
+    let mut planes = samples_f32(rgba);
     if !opaque {
         for px in planes.chunks_exact_mut(4) {
             let a = px[3] / 255.0;
@@ -370,19 +372,6 @@ fn to_u8(v: f32) -> u8 {
     let even = (v + MAGIC) - MAGIC;
     let r = if v - even == 0.5 { even + 1.0 } else { even };
     (r + MAGIC).to_bits() as u8
-}
-
-/// `v` within `0.0..=255.0` (`NaN` gives 0), written as comparisons and
-/// selects, which compile to single vector instructions, where `clamp`'s
-/// NaN rules compile to several in WebAssembly.
-#[inline]
-pub(crate) fn clamp_u8_range(v: f32) -> f32 {
-    let v = if v > 0.0 { v } else { 0.0 };
-    if v < 255.0 {
-        v
-    } else {
-        255.0
-    }
 }
 
 /// For each output position along an axis of `from` samples resized to

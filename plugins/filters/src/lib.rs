@@ -11,6 +11,7 @@
 mod blur;
 mod geometry;
 mod grayscale;
+mod pixels;
 mod sharpen;
 
 pub use blur::{
