@@ -16,6 +16,7 @@ const WIT: &str = include_str!("../../wit/filter.wit");
 const CARGO_TOML: &str = include_str!("../scaffold/Cargo.toml.in");
 const LIB_RS: &str = include_str!("../scaffold/lib.rs.in");
 const GITIGNORE: &str = include_str!("../scaffold/gitignore.in");
+const CARGO_CONFIG: &str = include_str!("../scaffold/cargo-config.toml.in");
 
 /// Arguments of `imgflow new`.
 #[derive(Debug, Args)]
@@ -39,6 +40,7 @@ pub fn files(name: &str) -> Vec<(&'static str, String)> {
         ("src/lib.rs", fill(LIB_RS)),
         ("wit/filter.wit", WIT.to_string()),
         (".gitignore", GITIGNORE.to_string()),
+        (".cargo/config.toml", CARGO_CONFIG.to_string()),
     ]
 }
 
@@ -108,5 +110,6 @@ mod tests {
         assert!(files[0].1.contains("my_filter.wasm"));
         assert!(files[1].1.contains("name: \"my-filter\".into()"));
         assert!(files[2].1.contains("world filter"));
+        assert!(files[4].1.contains("+simd128"));
     }
 }

@@ -382,7 +382,13 @@ fn imgflow_new_refuses_bad_names_and_occupied_directories() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    for file in ["Cargo.toml", "src/lib.rs", "wit/filter.wit", ".gitignore"] {
+    for file in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "wit/filter.wit",
+        ".gitignore",
+        ".cargo/config.toml",
+    ] {
         assert!(target.join(file).is_file(), "{file}");
     }
     assert_eq!(
