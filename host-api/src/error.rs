@@ -30,6 +30,8 @@ pub struct ApiError {
     message: String,
     /// `Retry-After` in seconds, when the default does not fit.
     retry_after: Option<u64>,
+    /// More headers the answer carries.
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 /// The body of every error answer.
@@ -55,7 +57,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// The error, answered with header `name` set to `value`.
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
     }
 
     /// The error, answered with `Retry-After: seconds` (at least 1).
@@ -230,6 +239,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is not read: the connection cannot be
             // reused.

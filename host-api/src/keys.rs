@@ -26,6 +26,11 @@ pub struct Key {
     pub name: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Its own rate of submissions in jobs a second (0: no limit);
+    /// `null`: the API's default (`KEY_RATE_LIMIT`).
+    pub rate_per_second: Option<f64>,
+    /// Its own burst; `null`: the API's default (`KEY_RATE_BURST`).
+    pub rate_burst: Option<i32>,
 }
 
 impl From<&KeyRecord> for Key {
@@ -34,8 +39,27 @@ impl From<&KeyRecord> for Key {
             id: k.id,
             name: k.name.clone(),
             created_at: k.created_at,
+            rate_per_second: k.rate.rate_per_second,
+            rate_burst: k.rate.rate_burst,
         }
     }
+}
+
+/// Body of `PUT /v1/keys/{id}/limits`: a key's own limits; a field left
+/// out or `null` is the API's default.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    /// Jobs a second the key may submit, across every API instance; 0: no
+    /// limit.
+    #[schema(example = 20.0)]
+    #[serde(default)]
+    rate_per_second: Option<f64>,
+    /// How many jobs it may submit at once (1 or more); left out: one
+    /// second's worth of its rate.
+    #[schema(example = 40)]
+    #[serde(default)]
+    rate_burst: Option<i32>,
 }
 
 /// A key just created, with its secret: shown only in this answer.
@@ -177,4 +201,72 @@ pub async fn revoke(
     }
     tracing::info!(key_id = %uuid, "client key revoked");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Sets a client key's own limits (operators): its rate of submissions
+/// and its burst. Every API instance applies them within a second.
+#[utoipa::path(
+    put,
+    path = "/v1/keys/{id}/limits",
+    operation_id = "setKeyLimits",
+    tag = "keys",
+    params(("id" = String, Path, description = "The key's id")),
+    request_body(content = KeyLimits, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The key, with its limits", body = Key),
+        (status = 400, description = "A bad body or value (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No such live key (`key_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body over 4 KiB (`body_too_large`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn set_limits(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if let Err(e) = state.auth.admin(&headers).await {
+        body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
+    let raw = match body::read(request.into_body(), CREATE_MAX_BYTES).await {
+        Limited::Body(bytes) => bytes,
+        Limited::TooLarge => return Err(ApiError::too_large(CREATE_MAX_BYTES, "4 KiB")),
+        Limited::Broken(e) => return Err(e),
+    };
+    let limits: KeyLimits = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>}}: {e}"
+        ))
+    })?;
+    if let Some(rate) = limits.rate_per_second {
+        imgflow_settings::rate_value(&rate.to_string()).map_err(ApiError::bad_request)?;
+    }
+    if limits
+        .rate_burst
+        .is_some_and(|b| !(1..=1_000_000).contains(&b))
+    {
+        return Err(ApiError::bad_request(
+            "rate_burst is from 1 to 1000000 jobs",
+        ));
+    }
+    let not_found = || ApiError::new(ErrorCode::KeyNotFound, format!("no live key {id:?}"));
+    let uuid = Uuid::try_parse(&id).map_err(|_| not_found())?;
+    let rate = imgflow_platform::keys::KeyRate {
+        rate_per_second: limits.rate_per_second,
+        rate_burst: limits.rate_burst,
+    };
+    let record = state
+        .keys
+        .set_rate(uuid, rate)
+        .await?
+        .ok_or_else(not_found)?;
+    // Under its new rate the key starts from a full burst.
+    state.queue.reset_rate(&uuid.to_string()).await?;
+    tracing::info!(key_id = %uuid, rate_per_second = ?rate.rate_per_second, rate_burst = ?rate.rate_burst, "client key limits set");
+    Ok(Json(Key::from(&record)).into_response())
 }

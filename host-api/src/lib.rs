@@ -33,6 +33,7 @@ pub mod keys;
 pub mod metrics;
 pub mod overview;
 pub mod plugins;
+pub mod rates;
 pub mod retention;
 pub mod routes;
 pub mod schema;
@@ -248,6 +249,11 @@ impl App {
             sign_in: settings.console.policy(),
             streams: streams::StreamSlots::new(settings.key_max_streams as usize),
             max_fields_bytes: settings.http.max_fields_bytes as usize,
+            rates: rates::Rates::new(
+                keys.clone(),
+                queue.clone(),
+                rates::Rate::new(settings.key_rate_limit, settings.key_rate_burst),
+            ),
             keys,
             result_urls,
             key_max_unfinished: u64::from(settings.key_max_unfinished_jobs),

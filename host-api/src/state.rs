@@ -61,6 +61,8 @@ pub struct AppState {
     pub callback_allow_private: bool,
     /// A client key may have at most this many unfinished jobs.
     pub key_max_unfinished: u64,
+    /// Each client's rate of submissions.
+    pub rates: crate::rates::Rates,
     /// Whether equal jobs are completed from an earlier result
     /// (`RESULT_CACHE`).
     pub result_cache: bool,

@@ -73,6 +73,8 @@ fn every_route_is_in_the_document() {
         "/v1/plugins/{name}/versions/{version}",
         "/v1/keys",
         "/v1/keys/{id}",
+        "/v1/keys/{id}/limits",
+        "/v1/usage",
         "/v1/overview",
         "/healthz",
         "/readyz",

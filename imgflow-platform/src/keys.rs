@@ -28,6 +28,19 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Its own rate of submissions, if an operator set one.
+    #[sqlx(flatten)]
+    pub rate: KeyRate,
+}
+
+/// A client key's own rate of submissions, set by an operator; each `None`
+/// is the API's default (`KEY_RATE_LIMIT`, `KEY_RATE_BURST`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, sqlx::FromRow)]
+pub struct KeyRate {
+    /// Jobs a second (0: no limit).
+    pub rate_per_second: Option<f64>,
+    /// Jobs it may send at once.
+    pub rate_burst: Option<i32>,
 }
 
 /// A key just created: the record and the secret key, shown only now.
@@ -55,7 +68,12 @@ pub struct Keys {
     db: PgPool,
     /// Keys verified lately.
     verified: std::sync::Arc<std::sync::Mutex<Verified>>,
+    /// Keys' rates read lately.
+    rates: std::sync::Arc<std::sync::Mutex<Rates>>,
 }
+
+/// Keys' rates read lately, by key id; and when.
+type Rates = std::collections::HashMap<Uuid, (KeyRate, std::time::Instant)>;
 
 /// Keys verified lately, by the SHA-256 of the whole key: its id, or
 /// `None` if it is not a live key; and when.
@@ -67,6 +85,7 @@ impl Keys {
         Keys {
             db,
             verified: Default::default(),
+            rates: Default::default(),
         }
     }
 
@@ -78,7 +97,7 @@ impl Keys {
         let secret = hex::encode(secret);
         let record: KeyRecord = sqlx::query_as(
             "INSERT INTO api_keys (id, name, hash) VALUES ($1, $2, $3)
-             RETURNING id, name, created_at, revoked_at",
+             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst",
         )
         .bind(id)
         .bind(name)
@@ -94,7 +113,7 @@ impl Keys {
     /// Every key that is not revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, name, created_at, revoked_at FROM api_keys
+            "SELECT id, name, created_at, revoked_at, rate_per_second, rate_burst FROM api_keys
              WHERE revoked_at IS NULL ORDER BY id",
         )
         .fetch_all(&self.db)
@@ -149,6 +168,59 @@ impl Keys {
         }
         verified.insert(digest, (answer, std::time::Instant::now()));
         Ok(answer)
+    }
+
+    /// The live key `id`'s own rate (`None`: no such live key). An answer
+    /// is remembered for [`VERIFIED_FOR`], so a change made on another API
+    /// instance takes effect here within it.
+    pub async fn rate(&self, id: Uuid) -> Result<KeyRate, sqlx::Error> {
+        let remembered = {
+            let rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+            rates
+                .get(&id)
+                .filter(|(_, at)| at.elapsed() < VERIFIED_FOR)
+                .map(|(rate, _)| *rate)
+        };
+        if let Some(rate) = remembered {
+            return Ok(rate);
+        }
+        let rate: KeyRate =
+            sqlx::query_as("SELECT rate_per_second, rate_burst FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?
+                .unwrap_or_default();
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        if rates.len() >= REMEMBERED {
+            rates.clear();
+        }
+        rates.insert(id, (rate, std::time::Instant::now()));
+        Ok(rate)
+    }
+
+    /// Sets the live key `id`'s own rate (takes effect at once on this
+    /// instance, within [`VERIFIED_FOR`] on the others). Returns the key,
+    /// or `None` if there is no such live key.
+    pub async fn set_rate(
+        &self,
+        id: Uuid,
+        rate: KeyRate,
+    ) -> Result<Option<KeyRecord>, sqlx::Error> {
+        let record: Option<KeyRecord> = sqlx::query_as(
+            "UPDATE api_keys SET rate_per_second = $2, rate_burst = $3
+             WHERE id = $1 AND revoked_at IS NULL
+             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst",
+        )
+        .bind(id)
+        .bind(rate.rate_per_second)
+        .bind(rate.rate_burst)
+        .fetch_optional(&self.db)
+        .await?;
+        self.rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        Ok(record)
     }
 
     async fn look_up(&self, id: Uuid, secret: &str) -> Result<Option<Uuid>, sqlx::Error> {

@@ -25,7 +25,8 @@
 //! sign-ins by address), each client's unfinished jobs (a set,
 //! `<prefix>:unfinished:<owner>`, and the owners that hold any,
 //! `<prefix>:unfinished-owners`: the per-key cap, checked and taken
-//! atomically) and the locks of
+//! atomically), each client's rate of submissions (`<prefix>:rate:<owner>`,
+//! [`Queue::take_rate`]) and the locks of
 //! the sweeper and the retention sweep (`<prefix>:sweeper`,
 //! `<prefix>:retention`). No connection or key leaves it.
 
@@ -593,6 +594,62 @@ impl Queue {
         Ok((count, Duration::from_millis(left.max(0) as u64)))
     }
 
+    /// Takes `cost` submissions from `owner`'s rate: at most `burst` at
+    /// once, refilled at `per_second` (the generic cell rate algorithm,
+    /// with Redis's clock, so every API instance shares one account per
+    /// owner and one time). Nothing is taken when refused.
+    pub async fn take_rate(
+        &self,
+        owner: &str,
+        per_second: f64,
+        burst: u32,
+        cost: u32,
+    ) -> RedisResult<RateTaken> {
+        let mut conn = self.conn().await?;
+        // `tat`: when the account is full again (the theoretical arrival
+        // time of the next submission), in milliseconds of Redis's clock.
+        let script = redis::Script::new(
+            r"local t = redis.call('TIME')
+              local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+              local interval = tonumber(ARGV[1])
+              local tolerance = interval * tonumber(ARGV[2])
+              local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+              if tat < now then tat = now end
+              local next_tat = tat + interval * tonumber(ARGV[3])
+              local allowed = next_tat - tolerance <= now
+              if allowed then
+                redis.call('SET', KEYS[1], string.format('%.3f', next_tat),
+                           'PX', math.ceil(next_tat - now) + 1)
+                tat = next_tat
+              end
+              local wait = 0
+              if not allowed then wait = next_tat - tolerance - now end
+              return {allowed and 1 or 0, math.ceil(wait), math.ceil(tat - now),
+                      math.floor((now + tolerance - tat) / interval)}",
+        );
+        let interval = 1000.0 / per_second.max(f64::MIN_POSITIVE);
+        let (allowed, wait, full_in, left): (i64, i64, i64, i64) = script
+            .key(self.key(&format!("{RATE}:{owner}")))
+            .arg(interval)
+            .arg(burst)
+            .arg(cost)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(RateTaken {
+            allowed: allowed == 1,
+            remaining: left.max(0) as u64,
+            retry_after: Duration::from_millis(wait.max(0) as u64),
+            full_in: Duration::from_millis(full_in.max(0) as u64),
+        })
+    }
+
+    /// Forgets `owner`'s rate account ([`Queue::take_rate`]): its next
+    /// submissions start from a full burst (when its rate changes).
+    pub async fn reset_rate(&self, owner: &str) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        conn.del(self.key(&format!("{RATE}:{owner}"))).await
+    }
+
     /// The failures of `scope` counted in its current window, and the time
     /// left in it (zero and zero when none).
     pub async fn failures(&self, scope: &str) -> RedisResult<(u64, Duration)> {
@@ -634,6 +691,23 @@ const ENTRIES: &str = "entries";
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
 const FAILURES: &str = "failures";
+
+/// Each owner's rate account ([`Queue::take_rate`]), under the prefix and
+/// followed by the owner.
+const RATE: &str = "rate";
+
+/// What [`Queue::take_rate`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateTaken {
+    /// Whether the submissions were taken.
+    pub allowed: bool,
+    /// How many more could be taken now.
+    pub remaining: u64,
+    /// When refused: how long until they would be allowed.
+    pub retry_after: Duration,
+    /// How long until the account is full again (its whole burst free).
+    pub full_in: Duration,
+}
 
 /// Each owner's unfinished jobs (a set of job ids, [`Queue::hold`]), under
 /// the prefix and followed by the owner.

@@ -91,6 +91,9 @@ error_codes! {
     InvalidCallback = "invalid_callback", 422, false, Submission;
     /// The queue is at `QUEUE_MAX_DEPTH`.
     QueueFull = "queue_full", 429, true, Submission;
+    /// The client key submitted more jobs than its rate allows
+    /// (`KEY_RATE_LIMIT`, or its own); `Retry-After` says when it may again.
+    RateLimited = "rate_limited", 429, true, Submission;
     /// Another request with the same idempotency key is being recorded.
     Conflict = "conflict", 409, true, Submission;
     // Images.

@@ -435,6 +435,16 @@ pub struct ApiSettings {
     /// cannot fill the queue.
     #[arg(long, env = "KEY_MAX_UNFINISHED_JOBS", default_value_t = 1000)]
     pub key_max_unfinished_jobs: u32,
+    /// Jobs a second one client key may submit, across every API instance
+    /// (429 `rate_limited` beyond); 0: no limit. An operator sets a key's
+    /// own with `PUT /v1/keys/{id}/limits`. Operators are not limited; with
+    /// `AUTH_REQUIRED=false`, the anonymous clients share one rate.
+    #[arg(long, env = "KEY_RATE_LIMIT", default_value_t = 0.0, value_parser = rate_value)]
+    pub key_rate_limit: f64,
+    /// How many jobs a client key may submit at once, above its rate
+    /// (its burst); 0: one second's worth of `KEY_RATE_LIMIT`.
+    #[arg(long, env = "KEY_RATE_BURST", default_value_t = 0)]
+    pub key_rate_burst: u32,
     /// Whether a job equal to a completed job of the same client (same
     /// input bytes, plugin digest, parameters and output format) is
     /// completed from that job's result without running. Plugins marked not
@@ -668,6 +678,25 @@ pub struct WorkerSettings {
     #[command(flatten)]
     pub threads: ThreadArgs,
 }
+
+/// A rate of jobs a second: a finite number from 0 to 1,000,000.
+pub fn rate_value(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    if rate.is_finite() && (0.0..=MAX_RATE).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "{text:?}: a rate is from 0 to {MAX_RATE} jobs a second"
+        ))
+    }
+}
+
+/// The largest rate of jobs a second a key may be given (a limit that
+/// high is none).
+pub const MAX_RATE: f64 = 1_000_000.0;
 
 #[cfg(test)]
 mod tests {

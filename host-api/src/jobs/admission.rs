@@ -1,5 +1,6 @@
 //! Admission: the checks every submission passes, a job or a batch, in
-//! one order, cheapest first ([`admit`]): credentials, the declared size,
+//! one order, cheapest first ([`admit`]): credentials, the client's rate
+//! ([`crate::rates`]), the declared size,
 //! the queue's room (and the client's share of it), then the body is read
 //! ([`read_submission`]: a form or a raw image, its fields from the query
 //! and the form alike), and its shape checked. What the submission asks
@@ -42,10 +43,10 @@ pub(crate) struct Admitted {
 }
 
 /// Admission, cheapest first: credentials, what the headers allow for this
-/// kind, the declared size, the queue's room (and this client's share of
+/// kind, the client's rate for one job ([`crate::rates`]), the declared size, the queue's room (and this client's share of
 /// it) for one job, room in `API_DECODE_MEMORY_MB` for the body
 /// ([`reserve_body`]), then the body is read and its shape checked, and for a
-/// batch the room for every image. Every refusal before the body is read
+/// batch the rate and the room for every image. Every refusal before the body is read
 /// still reads (and drops) what the client is sending, so it sees the
 /// answer ([`body::refuse_early`]). The request is validated and the
 /// images decoded afterwards ([`super::recipe`]).
@@ -65,6 +66,16 @@ pub(crate) async fn admit(
         limit,
     )
     .await?;
+    // A job counts against the client's rate before anything else is
+    // looked up (a batch once its images are counted, below).
+    let request = match kind {
+        Kind::Job => {
+            body::refuse_early(state.rates.take(caller, 1).await, request, limit)
+                .await?
+                .1
+        }
+        Kind::Batch => request,
+    };
     // A repeated request (same Idempotency-Key) is answered with its job
     // even when the queue is full; only a new job needs room.
     let (earlier, request) =
@@ -83,7 +94,12 @@ pub(crate) async fn admit(
     submission.memory = memory;
     kind.check(state, &submission)?;
     if kind == Kind::Batch {
-        room(state, caller, submission.images.len() as u64).await?;
+        let images = submission.images.len();
+        state
+            .rates
+            .take(caller, u32::try_from(images).unwrap_or(u32::MAX))
+            .await?;
+        room(state, caller, images as u64).await?;
     }
     Ok(Admitted {
         caller,

@@ -20,6 +20,7 @@ mod pipeline;
 mod pipelines;
 mod plans;
 mod plugins;
+mod rates;
 mod readme;
 mod result_cache;
 mod s3;

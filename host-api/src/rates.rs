@@ -1,0 +1,270 @@
+//! Each client's rate of submissions: jobs a second with a burst, per
+//! client key, shared by every API instance (an account in Redis,
+//! [`Queue::take_rate`]); and `GET /v1/usage`, where a client reads its
+//! own limits and what it is using of them.
+//!
+//! A key's rate is its own if an operator set one (`PUT
+//! /v1/keys/{id}/limits`), else the API's default (`KEY_RATE_LIMIT`,
+//! `KEY_RATE_BURST`); a rate of 0 is no limit, and then nothing is asked of
+//! Redis. A job costs one, a batch one per image. Over the rate, `429
+//! rate_limited` with `Retry-After` and the `RateLimit-Policy` and
+//! `RateLimit` headers (IETF draft `draft-ietf-httpapi-ratelimit-headers`):
+//! the policy's quota is the burst and its window the time to refill it.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use imgflow_platform::keys::{KeyRate, Keys};
+use imgflow_platform::queue::{Queue, RateTaken};
+use imgflow_runtime::ErrorCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+
+/// The name of the rate in the `RateLimit` headers.
+const POLICY: &str = "jobs";
+
+/// The rate limiter of submissions. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Rates {
+    keys: Keys,
+    queue: Queue,
+    default: Rate,
+}
+
+/// A rate in force: jobs a second, and how many at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
+pub struct Rate {
+    /// Jobs a second (0: no limit).
+    pub per_second: f64,
+    /// How many jobs may be submitted at once.
+    pub burst: u32,
+}
+
+impl Rate {
+    /// A rate of `per_second` with `burst` (0: one second's worth).
+    pub fn new(per_second: f64, burst: u32) -> Rate {
+        let burst = if burst == 0 {
+            per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+        } else {
+            burst
+        };
+        Rate { per_second, burst }
+    }
+
+    /// Whether it limits anything.
+    fn limits(self) -> bool {
+        self.per_second > 0.0
+    }
+
+    /// How long the whole burst takes to refill, in whole seconds (the
+    /// policy's window).
+    fn window(self) -> u64 {
+        (f64::from(self.burst) / self.per_second).ceil().max(1.0) as u64
+    }
+}
+
+impl Rates {
+    /// The limiter, with `KEY_RATE_LIMIT` and `KEY_RATE_BURST` as `default`.
+    pub fn new(keys: Keys, queue: Queue, default: Rate) -> Rates {
+        Rates {
+            keys,
+            queue,
+            default,
+        }
+    }
+
+    /// The rate `caller` submits under: `None` for an operator, or when it
+    /// is no limit.
+    pub async fn rate_of(&self, caller: Caller) -> Result<Option<Rate>, ApiError> {
+        let rate = match caller {
+            Caller::Admin => return Ok(None),
+            Caller::Anonymous => self.default,
+            Caller::Client(id) => {
+                let KeyRate {
+                    rate_per_second,
+                    rate_burst,
+                } = self.keys.rate(id).await?;
+                match rate_per_second {
+                    Some(per_second) => {
+                        let burst = rate_burst.unwrap_or(0).max(0) as u32;
+                        Rate::new(per_second, burst)
+                    }
+                    None => match rate_burst {
+                        Some(burst) => Rate::new(self.default.per_second, burst.max(0) as u32),
+                        None => self.default,
+                    },
+                }
+            }
+        };
+        Ok(rate.limits().then_some(rate))
+    }
+
+    /// Takes `cost` jobs from `caller`'s rate, or refuses with `429
+    /// rate_limited` (or, for more jobs at once than its burst, which
+    /// could never pass, `400 invalid_request`).
+    pub async fn take(&self, caller: Caller, cost: u32) -> Result<(), ApiError> {
+        let Some(rate) = self.rate_of(caller).await? else {
+            return Ok(());
+        };
+        if cost > rate.burst {
+            return Err(ApiError::bad_request(format!(
+                "{cost} jobs at once is more than this client's burst of {} (its rate: {} jobs a second); send them in smaller batches",
+                rate.burst, rate.per_second
+            )));
+        }
+        let taken = self
+            .queue
+            .take_rate(&caller.owner(), rate.per_second, rate.burst, cost)
+            .await?;
+        if taken.allowed {
+            return Ok(());
+        }
+        let wait = taken.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let error = ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "this client may submit {} jobs a second, {} at once; try again in {wait} s",
+                rate.per_second, rate.burst
+            ),
+        )
+        .retry_after(wait);
+        Err(headers(rate, taken)
+            .into_iter()
+            .fold(error, |e, (name, value)| e.with_header(name, value)))
+    }
+
+    /// What `caller`'s rate has left, without taking anything.
+    async fn left(&self, caller: Caller, rate: Rate) -> Result<RateTaken, ApiError> {
+        Ok(self
+            .queue
+            .take_rate(&caller.owner(), rate.per_second, rate.burst, 0)
+            .await?)
+    }
+}
+
+/// The `RateLimit-Policy` and `RateLimit` headers of `rate` as `taken`
+/// left it.
+fn headers(rate: Rate, taken: RateTaken) -> Vec<(HeaderName, HeaderValue)> {
+    let policy = format!("\"{POLICY}\";q={};w={}", rate.burst, rate.window());
+    let reset = taken.full_in.as_secs_f64().ceil() as u64;
+    let state = format!("\"{POLICY}\";r={};t={reset}", taken.remaining);
+    [("ratelimit-policy", policy), ("ratelimit", state)]
+        .into_iter()
+        .filter_map(|(name, value)| {
+            Some((
+                HeaderName::from_static(name),
+                HeaderValue::from_str(&value).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// What a client is using of its limits (`GET /v1/usage`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Usage {
+    /// The owner recorded on its jobs (its key's id).
+    pub owner: String,
+    /// Its rate of submissions; `null` when it has none (an operator, or
+    /// no limit).
+    pub rate: Option<RateUsage>,
+    /// Its unfinished jobs.
+    pub unfinished: Unfinished,
+}
+
+/// A rate in force, and what is left of it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RateUsage {
+    /// Jobs a second.
+    pub per_second: f64,
+    /// How many jobs may be submitted at once.
+    pub burst: u32,
+    /// How many could be submitted now.
+    pub remaining: u64,
+    /// Seconds until the whole burst is free again.
+    pub reset_seconds: u64,
+}
+
+/// A client's unfinished jobs and its cap.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Unfinished {
+    /// Jobs queued or running.
+    pub jobs: u64,
+    /// The most it may have (`KEY_MAX_UNFINISHED_JOBS`); `null`: no cap.
+    pub cap: Option<u64>,
+}
+
+/// The caller's limits and what it is using of them: its rate of
+/// submissions (with what is left of its burst) and its unfinished jobs.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    operation_id = "getUsage",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The caller's limits and usage", body = Usage),
+        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 503, description = "PostgreSQL or Redis unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security((), ("client_key" = []), ("admin_token" = []))
+)]
+pub async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.auth.caller(&headers).await?;
+    let rate = match state.rates.rate_of(caller).await? {
+        Some(rate) => {
+            let left = state.rates.left(caller, rate).await?;
+            Some(RateUsage {
+                per_second: rate.per_second,
+                burst: rate.burst,
+                remaining: left.remaining,
+                reset_seconds: left.full_in.as_secs_f64().ceil() as u64,
+            })
+        }
+        None => None,
+    };
+    let owner = caller.owner();
+    let (_, jobs) = state.queue.room(Some(&owner)).await?;
+    let cap = crate::jobs::admission::unfinished_cap(&state, caller);
+    Ok(Json(Usage {
+        owner,
+        rate,
+        unfinished: Unfinished { jobs, cap },
+    })
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_of_zero_is_one_seconds_worth() {
+        assert_eq!(Rate::new(2.5, 0).burst, 3);
+        assert_eq!(Rate::new(0.2, 0).burst, 1);
+        assert_eq!(Rate::new(5.0, 20).burst, 20);
+        assert!(!Rate::new(0.0, 0).limits());
+    }
+
+    #[test]
+    fn headers_say_the_quota_window_and_what_is_left() {
+        let taken = RateTaken {
+            allowed: false,
+            remaining: 0,
+            retry_after: Duration::from_millis(400),
+            full_in: Duration::from_millis(1_400),
+        };
+        let headers = headers(Rate::new(2.0, 3), taken);
+        assert_eq!(headers[0].0, "ratelimit-policy");
+        assert_eq!(headers[0].1, "\"jobs\";q=3;w=2");
+        assert_eq!(headers[1].0, "ratelimit");
+        assert_eq!(headers[1].1, "\"jobs\";r=0;t=2");
+    }
+}
