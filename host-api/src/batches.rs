@@ -133,6 +133,7 @@ async fn accept(
     let batch_id = Uuid::now_v7();
     let images = std::mem::take(&mut submission.images);
     let mut ready = Vec::with_capacity(count);
+    let mut total_megapixels = 0.0;
     for (i, image) in images.into_iter().enumerate() {
         let sha256 = sha256(&image);
         let origin = JobOrigin {
@@ -141,12 +142,16 @@ async fn accept(
             request_hash: submission.fields.digest(&sha256),
             batch_id: Some(batch_id),
         };
-        let new = recipe
+        let (new, megapixels) = recipe
             .job_for(state, &image, &sha256, origin)
             .await
             .map_err(|e| e.in_image(i + 1))?;
+        total_megapixels += megapixels;
         ready.push((new, image));
     }
+    // The whole batch charged to the client's daily quota, given back if
+    // it is refused.
+    let charge = state.rates.charge(caller, total_megapixels).await?;
 
     // Then each recorded; on a failure, the batch's jobs recorded so far
     // are deleted again, so it is accepted whole or not at all.
@@ -161,6 +166,7 @@ async fn accept(
                         tracing::warn!(job_id = %job.id, error = %undo, "cannot delete a job of a refused batch");
                     }
                 }
+                state.rates.refund(charge).await;
                 return Err(e);
             }
         }

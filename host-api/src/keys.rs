@@ -31,6 +31,9 @@ pub struct Key {
     pub rate_per_second: Option<f64>,
     /// Its own burst; `null`: the API's default (`KEY_RATE_BURST`).
     pub rate_burst: Option<i32>,
+    /// Its own quota of megapixels a UTC day (0: none); `null`: the API's
+    /// default (`KEY_DAILY_MEGAPIXELS`).
+    pub daily_megapixels: Option<f64>,
 }
 
 impl From<&KeyRecord> for Key {
@@ -39,8 +42,9 @@ impl From<&KeyRecord> for Key {
             id: k.id,
             name: k.name.clone(),
             created_at: k.created_at,
-            rate_per_second: k.rate.rate_per_second,
-            rate_burst: k.rate.rate_burst,
+            rate_per_second: k.limits.rate_per_second,
+            rate_burst: k.limits.rate_burst,
+            daily_megapixels: k.limits.daily_megapixels,
         }
     }
 }
@@ -49,7 +53,7 @@ impl From<&KeyRecord> for Key {
 /// out or `null` is the API's default.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct KeyLimits {
+pub struct LimitsRequest {
     /// Jobs a second the key may submit, across every API instance; 0: no
     /// limit.
     #[schema(example = 20.0)]
@@ -60,6 +64,10 @@ pub struct KeyLimits {
     #[schema(example = 40)]
     #[serde(default)]
     rate_burst: Option<i32>,
+    /// Megapixels of input images it may submit a UTC day; 0: no quota.
+    #[schema(example = 5000.0)]
+    #[serde(default)]
+    daily_megapixels: Option<f64>,
 }
 
 /// A key just created, with its secret: shown only in this answer.
@@ -203,15 +211,16 @@ pub async fn revoke(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Sets a client key's own limits (operators): its rate of submissions
-/// and its burst. Every API instance applies them within a second.
+/// Sets a client key's own limits (operators): its rate of submissions,
+/// its burst and its daily quota. Every API instance applies them within a
+/// second.
 #[utoipa::path(
     put,
     path = "/v1/keys/{id}/limits",
     operation_id = "setKeyLimits",
     tag = "keys",
     params(("id" = String, Path, description = "The key's id")),
-    request_body(content = KeyLimits, content_type = "application/json"),
+    request_body(content = LimitsRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The key, with its limits", body = Key),
         (status = 400, description = "A bad body or value (`invalid_request`)", body = ErrorBody),
@@ -238,9 +247,9 @@ pub async fn set_limits(
         Limited::TooLarge => return Err(ApiError::too_large(CREATE_MAX_BYTES, "4 KiB")),
         Limited::Broken(e) => return Err(e),
     };
-    let limits: KeyLimits = serde_json::from_slice(&raw).map_err(|e| {
+    let limits: LimitsRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(format!(
-            "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>}}: {e}"
+            "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>, \"daily_megapixels\": <megapixels>}}: {e}"
         ))
     })?;
     if let Some(rate) = limits.rate_per_second {
@@ -256,17 +265,21 @@ pub async fn set_limits(
     }
     let not_found = || ApiError::new(ErrorCode::KeyNotFound, format!("no live key {id:?}"));
     let uuid = Uuid::try_parse(&id).map_err(|_| not_found())?;
-    let rate = imgflow_platform::keys::KeyRate {
+    if let Some(quota) = limits.daily_megapixels {
+        imgflow_settings::quota_value(&quota.to_string()).map_err(ApiError::bad_request)?;
+    }
+    let own = imgflow_platform::keys::KeyLimits {
         rate_per_second: limits.rate_per_second,
         rate_burst: limits.rate_burst,
+        daily_megapixels: limits.daily_megapixels,
     };
     let record = state
         .keys
-        .set_rate(uuid, rate)
+        .set_limits(uuid, own)
         .await?
         .ok_or_else(not_found)?;
     // Under its new rate the key starts from a full burst.
     state.queue.reset_rate(&uuid.to_string()).await?;
-    tracing::info!(key_id = %uuid, rate_per_second = ?rate.rate_per_second, rate_burst = ?rate.rate_burst, "client key limits set");
+    tracing::info!(key_id = %uuid, limits = ?own, "client key limits set");
     Ok(Json(Key::from(&record)).into_response())
 }

@@ -253,6 +253,7 @@ impl App {
                 keys.clone(),
                 queue.clone(),
                 rates::Rate::new(settings.key_rate_limit, settings.key_rate_burst),
+                settings.key_daily_megapixels,
             ),
             keys,
             result_urls,

@@ -1,7 +1,8 @@
 //! Each client's rate of submissions: jobs a second with a burst, per
 //! client key, shared by every API instance (an account in Redis,
-//! [`Queue::take_rate`]); and `GET /v1/usage`, where a client reads its
-//! own limits and what it is using of them.
+//! [`Queue::take_rate`]); its daily quota of work, megapixels of input a
+//! UTC day ([`Queue::charge_quota`]); and `GET /v1/usage`, where a client
+//! reads its own limits and what it is using of them.
 //!
 //! A key's rate is its own if an operator set one (`PUT
 //! /v1/keys/{id}/limits`), else the API's default (`KEY_RATE_LIMIT`,
@@ -10,12 +11,20 @@
 //! rate_limited` with `Retry-After` and the `RateLimit-Policy` and
 //! `RateLimit` headers (IETF draft `draft-ietf-httpapi-ratelimit-headers`):
 //! the policy's quota is the burst and its window the time to refill it.
+//!
+//! A key's quota is its own (`daily_megapixels`) or `KEY_DAILY_MEGAPIXELS`;
+//! 0 is none. A submission is charged its images' megapixels once they are
+//! validated, and given them back if it is not recorded (refused later, or
+//! an earlier job returned for its `Idempotency-Key`). Over the quota, `429
+//! quota_exceeded` until the next UTC day, with the same headers for the
+//! policy `"megapixels"` (whole megapixels, a window of a day).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imgflow_platform::keys::{KeyRate, Keys};
+use chrono::{Timelike as _, Utc};
+use imgflow_platform::keys::{KeyLimits, Keys};
 use imgflow_platform::queue::{Queue, RateTaken};
 use imgflow_runtime::ErrorCode;
 use serde::Serialize;
@@ -28,13 +37,25 @@ use crate::state::AppState;
 /// The name of the rate in the `RateLimit` headers.
 const POLICY: &str = "jobs";
 
-/// The rate limiter of submissions. Cheap to clone.
+/// The name of the daily quota in the `RateLimit` headers.
+const QUOTA_POLICY: &str = "megapixels";
+
+/// The rate limiter of submissions and keeper of daily quotas. Cheap to
+/// clone.
 #[derive(Debug, Clone)]
 pub struct Rates {
     keys: Keys,
     queue: Queue,
     default: Rate,
+    /// `KEY_DAILY_MEGAPIXELS` (0: none).
+    default_quota: f64,
 }
+
+/// A charge to a client's daily quota ([`Rates::charge`]), to give back
+/// ([`Rates::refund`]) if its submission is not recorded.
+#[derive(Debug)]
+#[must_use]
+pub struct Charge(Option<(String, String, f64)>);
 
 /// A rate in force: jobs a second, and how many at once.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, ToSchema)]
@@ -69,39 +90,104 @@ impl Rate {
 }
 
 impl Rates {
-    /// The limiter, with `KEY_RATE_LIMIT` and `KEY_RATE_BURST` as `default`.
-    pub fn new(keys: Keys, queue: Queue, default: Rate) -> Rates {
+    /// The limiter, with `KEY_RATE_LIMIT` and `KEY_RATE_BURST` as
+    /// `default`, and `KEY_DAILY_MEGAPIXELS` as `default_quota`.
+    pub fn new(keys: Keys, queue: Queue, default: Rate, default_quota: f64) -> Rates {
         Rates {
             keys,
             queue,
             default,
+            default_quota,
+        }
+    }
+
+    /// The rate and the daily quota `caller` submits under (`None` for an
+    /// operator).
+    async fn limits_of(&self, caller: Caller) -> Result<Option<(Rate, f64)>, ApiError> {
+        Ok(match caller {
+            Caller::Admin => None,
+            Caller::Anonymous => Some((self.default, self.default_quota)),
+            Caller::Client(id) => {
+                let own = self.keys.limits(id).await?;
+                let quota = own.daily_megapixels.unwrap_or(self.default_quota);
+                Some((self.rate_with(own), quota))
+            }
+        })
+    }
+
+    /// The rate in force for a key with limits `own`.
+    fn rate_with(&self, own: KeyLimits) -> Rate {
+        let KeyLimits {
+            rate_per_second,
+            rate_burst,
+            ..
+        } = own;
+        match rate_per_second {
+            Some(per_second) => Rate::new(per_second, rate_burst.unwrap_or(0).max(0) as u32),
+            None => match rate_burst {
+                Some(burst) => Rate::new(self.default.per_second, burst.max(0) as u32),
+                None => self.default,
+            },
         }
     }
 
     /// The rate `caller` submits under: `None` for an operator, or when it
     /// is no limit.
     pub async fn rate_of(&self, caller: Caller) -> Result<Option<Rate>, ApiError> {
-        let rate = match caller {
-            Caller::Admin => return Ok(None),
-            Caller::Anonymous => self.default,
-            Caller::Client(id) => {
-                let KeyRate {
-                    rate_per_second,
-                    rate_burst,
-                } = self.keys.rate(id).await?;
-                match rate_per_second {
-                    Some(per_second) => {
-                        let burst = rate_burst.unwrap_or(0).max(0) as u32;
-                        Rate::new(per_second, burst)
-                    }
-                    None => match rate_burst {
-                        Some(burst) => Rate::new(self.default.per_second, burst.max(0) as u32),
-                        None => self.default,
-                    },
-                }
-            }
+        let limits = self.limits_of(caller).await?;
+        Ok(limits.map(|(rate, _)| rate).filter(|rate| rate.limits()))
+    }
+
+    /// The daily quota of megapixels `caller` submits under: `None` for
+    /// an operator, or when it has none.
+    async fn quota_of(&self, caller: Caller) -> Result<Option<f64>, ApiError> {
+        let limits = self.limits_of(caller).await?;
+        Ok(limits.map(|(_, quota)| quota).filter(|quota| *quota > 0.0))
+    }
+
+    /// Charges `megapixels` to `caller`'s quota for today (UTC), or refuses
+    /// with `429 quota_exceeded` (or, for more than a whole day's quota,
+    /// which could never pass, `422 image_too_large`).
+    pub async fn charge(&self, caller: Caller, megapixels: f64) -> Result<Charge, ApiError> {
+        let Some(quota) = self.quota_of(caller).await? else {
+            return Ok(Charge(None));
         };
-        Ok(rate.limits().then_some(rate))
+        if megapixels > quota {
+            return Err(ApiError::new(
+                ErrorCode::ImageTooLarge,
+                format!("{megapixels:.3} megapixels is more than this client's daily quota of {quota} megapixels"),
+            ));
+        }
+        let owner = caller.owner();
+        let (day, left_today) = today();
+        let (charged, used) = self
+            .queue
+            .charge_quota(&owner, &day, megapixels, quota)
+            .await?;
+        if charged {
+            return Ok(Charge(Some((owner, day, megapixels))));
+        }
+        let error = ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "this client used {used:.3} of its {quota} megapixels for today (UTC); this submission's {megapixels:.3} would pass it; the quota starts again in {left_today} s"
+            ),
+        )
+        .retry_after(left_today);
+        let left = (quota - used).max(0.0).floor() as u64;
+        Err(quota_headers(quota, left, left_today)
+            .into_iter()
+            .fold(error, |e, (name, value)| e.with_header(name, value)))
+    }
+
+    /// Gives back a charge whose submission was not recorded.
+    pub async fn refund(&self, charge: Charge) {
+        let Some((owner, day, megapixels)) = charge.0 else {
+            return;
+        };
+        if let Err(e) = self.queue.refund_quota(&owner, &day, megapixels).await {
+            tracing::warn!(owner, error = %e, "cannot give back a refused submission's quota");
+        }
     }
 
     /// Takes `cost` jobs from `caller`'s rate, or refuses with `429
@@ -147,12 +233,43 @@ impl Rates {
     }
 }
 
+/// Today's UTC date, and the whole seconds left of it.
+fn today() -> (String, u64) {
+    let now = Utc::now();
+    let left = 86_400 - u64::from(now.num_seconds_from_midnight());
+    (now.format("%Y-%m-%d").to_string(), left.max(1))
+}
+
 /// The `RateLimit-Policy` and `RateLimit` headers of `rate` as `taken`
 /// left it.
 fn headers(rate: Rate, taken: RateTaken) -> Vec<(HeaderName, HeaderValue)> {
-    let policy = format!("\"{POLICY}\";q={};w={}", rate.burst, rate.window());
     let reset = taken.full_in.as_secs_f64().ceil() as u64;
-    let state = format!("\"{POLICY}\";r={};t={reset}", taken.remaining);
+    pair(
+        POLICY,
+        u64::from(rate.burst),
+        rate.window(),
+        taken.remaining,
+        reset,
+    )
+}
+
+/// The same headers for a daily quota of `quota` megapixels with `left`
+/// left for `reset` more seconds.
+fn quota_headers(quota: f64, left: u64, reset: u64) -> Vec<(HeaderName, HeaderValue)> {
+    pair(QUOTA_POLICY, quota.floor() as u64, 86_400, left, reset)
+}
+
+/// `RateLimit-Policy: "<name>";q=<quota>;w=<window>` and
+/// `RateLimit: "<name>";r=<left>;t=<reset>`.
+fn pair(
+    name: &str,
+    quota: u64,
+    window: u64,
+    left: u64,
+    reset: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let policy = format!("\"{name}\";q={quota};w={window}");
+    let state = format!("\"{name}\";r={left};t={reset}");
     [("ratelimit-policy", policy), ("ratelimit", state)]
         .into_iter()
         .filter_map(|(name, value)| {
@@ -172,6 +289,8 @@ pub struct Usage {
     /// Its rate of submissions; `null` when it has none (an operator, or
     /// no limit).
     pub rate: Option<RateUsage>,
+    /// Its daily quota of work; `null` when it has none.
+    pub quota: Option<QuotaUsage>,
     /// Its unfinished jobs.
     pub unfinished: Unfinished,
 }
@@ -186,6 +305,19 @@ pub struct RateUsage {
     /// How many could be submitted now.
     pub remaining: u64,
     /// Seconds until the whole burst is free again.
+    pub reset_seconds: u64,
+}
+
+/// A daily quota of work, and what is used of it today (UTC).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QuotaUsage {
+    /// Megapixels of input images a UTC day.
+    pub megapixels_per_day: f64,
+    /// Used today.
+    pub used: f64,
+    /// Left today.
+    pub remaining: f64,
+    /// Seconds until the next UTC day, when it starts again.
     pub reset_seconds: u64,
 }
 
@@ -230,11 +362,25 @@ pub async fn usage(
         None => None,
     };
     let owner = caller.owner();
+    let quota = match state.rates.quota_of(caller).await? {
+        Some(quota) => {
+            let (day, reset_seconds) = today();
+            let used = state.queue.quota_used(&owner, &day).await?;
+            Some(QuotaUsage {
+                megapixels_per_day: quota,
+                used,
+                remaining: (quota - used).max(0.0),
+                reset_seconds,
+            })
+        }
+        None => None,
+    };
     let (_, jobs) = state.queue.room(Some(&owner)).await?;
     let cap = crate::jobs::admission::unfinished_cap(&state, caller);
     Ok(Json(Usage {
         owner,
         rate,
+        quota,
         unfinished: Unfinished { jobs, cap },
     })
     .into_response())
@@ -266,5 +412,15 @@ mod tests {
         assert_eq!(headers[0].1, "\"jobs\";q=3;w=2");
         assert_eq!(headers[1].0, "ratelimit");
         assert_eq!(headers[1].1, "\"jobs\";r=0;t=2");
+    }
+
+    #[test]
+    fn a_quota_is_said_in_whole_megapixels_over_a_day() {
+        let headers = quota_headers(1.5, 0, 3_600);
+        assert_eq!(headers[0].1, "\"megapixels\";q=1;w=86400");
+        assert_eq!(headers[1].1, "\"megapixels\";r=0;t=3600");
+        let (day, left) = today();
+        assert_eq!(day.len(), 10);
+        assert!((1..=86_400).contains(&left));
     }
 }

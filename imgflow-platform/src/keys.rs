@@ -28,19 +28,21 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
-    /// Its own rate of submissions, if an operator set one.
+    /// Its own limits, where an operator set them.
     #[sqlx(flatten)]
-    pub rate: KeyRate,
+    pub limits: KeyLimits,
 }
 
-/// A client key's own rate of submissions, set by an operator; each `None`
-/// is the API's default (`KEY_RATE_LIMIT`, `KEY_RATE_BURST`).
+/// A client key's own limits, set by an operator; each `None` is the API's
+/// default (`KEY_RATE_LIMIT`, `KEY_RATE_BURST`, `KEY_DAILY_MEGAPIXELS`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, sqlx::FromRow)]
-pub struct KeyRate {
+pub struct KeyLimits {
     /// Jobs a second (0: no limit).
     pub rate_per_second: Option<f64>,
     /// Jobs it may send at once.
     pub rate_burst: Option<i32>,
+    /// Megapixels of input a UTC day (0: no quota).
+    pub daily_megapixels: Option<f64>,
 }
 
 /// A key just created: the record and the secret key, shown only now.
@@ -68,12 +70,12 @@ pub struct Keys {
     db: PgPool,
     /// Keys verified lately.
     verified: std::sync::Arc<std::sync::Mutex<Verified>>,
-    /// Keys' rates read lately.
-    rates: std::sync::Arc<std::sync::Mutex<Rates>>,
+    /// Keys' limits read lately.
+    limits: std::sync::Arc<std::sync::Mutex<Limits>>,
 }
 
-/// Keys' rates read lately, by key id; and when.
-type Rates = std::collections::HashMap<Uuid, (KeyRate, std::time::Instant)>;
+/// Keys' limits read lately, by key id; and when.
+type Limits = std::collections::HashMap<Uuid, (KeyLimits, std::time::Instant)>;
 
 /// Keys verified lately, by the SHA-256 of the whole key: its id, or
 /// `None` if it is not a live key; and when.
@@ -85,7 +87,7 @@ impl Keys {
         Keys {
             db,
             verified: Default::default(),
-            rates: Default::default(),
+            limits: Default::default(),
         }
     }
 
@@ -97,7 +99,8 @@ impl Keys {
         let secret = hex::encode(secret);
         let record: KeyRecord = sqlx::query_as(
             "INSERT INTO api_keys (id, name, hash) VALUES ($1, $2, $3)
-             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst",
+             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst,
+                       daily_megapixels",
         )
         .bind(id)
         .bind(name)
@@ -113,7 +116,8 @@ impl Keys {
     /// Every key that is not revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, name, created_at, revoked_at, rate_per_second, rate_burst FROM api_keys
+            "SELECT id, name, created_at, revoked_at, rate_per_second, rate_burst, daily_megapixels
+             FROM api_keys
              WHERE revoked_at IS NULL ORDER BY id",
         )
         .fetch_all(&self.db)
@@ -170,53 +174,56 @@ impl Keys {
         Ok(answer)
     }
 
-    /// The live key `id`'s own rate (`None`: no such live key). An answer
+    /// The key `id`'s own limits (all `None` for no such key). An answer
     /// is remembered for [`VERIFIED_FOR`], so a change made on another API
     /// instance takes effect here within it.
-    pub async fn rate(&self, id: Uuid) -> Result<KeyRate, sqlx::Error> {
+    pub async fn limits(&self, id: Uuid) -> Result<KeyLimits, sqlx::Error> {
         let remembered = {
-            let rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-            rates
+            let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+            limits
                 .get(&id)
                 .filter(|(_, at)| at.elapsed() < VERIFIED_FOR)
-                .map(|(rate, _)| *rate)
+                .map(|(limits, _)| *limits)
         };
-        if let Some(rate) = remembered {
-            return Ok(rate);
+        if let Some(limits) = remembered {
+            return Ok(limits);
         }
-        let rate: KeyRate =
-            sqlx::query_as("SELECT rate_per_second, rate_burst FROM api_keys WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.db)
-                .await?
-                .unwrap_or_default();
-        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-        if rates.len() >= REMEMBERED {
-            rates.clear();
-        }
-        rates.insert(id, (rate, std::time::Instant::now()));
-        Ok(rate)
-    }
-
-    /// Sets the live key `id`'s own rate (takes effect at once on this
-    /// instance, within [`VERIFIED_FOR`] on the others). Returns the key,
-    /// or `None` if there is no such live key.
-    pub async fn set_rate(
-        &self,
-        id: Uuid,
-        rate: KeyRate,
-    ) -> Result<Option<KeyRecord>, sqlx::Error> {
-        let record: Option<KeyRecord> = sqlx::query_as(
-            "UPDATE api_keys SET rate_per_second = $2, rate_burst = $3
-             WHERE id = $1 AND revoked_at IS NULL
-             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst",
+        let limits: KeyLimits = sqlx::query_as(
+            "SELECT rate_per_second, rate_burst, daily_megapixels FROM api_keys WHERE id = $1",
         )
         .bind(id)
-        .bind(rate.rate_per_second)
-        .bind(rate.rate_burst)
+        .fetch_optional(&self.db)
+        .await?
+        .unwrap_or_default();
+        let mut remembered = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if remembered.len() >= REMEMBERED {
+            remembered.clear();
+        }
+        remembered.insert(id, (limits, std::time::Instant::now()));
+        Ok(limits)
+    }
+
+    /// Sets the live key `id`'s own limits (they take effect at once on
+    /// this instance, within [`VERIFIED_FOR`] on the others). Returns the
+    /// key, or `None` if there is no such live key.
+    pub async fn set_limits(
+        &self,
+        id: Uuid,
+        limits: KeyLimits,
+    ) -> Result<Option<KeyRecord>, sqlx::Error> {
+        let record: Option<KeyRecord> = sqlx::query_as(
+            "UPDATE api_keys SET rate_per_second = $2, rate_burst = $3, daily_megapixels = $4
+             WHERE id = $1 AND revoked_at IS NULL
+             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst,
+                       daily_megapixels",
+        )
+        .bind(id)
+        .bind(limits.rate_per_second)
+        .bind(limits.rate_burst)
+        .bind(limits.daily_megapixels)
         .fetch_optional(&self.db)
         .await?;
-        self.rates
+        self.limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);

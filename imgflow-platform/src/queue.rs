@@ -643,6 +643,57 @@ impl Queue {
         })
     }
 
+    /// Adds `amount` to `owner`'s use of its quota for `day` (a UTC date,
+    /// `2026-12-06`) if that stays within `quota`; returns whether it did,
+    /// and the use then. A day's count expires a day after it ends.
+    pub async fn charge_quota(
+        &self,
+        owner: &str,
+        day: &str,
+        amount: f64,
+        quota: f64,
+    ) -> RedisResult<(bool, f64)> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(
+            r"local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+              local amount = tonumber(ARGV[1])
+              if used + amount > tonumber(ARGV[2]) then return {0, tostring(used)} end
+              local now = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+              redis.call('EXPIRE', KEYS[1], 172800)
+              return {1, now}",
+        );
+        let (charged, used): (i64, String) = script
+            .key(self.quota_key(owner, day))
+            .arg(amount)
+            .arg(quota)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((charged == 1, used.parse().unwrap_or(0.0)))
+    }
+
+    /// Gives back `amount` of `owner`'s quota for `day` (a submission
+    /// charged for that was not recorded after all).
+    pub async fn refund_quota(&self, owner: &str, day: &str, amount: f64) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("INCRBYFLOAT")
+            .arg(self.quota_key(owner, day))
+            .arg(-amount)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// How much of its quota `owner` used on `day`.
+    pub async fn quota_used(&self, owner: &str, day: &str) -> RedisResult<f64> {
+        let mut conn = self.conn().await?;
+        let used: Option<String> = conn.get(self.quota_key(owner, day)).await?;
+        Ok(used.and_then(|u| u.parse().ok()).unwrap_or(0.0))
+    }
+
+    fn quota_key(&self, owner: &str, day: &str) -> String {
+        self.key(&format!("{QUOTA}:{owner}:{day}"))
+    }
+
     /// Forgets `owner`'s rate account ([`Queue::take_rate`]): its next
     /// submissions start from a full burst (when its rate changes).
     pub async fn reset_rate(&self, owner: &str) -> RedisResult<()> {
@@ -695,6 +746,10 @@ const FAILURES: &str = "failures";
 /// Each owner's rate account ([`Queue::take_rate`]), under the prefix and
 /// followed by the owner.
 const RATE: &str = "rate";
+
+/// Each owner's use of its daily quota ([`Queue::charge_quota`]), under
+/// the prefix and followed by the owner and the UTC day.
+const QUOTA: &str = "quota";
 
 /// What [`Queue::take_rate`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

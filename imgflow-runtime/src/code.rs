@@ -94,6 +94,9 @@ error_codes! {
     /// The client key submitted more jobs than its rate allows
     /// (`KEY_RATE_LIMIT`, or its own); `Retry-After` says when it may again.
     RateLimited = "rate_limited", 429, true, Submission;
+    /// The client key used its day's quota of work (`KEY_DAILY_MEGAPIXELS`,
+    /// or its own); `Retry-After` says when the next UTC day starts.
+    QuotaExceeded = "quota_exceeded", 429, true, Submission;
     /// Another request with the same idempotency key is being recorded.
     Conflict = "conflict", 409, true, Submission;
     // Images.

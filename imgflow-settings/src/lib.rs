@@ -445,6 +445,11 @@ pub struct ApiSettings {
     /// (its burst); 0: one second's worth of `KEY_RATE_LIMIT`.
     #[arg(long, env = "KEY_RATE_BURST", default_value_t = 0)]
     pub key_rate_burst: u32,
+    /// Megapixels of input images one client key may submit a UTC day
+    /// (429 `quota_exceeded` beyond, until midnight UTC); 0: no quota. An
+    /// operator sets a key's own with `PUT /v1/keys/{id}/limits`.
+    #[arg(long, env = "KEY_DAILY_MEGAPIXELS", default_value_t = 0.0, value_parser = quota_value)]
+    pub key_daily_megapixels: f64,
     /// Whether a job equal to a completed job of the same client (same
     /// input bytes, plugin digest, parameters and output format) is
     /// completed from that job's result without running. Plugins marked not
@@ -693,6 +698,24 @@ pub fn rate_value(text: &str) -> Result<f64, String> {
         ))
     }
 }
+
+/// A daily quota of megapixels: a finite number from 0 to 10^12.
+pub fn quota_value(text: &str) -> Result<f64, String> {
+    let quota: f64 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    if quota.is_finite() && (0.0..=MAX_DAILY_MEGAPIXELS).contains(&quota) {
+        Ok(quota)
+    } else {
+        Err(format!(
+            "{text:?}: a daily quota is from 0 to {MAX_DAILY_MEGAPIXELS} megapixels"
+        ))
+    }
+}
+
+/// The largest daily quota of megapixels a key may be given.
+pub const MAX_DAILY_MEGAPIXELS: f64 = 1e12;
 
 /// The largest rate of jobs a second a key may be given (a limit that
 /// high is none).

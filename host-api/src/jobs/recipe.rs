@@ -127,15 +127,18 @@ impl Recipe {
 
     /// The job for one image: the image validated (decoded, within the
     /// decoding budget), the output format settled (the requested one,
-    /// else the input's), its result-cache key made.
+    /// else the input's), its result-cache key made; with the image's
+    /// megapixels (what the job costs of its owner's daily quota).
     pub(crate) async fn job_for(
         &self,
         state: &AppState,
         image: &Bytes,
         image_sha256: &[u8; 32],
         origin: JobOrigin,
-    ) -> Result<NewJob, ApiError> {
-        let input_format = validate_image(state, image).await?;
+    ) -> Result<(NewJob, f64), ApiError> {
+        let probe = validate_image(state, image).await?;
+        let megapixels = f64::from(probe.width) * f64::from(probe.height) / 1e6;
+        let input_format = probe.format;
         let output = self.format.unwrap_or(input_format);
         if self.quality.is_some() && !matches!(output, ImageFormat::Jpeg | ImageFormat::Webp) {
             return Err(ApiError::new(
@@ -158,7 +161,7 @@ impl Recipe {
                 self.auto_orient,
             )
         });
-        Ok(NewJob {
+        let new = NewJob {
             steps: self.steps.clone(),
             input_format: input_format.name().to_string(),
             output_format,
@@ -170,7 +173,8 @@ impl Recipe {
             cache_key,
             batch_id: origin.batch_id,
             callback_url: self.callback_url.clone(),
-        })
+        };
+        Ok((new, megapixels))
     }
 }
 
@@ -270,20 +274,18 @@ async fn validate_steps(state: &AppState, s: &SubmitFields) -> Result<(Vec<Step>
 }
 
 /// Decodes the whole image once, so a corrupt file is refused now rather
-/// than failing later in a worker; returns its format. What decoding holds
+/// than failing later in a worker; returns its format and dimensions. What decoding holds
 /// is read from the header and the file's frames (each checked against the
 /// canvas, [`codec::decode_cost`]) and reserved from `API_DECODE_MEMORY_MB` first,
 /// waiting at most `API_DECODE_WAIT` for room (then 503 `decode_busy`), so
 /// however many submissions arrive at once, their pixels together stay
 /// within the budget.
-async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, ApiError> {
+async fn validate_image(state: &AppState, image: &Bytes) -> Result<codec::Probe, ApiError> {
     let limits = state.limits;
     let need = codec::decode_cost(image, &limits)?.validate_bytes;
     if need <= codec::INLINE_BYTES {
         // Small: decoded here, within a fraction of a millisecond.
-        return codec::validate(image, &limits)
-            .map(|probe| probe.format)
-            .map_err(ApiError::from);
+        return codec::validate(image, &limits).map_err(ApiError::from);
     }
     let reservation = state
         .decode_budget
@@ -293,7 +295,7 @@ async fn validate_image(state: &AppState, image: &Bytes) -> Result<ImageFormat, 
     let image = image.clone();
     tokio::task::spawn_blocking(move || {
         let _reservation = reservation;
-        codec::validate(&image, &limits).map(|probe| probe.format)
+        codec::validate(&image, &limits)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?

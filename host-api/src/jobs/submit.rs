@@ -159,7 +159,7 @@ async fn accept(
     let digest = s.fields.digest(&image_sha256);
     let recipe = Recipe::read(state, &s.fields).await?;
     let image = s.images.remove(0);
-    let new = recipe
+    let (new, megapixels) = recipe
         .job_for(
             state,
             &image,
@@ -172,5 +172,11 @@ async fn accept(
             },
         )
         .await?;
-    record(state, caller, new, image, &digest).await
+    // Charged to the client's daily quota, given back unless recorded anew.
+    let charge = state.rates.charge(caller, megapixels).await?;
+    let recorded = record(state, caller, new, image, &digest).await;
+    if !matches!(recorded, Ok((StatusCode::ACCEPTED, _))) {
+        state.rates.refund(charge).await;
+    }
+    recorded
 }

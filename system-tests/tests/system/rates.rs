@@ -219,3 +219,112 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
     );
     assert_eq!(refused, Some(1.0));
 }
+
+/// A key limited to 10 jobs a second with a burst of 20 sends 100 at once:
+/// 20 are accepted (and no more than the rate refills while they arrive),
+/// every other is `429` with the headers. Then a daily quota of 1
+/// megapixel: two photos of 0.39 pass, the third is refused for the day,
+/// and `GET /v1/usage` says what was used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_at_once_and_a_days_quota() {
+    let mut stack = Stack::new().await;
+    let settings = [
+        ("IMGFLOW_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
+        ("AUTH_REQUIRED", "true"),
+    ];
+    stack.start_api(&settings).await;
+    stack.start_worker("quota", &[]).await;
+    stack.wait_for_plugins().await;
+    let a = stack.create_key("a").await;
+    let (status, _) = set_limits(
+        &stack,
+        &a.id,
+        json!({ "rate_per_second": 10, "rate_burst": 20 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let url = stack.api_url.clone();
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..100).map(|_| submit(&stack, &url, &a.key))).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut accepted = 0;
+    for r in answers {
+        match r.status() {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(r.headers()["ratelimit-policy"], "\"jobs\";q=20;w=2");
+                assert!(r.headers().contains_key("retry-after"));
+                assert!(r.headers().contains_key("ratelimit"));
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let most = 20.0 + (10.0 * elapsed).ceil();
+    assert!(
+        accepted >= 20 && f64::from(accepted) <= most,
+        "{accepted} accepted in {elapsed:.2} s"
+    );
+    println!("100 at once: {accepted} accepted in {elapsed:.3} s");
+
+    // A day's quota of 1 megapixel (no rate): two photos of 0.39.
+    let (status, key) = set_limits(&stack, &a.id, json!({ "daily_megapixels": 1 })).await;
+    assert_eq!(status, StatusCode::OK, "{key}");
+    let photo = std::fs::read(repo().join("tests/fixtures/photos/kodim23.png")).unwrap();
+    let send_photo = || async {
+        stack
+            .client
+            .post(stack.url("/v1/jobs?action=grayscale"))
+            .bearer_auth(&a.key)
+            .header("content-type", "image/png")
+            .body(photo.clone())
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(send_photo().await.status(), StatusCode::ACCEPTED);
+    assert_eq!(send_photo().await.status(), StatusCode::ACCEPTED);
+    let r = send_photo().await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        r.headers()["ratelimit-policy"],
+        "\"megapixels\";q=1;w=86400"
+    );
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+
+    let photo_mp = 768.0 * 512.0 / 1e6;
+    let used = usage(&stack, &a.key).await;
+    assert_eq!(used["quota"]["megapixels_per_day"], 1.0, "{used}");
+    let spent = used["quota"]["used"].as_f64().unwrap();
+    assert!((spent - 2.0 * photo_mp).abs() < 1e-6, "{used}");
+    assert!((used["quota"]["remaining"].as_f64().unwrap() - (1.0 - spent)).abs() < 1e-9);
+    assert_eq!(used["rate"], Value::Null, "{used}");
+
+    // What is left still takes a small image; a submission refused before
+    // its image is counted costs nothing.
+    let r = submit(&stack, &url, &a.key).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = stack
+        .client
+        .post(stack.url("/v1/jobs?action=grayscale&format=bmp"))
+        .bearer_auth(&a.key)
+        .header("content-type", "image/png")
+        .body(std::fs::read(repo().join(SMALL)).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let after = usage(&stack, &a.key).await["quota"]["used"]
+        .as_f64()
+        .unwrap();
+    assert!((after - spent - 32.0 * 32.0 / 1e6).abs() < 1e-6, "{after}");
+}
