@@ -102,7 +102,7 @@ impl Batch {
         (status = 414, description = "The query string is over MAX_FIELDS_BYTES (`uri_too_long`)", body = ErrorBody),
         (status = 415, description = "Not a form, or an image format imgflow does not read (`unsupported_media_type`, `unsupported_format`)", body = ErrorBody),
         (status = 422, description = "Bad parameters, format, callback or image (`invalid_params`, `invalid_format`, `invalid_callback`, `corrupt_image`, `image_too_large`)", body = ErrorBody),
-        (status = 429, description = "The queue, or this client's share of it, has no room for every image (`queue_full`)", body = ErrorBody),
+        (status = 429, description = "The queue, or this client's share of it, has no room for every image (`queue_full`); this client is over its rate, one job an image (`rate_limited`), or its daily quota (`quota_exceeded`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"), ("RateLimit-Policy" = String, description = "With `rate_limited` or `quota_exceeded`: the policy"), ("RateLimit" = String, description = "With `rate_limited` or `quota_exceeded`: what is left of it"))),
         (status = 503, description = "PostgreSQL, Redis or storage unavailable, or the decoding budget spent (`decode_busy`)", body = ErrorBody),
     ),
     security((), ("client_key" = []), ("admin_token" = []))

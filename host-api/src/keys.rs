@@ -59,8 +59,9 @@ pub struct LimitsRequest {
     #[schema(example = 20.0)]
     #[serde(default)]
     rate_per_second: Option<f64>,
-    /// How many jobs it may submit at once (1 or more); left out: one
-    /// second's worth of its rate.
+    /// How many jobs it may submit at once (1 or more); left out: the
+    /// API's `KEY_RATE_BURST` (with the key's own rate and no burst of its
+    /// own: one second's worth of that rate).
     #[schema(example = 40)]
     #[serde(default)]
     rate_burst: Option<i32>,
@@ -278,8 +279,6 @@ pub async fn set_limits(
         .set_limits(uuid, own)
         .await?
         .ok_or_else(not_found)?;
-    // Under its new rate the key starts from a full burst.
-    state.queue.reset_rate(&uuid.to_string()).await?;
     tracing::info!(key_id = %uuid, limits = ?own, "client key limits set");
     Ok(Json(Key::from(&record)).into_response())
 }

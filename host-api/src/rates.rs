@@ -167,17 +167,22 @@ impl Rates {
         if charged {
             return Ok(Charge(Some((owner, day, megapixels))));
         }
-        let error = ApiError::new(
-            ErrorCode::QuotaExceeded,
-            format!(
-                "this client used {used:.3} of its {quota} megapixels for today (UTC); this submission's {megapixels:.3} would pass it; the quota starts again in {left_today} s"
-            ),
-        )
-        .retry_after(left_today);
-        let left = (quota - used).max(0.0).floor() as u64;
-        Err(quota_headers(quota, left, left_today)
-            .into_iter()
-            .fold(error, |e, (name, value)| e.with_header(name, value)))
+        Err(over_quota(quota, used, left_today))
+    }
+
+    /// Refuses `caller` with `429 quota_exceeded` if its quota for today
+    /// is used up: a cheap check before its body is read and its images
+    /// decoded ([`Rates::charge`] charges them afterwards).
+    pub async fn check_quota(&self, caller: Caller) -> Result<(), ApiError> {
+        let Some(quota) = self.quota_of(caller).await? else {
+            return Ok(());
+        };
+        let (day, left_today) = today();
+        let used = self.queue.quota_used(&caller.owner(), &day).await?;
+        if used < quota {
+            return Ok(());
+        }
+        Err(over_quota(quota, used, left_today))
     }
 
     /// Gives back a charge whose submission was not recorded.
@@ -231,6 +236,22 @@ impl Rates {
             .take_rate(&caller.owner(), rate.per_second, rate.burst, 0)
             .await?)
     }
+}
+
+/// `429 quota_exceeded`: `used` of `quota` megapixels today, which has
+/// `left_today` seconds left.
+fn over_quota(quota: f64, used: f64, left_today: u64) -> ApiError {
+    let error = ApiError::new(
+        ErrorCode::QuotaExceeded,
+        format!(
+            "this client used {used:.3} of its {quota} megapixels for today (UTC), and this submission would pass it; the quota starts again in {left_today} s"
+        ),
+    )
+    .retry_after(left_today);
+    let left = (quota - used).max(0.0).floor() as u64;
+    quota_headers(quota, left, left_today)
+        .into_iter()
+        .fold(error, |e, (name, value)| e.with_header(name, value))
 }
 
 /// Today's UTC date, and the whole seconds left of it.
@@ -331,7 +352,8 @@ pub struct Unfinished {
 }
 
 /// The caller's limits and what it is using of them: its rate of
-/// submissions (with what is left of its burst) and its unfinished jobs.
+/// submissions (with what is left of its burst), its daily quota (with what
+/// is used today) and its unfinished jobs.
 #[utoipa::path(
     get,
     path = "/v1/usage",

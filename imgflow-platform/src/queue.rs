@@ -597,7 +597,9 @@ impl Queue {
     /// Takes `cost` submissions from `owner`'s rate: at most `burst` at
     /// once, refilled at `per_second` (the generic cell rate algorithm,
     /// with Redis's clock, so every API instance shares one account per
-    /// owner and one time). Nothing is taken when refused.
+    /// owner and one time). Nothing is taken when refused. An account is
+    /// never further ahead than its current burst, so a rate or burst
+    /// lowered meanwhile delays its client by at most one burst's refill.
     pub async fn take_rate(
         &self,
         owner: &str,
@@ -615,6 +617,7 @@ impl Queue {
               local tolerance = interval * tonumber(ARGV[2])
               local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
               if tat < now then tat = now end
+              if tat > now + tolerance then tat = now + tolerance end
               local next_tat = tat + interval * tonumber(ARGV[3])
               local allowed = next_tat - tolerance <= now
               if allowed then
@@ -675,12 +678,17 @@ impl Queue {
     /// charged for that was not recorded after all).
     pub async fn refund_quota(&self, owner: &str, day: &str, amount: f64) -> RedisResult<()> {
         let mut conn = self.conn().await?;
-        let _: String = redis::cmd("INCRBYFLOAT")
-            .arg(self.quota_key(owner, day))
+        let key = self.quota_key(owner, day);
+        redis::pipe()
+            .atomic()
+            .cmd("INCRBYFLOAT")
+            .arg(&key)
             .arg(-amount)
+            .ignore()
+            .expire(&key, 172_800)
+            .ignore()
             .query_async(&mut conn)
-            .await?;
-        Ok(())
+            .await
     }
 
     /// How much of its quota `owner` used on `day`.
@@ -692,13 +700,6 @@ impl Queue {
 
     fn quota_key(&self, owner: &str, day: &str) -> String {
         self.key(&format!("{QUOTA}:{owner}:{day}"))
-    }
-
-    /// Forgets `owner`'s rate account ([`Queue::take_rate`]): its next
-    /// submissions start from a full burst (when its rate changes).
-    pub async fn reset_rate(&self, owner: &str) -> RedisResult<()> {
-        let mut conn = self.conn().await?;
-        conn.del(self.key(&format!("{RATE}:{owner}"))).await
     }
 
     /// The failures of `scope` counted in its current window, and the time

@@ -684,20 +684,25 @@ pub struct WorkerSettings {
     pub threads: ThreadArgs,
 }
 
-/// A rate of jobs a second: a finite number from 0 to 1,000,000.
+/// A rate of jobs a second: 0 (no limit), or from [`MIN_RATE`] to
+/// [`MAX_RATE`].
 pub fn rate_value(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .trim()
         .parse()
         .map_err(|e| format!("{text:?} is not a number: {e}"))?;
-    if rate.is_finite() && (0.0..=MAX_RATE).contains(&rate) {
+    if rate == 0.0 || (rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&rate)) {
         Ok(rate)
     } else {
         Err(format!(
-            "{text:?}: a rate is from 0 to {MAX_RATE} jobs a second"
+            "{text:?}: a rate is 0 (no limit) or from {MIN_RATE} to {MAX_RATE} jobs a second"
         ))
     }
 }
+
+/// The smallest rate of jobs a second a key may be given (one job in
+/// 1,000 s), other than 0.
+pub const MIN_RATE: f64 = 0.001;
 
 /// A daily quota of megapixels: a finite number from 0 to 10^12.
 pub fn quota_value(text: &str) -> Result<f64, String> {

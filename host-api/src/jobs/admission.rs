@@ -76,6 +76,10 @@ pub(crate) async fn admit(
         }
         Kind::Batch => request,
     };
+    // A client whose quota for today is used up is refused before its
+    // images are read and decoded.
+    let ((), request) =
+        body::refuse_early(state.rates.check_quota(caller).await, request, limit).await?;
     // A repeated request (same Idempotency-Key) is answered with its job
     // even when the queue is full; only a new job needs room.
     let (earlier, request) =

@@ -61,8 +61,8 @@ pub async fn cancel(
 
 /// Retries a failed or cancelled job: a new job (`retry_of` names this
 /// one) with the same input, plugin version, parameters and format, queued
-/// like a submission (the same admission limits). The original stays as
-/// it was.
+/// like a submission (the same admission limits: the queue's room, the
+/// client's share, rate and daily quota). The original stays as it was.
 #[utoipa::path(
     post,
     path = "/v1/jobs/{id}/retry",
@@ -74,8 +74,8 @@ pub async fn cancel(
         (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
         (status = 404, description = "No such job, or another client's (`job_not_found`)", body = ErrorBody),
         (status = 409, description = "The job is queued, running or completed (`job_not_retryable`)", body = ErrorBody),
-        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "PostgreSQL or Redis unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 429, description = "The queue, or this client's share of it, is full (`queue_full`); this client is over its rate (`rate_limited`) or its daily quota (`quota_exceeded`)", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"), ("RateLimit-Policy" = String, description = "With `rate_limited` or `quota_exceeded`: the policy"), ("RateLimit" = String, description = "With `rate_limited` or `quota_exceeded`: what is left of it"))),
+        (status = 503, description = "PostgreSQL, Redis or storage unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
     ),
     security((), ("client_key" = []), ("admin_token" = []))
 )]
@@ -95,11 +95,21 @@ pub async fn retry(
             ),
         ));
     }
+    // A retry is a new job: it counts against the client's rate and, by
+    // its input's megapixels (read from its header), its daily quota.
+    state.rates.take(caller, 1).await?;
     room(&state, caller, 1).await?;
-    let successor = state
-        .jobs
-        .retry(&job, unfinished_cap(&state, caller))
-        .await?;
+    let input = state.jobs.input(&job.input_key).await?;
+    let probe = imgflow_runtime::codec::probe(&input, &state.limits)?;
+    let megapixels = f64::from(probe.width) * f64::from(probe.height) / 1e6;
+    let charge = state.rates.charge(caller, megapixels).await?;
+    let successor = match state.jobs.retry(&job, unfinished_cap(&state, caller)).await {
+        Ok(successor) => successor,
+        Err(e) => {
+            state.rates.refund(charge).await;
+            return Err(e.into());
+        }
+    };
     state.metrics.submitted(&successor);
     tracing::info!(job_id = %successor.id, retry_of = %job.id, action = %successor.action, "job retried");
     Ok(answer(&state, StatusCode::ACCEPTED, &successor))

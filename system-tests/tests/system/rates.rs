@@ -142,20 +142,19 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
     }
     assert_eq!(usage(&stack, &a.key).await["rate"], Value::Null);
 
-    // A's own rate, one at a time (its account starts afresh with it): the
-    // second in a row is refused.
+    // B's own rate, one at a time: the second in a row is refused.
     let (status, key) = set_limits(
         &stack,
-        &a.id,
+        &b.id,
         json!({ "rate_per_second": 0.2, "rate_burst": 1 }),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{key}");
     assert_eq!(
-        submit(&stack, &first, &a.key).await.status(),
+        submit(&stack, &first, &b.key).await.status(),
         StatusCode::ACCEPTED
     );
-    let r = submit(&stack, &first, &a.key).await;
+    let r = submit(&stack, &first, &b.key).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.headers()["ratelimit-policy"], "\"jobs\";q=1;w=5");
 
@@ -174,7 +173,7 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
     let r = stack
         .client
         .post(stack.url("/v1/batches"))
-        .bearer_auth(&a.key)
+        .bearer_auth(&b.key)
         .multipart(form)
         .send()
         .await
@@ -192,6 +191,7 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
     // Limits an operator cannot set, and who may set them.
     for bad in [
         json!({ "rate_per_second": -1 }),
+        json!({ "rate_per_second": 1e-9 }),
         json!({ "rate_per_second": 1e9 }),
         json!({ "rate_burst": 0 }),
         json!({ "rate": 5 }),
