@@ -40,6 +40,7 @@ pub mod schema;
 pub mod server;
 pub mod state;
 pub mod streams;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! Each client's rate of submissions: jobs a second with a burst, per
 //! client key, shared by every API instance (an account in Redis,
 //! [`Queue::take_rate`]); its daily quota of work, megapixels of input a
-//! UTC day ([`Queue::charge_quota`]); and `GET /v1/usage`, where a client
-//! reads its own limits and what it is using of them.
+//! UTC day ([`Queue::charge_quota`]). A client reads its own in `GET
+//! /v1/usage` ([`crate::usage`]).
 //!
 //! A key's rate is its own if an operator set one (`PUT
 //! /v1/keys/{id}/limits`), else the API's default (`KEY_RATE_LIMIT`,
@@ -19,10 +19,7 @@
 //! quota_exceeded` until the next UTC day, with the same headers for the
 //! policy `"megapixels"` (whole megapixels, a window of a day).
 
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::{HeaderName, HeaderValue};
 use chrono::{Timelike as _, Utc};
 use imgflow_platform::keys::{KeyLimits, Keys};
 use imgflow_platform::queue::{Queue, RateTaken};
@@ -31,8 +28,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
-use crate::state::AppState;
+use crate::error::ApiError;
 
 /// The name of the rate in the `RateLimit` headers.
 const POLICY: &str = "jobs";
@@ -140,7 +136,7 @@ impl Rates {
 
     /// The daily quota of megapixels `caller` submits under: `None` for
     /// an operator, or when it has none.
-    async fn quota_of(&self, caller: Caller) -> Result<Option<f64>, ApiError> {
+    pub(crate) async fn quota_of(&self, caller: Caller) -> Result<Option<f64>, ApiError> {
         let limits = self.limits_of(caller).await?;
         Ok(limits.map(|(_, quota)| quota).filter(|quota| *quota > 0.0))
     }
@@ -230,7 +226,7 @@ impl Rates {
     }
 
     /// What `caller`'s rate has left, without taking anything.
-    async fn left(&self, caller: Caller, rate: Rate) -> Result<RateTaken, ApiError> {
+    pub(crate) async fn left(&self, caller: Caller, rate: Rate) -> Result<RateTaken, ApiError> {
         Ok(self
             .queue
             .take_rate(&caller.owner(), rate.per_second, rate.burst, 0)
@@ -255,7 +251,7 @@ fn over_quota(quota: f64, used: f64, left_today: u64) -> ApiError {
 }
 
 /// Today's UTC date, and the whole seconds left of it.
-fn today() -> (String, u64) {
+pub(crate) fn today() -> (String, u64) {
     let now = Utc::now();
     let left = 86_400 - u64::from(now.num_seconds_from_midnight());
     (now.format("%Y-%m-%d").to_string(), left.max(1))
@@ -300,112 +296,6 @@ fn pair(
             ))
         })
         .collect()
-}
-
-/// What a client is using of its limits (`GET /v1/usage`).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Usage {
-    /// The owner recorded on its jobs (its key's id).
-    pub owner: String,
-    /// Its rate of submissions; `null` when it has none (an operator, or
-    /// no limit).
-    pub rate: Option<RateUsage>,
-    /// Its daily quota of work; `null` when it has none.
-    pub quota: Option<QuotaUsage>,
-    /// Its unfinished jobs.
-    pub unfinished: Unfinished,
-}
-
-/// A rate in force, and what is left of it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct RateUsage {
-    /// Jobs a second.
-    pub per_second: f64,
-    /// How many jobs may be submitted at once.
-    pub burst: u32,
-    /// How many could be submitted now.
-    pub remaining: u64,
-    /// Seconds until the whole burst is free again.
-    pub reset_seconds: u64,
-}
-
-/// A daily quota of work, and what is used of it today (UTC).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct QuotaUsage {
-    /// Megapixels of input images a UTC day.
-    pub megapixels_per_day: f64,
-    /// Used today.
-    pub used: f64,
-    /// Left today.
-    pub remaining: f64,
-    /// Seconds until the next UTC day, when it starts again.
-    pub reset_seconds: u64,
-}
-
-/// A client's unfinished jobs and its cap.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Unfinished {
-    /// Jobs queued or running.
-    pub jobs: u64,
-    /// The most it may have (`KEY_MAX_UNFINISHED_JOBS`); `null`: no cap.
-    pub cap: Option<u64>,
-}
-
-/// The caller's limits and what it is using of them: its rate of
-/// submissions (with what is left of its burst), its daily quota (with what
-/// is used today) and its unfinished jobs.
-#[utoipa::path(
-    get,
-    path = "/v1/usage",
-    operation_id = "getUsage",
-    tag = "jobs",
-    responses(
-        (status = 200, description = "The caller's limits and usage", body = Usage),
-        (status = 401, description = "No or a wrong credential (`unauthorized`)", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "Bearer"))),
-        (status = 503, description = "PostgreSQL or Redis unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
-    ),
-    security((), ("client_key" = []), ("admin_token" = []))
-)]
-pub async fn usage(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let caller = state.auth.caller(&headers).await?;
-    let rate = match state.rates.rate_of(caller).await? {
-        Some(rate) => {
-            let left = state.rates.left(caller, rate).await?;
-            Some(RateUsage {
-                per_second: rate.per_second,
-                burst: rate.burst,
-                remaining: left.remaining,
-                reset_seconds: left.full_in.as_secs_f64().ceil() as u64,
-            })
-        }
-        None => None,
-    };
-    let owner = caller.owner();
-    let quota = match state.rates.quota_of(caller).await? {
-        Some(quota) => {
-            let (day, reset_seconds) = today();
-            let used = state.queue.quota_used(&owner, &day).await?;
-            Some(QuotaUsage {
-                megapixels_per_day: quota,
-                used,
-                remaining: (quota - used).max(0.0),
-                reset_seconds,
-            })
-        }
-        None => None,
-    };
-    let (_, jobs) = state.queue.room(Some(&owner)).await?;
-    let cap = crate::jobs::admission::unfinished_cap(&state, caller);
-    Ok(Json(Usage {
-        owner,
-        rate,
-        quota,
-        unfinished: Unfinished { jobs, cap },
-    })
-    .into_response())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{batches, console, jobs, keys, metrics, overview, plugins, rates};
+use crate::{batches, console, jobs, keys, metrics, overview, plugins, usage};
 use imgflow_platform::health::{self, Readiness};
 use imgflow_runtime::ErrorCode;
 
@@ -103,7 +103,7 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limits))
-        .routes(routes!(rates::usage))
+        .routes(routes!(usage::usage))
         .routes(routes!(overview::get))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
