@@ -104,6 +104,24 @@ pub struct NewKeyRequest {
 /// The largest body of `POST /v1/keys` read.
 const CREATE_MAX_BYTES: usize = 4096;
 
+/// The body of an operator's request to `/v1/keys` (at most 4 KiB), once
+/// the admin token is checked (a refused request's body is dropped unread).
+async fn admin_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<bytes::Bytes, ApiError> {
+    if let Err(e) = state.auth.admin(headers).await {
+        body::discard(request.into_body(), 0).await;
+        return Err(e);
+    }
+    match body::read(request.into_body(), CREATE_MAX_BYTES).await {
+        Limited::Body(bytes) => Ok(bytes),
+        Limited::TooLarge => Err(ApiError::too_large(CREATE_MAX_BYTES, "4 KiB")),
+        Limited::Broken(e) => Err(e),
+    }
+}
+
 /// Creates a client key (operators).
 #[utoipa::path(
     post,
@@ -126,15 +144,7 @@ pub async fn create(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(&headers).await {
-        body::discard(request.into_body(), 0).await;
-        return Err(e);
-    }
-    let raw = match body::read(request.into_body(), CREATE_MAX_BYTES).await {
-        Limited::Body(bytes) => bytes,
-        Limited::TooLarge => return Err(ApiError::too_large(CREATE_MAX_BYTES, "4 KiB")),
-        Limited::Broken(e) => return Err(e),
-    };
+    let raw = admin_body(&state, &headers, request).await?;
     let NewKeyRequest { name } = serde_json::from_slice(&raw)
         .map_err(|e| ApiError::bad_request(format!("expected {{\"name\": \"...\"}}: {e}")))?;
     let name = name.trim();
@@ -239,15 +249,7 @@ pub async fn set_limits(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if let Err(e) = state.auth.admin(&headers).await {
-        body::discard(request.into_body(), 0).await;
-        return Err(e);
-    }
-    let raw = match body::read(request.into_body(), CREATE_MAX_BYTES).await {
-        Limited::Body(bytes) => bytes,
-        Limited::TooLarge => return Err(ApiError::too_large(CREATE_MAX_BYTES, "4 KiB")),
-        Limited::Broken(e) => return Err(e),
-    };
+    let raw = admin_body(&state, &headers, request).await?;
     let limits: LimitsRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(format!(
             "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>, \"daily_megapixels\": <megapixels>}}: {e}"
