@@ -215,8 +215,7 @@ impl App {
         check_secrets(&settings)?;
         warn_about_auth(&settings, &admin_tokens);
         let metrics = Arc::new(ApiMetrics::new().context("cannot set up the metrics")?);
-        let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
-            .context("invalid Redis URL")?;
+        let queue = Queue::open(&settings.redis).context("invalid Redis URL")?;
         let storage = Storage::open(&settings.storage.storage_url)?;
         let (pool, catalogue) = connect(&settings, &storage, &queue, &metrics)?;
         let keys = Keys::new(pool.clone());

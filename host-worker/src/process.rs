@@ -208,6 +208,7 @@ fn record(
                 job,
                 result,
                 step_ms,
+                seconds: began.elapsed().as_secs_f64(),
             };
             match ctx.outcomes.record(outcome).await {
                 Recorded::Finished => {

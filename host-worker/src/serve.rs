@@ -59,8 +59,7 @@ impl Worker {
             .context("cannot start the plugin runtime")?,
         );
         let storage = Storage::open(&settings.storage.storage_url)?;
-        let queue = Queue::new(&settings.redis.url(), &settings.redis.queue)
-            .context("invalid Redis URL")?;
+        let queue = Queue::open(&settings.redis).context("invalid Redis URL")?;
         let metrics = Arc::new(WorkerMetrics::new().context("cannot set up the metrics")?);
         let budget_mib = settings
             .worker_memory_mb

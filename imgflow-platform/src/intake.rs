@@ -27,7 +27,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::batch::Batcher;
-use crate::jobs::{JobRecord, JobStatus, Jobs, JobsError, NewJob, Submitted};
+use crate::jobs::{JobRecord, JobStatus, Jobs, JobsError, NewJob, QueueEntry, Submitted};
 use crate::pipeline;
 use crate::storage;
 
@@ -218,7 +218,7 @@ async fn insert_isolated(jobs: &Jobs, group: Vec<Pending>) -> Vec<Result<Inserte
     }
 }
 
-/// The group insert ([`insert`]): `$1`..`$20` are arrays, one element per
+/// The group insert ([`insert`]): `$1`..`$22` are arrays, one element per
 /// job. Public so that a test can check its plan (`EXPLAIN`): the
 /// result-cache lookup is an exact match on `result_cache`'s primary key,
 /// whatever the tables hold.
@@ -227,11 +227,12 @@ pub const GROUP_INSERT: &str = concat!(
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                              $6::text[], $7::int8[], $8::text[], $9::text[], $10::text[],
                              $11::text[], $12::text[], $13::text[], $14::text[], $15::int2[],
-                             $16::bool[], $17::jsonb[], $18::uuid[], $19::text[], $20::uuid[])
+                             $16::bool[], $17::jsonb[], $18::uuid[], $19::text[], $20::uuid[],
+                             $21::text[], $22::int8[])
             AS n(id, action, plugin_version, plugin_digest, params,
                  input_key, input_size, input_format, output_format, output_key,
                  idempotency_key, owner, request_hash, cache_key, output_quality,
-                 auto_orient, steps, batch_id, callback_url, key_id)
+                 auto_orient, steps, batch_id, callback_url, key_id, priority, input_pixels)
      ), live AS (
         SELECT n.* FROM n LEFT JOIN api_keys k ON k.id = n.key_id
         WHERE n.key_id IS NULL OR (k.id IS NOT NULL AND k.revoked_at IS NULL)
@@ -244,6 +245,7 @@ pub const GROUP_INSERT: &str = concat!(
                           input_size, input_format, output_format, output_key, output_size,
                           idempotency_key, owner, request_hash, cache_key, cached_from,
                           output_quality, auto_orient, steps, batch_id, callback_url,
+                          priority, input_pixels,
                           started_at, finished_at, callback_status, callback_next_at)
         SELECT n.id, n.action, n.plugin_version, n.plugin_digest, n.params,
                CASE WHEN h.id IS NULL THEN 'queued' ELSE 'completed' END,
@@ -252,6 +254,7 @@ pub const GROUP_INSERT: &str = concat!(
                COALESCE(h.output_key, n.output_key), h.output_size,
                n.idempotency_key, n.owner, n.request_hash, n.cache_key, h.job_id,
                n.output_quality, n.auto_orient, n.steps, n.batch_id, n.callback_url,
+               n.priority, n.input_pixels,
                CASE WHEN h.id IS NULL THEN NULL ELSE now() END,
                CASE WHEN h.id IS NULL THEN NULL ELSE now() END,
                CASE WHEN h.id IS NOT NULL AND n.callback_url IS NOT NULL THEN 'pending' END,
@@ -289,20 +292,14 @@ async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, sqlx::E
         };
         answers.push(inserted(pending, summary, row));
     }
-    let queued: Vec<(Uuid, String)> = answers
+    let queued: Vec<QueueEntry> = answers
         .iter()
         .filter_map(|answer| match answer {
-            Inserted::Recorded(job) if job.status == JobStatus::Queued => {
-                Some((job.id, crate::jobs::JobSpec::of(job).to_json()))
-            }
+            Inserted::Recorded(job) if job.status == JobStatus::Queued => Some(QueueEntry::of(job)),
             _ => None,
         })
         .collect();
-    let entries: Vec<(Uuid, &str)> = queued
-        .iter()
-        .map(|(id, spec)| (*id, spec.as_str()))
-        .collect();
-    if let Err(e) = jobs.queue.enqueue_many(&entries).await {
+    if let Err(e) = QueueEntry::enqueue(&jobs.queue, &queued).await {
         // Recorded, so not lost: the sweeper queues them once they have been
         // missing from the stream for SWEEP_AFTER.
         tracing::warn!(jobs = queued.len(), error = %e, "cannot queue new jobs; the sweeper will");
@@ -339,6 +336,8 @@ async fn insert_rows(
     let batches: Vec<Option<Uuid>> = group.iter().map(|p| p.new.batch_id).collect();
     let callbacks = col(&|p| p.new.callback_url.clone());
     let keys: Vec<Option<Uuid>> = group.iter().map(|p| p.key).collect();
+    let priorities: Vec<&str> = group.iter().map(|p| p.new.priority.name()).collect();
+    let pixels: Vec<i64> = group.iter().map(|p| p.new.input_pixels).collect();
     sqlx::query_as(GROUP_INSERT)
         .bind(&ids)
         .bind(&actions)
@@ -360,6 +359,8 @@ async fn insert_rows(
         .bind(&batches)
         .bind(&callbacks)
         .bind(&keys)
+        .bind(&priorities)
+        .bind(&pixels)
         .fetch_all(&jobs.db)
         .await
 }
@@ -412,6 +413,8 @@ fn inserted(pending: &Pending, summary: pipeline::Summary, row: &Row) -> Inserte
         callback_next_at: row.callback_next_at,
         stream_id: None,
         worker_id: None,
+        priority: new.priority.name().to_string(),
+        input_pixels: Some(new.input_pixels),
         created_at,
         enqueued_at: None,
         started_at: row.started_at,

@@ -48,7 +48,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::pipeline::Step;
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Priority, Queue, QueueError, Ticket};
 use crate::storage::{self, Object, Storage, StorageError};
 
 /// A job's status.
@@ -282,6 +282,10 @@ pub struct JobRecord {
     pub stream_id: Option<String>,
     /// The worker that ran it last.
     pub worker_id: Option<String>,
+    /// Its priority among its owner's jobs (`high`, `normal`, `low`).
+    pub priority: String,
+    /// Its input's pixels (width x height), when known.
+    pub input_pixels: Option<i64>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When it was last put on the queue (jobs from before
@@ -308,6 +312,11 @@ impl JobRecord {
     /// The result's format.
     pub fn output_format(&self) -> ImageFormat {
         ImageFormat::parse(&self.output_format).unwrap_or(ImageFormat::Png)
+    }
+
+    /// Its priority among its owner's jobs.
+    pub fn priority(&self) -> Priority {
+        Priority::parse(&self.priority).unwrap_or_default()
     }
 }
 
@@ -339,6 +348,10 @@ pub struct JobSpec {
     pub attempts: i32,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
+    /// Its input's megapixels (0 when not known): what its worker time is
+    /// charged with ([`crate::queue::Account`]).
+    #[serde(default)]
+    pub megapixels: f64,
 }
 
 impl JobSpec {
@@ -356,6 +369,7 @@ impl JobSpec {
             auto_orient: job.auto_orient,
             attempts: job.attempts,
             created_at: job.created_at,
+            megapixels: job.input_pixels.map_or(0.0, |p| p as f64 / 1e6),
         }
     }
 
@@ -367,6 +381,46 @@ impl JobSpec {
     /// The result's format.
     pub fn output_format(&self) -> ImageFormat {
         ImageFormat::parse(&self.output_format).unwrap_or(ImageFormat::Png)
+    }
+}
+
+/// A job as the queue carries it ([`Queue::enqueue_many`]): its spec, as
+/// JSON, and what orders it among the others.
+#[derive(Debug, Clone)]
+pub struct QueueEntry {
+    spec: JobSpec,
+    json: String,
+    priority: Priority,
+}
+
+impl QueueEntry {
+    /// The entry of `job`.
+    pub fn of(job: &JobRecord) -> QueueEntry {
+        let spec = JobSpec::of(job);
+        QueueEntry {
+            json: spec.to_json(),
+            priority: job.priority(),
+            spec,
+        }
+    }
+
+    /// What the queue needs of it.
+    pub fn ticket(&self) -> Ticket<'_> {
+        Ticket {
+            job: self.spec.id,
+            spec: &self.json,
+            owner: &self.spec.owner,
+            action: &self.spec.action,
+            megapixels: self.spec.megapixels,
+            priority: self.priority,
+            submitted_ms: self.spec.created_at.timestamp_millis(),
+        }
+    }
+
+    /// Puts `jobs` on the queue in one round trip.
+    pub async fn enqueue(queue: &Queue, jobs: &[QueueEntry]) -> Result<(), QueueError> {
+        let tickets: Vec<Ticket<'_>> = jobs.iter().map(QueueEntry::ticket).collect();
+        queue.enqueue_many(&tickets).await
     }
 }
 
@@ -386,6 +440,9 @@ pub struct Running {
     pub started_at: DateTime<Utc>,
     /// The worker running it.
     pub worker: String,
+    /// The worker seconds its owner was charged when it was taken
+    /// ([`crate::queue::Delivery::estimate`]).
+    pub estimate: f64,
 }
 
 /// What a client submits, validated: recorded as a new `queued` job.
@@ -416,6 +473,10 @@ pub struct NewJob {
     pub batch_id: Option<Uuid>,
     /// Where to POST its outcome, checked ([`crate::callbacks`]).
     pub callback_url: Option<String>,
+    /// Its priority among its owner's jobs.
+    pub priority: Priority,
+    /// Its input's pixels (width x height).
+    pub input_pixels: i64,
 }
 
 /// The result-cache key of a job: a SHA-256 of the input's SHA-256, the
@@ -654,6 +715,7 @@ impl Jobs {
                 Some(spec) if spec.id == delivery.job => running.push(Running {
                     attempt: spec.attempts + 1,
                     spec,
+                    estimate: delivery.estimate,
                     entry: delivery.entry,
                     started_at: now,
                     worker: worker.to_string(),
@@ -679,6 +741,7 @@ impl Jobs {
                 Some(row) => read.push(Running {
                     spec: JobSpec::of(row),
                     attempt: row.attempts + 1,
+                    estimate: delivery.estimate,
                     entry: delivery.entry,
                     started_at: now,
                     worker: worker.to_string(),
@@ -798,10 +861,11 @@ impl Jobs {
             "WITH r AS (
                 INSERT INTO jobs (id, action, plugin_version, plugin_digest, params, status, input_key,
                                   input_size, input_format, output_format, output_key, owner, cache_key,
-                                  retry_of, output_quality, auto_orient, callback_url, steps)
+                                  retry_of, output_quality, auto_orient, callback_url,
+                                  priority, input_pixels, steps)
                 SELECT $1, action, plugin_version, plugin_digest, params, 'queued', input_key,
                        input_size, input_format, output_format, $3, owner, cache_key, id,
-                       output_quality, auto_orient, callback_url,
+                       output_quality, auto_orient, callback_url, priority, input_pixels,
                        (SELECT jsonb_agg(step - 'run_ms' ORDER BY n)
                         FROM jsonb_array_elements(steps) WITH ORDINALITY AS s(step, n))
                 FROM jobs WHERE id = $2
@@ -818,7 +882,7 @@ impl Jobs {
         .await?;
         if let Err(e) = self
             .queue
-            .enqueue(id, &JobSpec::of(&successor).to_json())
+            .enqueue(QueueEntry::of(&successor).ticket())
             .await
         {
             // Not queued: the successor is undone (the input is the

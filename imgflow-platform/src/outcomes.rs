@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::batch::Batcher;
 use crate::jobs::{arm_callback, unfinished, JobStatus, Jobs, Running};
+use crate::queue::Account;
 use crate::retry::retry;
 use imgflow_runtime::Failure;
 
@@ -44,6 +45,9 @@ pub struct Outcome {
     pub result: Result<i64, Failure>,
     /// Each step's time, as far as the steps ran.
     pub step_ms: Option<Vec<f64>>,
+    /// The seconds of worker time it took (from its start to its outcome):
+    /// what its owner is charged ([`crate::queue::Account`]).
+    pub seconds: f64,
 }
 
 /// What recording an outcome came to.
@@ -242,8 +246,9 @@ async fn answers(jobs: &Jobs, group: &[Outcome], done: &[Done]) -> Vec<Recorded>
     answers
 }
 
-/// Every entry settled (recorded, or a duplicate), every change announced
-/// and every share given back, in one round trip.
+/// Every entry settled (recorded, or a duplicate), every change announced,
+/// every share given back and every job's worker time charged to its
+/// owner, in one round trip.
 async fn settle(jobs: &Jobs, group: &[Outcome], done: &[Done]) {
     let entries: Vec<(Uuid, &str)> = group
         .iter()
@@ -261,7 +266,21 @@ async fn settle(jobs: &Jobs, group: &[Outcome], done: &[Done]) {
         })
         .collect();
     let releases: Vec<(&str, Uuid)> = done.iter().map(|d| (d.owner.as_str(), d.id)).collect();
-    if let Err(e) = jobs.queue.settle(&entries, &changes, &releases).await {
+    let accounts: Vec<Account<'_>> = group
+        .iter()
+        .map(|o| Account {
+            owner: &o.job.spec.owner,
+            action: &o.job.spec.action,
+            megapixels: o.job.spec.megapixels,
+            estimate: o.job.estimate,
+            seconds: o.seconds,
+        })
+        .collect();
+    if let Err(e) = jobs
+        .queue
+        .settle(&entries, &changes, &releases, &accounts)
+        .await
+    {
         // The outcomes are recorded; a redelivery finds them finished and
         // acknowledges, waiters read the job when their wait ends, and the
         // sweeper gives back the shares.

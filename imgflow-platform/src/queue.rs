@@ -1,11 +1,27 @@
-//! The work queue: a Redis stream with a consumer group.
+//! The work queue: a Redis stream with a consumer group, taken from in
+//! fair order.
 //!
-//! - The API adds one entry (`job` = the job id) per accepted job (`XADD`),
-//!   and records the entry's id under the job's (`<prefix>:entries`), so a
-//!   cancelled or deleted job leaves the stream at once.
-//! - Workers read new entries through the group (`XREADGROUP`); an entry
-//!   stays pending, owned by its worker, until that worker acknowledges and
-//!   deletes it (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
+//! - The API adds one entry per accepted job (`XADD`: the job's id, what a
+//!   worker needs to run it, its owner, action and megapixels) and records
+//!   the entry's id under the job's (`<prefix>:entries`), so a cancelled or
+//!   deleted job leaves the stream at once. The entry also waits in its
+//!   owner's queue (`<prefix>:wait:<owner>`, ordered by submission time
+//!   plus its priority's handicap, [`Priority`]) and in the set of every
+//!   waiting entry (`<prefix>:waiting`: what KEDA scales on).
+//! - Workers take entries with [`Reader::next_batch`]: one script picks,
+//!   for each free slot, the owner furthest behind in worker time (start-time
+//!   fair queuing: each owner has a virtual time, `<prefix>:vtime`, that
+//!   grows by the estimated cost of each job it is given, and an owner that
+//!   starts waiting again starts at the current clock, `<prefix>:clock`, so
+//!   idle time earns no credit), pops that owner's first entry and claims it
+//!   for the worker (`XCLAIM ... FORCE`), so from then on it is pending,
+//!   owned by its worker, exactly as a read through the group. A job's cost
+//!   is estimated from its megapixels and its action's cost learned from
+//!   finished jobs (`<prefix>:costs`), and corrected by its real run time
+//!   when it is settled. An idle worker waits on a doorbell list
+//!   (`<prefix>:bell`) that every enqueue rings.
+//! - An entry stays pending until its worker acknowledges and deletes it
+//!   (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
 //! - A worker that dies leaves its entries pending; after the lease (idle
 //!   time) another worker takes them over (`XAUTOCLAIM`). A worker running a
 //!   long job renews its lease by re-claiming the entry for itself.
@@ -34,8 +50,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use redis::streams::StreamAutoClaimReply;
 use redis::{AsyncCommands, RedisError, RedisResult};
+use serde::{Deserialize, Serialize};
 
 pub use redis::RedisError as QueueError;
 use tokio::sync::OnceCell;
@@ -48,7 +65,7 @@ pub const GROUP: &str = "workers";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One job handed to a worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     /// The stream entry's id, used to acknowledge it.
     pub entry: String,
@@ -58,6 +75,95 @@ pub struct Delivery {
     /// carries it (every entry made since it existed); else the worker
     /// reads the job's row.
     pub spec: Option<String>,
+    /// The seconds of worker time its owner was charged when it was taken
+    /// (an estimate; zero for an entry taken over from another worker),
+    /// corrected by the real time when it is settled ([`Account`]).
+    pub estimate: f64,
+}
+
+/// A job's priority among its owner's jobs. Each owner's jobs are taken in
+/// the order of their submission time plus a handicap: none for `high`,
+/// the queue's ageing (`PRIORITY_AGEING_MS`) for `normal`, twice that for
+/// `low`. So a higher priority goes first, and a lower one waits behind a
+/// continuous stream of higher ones of its owner for at most its handicap
+/// (plus the run time of those submitted before its turn): it never
+/// starves. Across owners, fair share decides ([`Reader::next_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// First among its owner's jobs.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// After the others, but never starved.
+    Low,
+}
+
+impl Priority {
+    /// Every priority, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// Its name, as the API reads and shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// The priority named `name`.
+    pub fn parse(name: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// How many ageing periods later than its submission a job of this
+    /// priority is ordered.
+    fn handicap(self) -> u32 {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+}
+
+/// What the queue needs of a job to put it on the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket<'a> {
+    /// The job.
+    pub job: Uuid,
+    /// What a worker needs to run it (JSON).
+    pub spec: &'a str,
+    /// Who submitted it: whose share it is taken in.
+    pub owner: &'a str,
+    /// Its action (the first step's, for a pipeline): whose learned cost
+    /// estimates it.
+    pub action: &'a str,
+    /// Its input's megapixels (0 when not known).
+    pub megapixels: f64,
+    /// Its priority among its owner's jobs.
+    pub priority: Priority,
+    /// When it was submitted, in milliseconds since 1970.
+    pub submitted_ms: i64,
+}
+
+/// A finished job's worker time, charged to its owner when it is settled
+/// ([`Queue::settle`]): the estimate it was taken with is replaced by the
+/// real time, and its action's learned cost moves towards it.
+#[derive(Debug, Clone, Copy)]
+pub struct Account<'a> {
+    /// Whose share it ran in.
+    pub owner: &'a str,
+    /// Its action.
+    pub action: &'a str,
+    /// Its input's megapixels.
+    pub megapixels: f64,
+    /// The seconds it was charged when taken ([`Delivery::estimate`]).
+    pub estimate: f64,
+    /// The seconds it really ran.
+    pub seconds: f64,
 }
 
 /// A worker, as its heartbeats tell ([`Queue::workers_seen`]).
@@ -78,6 +184,7 @@ pub struct Queue {
     conn: std::sync::Arc<OnceCell<ConnectionManager>>,
     stream: String,
     prefix: String,
+    ageing: Duration,
 }
 
 impl std::fmt::Debug for Queue {
@@ -97,7 +204,22 @@ impl Queue {
             conn: std::sync::Arc::new(OnceCell::new()),
             stream: format!("{prefix}:jobs"),
             prefix: prefix.to_string(),
+            ageing: Duration::from_secs(30),
         })
+    }
+
+    /// The queue the settings name (`REDIS_*`, `IMGFLOW_QUEUE`,
+    /// `PRIORITY_AGEING_MS`).
+    pub fn open(settings: &imgflow_settings::RedisArgs) -> RedisResult<Queue> {
+        Ok(Queue::new(&settings.url(), &settings.queue)?
+            .with_ageing(Duration::from_millis(settings.priority_ageing_ms)))
+    }
+
+    /// The same queue with `ageing` as the handicap of a `normal` job
+    /// ([`Priority`]; `PRIORITY_AGEING_MS`, 30 s unless set).
+    pub fn with_ageing(mut self, ageing: Duration) -> Queue {
+        self.ageing = ageing;
+        self
     }
 
     /// A key under this queue's prefix.
@@ -136,9 +258,58 @@ impl Queue {
             .query_async(&mut conn)
             .await;
         match created {
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            other => other?,
         }
+        self.upgrade().await
+    }
+
+    /// Once per Redis (`<prefix>:queue-version`): deletes the entries an
+    /// earlier version queued for a plain group read (never delivered,
+    /// waiting in no owner's queue, pending for no worker), so the sweeper
+    /// queues their jobs again from PostgreSQL the fair way after
+    /// `SWEEP_AFTER_MS`. Entries already delivered stay with their worker.
+    async fn upgrade(&self) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(
+            r"if redis.call('GET', KEYS[4]) == '2' then return 0 end
+              local last = '0-0'
+              for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+                local info = {}
+                for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+                if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+              end
+              local n = 0
+              for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. last, '+')) do
+                local id = e[1]
+                if not redis.call('ZSCORE', KEYS[3], id)
+                   and #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then
+                  local f = e[2]
+                  for j = 1, #f, 2 do
+                    if f[j] == 'job' then redis.call('HDEL', KEYS[2], f[j + 1]) end
+                  end
+                  redis.call('XDEL', KEYS[1], id)
+                  n = n + 1
+                end
+              end
+              redis.call('SET', KEYS[4], '2')
+              return n",
+        );
+        let dropped: i64 = script
+            .key(&self.stream)
+            .key(self.key(ENTRIES))
+            .key(self.key(WAITING))
+            .key(self.key(VERSION))
+            .arg(GROUP)
+            .invoke_async(&mut conn)
+            .await?;
+        if dropped > 0 {
+            tracing::warn!(
+                entries = dropped,
+                "the queue's entries from an earlier version were dropped; the sweeper queues their jobs again"
+            );
+        }
+        Ok(())
     }
 
     /// Checks that Redis answers.
@@ -147,46 +318,87 @@ impl Queue {
         redis::cmd("PING").query_async(&mut conn).await
     }
 
-    /// Adds a job, with what a worker needs to run it (`spec`).
-    pub async fn enqueue(&self, job: Uuid, spec: &str) -> RedisResult<()> {
-        self.enqueue_many(&[(job, spec)]).await
+    /// Puts a job on the queue.
+    pub async fn enqueue(&self, ticket: Ticket<'_>) -> RedisResult<()> {
+        self.enqueue_many(&[ticket]).await
     }
 
-    /// Adds jobs (each with its spec), in one round trip: each an entry on
-    /// the stream, whose id
-    /// is recorded under the job's id (the `<prefix>:entries` hash), both
-    /// at once, so a job can be taken off the queue by its id
-    /// ([`Queue::take_off`]) and the sweeper can tell which are on it
-    /// ([`Queue::entries_of`]).
-    pub async fn enqueue_many(&self, jobs: &[(Uuid, &str)]) -> RedisResult<()> {
-        if jobs.is_empty() {
+    /// Puts jobs on the queue, in one round trip and at once: each an entry
+    /// on the stream, whose id is recorded under the job's id (the
+    /// `<prefix>:entries` hash), so a job can be taken off the queue by its
+    /// id ([`Queue::take_off`]) and the sweeper can tell which are on it
+    /// ([`Queue::entries_of`]); each waiting in its owner's queue, in the
+    /// order of its priority ([`Priority`]); its owner, if it was not
+    /// waiting, joins the owners to serve at the current clock; and the
+    /// doorbell rings for idle workers.
+    pub async fn enqueue_many(&self, tickets: &[Ticket<'_>]) -> RedisResult<()> {
+        if tickets.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn().await?;
         let script = redis::Script::new(
-            r"for i = 1, #ARGV, 2 do
-                local entry = redis.call('XADD', KEYS[1], '*', 'job', ARGV[i], 'spec', ARGV[i + 1])
-                redis.call('HSET', KEYS[2], ARGV[i], entry)
+            r"local n = 0
+              for i = 2, #ARGV, 7 do
+                local job, owner = ARGV[i], ARGV[i + 2]
+                local entry = redis.call('XADD', KEYS[1], '*', 'job', job, 'spec', ARGV[i + 1],
+                                         'owner', owner, 'action', ARGV[i + 3], 'mp', ARGV[i + 4])
+                redis.call('HSET', KEYS[2], job, entry)
+                redis.call('ZADD', KEYS[3], ARGV[i + 6], entry)
+                redis.call('ZADD', ARGV[1] .. owner, ARGV[i + 5], entry)
+                if not redis.call('ZSCORE', KEYS[4], owner) then
+                  local vt = tonumber(redis.call('HGET', KEYS[5], owner) or '0')
+                  local clock = tonumber(redis.call('GET', KEYS[6]) or '0')
+                  if vt < clock then vt = clock end
+                  redis.call('ZADD', KEYS[4], vt, owner)
+                end
+                n = n + 1
               end
-              return #ARGV",
+              for i = 1, math.min(n, 64) do redis.call('LPUSH', KEYS[7], 1) end
+              redis.call('LTRIM', KEYS[7], 0, 63)
+              return n",
         );
         let mut invocation = script.key(&self.stream);
-        invocation.key(self.key(ENTRIES));
-        for (job, spec) in jobs {
-            invocation.arg(job.to_string()).arg(*spec);
+        invocation
+            .key(self.key(ENTRIES))
+            .key(self.key(WAITING))
+            .key(self.key(READY))
+            .key(self.key(VTIME))
+            .key(self.key(CLOCK))
+            .key(self.key(BELL))
+            .arg(self.key(&format!("{WAIT}:")));
+        let ageing = self.ageing.as_millis() as i64;
+        for t in tickets {
+            let order = t.submitted_ms + ageing * i64::from(t.priority.handicap());
+            invocation
+                .arg(t.job.to_string())
+                .arg(t.spec)
+                .arg(t.owner)
+                .arg(t.action)
+                .arg(format!("{:.6}", t.megapixels.max(0.0)))
+                .arg(order)
+                .arg(t.submitted_ms);
         }
         let _: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 
     /// Takes job `id` off the queue (it was cancelled or deleted): its
-    /// entry is acknowledged and deleted, so no worker starts it, and the
-    /// queue's depth drops at once. Returns whether it was on the queue.
+    /// entry leaves its owner's queue, is acknowledged and deleted, so no
+    /// worker starts it, and the queue's depth drops at once. Returns
+    /// whether it was on the queue.
     pub async fn take_off(&self, id: Uuid) -> RedisResult<bool> {
         let mut conn = self.conn().await?;
         let script = redis::Script::new(
             r"local entry = redis.call('HGET', KEYS[2], ARGV[1])
               if not entry then return 0 end
+              local found = redis.call('XRANGE', KEYS[1], entry, entry)
+              if found[1] then
+                local f = found[1][2]
+                for j = 1, #f, 2 do
+                  if f[j] == 'owner' then redis.call('ZREM', ARGV[3] .. f[j + 1], entry) end
+                end
+              end
+              redis.call('ZREM', KEYS[3], entry)
               redis.call('XACK', KEYS[1], ARGV[2], entry)
               redis.call('XDEL', KEYS[1], entry)
               redis.call('HDEL', KEYS[2], ARGV[1])
@@ -195,11 +407,20 @@ impl Queue {
         let taken: i64 = script
             .key(&self.stream)
             .key(self.key(ENTRIES))
+            .key(self.key(WAITING))
             .arg(id.to_string())
             .arg(GROUP)
+            .arg(self.key(&format!("{WAIT}:")))
             .invoke_async(&mut conn)
             .await?;
         Ok(taken == 1)
+    }
+
+    /// How many jobs wait to be taken by a worker (what KEDA scales the
+    /// workers on: the size of `<prefix>:waiting`).
+    pub async fn waiting(&self) -> RedisResult<u64> {
+        let mut conn = self.conn().await?;
+        conn.zcard(self.key(WAITING)).await
     }
 
     /// For each of `jobs`, whether it has an entry on the queue.
@@ -219,15 +440,16 @@ impl Queue {
 
     /// Settles finished jobs in one round trip: acknowledges and deletes
     /// their `entries` (job, entry), announces their `changes` (job, what it
-    /// became) and gives back their owners' shares (`releases`: owner,
-    /// job).
+    /// became), gives back their owners' shares (`releases`: owner, job) and
+    /// charges their owners the worker time they really took (`accounts`).
     pub async fn settle(
         &self,
         entries: &[(Uuid, &str)],
         changes: &[(Uuid, &str)],
         releases: &[(&str, Uuid)],
+        accounts: &[Account<'_>],
     ) -> RedisResult<()> {
-        if entries.is_empty() && changes.is_empty() && releases.is_empty() {
+        if entries.is_empty() && changes.is_empty() && releases.is_empty() && accounts.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn().await?;
@@ -255,13 +477,31 @@ impl Queue {
         for (owner, id) in releases {
             pipe.srem(self.held_key(owner), id.to_string()).ignore();
         }
+        if !accounts.is_empty() {
+            let charge = pipe
+                .cmd("EVAL")
+                .arg(ACCOUNT_SCRIPT)
+                .arg(3)
+                .arg(self.key(VTIME))
+                .arg(self.key(READY))
+                .arg(self.key(COSTS));
+            for a in accounts {
+                charge
+                    .arg(a.owner)
+                    .arg(a.action)
+                    .arg(format!("{:.6}", a.megapixels.max(0.0)))
+                    .arg(format!("{:.6}", a.estimate.max(0.0)))
+                    .arg(format!("{:.6}", a.seconds.max(0.0)));
+            }
+            charge.ignore();
+        }
         pipe.query_async(&mut conn).await
     }
 
     /// Announces several job changes (job, what it became) in one round
     /// trip.
     pub async fn announce_job_changes(&self, changes: &[(Uuid, &str)]) -> RedisResult<()> {
-        self.settle(&[], changes, &[]).await
+        self.settle(&[], changes, &[], &[]).await
     }
 
     /// How many jobs are on the queue (waiting or being run).
@@ -281,7 +521,7 @@ impl Queue {
     /// Acknowledges and deletes job `job`'s entry: the job's outcome is
     /// recorded (or it needs nothing more).
     pub async fn finish(&self, job: Uuid, entry: &str) -> RedisResult<()> {
-        self.settle(&[(job, entry)], &[], &[]).await
+        self.settle(&[(job, entry)], &[], &[], &[]).await
     }
 
     /// Renews `consumer`'s lease on an entry (resets its idle time).
@@ -720,17 +960,41 @@ impl Queue {
     }
 
     /// Deletes every key of this queue: the stream (and so every queued
-    /// entry) and the locks. For tests and for tearing a deployment down;
+    /// entry), the owners' queues and accounts, and the locks. For tests and for tearing a deployment down;
     /// PostgreSQL still knows every unfinished job, and the sweeper queues
     /// them again.
     pub async fn purge(&self) -> RedisResult<()> {
         let mut conn = self.conn().await?;
-        let keys = [
+        let mut keys = vec![
             self.stream.clone(),
             self.key(ENTRIES),
+            self.key(WAITING),
+            self.key(READY),
+            self.key(VTIME),
+            self.key(CLOCK),
+            self.key(COSTS),
+            self.key(BELL),
+            self.key(VERSION),
             self.key(Lock::Sweeper.key()),
             self.key(Lock::Retention.key()),
         ];
+        let pattern = self.key(&format!("{WAIT}:*"));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(found);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
         conn.del(&keys).await
     }
 }
@@ -740,6 +1004,115 @@ const PLUGIN_NOTICES: &str = "plugins";
 
 /// Each queued job's entry id, by job id (a hash), under the prefix.
 const ENTRIES: &str = "entries";
+
+/// Every waiting entry (a sorted set scored by submission time), under the
+/// prefix: what KEDA's `redis` scaler counts (`ZCARD`).
+const WAITING: &str = "waiting";
+
+/// Each owner's waiting entries (a sorted set ordered by [`Priority`]),
+/// under the prefix and followed by the owner.
+const WAIT: &str = "wait";
+
+/// The owners with waiting entries, scored by their virtual time (a
+/// sorted set), under the prefix.
+const READY: &str = "ready";
+
+/// Each owner's virtual time: the worker seconds it was given (a hash),
+/// under the prefix.
+const VTIME: &str = "vtime";
+
+/// The virtual time of the last job taken: where an owner that starts
+/// waiting again starts, under the prefix.
+const CLOCK: &str = "clock";
+
+/// Each action's learned cost (a hash: `<action>:base`, seconds a job, and
+/// `<action>:mp`, seconds a megapixel), under the prefix.
+const COSTS: &str = "costs";
+
+/// The version of the queue's layout in this Redis, under the prefix
+/// ([`Queue::upgrade`]).
+const VERSION: &str = "queue-version";
+
+/// The doorbell idle workers wait on (a list), under the prefix.
+const BELL: &str = "bell";
+
+/// What a job is estimated to cost before its action's cost is learned:
+/// seconds a job, seconds a megapixel.
+const DEFAULT_COST: (f64, f64) = (0.002, 0.05);
+
+/// Charges owners the real worker time of their finished jobs and learns
+/// each action's cost from them (KEYS: vtime, ready, costs; ARGV: owner,
+/// action, megapixels, estimate, seconds, for each job). Jobs of under a
+/// quarter of a megapixel teach the cost a job, larger ones the cost a
+/// megapixel (beyond the cost a job), each a moving average.
+const ACCOUNT_SCRIPT: &str = r"
+for i = 1, #ARGV, 5 do
+  local owner, action = ARGV[i], ARGV[i + 1]
+  local mp, est, secs = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local vt = tonumber(redis.call('HGET', KEYS[1], owner) or '0') + secs - est
+  redis.call('HSET', KEYS[1], owner, tostring(vt))
+  if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
+  local base = tonumber(redis.call('HGET', KEYS[3], action .. ':base') or '-1')
+  if mp < 0.25 then
+    if base < 0 then base = secs else base = base * 0.8 + secs * 0.2 end
+    redis.call('HSET', KEYS[3], action .. ':base', tostring(base))
+  else
+    if base < 0 then base = 0 end
+    local per = (secs - base) / mp
+    if per < 0 then per = 0 end
+    local old = tonumber(redis.call('HGET', KEYS[3], action .. ':mp') or '-1')
+    if old >= 0 then per = old * 0.7 + per * 0.3 end
+    redis.call('HSET', KEYS[3], action .. ':mp', tostring(per))
+  end
+end
+return 0";
+
+/// Takes up to ARGV[3] waiting entries for consumer ARGV[2] of group
+/// ARGV[1], each from the owner with the least virtual time (KEYS: stream,
+/// waiting, ready, vtime, clock, costs; ARGV[4]: the owners' queues'
+/// prefix; ARGV[5], ARGV[6]: the default costs). Returns, for each, its
+/// entry id, job, spec and estimated seconds.
+const TAKE_SCRIPT: &str = r"
+local taken = {}
+local want = tonumber(ARGV[3])
+local rounds = 0
+while #taken < want and rounds < want * 4 + 16 do
+  rounds = rounds + 1
+  local top = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if #top == 0 then break end
+  local owner, vt = top[1], tonumber(top[2])
+  local queue = ARGV[4] .. owner
+  local head = redis.call('ZPOPMIN', queue)
+  if #head > 0 then
+    local entry = head[1]
+    redis.call('ZREM', KEYS[2], entry)
+    local claimed = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE')
+    if type(claimed) == 'table' and claimed['err'] then
+      redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+      claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE')
+    end
+    local e = claimed[1]
+    if e then
+      local f = {}
+      for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+      local action = f['action'] or ''
+      local mp = tonumber(f['mp'] or '0') or 0
+      local base = tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5])
+      local per = tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])
+      local cost = base + mp * per
+      redis.call('SET', KEYS[5], tostring(vt))
+      vt = vt + cost
+      redis.call('HSET', KEYS[4], owner, tostring(vt))
+      taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
+    end
+  end
+  if redis.call('ZCARD', queue) > 0 then
+    redis.call('ZADD', KEYS[3], vt, owner)
+  else
+    redis.call('ZREM', KEYS[3], owner)
+  end
+end
+return taken";
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
 const FAILURES: &str = "failures";
@@ -832,45 +1205,80 @@ impl Reader {
         Ok(self.next_batch(1, block).await?.into_iter().next())
     }
 
-    /// Waits up to `block` for new entries; returns at most `count` (at
-    /// least one, unless the wait ended with none).
+    /// Takes up to `count` waiting jobs in fair order ([`TAKE_SCRIPT`]:
+    /// for each, the owner with the least worker time given, that owner's
+    /// first job by [`Priority`]), claimed for this consumer; if none
+    /// waits, waits up to `block` for the doorbell and tries once more.
+    /// Returns at most `count` (none if the wait ended with none).
     pub async fn next_batch(
         &mut self,
         count: usize,
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
-        let mut command = redis::cmd("XREADGROUP");
+        let taken = self.take(count).await?;
+        if !taken.is_empty() {
+            return Ok(taken);
+        }
+        let mut command = redis::cmd("BLPOP");
         command
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&self.queue.stream)
-            .arg(">");
-        let read = command.query_async::<Option<StreamReadReply>>(&mut self.conn);
-        let reply = match tokio::time::timeout(block + TIMEOUT, read).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) if e.code() == Some("NOGROUP") => {
-                // Redis lost the group (restart without persistence).
-                self.queue.ensure_group().await?;
-                return Ok(Vec::new());
-            }
+            .arg(self.queue.key(BELL))
+            .arg(block.as_secs_f64().max(0.01));
+        let ring = command.query_async::<Option<(String, String)>>(&mut self.conn);
+        match tokio::time::timeout(block + TIMEOUT, ring).await {
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(RedisError::from((
                     redis::ErrorKind::IoError,
-                    "XREADGROUP timed out",
+                    "waiting for the queue's doorbell timed out",
+                )))
+            }
+        }
+        self.take(count).await
+    }
+
+    /// One round of [`TAKE_SCRIPT`].
+    async fn take(&mut self, count: usize) -> RedisResult<Vec<Delivery>> {
+        let q = &self.queue;
+        let script = redis::Script::new(TAKE_SCRIPT);
+        let mut command = script.key(&q.stream);
+        command
+            .key(q.key(WAITING))
+            .key(q.key(READY))
+            .key(q.key(VTIME))
+            .key(q.key(CLOCK))
+            .key(q.key(COSTS))
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(count.max(1))
+            .arg(q.key(&format!("{WAIT}:")))
+            .arg(DEFAULT_COST.0)
+            .arg(DEFAULT_COST.1);
+        let read = command.invoke_async::<Vec<(String, String, String, String)>>(&mut self.conn);
+        let taken = match tokio::time::timeout(TIMEOUT, read).await {
+            Ok(reply) => reply?,
+            Err(_) => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "taking jobs from the queue timed out",
                 )))
             }
         };
-        Ok(reply
-            .and_then(|r| r.keys.into_iter().next())
-            .map(|k| deliveries(k.ids))
-            .unwrap_or_default())
+        Ok(taken
+            .into_iter()
+            .filter_map(|(entry, job, spec, estimate)| match Uuid::parse_str(&job) {
+                Ok(job) => Some(Delivery {
+                    entry,
+                    job,
+                    spec: (!spec.is_empty()).then_some(spec),
+                    estimate: estimate.parse().unwrap_or(0.0),
+                }),
+                Err(_) => {
+                    tracing::warn!(%entry, "ignoring a queue entry without a valid job id");
+                    None
+                }
+            })
+            .collect())
     }
 }
 
@@ -885,6 +1293,7 @@ fn deliveries(ids: Vec<redis::streams::StreamId>) -> Vec<Delivery> {
                     spec: e.get::<String>("spec"),
                     entry: e.id,
                     job,
+                    estimate: 0.0,
                 }),
                 None => {
                     tracing::warn!(entry = %e.id, "ignoring a queue entry without a valid job id");

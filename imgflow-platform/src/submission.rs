@@ -31,7 +31,7 @@ pub struct Field {
 
 /// The fields a submission may carry besides its images and plugin
 /// parameters, in the order the request digest takes them.
-pub const FIELDS: [Field; 8] = [
+pub const FIELDS: [Field; 9] = [
     Field {
         name: "action",
         about: "The plugin to run; `name@version` pins a version. Give `action` or `steps`. Any field not in this list is a plugin parameter (`sigma=2.5`), given instead of `params`.",
@@ -78,6 +78,12 @@ pub const FIELDS: [Field; 8] = [
         name: "callback_url",
         about: "When the job finishes (completed, failed or cancelled), POST its JSON here, signed with `Imgflow-Signature` (HMAC-SHA256 with `CALLBACK_SECRET`), retried with backoff for `CALLBACK_RETRY_FOR` (see the README's \"Webhooks\"). http or https, a public address unless `CALLBACK_ALLOW_PRIVATE`.",
         example: Some("https://example.com/hooks/imgflow"),
+        in_batch: true,
+    },
+    Field {
+        name: "priority",
+        about: "`high`, `normal` (default) or `low`: the order among this client's own jobs (each client key gets a fair share of the workers whatever its priorities). A `normal` job is ordered as if submitted `PRIORITY_AGEING_MS` (30 s) later than a `high` one, a `low` one twice that: a lower priority never waits longer than that behind higher ones submitted after it.",
+        example: Some("high"),
         in_batch: true,
     },
 ];
@@ -153,6 +159,8 @@ pub struct SubmitFields {
     pub wait: Option<String>,
     /// `callback_url`: where the finished job is POSTed.
     pub callback_url: Option<String>,
+    /// `priority`: `high`, `normal` or `low`, among the client's jobs.
+    pub priority: Option<String>,
     /// Plugin parameters given as fields of their own (`sigma=3`), in the
     /// order given.
     pub plugin_params: Vec<(String, String)>,
@@ -177,6 +185,7 @@ impl SubmitFields {
             "auto_orient" => &mut self.auto_orient,
             "wait" => &mut self.wait,
             "callback_url" => &mut self.callback_url,
+            "priority" => &mut self.priority,
             _ => return None,
         })
     }
@@ -264,6 +273,7 @@ impl SubmitFields {
             ("callback_url", &self.callback_url),
             ("quality", &self.quality),
             ("auto_orient", &self.auto_orient),
+            ("priority", &self.priority),
         ] {
             if let Some(value) = value {
                 part(name.as_bytes());

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-use crate::jobs::{finished, JobRecord, JobSpec, Jobs, JobsError};
+use crate::jobs::{finished, JobRecord, Jobs, JobsError, QueueEntry};
 use crate::queue::Lock;
 
 /// How old a job held in its owner's share must be before the sweeper may
@@ -78,21 +78,14 @@ impl Jobs {
                     .bind(&missing)
                     .fetch_all(&self.db)
                     .await?;
-                let specs: Vec<(Uuid, String)> = rows
-                    .iter()
-                    .map(|row| (row.id, JobSpec::of(row).to_json()))
-                    .collect();
+                let entries: Vec<QueueEntry> = rows.iter().map(QueueEntry::of).collect();
                 for row in &rows {
                     // Redis may have lost its owner's share too (without a
                     // cap, the hold always succeeds).
                     let _ = self.queue.hold(&row.owner, &[row.id], None).await?;
                     tracing::warn!(job_id = %row.id, "re-queued a job missing from Redis");
                 }
-                let entries: Vec<(Uuid, &str)> = specs
-                    .iter()
-                    .map(|(id, spec)| (*id, spec.as_str()))
-                    .collect();
-                self.queue.enqueue_many(&entries).await?;
+                QueueEntry::enqueue(&self.queue, &entries).await?;
                 requeued = missing;
             }
             // Seen (on the stream, or queued again): not looked at again

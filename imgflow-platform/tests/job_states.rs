@@ -86,6 +86,8 @@ fn new_job(owner: &str) -> NewJob {
         cache_key: None,
         batch_id: None,
         callback_url: None,
+        priority: Default::default(),
+        input_pixels: 1,
     }
 }
 
@@ -153,6 +155,7 @@ impl World {
                 job,
                 result,
                 step_ms: Some(vec![1.0]),
+                seconds: 0.001,
             })
             .await
     }

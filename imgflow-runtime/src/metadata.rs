@@ -140,6 +140,7 @@ pub const RESERVED_PARAMS: &[&str] = &[
     "wait",
     "callback_url",
     "auto_orient",
+    "priority",
     "params",
     "image",
 ];

@@ -242,6 +242,13 @@ pub struct RedisArgs {
         default_value = "imgflow"
     )]
     pub queue: String,
+    /// How much later than it was submitted a `normal` job is ordered
+    /// among its client's jobs than a `high` one (a `low` one: twice as
+    /// much): the most a lower priority waits behind a stream of higher
+    /// ones of the same client, beyond the run time of those submitted
+    /// before it. The same in every API instance and worker.
+    #[arg(long, env = "PRIORITY_AGEING_MS", default_value_t = 30_000)]
+    pub priority_ageing_ms: u64,
 }
 
 impl RedisArgs {
@@ -748,6 +755,7 @@ mod tests {
             redis_port: 6380,
             redis_password: None,
             queue: "imgflow".into(),
+            priority_ageing_ms: 30_000,
         };
         assert_eq!(redis.url(), "redis://cache:6380/0");
         let explicit = DatabaseArgs {

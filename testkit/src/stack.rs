@@ -481,6 +481,20 @@ impl Stack {
             .expect("a JSON answer")
     }
 
+    /// GETs `path` from the API with `credential` (a client key or the
+    /// admin token) and reads the JSON answer.
+    pub async fn get_json_as(&self, path: &str, credential: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.api_url))
+            .bearer_auth(credential)
+            .send()
+            .await
+            .expect("the API answers")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     /// POSTs `image` (PNG bytes) as a raw body to `/v1/jobs?{query}`; the
     /// answer, whatever it is.
     pub async fn post_image(&self, query: &str, image: Vec<u8>) -> reqwest::Response {

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use imgflow_platform::callbacks;
 use imgflow_platform::jobs::{JobRecord, NewJob, Submitted};
 use imgflow_platform::pipeline::{self, RequestedParams, Step, StepRequest};
+use imgflow_platform::queue::Priority;
 use imgflow_platform::steps;
 use imgflow_platform::submission::SubmitFields;
 use imgflow_runtime::codec::{self, ImageFormat};
@@ -55,6 +56,7 @@ pub(crate) struct Recipe {
     format: Option<ImageFormat>,
     quality: Option<i16>,
     auto_orient: bool,
+    priority: Priority,
 }
 
 impl Recipe {
@@ -115,6 +117,15 @@ impl Recipe {
                     .to_string(),
             ),
         };
+        let priority = match s.priority.as_deref().map(str::trim) {
+            None | Some("") => Priority::Normal,
+            Some(name) => Priority::parse(name).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "priority must be high, normal or low, got {}",
+                    imgflow_runtime::text::excerpt(name)
+                ))
+            })?,
+        };
         Ok(Recipe {
             steps,
             callback_url,
@@ -122,6 +133,7 @@ impl Recipe {
             format,
             quality,
             auto_orient,
+            priority,
         })
     }
 
@@ -173,6 +185,8 @@ impl Recipe {
             cache_key,
             batch_id: origin.batch_id,
             callback_url: self.callback_url.clone(),
+            priority: self.priority,
+            input_pixels: i64::from(probe.width) * i64::from(probe.height),
         };
         Ok((new, megapixels))
     }

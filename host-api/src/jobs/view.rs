@@ -55,6 +55,9 @@ pub struct Job {
     pub output_quality: Option<i16>,
     /// Whether the input was turned upright by its EXIF orientation.
     pub auto_orient: bool,
+    /// Its priority among its client's jobs: `high`, `normal` or `low`.
+    #[schema(example = "normal")]
+    pub priority: String,
     /// The job whose result this one reused: set when it was completed
     /// from the result cache (`RESULT_CACHE`) without running.
     pub cached_from: Option<Uuid>,
@@ -132,6 +135,7 @@ impl Job {
             output_format: job.output_format.clone(),
             output_quality: job.output_quality,
             auto_orient: job.auto_orient,
+            priority: job.priority().name().to_string(),
             cached_from: job.cached_from,
             retry_of: job.retry_of,
             batch_id: job.batch_id,

@@ -478,6 +478,8 @@ async fn frames_outside_their_canvas_are_refused_within_the_decoding_budget() {
                 cache_key: None,
                 batch_id: None,
                 callback_url: None,
+                priority: Default::default(),
+                input_pixels: 1,
             };
             match intake
                 .submit(new, Bytes::from(bytes.clone()), None, None)

@@ -539,6 +539,8 @@ async fn a_large_result_is_streamed_not_buffered() {
         cache_key: None,
         batch_id: None,
         callback_url: None,
+        priority: Default::default(),
+        input_pixels: 1,
     };
     let Submitted::Created(job) = intake
         .submit(new, Bytes::from_static(b"input"), None, None)
@@ -556,12 +558,14 @@ async fn a_large_result_is_streamed_not_buffered() {
         attempt: 1,
         started_at: chrono::Utc::now(),
         worker: "test".into(),
+        estimate: 0.0,
     };
     let recorded = Outcomes::start(jobs.clone())
         .record(Outcome {
             job: running,
             result: Ok(size as i64),
             step_ms: None,
+            seconds: 0.001,
         })
         .await;
     assert_eq!(recorded, Recorded::Finished);

@@ -183,18 +183,15 @@ fn each_deployment_passes_only_settings_its_binary_reads() {
 #[test]
 fn scaling_monitoring_and_limits_agree_with_the_code() {
     let (_, docs) = render("production");
-    // KEDA watches the stream and group the workers read.
+    // KEDA counts the jobs waiting in the queue (the sorted set the
+    // workers take from; see with_no_worker_the_api_sweeps_and_reports_the_queue).
     let settings = &find(&docs, "ConfigMap", "imgflow-settings")["data"];
     let scaled = find(&docs, "ScaledObject", "imgflow-worker");
     let trigger = &scaled["spec"]["triggers"][0];
-    assert_eq!(trigger["type"], "redis-streams");
+    assert_eq!(trigger["type"], "redis");
     assert_eq!(
-        text(&trigger["metadata"]["stream"]),
-        format!("{}:jobs", text(&settings["IMGFLOW_QUEUE"]))
-    );
-    assert_eq!(
-        text(&trigger["metadata"]["consumerGroup"]),
-        imgflow_platform::queue::GROUP
+        text(&trigger["metadata"]["listName"]),
+        format!("{}:waiting", text(&settings["IMGFLOW_QUEUE"]))
     );
     assert_eq!(scaled["spec"]["minReplicaCount"], 0);
     assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "imgflow-worker");
@@ -421,6 +418,23 @@ async fn with_no_worker_the_api_sweeps_and_reports_the_queue() {
     let text = scrape().await;
     assert_eq!(metric(&text, "api_queue_depth "), 1.0, "{text}");
     assert!(metric(&text, "api_queue_oldest_job_age_seconds ") >= 0.0);
+    // What KEDA's `redis` scaler reads (its own script: the key's type
+    // decides the count), so it starts a worker.
+    let mut redis = redis::Client::open(imgflow_testkit::stack::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keda: i64 = redis::Script::new(
+        "local listType = redis.call('type', KEYS[1]).ok
+         local cmd = {zset = 'zcard', set = 'scard', list = 'llen', hash = 'hlen', none = 'llen'}
+         return redis.call(cmd[listType], KEYS[1])",
+    )
+    .key(format!("{}:waiting", stack.queue))
+    .invoke_async(&mut redis)
+    .await
+    .unwrap();
+    assert_eq!(keda, 1, "KEDA sees the waiting job");
 
     // A worker then runs it.
     stack.start_worker("woken", &[]).await;

@@ -9,6 +9,7 @@ mod console;
 mod dashboard;
 mod deployment;
 mod edge;
+mod fairness;
 mod fuzz;
 mod http_limits;
 mod job_control;

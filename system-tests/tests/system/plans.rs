@@ -41,7 +41,7 @@ async fn plan(stack: &Stack, name: &str, sql: &str, params: usize) -> String {
 /// Checks both statements' plans: every table they read is read by an
 /// index, the cache by its primary key.
 async fn check_plans(stack: &Stack, rows: &str) {
-    let insert = plan(stack, "group_insert", intake::GROUP_INSERT, 20).await;
+    let insert = plan(stack, "group_insert", intake::GROUP_INSERT, 22).await;
     assert!(
         insert.contains("result_cache_pkey on result_cache"),
         "{rows}: the result-cache lookup is not an exact match on its key:\n{insert}"
