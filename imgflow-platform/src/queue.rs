@@ -338,22 +338,36 @@ impl Queue {
         let mut conn = self.conn().await?;
         let script = redis::Script::new(
             r"local n = 0
+              local fields, waiting, queues, owners = {}, {}, {}, {}
               for i = 2, #ARGV, 7 do
                 local job, owner = ARGV[i], ARGV[i + 2]
                 local entry = redis.call('XADD', KEYS[1], '*', 'job', job, 'spec', ARGV[i + 1],
                                          'owner', owner, 'action', ARGV[i + 3], 'mp', ARGV[i + 4])
-                redis.call('HSET', KEYS[2], job, entry)
-                redis.call('ZADD', KEYS[3], ARGV[i + 6], entry)
-                redis.call('ZADD', ARGV[1] .. owner, ARGV[i + 5], entry)
+                fields[#fields + 1] = job
+                fields[#fields + 1] = entry
+                waiting[#waiting + 1] = ARGV[i + 6]
+                waiting[#waiting + 1] = entry
+                if not queues[owner] then queues[owner] = {}; owners[#owners + 1] = owner end
+                local q = queues[owner]
+                q[#q + 1] = ARGV[i + 5]
+                q[#q + 1] = entry
+                n = n + 1
+              end
+              redis.call('HSET', KEYS[2], unpack(fields))
+              redis.call('ZADD', KEYS[3], unpack(waiting))
+              local clock = nil
+              for _, owner in ipairs(owners) do
+                redis.call('ZADD', ARGV[1] .. owner, unpack(queues[owner]))
                 if not redis.call('ZSCORE', KEYS[4], owner) then
+                  if not clock then clock = tonumber(redis.call('GET', KEYS[6]) or '0') end
                   local vt = tonumber(redis.call('HGET', KEYS[5], owner) or '0')
-                  local clock = tonumber(redis.call('GET', KEYS[6]) or '0')
                   if vt < clock then vt = clock end
                   redis.call('ZADD', KEYS[4], vt, owner)
                 end
-                n = n + 1
               end
-              for i = 1, math.min(n, 64) do redis.call('LPUSH', KEYS[7], 1) end
+              local rings = {}
+              for i = 1, math.min(n, 64) do rings[i] = 1 end
+              redis.call('LPUSH', KEYS[7], unpack(rings))
               redis.call('LTRIM', KEYS[7], 0, 63)
               return n",
         );
@@ -621,6 +635,7 @@ impl Queue {
             conn,
             queue: self.clone(),
             consumer: consumer.to_string(),
+            drained: false,
         })
     }
 
@@ -1046,65 +1061,93 @@ const DEFAULT_COST: (f64, f64) = (0.002, 0.05);
 /// quarter of a megapixel teach the cost a job, larger ones the cost a
 /// megapixel (beyond the cost a job), each a moving average.
 const ACCOUNT_SCRIPT: &str = r"
+local delta, owners, learned = {}, {}, {}
 for i = 1, #ARGV, 5 do
   local owner, action = ARGV[i], ARGV[i + 1]
   local mp, est, secs = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-  local vt = tonumber(redis.call('HGET', KEYS[1], owner) or '0') + secs - est
-  redis.call('HSET', KEYS[1], owner, tostring(vt))
-  if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
-  local base = tonumber(redis.call('HGET', KEYS[3], action .. ':base') or '-1')
-  if mp < 0.25 then
-    if base < 0 then base = secs else base = base * 0.8 + secs * 0.2 end
-    redis.call('HSET', KEYS[3], action .. ':base', tostring(base))
-  else
-    if base < 0 then base = 0 end
-    local per = (secs - base) / mp
-    if per < 0 then per = 0 end
-    local old = tonumber(redis.call('HGET', KEYS[3], action .. ':mp') or '-1')
-    if old >= 0 then per = old * 0.7 + per * 0.3 end
-    redis.call('HSET', KEYS[3], action .. ':mp', tostring(per))
+  if not delta[owner] then delta[owner] = 0; owners[#owners + 1] = owner end
+  delta[owner] = delta[owner] + secs - est
+  local l = learned[action]
+  if not l then
+    l = {tonumber(redis.call('HGET', KEYS[3], action .. ':base') or '-1'),
+         tonumber(redis.call('HGET', KEYS[3], action .. ':mp') or '-1'), false, false}
+    learned[action] = l
   end
+  if mp < 0.25 then
+    if l[1] < 0 then l[1] = secs else l[1] = l[1] * 0.8 + secs * 0.2 end
+    l[3] = true
+  else
+    local per = (secs - math.max(l[1], 0)) / mp
+    if per < 0 then per = 0 end
+    if l[2] >= 0 then l[2] = l[2] * 0.7 + per * 0.3 else l[2] = per end
+    l[4] = true
+  end
+end
+for _, owner in ipairs(owners) do
+  local vt = redis.call('HINCRBYFLOAT', KEYS[1], owner, tostring(delta[owner]))
+  if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
+end
+for action, l in pairs(learned) do
+  if l[3] then redis.call('HSET', KEYS[3], action .. ':base', tostring(l[1])) end
+  if l[4] then redis.call('HSET', KEYS[3], action .. ':mp', tostring(l[2])) end
 end
 return 0";
 
 /// Takes up to ARGV[3] waiting entries for consumer ARGV[2] of group
 /// ARGV[1], each from the owner with the least virtual time (KEYS: stream,
-/// waiting, ready, vtime, clock, costs; ARGV[4]: the owners' queues'
+/// waiting, ready, vtime, clock, costs, bell; ARGV[4]: the owners' queues'
 /// prefix; ARGV[5], ARGV[6]: the default costs). Returns, for each, its
-/// entry id, job, spec and estimated seconds.
+/// entry id, job, spec and estimated seconds. With nothing left waiting,
+/// the doorbell is silenced (its rings are for jobs taken now). While only
+/// one owner waits, its jobs are taken together (a few commands for the
+/// whole take); while several do, one at a time, each from the owner
+/// furthest behind.
 const TAKE_SCRIPT: &str = r"
 local taken = {}
 local want = tonumber(ARGV[3])
+local costs = {}
 local rounds = 0
 while #taken < want and rounds < want * 4 + 16 do
   rounds = rounds + 1
-  local top = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  local top = redis.call('ZRANGE', KEYS[3], 0, 1, 'WITHSCORES')
   if #top == 0 then break end
   local owner, vt = top[1], tonumber(top[2])
   local queue = ARGV[4] .. owner
-  local head = redis.call('ZPOPMIN', queue)
-  if #head > 0 then
-    local entry = head[1]
-    redis.call('ZREM', KEYS[2], entry)
-    local claimed = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE')
+  local n = 1
+  if #top == 2 then n = want - #taken end
+  local heads = redis.call('ZPOPMIN', queue, n)
+  if #heads > 0 then
+    local ids = {}
+    for j = 1, #heads, 2 do ids[#ids + 1] = heads[j] end
+    redis.call('ZREM', KEYS[2], unpack(ids))
+    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+    for _, id in ipairs(ids) do claim[#claim + 1] = id end
+    claim[#claim + 1] = 'FORCE'
+    local claimed = redis.pcall(unpack(claim))
     if type(claimed) == 'table' and claimed['err'] then
       redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-      claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE')
+      claimed = redis.call(unpack(claim))
     end
-    local e = claimed[1]
-    if e then
-      local f = {}
-      for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
-      local action = f['action'] or ''
-      local mp = tonumber(f['mp'] or '0') or 0
-      local base = tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5])
-      local per = tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])
-      local cost = base + mp * per
-      redis.call('SET', KEYS[5], tostring(vt))
-      vt = vt + cost
-      redis.call('HSET', KEYS[4], owner, tostring(vt))
-      taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
+    local start = vt
+    for _, e in ipairs(claimed) do
+      if e then
+        local f = {}
+        for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+        local action = f['action'] or ''
+        local c = costs[action]
+        if not c then
+          c = {tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5]),
+               tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])}
+          costs[action] = c
+        end
+        local cost = c[1] + (tonumber(f['mp'] or '0') or 0) * c[2]
+        start = vt
+        vt = vt + cost
+        taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
+      end
     end
+    redis.call('SET', KEYS[5], tostring(start))
+    redis.call('HSET', KEYS[4], owner, tostring(vt))
   end
   if redis.call('ZCARD', queue) > 0 then
     redis.call('ZADD', KEYS[3], vt, owner)
@@ -1112,6 +1155,7 @@ while #taken < want and rounds < want * 4 + 16 do
     redis.call('ZREM', KEYS[3], owner)
   end
 end
+if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
 return taken";
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
@@ -1197,6 +1241,9 @@ pub struct Reader {
     conn: redis::aio::MultiplexedConnection,
     queue: Queue,
     consumer: String,
+    /// Whether its last take left nothing waiting: the next one waits for
+    /// the doorbell first.
+    drained: bool,
 }
 
 impl Reader {
@@ -1209,15 +1256,20 @@ impl Reader {
     /// for each, the owner with the least worker time given, that owner's
     /// first job by [`Priority`]), claimed for this consumer; if none
     /// waits, waits up to `block` for the doorbell and tries once more.
-    /// Returns at most `count` (none if the wait ended with none).
+    /// Returns at most `count` (none if the wait ended with none). After a
+    /// take that left nothing waiting, it waits for the doorbell first (a
+    /// job queued meanwhile has rung it), so an idle worker costs Redis
+    /// one wait and one take per wake.
     pub async fn next_batch(
         &mut self,
         count: usize,
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
-        let taken = self.take(count).await?;
-        if !taken.is_empty() {
-            return Ok(taken);
+        if !self.drained {
+            let taken = self.take(count).await?;
+            if !taken.is_empty() {
+                return Ok(taken);
+            }
         }
         let mut command = redis::cmd("BLPOP");
         command
@@ -1248,6 +1300,7 @@ impl Reader {
             .key(q.key(VTIME))
             .key(q.key(CLOCK))
             .key(q.key(COSTS))
+            .key(q.key(BELL))
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(count.max(1))
@@ -1264,6 +1317,7 @@ impl Reader {
                 )))
             }
         };
+        self.drained = taken.len() < count.max(1);
         Ok(taken
             .into_iter()
             .filter_map(|(entry, job, spec, estimate)| match Uuid::parse_str(&job) {
