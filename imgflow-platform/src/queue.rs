@@ -332,6 +332,15 @@ impl Queue {
     /// waiting, joins the owners to serve at the current clock; and the
     /// doorbell rings for idle workers.
     pub async fn enqueue_many(&self, tickets: &[Ticket<'_>]) -> RedisResult<()> {
+        // A script unpacks at most about 8,000 values at once.
+        for chunk in tickets.chunks(1_000) {
+            self.enqueue_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Queue::enqueue_many`] of at most 1,000 tickets, in one script.
+    async fn enqueue_chunk(&self, tickets: &[Ticket<'_>]) -> RedisResult<()> {
         if tickets.is_empty() {
             return Ok(());
         }
@@ -361,7 +370,10 @@ impl Queue {
                 if not redis.call('ZSCORE', KEYS[4], owner) then
                   if not clock then clock = tonumber(redis.call('GET', KEYS[6]) or '0') end
                   local vt = tonumber(redis.call('HGET', KEYS[5], owner) or '0')
-                  if vt < clock then vt = clock end
+                  if vt < clock then
+                    vt = clock
+                    redis.call('HSET', KEYS[5], owner, tostring(vt))
+                  end
                   redis.call('ZADD', KEYS[4], vt, owner)
                 end
               end
@@ -409,7 +421,11 @@ impl Queue {
               if found[1] then
                 local f = found[1][2]
                 for j = 1, #f, 2 do
-                  if f[j] == 'owner' then redis.call('ZREM', ARGV[3] .. f[j + 1], entry) end
+                  if f[j] == 'owner' then
+                    local queue = ARGV[3] .. f[j + 1]
+                    redis.call('ZREM', queue, entry)
+                    if redis.call('ZCARD', queue) == 0 then redis.call('ZREM', KEYS[4], f[j + 1]) end
+                  end
                 end
               end
               redis.call('ZREM', KEYS[3], entry)
@@ -422,6 +438,7 @@ impl Queue {
             .key(&self.stream)
             .key(self.key(ENTRIES))
             .key(self.key(WAITING))
+            .key(self.key(READY))
             .arg(id.to_string())
             .arg(GROUP)
             .arg(self.key(&format!("{WAIT}:")))
@@ -1120,7 +1137,7 @@ while #taken < want and rounds < want * 4 + 16 do
     local ids = {}
     for j = 1, #heads, 2 do ids[#ids + 1] = heads[j] end
     redis.call('ZREM', KEYS[2], unpack(ids))
-    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], '999999999999'}
     for _, id in ipairs(ids) do claim[#claim + 1] = id end
     claim[#claim + 1] = 'FORCE'
     local claimed = redis.pcall(unpack(claim))

@@ -249,3 +249,49 @@ async fn a_redis_that_lost_the_group_is_taken_from_again() {
         .unwrap();
     assert_eq!(again.iter().map(|d| d.job).collect::<Vec<_>>(), vec![job]);
 }
+
+#[tokio::test]
+async fn a_key_that_comes_back_gets_no_credit_for_its_idle_time() {
+    let q = queue(Duration::from_secs(30)).await;
+    let t = now_ms();
+    let mut reader = q.reader("w1").await.unwrap();
+    let first = put(&q, "a", 0.004, Priority::Normal, t).await;
+    let taken = take(&mut reader).await.unwrap();
+    assert_eq!(taken.job, first);
+    // B is served alone for a while; then A comes back while its first job
+    // still runs, and that job is settled.
+    for _ in 0..300 {
+        put(&q, "b", 0.004, Priority::Normal, t).await;
+    }
+    for _ in 0..100 {
+        take(&mut reader).await.unwrap();
+    }
+    let mut a_jobs = Vec::new();
+    for _ in 0..50 {
+        a_jobs.push(put(&q, "a", 0.004, Priority::Normal, t).await);
+    }
+    q.settle(
+        &[],
+        &[],
+        &[],
+        &[Account {
+            owner: "a",
+            action: "grayscale",
+            megapixels: 0.004,
+            estimate: taken.estimate,
+            seconds: taken.estimate,
+        }],
+    )
+    .await
+    .unwrap();
+    let mut of_a = 0;
+    for _ in 0..20 {
+        if a_jobs.contains(&take(&mut reader).await.unwrap().job) {
+            of_a += 1;
+        }
+    }
+    assert!(
+        (8..=12).contains(&of_a),
+        "A and B share the next jobs ({of_a} of 20 were A's), A is not repaid B's time"
+    );
+}
