@@ -471,22 +471,20 @@ impl Stack {
 
     /// GETs `path` from the API and parses the JSON answer.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        self.client
-            .get(format!("{}{path}", self.api_url))
-            .send()
+        self.read_json(self.client.get(format!("{}{path}", self.api_url)))
             .await
-            .expect("the API answers")
-            .json()
-            .await
-            .expect("a JSON answer")
     }
 
     /// GETs `path` from the API with `credential` (a client key or the
     /// admin token) and reads the JSON answer.
     pub async fn get_json_as(&self, path: &str, credential: &str) -> serde_json::Value {
-        self.client
-            .get(format!("{}{path}", self.api_url))
-            .bearer_auth(credential)
+        let request = self.client.get(format!("{}{path}", self.api_url));
+        self.read_json(request.bearer_auth(credential)).await
+    }
+
+    /// Sends `request` and reads its JSON answer.
+    async fn read_json(&self, request: reqwest::RequestBuilder) -> serde_json::Value {
+        request
             .send()
             .await
             .expect("the API answers")
