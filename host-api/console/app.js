@@ -229,6 +229,48 @@ function pageSignIn(main) {
   input.focus();
 }
 
+// ---------------------------------------------------------------- usage
+
+/** A limit's value, or what applies without one. */
+function limitText(v, unit, none) {
+  if (v === null || v === undefined) return none;
+  if (v === 0) return "none";
+  return `${v} ${unit}`;
+}
+
+/** Operators: every key's share of worker time and limits. A client key:
+ * its own limits and what it uses of them (GET /v1/usage). */
+async function pageUsage(main) {
+  main.appendChild(h("h1", {}, isAdmin() ? "Keys: shares and limits" : "Your usage and limits"));
+  const error = errorBox("usage-error");
+  main.appendChild(error);
+  try {
+    if (isAdmin()) {
+      const data = await api("GET", "/v1/keys");
+      const rows = data.keys.map((k) => h("tr", { "data-key": k.id },
+        cell("Name", k.name),
+        cell("Id", h("code", {}, k.id)),
+        cell("Share of worker time", k.share === null || k.share === undefined ? "1 (equal)" : String(k.share), "num"),
+        cell("Rate", limitText(k.rate_per_second, "jobs/s", "the default")),
+        cell("Burst", limitText(k.rate_burst, "jobs", "the default")),
+        cell("Daily quota", limitText(k.daily_megapixels, "MP", "the default"))));
+      main.appendChild(table(["Name", "Id", { label: "Share of worker time", num: true }, "Rate", "Burst", "Daily quota"], rows, { id: "keys" }));
+      main.appendChild(h("p", { class: "muted" },
+        "Set with PUT /v1/keys/{id}/limits. A key of share 2 gets twice the worker time of a key of share 1 while both have jobs waiting."));
+    } else {
+      const u = await api("GET", "/v1/usage");
+      const props = [
+        ["Rate", u.rate ? `${u.rate.per_second} jobs/s, burst ${u.rate.burst}; ${u.rate.remaining} now` : "no limit"],
+        ["Daily quota", u.quota ? `${u.quota.used} of ${u.quota.megapixels_per_day} MP used today` : "no quota"],
+        ["Unfinished jobs", u.unfinished ? `${u.unfinished.jobs} of ${u.unfinished.cap}` : "–"],
+      ];
+      main.appendChild(h("div", { class: "card", id: "usage" }, h("dl", { class: "props" }, props.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))));
+    }
+  } catch (e) {
+    showError(error, e);
+  }
+}
+
 // ---------------------------------------------------------------- overview
 
 function pageOverview(main) {
@@ -424,6 +466,58 @@ async function renderVersions(td, name) {
       cell("", h("div", { class: "actions" }, buttons)));
   });
   td.appendChild(table(["Version", "Digest", { label: "Size", num: true }, "Uploaded", ""], rows, { caption: `Versions of ${name}` }));
+  await renderLimits(td, name);
+}
+
+/** The fields of a plugin's limits: name, label, unit. */
+const LIMIT_FIELDS = [
+  ["max_concurrent", "Running at once, all keys", "jobs"],
+  ["max_concurrent_per_key", "Running at once, one key", "jobs"],
+  ["timeout_ms", "Time limit", "ms"],
+  ["memory_mb", "Memory limit", "MiB"],
+];
+
+/** A plugin's own limits (every version's); operators may change them. */
+async function renderLimits(td, name) {
+  const error = errorBox(null);
+  let limits;
+  try {
+    limits = await api("GET", `/v1/plugins/${encodeURIComponent(name)}/limits`);
+  } catch (e) {
+    td.appendChild(error);
+    showError(error, e);
+    return;
+  }
+  const show = (v, unit) => (v === null || v === undefined ? "none of its own" : `${v} ${unit}`);
+  const rows = LIMIT_FIELDS.map(([field, label, unit]) =>
+    h("tr", { "data-limit": field }, cell("Limit", label), cell("Value", show(limits[field], unit))));
+  td.appendChild(table(["Limit", "Value"], rows, { caption: `Limits of ${name}` }));
+  if (!isAdmin()) return;
+  const inputs = LIMIT_FIELDS.map(([field, label, unit]) => {
+    const id = `limit-${name}-${field}`;
+    const input = h("input", { type: "number", id, min: "1", step: "1", value: limits[field] ?? "" });
+    return [field, input, h("div", { class: "field" }, h("label", { for: id }, `${label} (${unit})`), input)];
+  });
+  const button = h("button", { type: "submit", class: "primary" }, "Save limits");
+  const form = h("form", { class: "card limits-form", "data-plugin": name },
+    h("p", { class: "hint" }, "Empty: no limit of its own. A job over a cap waits; time and memory apply within each worker's own."),
+    ...inputs.map((i) => i[2]), error, h("div", { class: "actions" }, button));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const json = {};
+    for (const [field, input] of inputs) json[field] = input.value === "" ? null : Number(input.value);
+    button.disabled = true;
+    try {
+      await api("PUT", `/v1/plugins/${encodeURIComponent(name)}/limits`, { json });
+      toast(`Limits of ${name} saved`);
+      route();
+    } catch (e) {
+      showError(error, e);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  td.appendChild(form);
 }
 
 /** The upload form: drop or pick a .wasm, name it, upload. */
@@ -878,6 +972,7 @@ const PAGES = {
   plugins: pagePlugins,
   try: pageTry,
   jobs: pageJobs,
+  usage: pageUsage,
 };
 
 async function route() {

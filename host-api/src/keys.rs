@@ -34,6 +34,10 @@ pub struct Key {
     /// Its own quota of megapixels a UTC day (0: none); `null`: the API's
     /// default (`KEY_DAILY_MEGAPIXELS`).
     pub daily_megapixels: Option<f64>,
+    /// Its share of the workers' time; `null`: 1, as every key (with
+    /// several keys waiting, each gets worker time in proportion to its
+    /// share).
+    pub share: Option<f64>,
 }
 
 impl From<&KeyRecord> for Key {
@@ -45,6 +49,7 @@ impl From<&KeyRecord> for Key {
             rate_per_second: k.limits.rate_per_second,
             rate_burst: k.limits.rate_burst,
             daily_megapixels: k.limits.daily_megapixels,
+            share: k.limits.share,
         }
     }
 }
@@ -69,6 +74,12 @@ pub struct LimitsRequest {
     #[schema(example = 5000.0)]
     #[serde(default)]
     daily_megapixels: Option<f64>,
+    /// Its share of the workers' time, above 0 and at most 1000; left out:
+    /// 1, as every key. A key of share 2 gets twice the worker time of a
+    /// key of share 1 while both have jobs waiting.
+    #[schema(example = 2.0)]
+    #[serde(default)]
+    share: Option<f64>,
 }
 
 /// A key just created, with its secret: shown only in this answer.
@@ -223,8 +234,9 @@ pub async fn revoke(
 }
 
 /// Sets a client key's own limits (operators): its rate of submissions,
-/// its burst and its daily quota. Every API instance applies them within a
-/// second.
+/// its burst, its daily quota and its share of the workers' time. Every
+/// API instance applies the first three within a second; the share applies
+/// to the next jobs workers take.
 #[utoipa::path(
     put,
     path = "/v1/keys/{id}/limits",
@@ -252,7 +264,7 @@ pub async fn set_limits(
     let raw = admin_body(&state, &headers, request).await?;
     let limits: LimitsRequest = serde_json::from_slice(&raw).map_err(|e| {
         ApiError::bad_request(format!(
-            "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>, \"daily_megapixels\": <megapixels>}}: {e}"
+            "expected {{\"rate_per_second\": <jobs a second>, \"rate_burst\": <jobs>, \"daily_megapixels\": <megapixels>, \"share\": <share of worker time>}}: {e}"
         ))
     })?;
     if let Some(rate) = limits.rate_per_second {
@@ -271,10 +283,19 @@ pub async fn set_limits(
     if let Some(quota) = limits.daily_megapixels {
         imgflow_settings::quota_value(&quota.to_string()).map_err(ApiError::bad_request)?;
     }
+    if limits
+        .share
+        .is_some_and(|s| !(s.is_finite() && s > 0.0 && s <= 1000.0))
+    {
+        return Err(ApiError::bad_request(
+            "share is above 0 and at most 1000 (1: an equal share)",
+        ));
+    }
     let own = imgflow_platform::keys::KeyLimits {
         rate_per_second: limits.rate_per_second,
         rate_burst: limits.rate_burst,
         daily_megapixels: limits.daily_megapixels,
+        share: limits.share,
     };
     let record = state
         .keys
@@ -282,5 +303,8 @@ pub async fn set_limits(
         .await?
         .ok_or_else(not_found)?;
     tracing::info!(key_id = %uuid, limits = ?own, "client key limits set");
+    if let Err(e) = state.keys.apply_shares(&state.queue).await {
+        tracing::warn!(error = %e, "cannot give the queue the keys' shares; the workers will at their next reconciliation");
+    }
     Ok(Json(Key::from(&record)).into_response())
 }

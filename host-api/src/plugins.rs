@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use imgflow_platform::plugins::{Origin, PluginRecord, Published, VersionDeleted};
+use imgflow_platform::plugins::{Origin, PluginLimits, PluginRecord, Published, VersionDeleted};
 use imgflow_runtime::metadata::is_valid_plugin_name;
 use imgflow_runtime::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -139,10 +139,7 @@ async fn versions_of(state: &AppState, name: &str) -> Result<Response, ApiError>
         Vec::new()
     };
     if versions.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::PluginNotFound,
-            format!("no plugin {name:?}"),
-        ));
+        return Err(no_plugin(name));
     }
     let active_version = versions
         .iter()
@@ -154,6 +151,11 @@ async fn versions_of(state: &AppState, name: &str) -> Result<Response, ApiError>
         versions: versions.iter().map(PluginVersion::from).collect(),
     })
     .into_response())
+}
+
+/// `404 plugin_not_found` for `name`.
+fn no_plugin(name: &str) -> ApiError {
+    ApiError::new(ErrorCode::PluginNotFound, format!("no plugin {name:?}"))
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -478,13 +480,154 @@ pub async fn set_cacheable(
     )
     .await?;
     if !state.catalogue.set_cacheable(&name, cacheable).await? {
-        return Err(ApiError::new(
-            ErrorCode::PluginNotFound,
-            format!("no plugin {name:?}"),
-        ));
+        return Err(no_plugin(&name));
     }
     tracing::info!(plugin = %name, cacheable, "plugin cacheability set");
     versions_of(&state, &name).await
+}
+
+/// A plugin's limits of its own, as `GET` and `PUT
+/// /v1/plugins/{name}/limits` show and take them (every version of the
+/// plugin). A field absent or `null`: no limit of its own.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = PluginLimits)]
+pub struct Limits {
+    /// The most of its jobs running at once across every worker (1 to
+    /// 10,000). The others wait in the queue, in their turn; they do not
+    /// fail.
+    #[schema(example = 1, minimum = 1, maximum = 10000)]
+    #[serde(default)]
+    pub max_concurrent: Option<i32>,
+    /// The most of one client key's jobs of it running at once (1 to
+    /// 10,000).
+    #[schema(example = json!(null), minimum = 1, maximum = 10000)]
+    #[serde(default)]
+    pub max_concurrent_per_key: Option<i32>,
+    /// Its jobs' time limit in milliseconds (1 to 86,400,000); a worker
+    /// applies the smaller of this and its own `JOB_TIMEOUT_MS`.
+    #[schema(example = 5000, minimum = 1, maximum = 86400000)]
+    #[serde(default)]
+    pub timeout_ms: Option<i32>,
+    /// The linear memory its sandbox may hold, in MiB (1 to 65,536); a
+    /// worker applies the smaller of this and its own `JOB_MAX_MEMORY_MB`.
+    #[schema(example = 64, minimum = 1, maximum = 65536)]
+    #[serde(default)]
+    pub memory_mb: Option<i32>,
+}
+
+impl Limits {
+    /// The limits, checked: each field within its range.
+    fn checked(self) -> Result<PluginLimits, ApiError> {
+        let within = |field: &str, value: Option<i32>, max: i32| match value {
+            Some(v) if !(1..=max).contains(&v) => Err(ApiError::bad_request(format!(
+                "{field} must be between 1 and {max} (or null for none), not {v}"
+            ))),
+            _ => Ok(value),
+        };
+        Ok(PluginLimits {
+            max_concurrent: within("max_concurrent", self.max_concurrent, 10_000)?,
+            max_concurrent_per_key: within(
+                "max_concurrent_per_key",
+                self.max_concurrent_per_key,
+                10_000,
+            )?,
+            timeout_ms: within("timeout_ms", self.timeout_ms, 86_400_000)?,
+            memory_mb: within("memory_mb", self.memory_mb, 65_536)?,
+        })
+    }
+}
+
+impl From<PluginLimits> for Limits {
+    fn from(l: PluginLimits) -> Limits {
+        Limits {
+            max_concurrent: l.max_concurrent,
+            max_concurrent_per_key: l.max_concurrent_per_key,
+            timeout_ms: l.timeout_ms,
+            memory_mb: l.memory_mb,
+        }
+    }
+}
+
+/// The limits of plugin `name` as a response (404 if it has no version).
+async fn limits_of(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    let limits = if is_valid_plugin_name(name) {
+        state.catalogue.limits(name).await?
+    } else {
+        None
+    };
+    match limits {
+        Some(limits) => Ok(Json(Limits::from(limits)).into_response()),
+        None => Err(no_plugin(name)),
+    }
+}
+
+/// A plugin's limits of its own: caps on its running jobs, its time and
+/// memory limits.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins/{name}/limits",
+    operation_id = "getPluginLimits",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    responses(
+        (status = 200, description = "Its limits (`null`: none of its own)", body = Limits),
+        (status = 404, description = "No such plugin (`plugin_not_found`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
+pub async fn limits(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    limits_of(&state, &name).await
+}
+
+/// Sets a plugin's limits, for every version of it, replacing the ones it
+/// had (operators): how many of its jobs run at once across every worker
+/// and of one client key (the others wait in the queue; they do not
+/// fail), and its own time and memory limits (within each worker's). An
+/// empty object removes them. Caps apply to the next jobs workers take;
+/// time and memory limits to jobs that start after the workers hear of
+/// the change (at once, or at their next reconciliation).
+#[utoipa::path(
+    put,
+    path = "/v1/plugins/{name}/limits",
+    operation_id = "setPluginLimits",
+    tag = "plugins",
+    params(("name" = String, Path, description = "The plugin's name")),
+    request_body(content = Limits, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Its limits now", body = Limits),
+        (status = 400, description = "A bad name, body or value (`invalid_name`, `invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "No IMGFLOW_ADMIN_TOKEN configured (`admin_disabled`)", body = ErrorBody),
+        (status = 404, description = "No such plugin (`plugin_not_found`)", body = ErrorBody),
+        (status = 413, description = "Body over 4 KiB (`body_too_large`)", body = ErrorBody),
+        (status = 503, description = "PostgreSQL unavailable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds"))),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn set_limits(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limits: Limits = admin_json(
+        &state,
+        &name,
+        &headers,
+        request,
+        r#"{"max_concurrent": n, "max_concurrent_per_key": n, "timeout_ms": n, "memory_mb": n} (each optional)"#,
+    )
+    .await?;
+    let limits = limits.checked()?;
+    if !state.catalogue.set_limits(&name, limits).await? {
+        return Err(no_plugin(&name));
+    }
+    tracing::info!(plugin = %name, ?limits, "plugin limits set");
+    limits_of(&state, &name).await
 }
 
 /// Deletes (deactivates) a plugin (operators).

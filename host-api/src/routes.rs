@@ -99,6 +99,7 @@ fn api(max_body_bytes: usize, plugin_max_bytes: usize) -> OpenApiRouter<AppState
         .routes(plugin_routes)
         .routes(routes!(plugins::activate))
         .routes(routes!(plugins::set_cacheable))
+        .routes(routes!(plugins::limits, plugins::set_limits))
         .routes(routes!(plugins::delete_version))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))

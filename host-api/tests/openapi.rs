@@ -70,6 +70,7 @@ fn every_route_is_in_the_document() {
         "/v1/plugins/{name}",
         "/v1/plugins/{name}/activate",
         "/v1/plugins/{name}/cacheable",
+        "/v1/plugins/{name}/limits",
         "/v1/plugins/{name}/versions/{version}",
         "/v1/keys",
         "/v1/keys/{id}",

@@ -6,6 +6,7 @@
 //! worker learns about it, so dashboards and rates see a series before the
 //! first job.
 
+use imgflow_platform::queue::Priority;
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -78,8 +79,8 @@ impl WorkerMetrics {
             )?,
             queue_wait: metrics::histogram_vec(
                 "worker_job_queue_wait_seconds",
-                "From the job's submission to the start of its first run.",
-                &["action"],
+                "From the job's submission to the start of its first run, by action and priority (high, normal, low).",
+                &["action", "priority"],
                 metrics::QUEUE_WAIT_SECONDS,
             )?,
             failures: metrics::counter_vec("worker_job_failures_total", "Jobs that failed, by action and reason (the job's error code).", &["action", "reason"])?,
@@ -163,7 +164,10 @@ impl WorkerMetrics {
             self.duration.with_label_values(&[action]);
             self.execution.with_label_values(&[action]);
             self.instantiation.with_label_values(&[action]);
-            self.queue_wait.with_label_values(&[action]);
+            for priority in Priority::ALL {
+                self.queue_wait
+                    .with_label_values(&[action, priority.name()]);
+            }
             self.in_flight.with_label_values(&[action]);
         }
         let Ok(mut shown) = self.shown.lock() else {
@@ -192,10 +196,11 @@ impl WorkerMetrics {
         InFlight(gauge)
     }
 
-    /// Records how long a job waited on the queue before its first run.
-    pub fn queue_wait(&self, action: &str, waited: Duration) {
+    /// Records how long a job of `priority` waited on the queue before
+    /// its first run.
+    pub fn queue_wait(&self, action: &str, priority: Priority, waited: Duration) {
         self.queue_wait
-            .with_label_values(&[action])
+            .with_label_values(&[action, priority.name()])
             .observe(waited.as_secs_f64());
     }
 

@@ -7,12 +7,12 @@ use imgflow_platform::events::{JobChange, JobEvents};
 use imgflow_platform::jobs::{JobSpec, JobStatus, Jobs, Running};
 use imgflow_platform::outcomes::{Outcome, Outcomes, Recorded, Starts};
 use imgflow_platform::pipeline::{self, Step};
-use imgflow_platform::plugins::Catalogue;
+use imgflow_platform::plugins::{Catalogue, PluginLimits};
 use imgflow_platform::queue::Queue;
 use imgflow_platform::retry::retry;
 use imgflow_runtime::codec::{self, ImageFormat, ImageLimits};
 use imgflow_runtime::params::Params;
-use imgflow_runtime::{ErrorCode, Failure, Plugin};
+use imgflow_runtime::{Bounds, ErrorCode, Failure, Plugin};
 use tracing::Instrument;
 
 use crate::metrics::WorkerMetrics;
@@ -30,6 +30,8 @@ pub struct Context {
     pub jobs: Jobs,
     /// The plugin catalogue.
     pub catalogue: Catalogue,
+    /// The client keys (their shares of worker time, for the queue).
+    pub keys: imgflow_platform::keys::Keys,
     /// The queue (deliveries, leases).
     pub queue: Queue,
     /// Job changes, to hear that a running job was cancelled or deleted.
@@ -98,31 +100,35 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
         if job.attempt == 1 {
             let waited = job.started_at - job.spec.created_at;
             for action in &actions {
-                ctx.metrics.queue_wait(action, waited.to_std().unwrap_or_default());
+                ctx.metrics.queue_wait(action, job.spec.priority, waited.to_std().unwrap_or_default());
             }
         }
         if job.attempt > ctx.max_attempts {
             let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempt - 1, ctx.max_attempts);
             let failure = Failure::permanent(ErrorCode::MaxAttempts, message);
-            record(&ctx, job, Err(failure), None, began);
+            record(&ctx, job, Err(failure), None, (began, began));
             return;
         }
 
         // The steps as they run, each with its time once it has run.
         let mut ran = job.spec.steps.clone();
-        let Some(outcome) = run_watched(&ctx, &job, &mut ran).await else {
+        let Some((outcome, working)) = run_watched(&ctx, &job, &mut ran).await else {
             tracing::info!("job was cancelled or deleted while it ran; abandoned");
             ack(&ctx, job.spec.id, &job.entry).await;
             return;
         };
+        // The worker time its owner is charged: from when its image work
+        // began (a job waiting for an image-work slot is not charged for
+        // the wait).
+        let charged = (began, working.unwrap_or(began));
         let step_ms: Vec<f64> = ran.iter().map_while(|s| s.run_ms).collect();
         let step_ms = (!step_ms.is_empty()).then_some(step_ms);
         match outcome {
-            Ok(size) => record(&ctx, job, Ok(size), step_ms, began),
+            Ok(size) => record(&ctx, job, Ok(size), step_ms, charged),
             Err(failure) if failure.transient => {
                 tracing::warn!(code = %failure.code, error = %failure.message, "transient failure; the job will be delivered again");
             }
-            Err(failure) => record(&ctx, job, Err(failure), step_ms, began),
+            Err(failure) => record(&ctx, job, Err(failure), step_ms, charged),
         }
     }
     .instrument(span)
@@ -131,13 +137,14 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
 
 /// Runs the job while keeping its lease and watching for its cancellation
 /// or deletion, and records its start once it has run for
-/// `RECORD_START_AFTER`. `None`: the job was cancelled or deleted while it
+/// `RECORD_START_AFTER`. Returns its outcome and when its image work
+/// began (if it did); `None`: the job was cancelled or deleted while it
 /// ran, and was abandoned.
 async fn run_watched(
     ctx: &Arc<Context>,
     job: &Running,
     ran: &mut [Step],
-) -> Option<Result<i64, Failure>> {
+) -> Option<(Result<i64, Failure>, Option<Instant>)> {
     // Keep the lease while the job runs, so no other worker takes it;
     // but only until the job's deadline (plus a tick): a job that is
     // still running then is wedged, and its lease lapses so another
@@ -148,13 +155,14 @@ async fn run_watched(
     let id = job.spec.id;
     let mut watch = ctx.events.watch(id);
     let deadline = Arc::new(OnceLock::new());
+    let working = OnceLock::new();
     let (renewer, mut deleted) =
         crate::lease::keep(ctx.holder(), id, job.entry.clone(), deadline.clone());
     let start_due = tokio::time::sleep(RECORD_START_AFTER);
     tokio::pin!(start_due);
     let mut start_recorded = false;
     let outcome = {
-        let running = run(ctx, &job.spec, ran, &deadline);
+        let running = run(ctx, &job.spec, ran, &deadline, &working);
         tokio::pin!(running);
         // The renewer's channel, until it has answered (a completed
         // receiver must not be polled again).
@@ -184,17 +192,20 @@ async fn run_watched(
         }
     };
     renewer.abort();
-    Some(outcome)
+    Some((outcome, working.get().copied()))
 }
 
 /// Hands a finished job's outcome to the recorder; once it is recorded
 /// (with others, in one statement), counts it in the metrics and logs it.
+/// `began`: when the worker started it (its duration in the metrics);
+/// `working`: when its image work began (the worker time its owner is
+/// charged, [`Outcome::seconds`]).
 fn record(
     ctx: &Arc<Context>,
     job: Running,
     result: Result<i64, Failure>,
     step_ms: Option<Vec<f64>>,
-    began: Instant,
+    (began, working): (Instant, Instant),
 ) {
     let ctx = ctx.clone();
     let span = tracing::Span::current();
@@ -208,7 +219,7 @@ fn record(
                 job,
                 result,
                 step_ms,
-                seconds: began.elapsed().as_secs_f64(),
+                seconds: working.elapsed().as_secs_f64(),
             };
             match ctx.outcomes.record(outcome).await {
                 Recorded::Finished => {
@@ -252,6 +263,31 @@ pub(crate) async fn ack(ctx: &Context, job: uuid::Uuid, entry: &str) {
 struct Ready {
     plugin: Arc<Plugin>,
     params: Params,
+    /// The plugin's limits of its own (`PUT /v1/plugins/{name}/limits`).
+    limits: PluginLimits,
+}
+
+impl Ready {
+    /// The linear memory this step's sandbox may hold: the plugin's own
+    /// limit if it set one (the runtime applies the smaller of it and the
+    /// worker's).
+    fn max_memory_bytes(&self) -> usize {
+        self.limits
+            .memory_mb
+            .and_then(|mb| usize::try_from(mb).ok())
+            .map_or(usize::MAX, |mb| mb.saturating_mul(1 << 20))
+    }
+}
+
+/// The time limit of a job whose steps are `ready`: the worker's
+/// (`JOB_TIMEOUT_MS`), or the smallest of its plugins' own if smaller.
+fn job_timeout(ctx: &Context, ready: &[Ready]) -> Duration {
+    ready
+        .iter()
+        .filter_map(|r| r.limits.timeout_ms)
+        .filter_map(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis)
+        .fold(ctx.job_timeout, Duration::min)
 }
 
 /// Loads the plugin version a step names and reads its parameters. A
@@ -302,7 +338,11 @@ async fn prepare(ctx: &Context, step: &Step) -> Result<Ready, Failure> {
     let params = plugin
         .params_from_json(&step.params)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidParams, e.to_string()))?;
-    Ok(Ready { plugin, params })
+    Ok(Ready {
+        plugin,
+        params,
+        limits: ctx.registry.limits_of(&step.action),
+    })
 }
 
 /// A failure of step `index` (from 0) of a pipeline names the step; a
@@ -320,7 +360,8 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
 }
 
 /// Runs the job's steps on its input and stores the result. Returns the
-/// output's size; `ran` gets each step's time as it runs.
+/// output's size; `ran` gets each step's time as it runs, `working` the
+/// moment its image work began (it holds an image-work slot).
 ///
 /// Every step's plugin is made ready first (a pipeline whose third plugin
 /// was deleted fails before the first runs). Once the job's working set is
@@ -336,6 +377,7 @@ async fn run(
     job: &JobSpec,
     ran: &mut [Step],
     deadline: &OnceLock<Instant>,
+    working: &OnceLock<Instant>,
 ) -> Result<i64, Failure> {
     let steps = &job.steps;
     let mut ready = Vec::with_capacity(steps.len());
@@ -375,7 +417,9 @@ async fn run(
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
-    let due = Instant::now() + ctx.job_timeout;
+    let _ = working.set(Instant::now());
+    let timeout = job_timeout(ctx, &ready);
+    let due = Instant::now() + timeout;
     let _ = deadline.set(due);
 
     let held = reservation.clone();
@@ -387,25 +431,25 @@ async fn run(
     };
     // A small image is decoded here (well under a millisecond); a larger
     // one on a blocking thread, under the deadline.
-    let decoded =
-        inline_or_blocking(small, (due, ctx.job_timeout), "decoding the input", decode).await?;
+    let decoded = inline_or_blocking(small, (due, timeout), "decoding the input", decode).await?;
     let (image, _) =
         decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
-    let image = apply_steps(ctx, &ready, steps, image, due, ran).await?;
-    let encoded = encode(ctx, job, image, &reservation, due).await?;
+    let image = apply_steps(ctx, &ready, steps, image, (due, timeout), ran).await?;
+    let encoded = encode(ctx, job, image, &reservation, (due, timeout)).await?;
     drop(reservation);
     drop(cpu_slot);
     store(ctx, job, encoded).await
 }
 
 /// Each step's plugin called on the previous step's output, each in a
-/// fresh sandbox, under the job's deadline; `ran` gets each step's time.
+/// fresh sandbox within its memory limit, under the job's deadline (`due`,
+/// standing for the time limit `limit`); `ran` gets each step's time.
 async fn apply_steps(
     ctx: &Context,
     ready: &[Ready],
     steps: &[Step],
     mut image: codec::RgbaImage,
-    due: Instant,
+    (due, limit): (Instant, Duration),
     ran: &mut [Step],
 ) -> Result<codec::RgbaImage, Failure> {
     let runtime = ctx.registry.runtime();
@@ -415,8 +459,13 @@ async fn apply_steps(
         let action = steps[i].action.as_str();
         let called = Instant::now();
         let mut instantiation = None;
+        let bounds = Bounds {
+            deadline: due,
+            limit,
+            max_memory_bytes: step.max_memory_bytes(),
+        };
         let applied = runtime
-            .apply_by(&step.plugin, image, &step.params, due, |t| {
+            .apply_by(&step.plugin, image, &step.params, bounds, |t| {
                 instantiation = Some(t)
             })
             .await;
@@ -441,13 +490,14 @@ async fn apply_steps(
     Ok(image)
 }
 
-/// The result encoded in the job's output format, under its deadline.
+/// The result encoded in the job's output format, under its deadline
+/// (`due`, standing for the time limit `limit`).
 async fn encode(
     ctx: &Context,
     job: &JobSpec,
     image: codec::RgbaImage,
     reservation: &Reservation,
-    due: Instant,
+    (due, limit): (Instant, Duration),
 ) -> Result<Vec<u8>, Failure> {
     let output_format = output_format(job)?;
     let held = reservation.clone();
@@ -458,8 +508,7 @@ async fn encode(
         let _held = held;
         codec::encode_with(&image, output_format, png_compression, quality)
     };
-    let encoded =
-        inline_or_blocking(small, (due, ctx.job_timeout), "encoding the result", encode).await?;
+    let encoded = inline_or_blocking(small, (due, limit), "encoding the result", encode).await?;
     encoded.map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))
 }
 

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use imgflow_platform::plugins::{Catalogue, CatalogueError, Origin};
+use imgflow_platform::plugins::{Catalogue, CatalogueError, Origin, PluginLimits};
 use imgflow_platform::storage::StorageError;
 use imgflow_runtime::{LoadError, Plugin, Runtime};
 use thiserror::Error;
@@ -32,6 +32,8 @@ pub struct Registry {
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
     /// The names of the active plugins, as last reconciled.
     active: std::sync::RwLock<HashSet<String>>,
+    /// Each plugin's limits of its own, as last reconciled.
+    limits: std::sync::RwLock<HashMap<String, PluginLimits>>,
 }
 
 impl Registry {
@@ -42,6 +44,7 @@ impl Registry {
             catalogue,
             plugins: RwLock::new(HashMap::new()),
             active: Default::default(),
+            limits: Default::default(),
         }
     }
 
@@ -59,6 +62,23 @@ impl Registry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(name)
+    }
+
+    /// Records each plugin's limits of its own (the worker's
+    /// reconciliation, at once on every change notice).
+    pub fn set_limits(&self, limits: HashMap<String, PluginLimits>) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    /// The limits of plugin `name` as last reconciled (none: every one
+    /// `None`).
+    pub fn limits_of(&self, name: &str) -> PluginLimits {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The runtime plugins run in.

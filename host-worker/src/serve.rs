@@ -159,6 +159,7 @@ impl Worker {
             worker_id: worker_id.clone(),
             jobs: jobs.clone(),
             catalogue,
+            keys: imgflow_platform::keys::Keys::new(pool.clone()),
             queue: queue.clone(),
             events: JobEvents::start(queue.clone()),
             registry,
@@ -450,12 +451,22 @@ async fn watch_plugins(ctx: Arc<Context>, every: Duration, mut stop: watch::Rece
 }
 
 /// Loads every active plugin version not loaded yet, and shows the loaded
-/// ones in the metrics (with their job series created at zero).
+/// ones in the metrics (with their job series created at zero); reads the
+/// plugins' limits and gives the queue their caps, and the keys' shares.
 async fn reconcile_plugins(ctx: &Context) -> Result<(), sqlx::Error> {
     let mut loaded = Vec::new();
     let active = ctx.catalogue.active().await?;
     ctx.registry
         .set_active(active.iter().map(|p| p.name.clone()).collect());
+    let limits = ctx.catalogue.all_limits().await?;
+    // The queue's caps and shares again, in case Redis lost them.
+    if let Err(e) = ctx.catalogue.apply_caps(&limits).await {
+        tracing::warn!(error = %e, "cannot give the queue the plugins' caps");
+    }
+    if let Err(e) = ctx.keys.apply_shares(&ctx.queue).await {
+        tracing::warn!(error = %e, "cannot give the queue the keys' shares");
+    }
+    ctx.registry.set_limits(limits.into_iter().collect());
     for plugin in active {
         match ctx.registry.get(&plugin.digest).await {
             Ok(_) => loaded.push(PluginLabel {

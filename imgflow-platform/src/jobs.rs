@@ -352,6 +352,10 @@ pub struct JobSpec {
     /// charged with ([`crate::queue::Account`]).
     #[serde(default)]
     pub megapixels: f64,
+    /// Its priority among its owner's jobs (`normal` for an entry from
+    /// before it was carried).
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 impl JobSpec {
@@ -370,6 +374,7 @@ impl JobSpec {
             attempts: job.attempts,
             created_at: job.created_at,
             megapixels: job.input_pixels.map_or(0.0, |p| p as f64 / 1e6),
+            priority: job.priority(),
         }
     }
 
@@ -390,7 +395,6 @@ impl JobSpec {
 pub struct QueueEntry {
     spec: JobSpec,
     json: String,
-    priority: Priority,
 }
 
 impl QueueEntry {
@@ -399,7 +403,6 @@ impl QueueEntry {
         let spec = JobSpec::of(job);
         QueueEntry {
             json: spec.to_json(),
-            priority: job.priority(),
             spec,
         }
     }
@@ -412,7 +415,7 @@ impl QueueEntry {
             owner: &self.spec.owner,
             action: &self.spec.action,
             megapixels: self.spec.megapixels,
-            priority: self.priority,
+            priority: self.spec.priority,
             submitted_ms: self.spec.created_at.timestamp_millis(),
         }
     }

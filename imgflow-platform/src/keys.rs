@@ -43,7 +43,27 @@ pub struct KeyLimits {
     pub rate_burst: Option<i32>,
     /// Megapixels of input a UTC day (0: no quota).
     pub daily_megapixels: Option<f64>,
+    /// Its share of the workers' time (`None`: 1, as every key): with
+    /// several keys waiting, each gets worker time in proportion to its
+    /// share ([`crate::queue::Queue::set_shares`]).
+    pub share: Option<f64>,
 }
+
+/// Why the keys' shares could not be given to the queue
+/// ([`Keys::apply_shares`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SharesError {
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Redis failed.
+    #[error("queue: {0}")]
+    Queue(#[from] crate::queue::QueueError),
+}
+
+/// The columns of a [`KeyRecord`], as statements select and return them.
+const RECORD: &str =
+    "id, name, created_at, revoked_at, rate_per_second, rate_burst, daily_megapixels, share";
 
 /// A key just created: the record and the secret key, shown only now.
 #[derive(Debug, Clone)]
@@ -97,11 +117,9 @@ impl Keys {
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
         let secret = hex::encode(secret);
-        let record: KeyRecord = sqlx::query_as(
-            "INSERT INTO api_keys (id, name, hash) VALUES ($1, $2, $3)
-             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst,
-                       daily_megapixels",
-        )
+        let record: KeyRecord = sqlx::query_as(&format!(
+            "INSERT INTO api_keys (id, name, hash) VALUES ($1, $2, $3) RETURNING {RECORD}"
+        ))
         .bind(id)
         .bind(name)
         .bind(hash(&secret).as_slice())
@@ -115,11 +133,9 @@ impl Keys {
 
     /// Every key that is not revoked, oldest first.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT id, name, created_at, revoked_at, rate_per_second, rate_burst, daily_megapixels
-             FROM api_keys
-             WHERE revoked_at IS NULL ORDER BY id",
-        )
+        sqlx::query_as(&format!(
+            "SELECT {RECORD} FROM api_keys WHERE revoked_at IS NULL ORDER BY id"
+        ))
         .fetch_all(&self.db)
         .await
     }
@@ -189,7 +205,7 @@ impl Keys {
             return Ok(limits);
         }
         let limits: KeyLimits = sqlx::query_as(
-            "SELECT rate_per_second, rate_burst, daily_megapixels FROM api_keys WHERE id = $1",
+            "SELECT rate_per_second, rate_burst, daily_megapixels, share FROM api_keys WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db)
@@ -211,16 +227,17 @@ impl Keys {
         id: Uuid,
         limits: KeyLimits,
     ) -> Result<Option<KeyRecord>, sqlx::Error> {
-        let record: Option<KeyRecord> = sqlx::query_as(
-            "UPDATE api_keys SET rate_per_second = $2, rate_burst = $3, daily_megapixels = $4
+        let record: Option<KeyRecord> = sqlx::query_as(&format!(
+            "UPDATE api_keys SET rate_per_second = $2, rate_burst = $3, daily_megapixels = $4,
+                    share = $5
              WHERE id = $1 AND revoked_at IS NULL
-             RETURNING id, name, created_at, revoked_at, rate_per_second, rate_burst,
-                       daily_megapixels",
-        )
+             RETURNING {RECORD}"
+        ))
         .bind(id)
         .bind(limits.rate_per_second)
         .bind(limits.rate_burst)
         .bind(limits.daily_megapixels)
+        .bind(limits.share)
         .fetch_optional(&self.db)
         .await?;
         self.limits
@@ -228,6 +245,29 @@ impl Keys {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         Ok(record)
+    }
+
+    /// The share of every live key whose share was set (the others have
+    /// 1), by owner: what the queue weighs worker time with.
+    pub async fn shares(&self) -> Result<Vec<(String, f64)>, sqlx::Error> {
+        let rows: Vec<(Uuid, f64)> = sqlx::query_as(
+            "SELECT id, share FROM api_keys WHERE revoked_at IS NULL AND share IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, s)| (id.to_string(), s))
+            .collect())
+    }
+
+    /// Gives `queue` every key's share ([`Keys::shares`]), replacing the
+    /// ones it had: after a change, and at every worker's reconciliation
+    /// (so a Redis that lost them has them again).
+    pub async fn apply_shares(&self, queue: &crate::queue::Queue) -> Result<(), SharesError> {
+        let shares = self.shares().await?;
+        queue.set_shares(&shares).await?;
+        Ok(())
     }
 
     async fn look_up(&self, id: Uuid, secret: &str) -> Result<Option<Uuid>, sqlx::Error> {

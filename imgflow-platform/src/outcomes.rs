@@ -45,8 +45,9 @@ pub struct Outcome {
     pub result: Result<i64, Failure>,
     /// Each step's time, as far as the steps ran.
     pub step_ms: Option<Vec<f64>>,
-    /// The seconds of worker time it took (from its start to its outcome):
-    /// what its owner is charged ([`crate::queue::Account`]).
+    /// The seconds of worker time it took (from the moment its image work
+    /// began, holding one of the worker's image-work slots, to its
+    /// outcome): what its owner is charged ([`crate::queue::Account`]).
     pub seconds: f64,
 }
 

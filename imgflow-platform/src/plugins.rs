@@ -134,6 +134,43 @@ impl CatalogueError {
     }
 }
 
+/// An operator's limits on one plugin, for every version of it
+/// (`PUT /v1/plugins/{name}/limits`; a row of `plugin_limits`). `None`: no
+/// limit of its own.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow, serde::Serialize, serde::Deserialize,
+)]
+pub struct PluginLimits {
+    /// The most of its jobs running at once across every worker; the
+    /// others wait in the queue ([`crate::queue::Cap`]).
+    pub max_concurrent: Option<i32>,
+    /// The most of one client key's jobs of it running at once.
+    pub max_concurrent_per_key: Option<i32>,
+    /// Its jobs' time limit in milliseconds; a worker applies the smaller
+    /// of this and its own (`JOB_TIMEOUT_MS`).
+    pub timeout_ms: Option<i32>,
+    /// The linear memory its sandbox may hold, in MiB; a worker applies the
+    /// smaller of this and its own (`JOB_MAX_MEMORY_MB`).
+    pub memory_mb: Option<i32>,
+}
+
+impl PluginLimits {
+    /// Whether it limits nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == PluginLimits::default()
+    }
+
+    /// Its caps on running jobs, as the queue applies them.
+    fn cap<'a>(&self, action: &'a str) -> crate::queue::Cap<'a> {
+        let positive = |v: Option<i32>| v.map_or(0, |v| u32::try_from(v).unwrap_or(0));
+        crate::queue::Cap {
+            action,
+            all: positive(self.max_concurrent),
+            per_owner: positive(self.max_concurrent_per_key),
+        }
+    }
+}
+
 /// How long a looked-up version is believed without asking PostgreSQL
 /// again, when no change notice arrived meanwhile ([`Catalogue::lookup`]).
 pub const REMEMBERED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
@@ -458,6 +495,98 @@ impl Catalogue {
             .bind(version)
             .fetch_optional(&self.db)
             .await
+    }
+
+    /// The limits of plugin `name` (none set: every one `None`), or `None`
+    /// if it has no version.
+    pub async fn limits(&self, name: &str) -> Result<Option<PluginLimits>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT l.max_concurrent, l.max_concurrent_per_key, l.timeout_ms, l.memory_mb
+               FROM (SELECT DISTINCT name FROM plugins WHERE name = $1) p
+               LEFT JOIN plugin_limits l USING (name)",
+        )
+        .bind(name)
+        .fetch_optional(&self.db)
+        .await
+    }
+
+    /// Every plugin's limits that were set, by name.
+    pub async fn all_limits(&self) -> Result<Vec<(String, PluginLimits)>, sqlx::Error> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            name: String,
+            #[sqlx(flatten)]
+            limits: PluginLimits,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT name, max_concurrent, max_concurrent_per_key, timeout_ms, memory_mb
+               FROM plugin_limits ORDER BY name",
+        )
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.name, r.limits)).collect())
+    }
+
+    /// Replaces the limits of plugin `name` (every one `None`: none), then
+    /// gives the queue every plugin's caps at once and tells the workers.
+    /// Returns false if `name` has no version. The limits are recorded
+    /// even if Redis is down: the workers give the queue the caps at their
+    /// next reconciliation ([`Catalogue::apply_caps`]).
+    pub async fn set_limits(
+        &self,
+        name: &str,
+        limits: PluginLimits,
+    ) -> Result<bool, CatalogueError> {
+        let mut tx = self.db.begin().await?;
+        lock_name(&mut tx, name).await?;
+        let known: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM plugins WHERE name = $1 LIMIT 1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if known.is_none() {
+            return Ok(false);
+        }
+        if limits.is_empty() {
+            sqlx::query("DELETE FROM plugin_limits WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO plugin_limits (name, max_concurrent, max_concurrent_per_key, timeout_ms, memory_mb)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET max_concurrent = $2, max_concurrent_per_key = $3,
+                   timeout_ms = $4, memory_mb = $5, updated_at = now()",
+            )
+            .bind(name)
+            .bind(limits.max_concurrent)
+            .bind(limits.max_concurrent_per_key)
+            .bind(limits.timeout_ms)
+            .bind(limits.memory_mb)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        match self.all_limits().await {
+            Ok(all) => {
+                if let Err(e) = self.apply_caps(&all).await {
+                    tracing::warn!(plugin = name, error = %e, "cannot give the queue the plugins' caps; the workers will at their next reconciliation");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(plugin = name, error = %e, "cannot read the plugins' limits back")
+            }
+        }
+        self.announce(name).await;
+        Ok(true)
+    }
+
+    /// Gives the queue the caps of `limits` (every plugin's, as
+    /// [`Catalogue::all_limits`] read them), replacing the ones it had:
+    /// after Redis lost its data, a worker's reconciliation sets them again.
+    pub async fn apply_caps(&self, limits: &[(String, PluginLimits)]) -> Result<(), QueueError> {
+        let caps: Vec<crate::queue::Cap<'_>> = limits.iter().map(|(name, l)| l.cap(name)).collect();
+        self.queue.set_caps(&caps).await
     }
 
     /// The stored component with SHA-256 `digest`.

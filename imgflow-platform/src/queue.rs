@@ -11,7 +11,8 @@
 //! - Workers take entries with [`Reader::next_batch`]: one script picks,
 //!   for each free slot, the owner furthest behind in worker time (start-time
 //!   fair queuing: each owner has a virtual time, `<prefix>:vtime`, that
-//!   grows by the estimated cost of each job it is given, and an owner that
+//!   grows by the estimated cost of each job it is given, divided by the
+//!   owner's share (`<prefix>:shares`, 1 unless set), and an owner that
 //!   starts waiting again starts at the current clock, `<prefix>:clock`, so
 //!   idle time earns no credit), pops that owner's first entry and claims it
 //!   for the worker (`XCLAIM ... FORCE`), so from then on it is pending,
@@ -20,6 +21,12 @@
 //!   finished jobs (`<prefix>:costs`), and corrected by its real run time
 //!   when it is settled. An idle worker waits on a doorbell list
 //!   (`<prefix>:bell`) that every enqueue rings.
+//! - An action may be capped (`<prefix>:caps`, from the plugin's limits in
+//!   PostgreSQL, [`Queue::set_caps`]): at most so many of its jobs running
+//!   across every worker, and of one owner's. A take then passes over a job
+//!   whose action is at its cap (it waits, it does not fail) and takes the
+//!   owner's next one that is not; the jobs running under a cap are
+//!   counted in `<prefix>:running:<action>[:<owner>]`.
 //! - An entry stays pending until its worker acknowledges and deletes it
 //!   (`XACK` + `XDEL`) after recording the outcome in PostgreSQL.
 //! - A worker that dies leaves its entries pending; after the lease (idle
@@ -164,6 +171,18 @@ pub struct Account<'a> {
     pub estimate: f64,
     /// The seconds it really ran.
     pub seconds: f64,
+}
+
+/// An action's caps on running jobs ([`Queue::set_caps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap<'a> {
+    /// The action (a plugin's name).
+    pub action: &'a str,
+    /// The most of its jobs running at once across every worker (0: no
+    /// cap).
+    pub all: u32,
+    /// The most of one owner's jobs of it running at once (0: no cap).
+    pub per_owner: u32,
 }
 
 /// A worker, as its heartbeats tell ([`Queue::workers_seen`]).
@@ -454,6 +473,74 @@ impl Queue {
         conn.zcard(self.key(WAITING)).await
     }
 
+    /// Replaces the actions' caps with `caps` (what
+    /// `PUT /v1/plugins/{name}/limits` set, from PostgreSQL): each action
+    /// with at most `Cap::all` jobs running across every worker and at most
+    /// `Cap::per_owner` of one owner's (0: no cap), in one step. A job over
+    /// a cap waits ([`TAKE_SCRIPT`]); the doorbell rings, as a cap may have
+    /// been raised.
+    pub async fn set_caps(&self, caps: &[Cap<'_>]) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.key(CAPS)).ignore();
+        let fields: Vec<(&str, String)> = caps
+            .iter()
+            .filter(|c| c.all > 0 || c.per_owner > 0)
+            .map(|c| (c.action, format!("{}:{}", c.all, c.per_owner)))
+            .collect();
+        if !fields.is_empty() {
+            pipe.hset_multiple(self.key(CAPS), &fields).ignore();
+        }
+        pipe.lpush(self.key(BELL), 1)
+            .ignore()
+            .ltrim(self.key(BELL), 0, 63)
+            .ignore();
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Replaces the owners' shares of worker time with `shares` (owner,
+    /// share; an owner not named has 1), in one step: with several owners
+    /// waiting, each gets worker time in proportion to its share (its
+    /// virtual time grows by a job's cost divided by its share).
+    pub async fn set_shares(&self, shares: &[(String, f64)]) -> RedisResult<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(self.key(SHARES)).ignore();
+        let fields: Vec<(&str, String)> = shares
+            .iter()
+            .filter(|(_, share)| share.is_finite() && *share > 0.0)
+            .map(|(owner, share)| (owner.as_str(), format!("{share}")))
+            .collect();
+        if !fields.is_empty() {
+            pipe.hset_multiple(self.key(SHARES), &fields).ignore();
+        }
+        pipe.query_async(&mut conn).await
+    }
+
+    /// How many jobs of each capped action run now, by the running sets
+    /// (entries that left the stream are not counted): action, jobs.
+    pub async fn running_capped(&self) -> RedisResult<Vec<(String, u64)>> {
+        let mut conn = self.conn().await?;
+        let script = redis::Script::new(
+            r"local out = {}
+              local fields = redis.call('HKEYS', KEYS[1])
+              for _, a in ipairs(fields) do
+                local n = 0
+                for _, id in ipairs(redis.call('ZRANGE', ARGV[1] .. a, 0, -1)) do
+                  if #redis.call('XRANGE', KEYS[2], id, id) > 0 then n = n + 1 end
+                end
+                out[#out + 1] = {a, n}
+              end
+              return out",
+        );
+        script
+            .key(self.key(CAPS))
+            .key(&self.stream)
+            .arg(self.key(&format!("{RUNNING}:")))
+            .invoke_async(&mut conn)
+            .await
+    }
+
     /// For each of `jobs`, whether it has an entry on the queue.
     pub async fn entries_of(&self, jobs: &[Uuid]) -> RedisResult<Vec<bool>> {
         if jobs.is_empty() {
@@ -512,10 +599,13 @@ impl Queue {
             let charge = pipe
                 .cmd("EVAL")
                 .arg(ACCOUNT_SCRIPT)
-                .arg(3)
+                .arg(6)
                 .arg(self.key(VTIME))
                 .arg(self.key(READY))
-                .arg(self.key(COSTS));
+                .arg(self.key(COSTS))
+                .arg(self.key(CAPS))
+                .arg(self.key(BELL))
+                .arg(self.key(SHARES));
             for a in accounts {
                 charge
                     .arg(a.owner)
@@ -992,9 +1082,11 @@ impl Queue {
     }
 
     /// Deletes every key of this queue: the stream (and so every queued
-    /// entry), the owners' queues and accounts, and the locks. For tests and for tearing a deployment down;
-    /// PostgreSQL still knows every unfinished job, and the sweeper queues
-    /// them again.
+    /// entry), the owners' queues and accounts, the actions' caps and
+    /// running sets, and the locks. For tests and for tearing a deployment
+    /// down; PostgreSQL still knows every unfinished job (the sweeper
+    /// queues them again) and every plugin's limits (the workers set the
+    /// caps again at their next reconciliation).
     pub async fn purge(&self) -> RedisResult<()> {
         let mut conn = self.conn().await?;
         let mut keys = vec![
@@ -1007,24 +1099,28 @@ impl Queue {
             self.key(COSTS),
             self.key(BELL),
             self.key(VERSION),
+            self.key(CAPS),
+            self.key(SHARES),
             self.key(Lock::Sweeper.key()),
             self.key(Lock::Retention.key()),
         ];
-        let pattern = self.key(&format!("{WAIT}:*"));
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            keys.extend(found);
-            cursor = next;
-            if cursor == 0 {
-                break;
+        for under in [WAIT, RUNNING] {
+            let pattern = self.key(&format!("{under}:*"));
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                keys.extend(found);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
         conn.del(&keys).await
@@ -1068,15 +1164,36 @@ const VERSION: &str = "queue-version";
 /// The doorbell idle workers wait on (a list), under the prefix.
 const BELL: &str = "bell";
 
+/// Each owner's share of worker time, where it is not 1 (a hash: owner ->
+/// share), under the prefix ([`Queue::set_shares`]).
+const SHARES: &str = "shares";
+
+/// Each capped action's caps (a hash: action -> `<cap>:<cap per owner>`,
+/// 0 for none), under the prefix ([`Queue::set_caps`]).
+const CAPS: &str = "caps";
+
+/// The entries running under an action's cap (sorted sets), under the
+/// prefix and followed by the action (across owners) or by the action and
+/// the owner.
+const RUNNING: &str = "running";
+
+/// How many of an owner's first waiting entries a take looks at for one
+/// under its actions' caps: an owner whose first 64 are all held back by
+/// caps waits until one of them may run, even if a later one could.
+pub const CAP_WINDOW: usize = 64;
+
 /// What a job is estimated to cost before its action's cost is learned:
 /// seconds a job, seconds a megapixel.
 const DEFAULT_COST: (f64, f64) = (0.002, 0.05);
 
-/// Charges owners the real worker time of their finished jobs and learns
-/// each action's cost from them (KEYS: vtime, ready, costs; ARGV: owner,
-/// action, megapixels, estimate, seconds, for each job). Jobs of under a
-/// quarter of a megapixel teach the cost a job, larger ones the cost a
-/// megapixel (beyond the cost a job), each a moving average.
+/// Charges owners the real worker time of their finished jobs (divided by
+/// their shares) and learns each action's cost from them (KEYS: vtime,
+/// ready, costs, caps, bell, shares;
+/// ARGV: owner, action, megapixels, estimate, seconds, for each job). Jobs
+/// of under a quarter of a megapixel teach the cost a job, larger ones the
+/// cost a megapixel (beyond the cost a job), each a moving average. While
+/// actions are capped and jobs wait, it rings the doorbell: a job that
+/// ended may have freed a cap that held a waiting job back.
 const ACCOUNT_SCRIPT: &str = r"
 local delta, owners, learned = {}, {}, {}
 for i = 1, #ARGV, 5 do
@@ -1101,79 +1218,195 @@ for i = 1, #ARGV, 5 do
   end
 end
 for _, owner in ipairs(owners) do
-  local vt = redis.call('HINCRBYFLOAT', KEYS[1], owner, tostring(delta[owner]))
+  local share = tonumber(redis.call('HGET', KEYS[6], owner) or '1') or 1
+  if share <= 0 then share = 1 end
+  local vt = redis.call('HINCRBYFLOAT', KEYS[1], owner, tostring(delta[owner] / share))
   if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
 end
 for action, l in pairs(learned) do
   if l[3] then redis.call('HSET', KEYS[3], action .. ':base', tostring(l[1])) end
   if l[4] then redis.call('HSET', KEYS[3], action .. ':mp', tostring(l[2])) end
 end
+if redis.call('HLEN', KEYS[4]) > 0 and redis.call('ZCARD', KEYS[2]) > 0 then
+  redis.call('LPUSH', KEYS[5], 1)
+  redis.call('LTRIM', KEYS[5], 0, 63)
+end
 return 0";
 
 /// Takes up to ARGV[3] waiting entries for consumer ARGV[2] of group
 /// ARGV[1], each from the owner with the least virtual time (KEYS: stream,
-/// waiting, ready, vtime, clock, costs, bell; ARGV[4]: the owners' queues'
-/// prefix; ARGV[5], ARGV[6]: the default costs). Returns, for each, its
-/// entry id, job, spec and estimated seconds. With nothing left waiting,
-/// the doorbell is silenced (its rings are for jobs taken now). While only
-/// one owner waits, its jobs are taken together (a few commands for the
-/// whole take); while several do, one at a time, each from the owner
-/// furthest behind.
+/// waiting, ready, vtime, clock, costs, bell, caps, shares; ARGV[4]: the owners'
+/// queues' prefix; ARGV[5], ARGV[6]: the default costs; ARGV[7]: the
+/// running sets' prefix; ARGV[8]: how many of an owner's first entries are
+/// looked at when actions are capped). Returns, for each, its entry id,
+/// job, spec and estimated seconds. With nothing left waiting, the
+/// doorbell is silenced (its rings are for jobs taken now).
+///
+/// With no action capped (`<prefix>:caps` empty): while only one owner
+/// waits, its jobs are taken together (a few commands for the whole take);
+/// while several do, one at a time, each from the owner furthest behind.
+/// With caps ([`Queue::set_caps`]), one job at a time: the owner furthest
+/// behind gives its first job whose every action is under its caps (the
+/// running sets `<prefix>:running:<action>` and
+/// `<prefix>:running:<action>:<owner>`, whose entries that left the stream
+/// are forgotten when a set looks full); an owner with none among its
+/// first ARGV[8] is passed over until a job of a capped action ends
+/// ([`ACCOUNT_SCRIPT`] rings the doorbell). A take that finds nothing it
+/// may take silences the doorbell too.
 const TAKE_SCRIPT: &str = r"
 local taken = {}
 local want = tonumber(ARGV[3])
-local costs = {}
+local costs, caps, full, shares = {}, {}, {}, {}
 local rounds = 0
-while #taken < want and rounds < want * 4 + 16 do
+local stamp = redis.call('TIME')[1]
+-- Claims entries `ids` of `owner` (virtual time `vt`) for the consumer,
+-- charges their estimated costs and, when `running` is true, counts them
+-- as running under each of their actions' caps (`caps`, as `admits` read
+-- them). Returns the new vt.
+local function claim(ids, owner, vt, running)
+  redis.call('ZREM', KEYS[2], unpack(ids))
+  local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], '999999999999'}
+  for _, id in ipairs(ids) do cmd[#cmd + 1] = id end
+  cmd[#cmd + 1] = 'FORCE'
+  local claimed = redis.pcall(unpack(cmd))
+  if type(claimed) == 'table' and claimed['err'] then
+    redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+    claimed = redis.call(unpack(cmd))
+  end
+  local share = shares[owner]
+  if not share then
+    share = tonumber(redis.call('HGET', KEYS[9], owner) or '1') or 1
+    if share <= 0 then share = 1 end
+    shares[owner] = share
+  end
+  local start = vt
+  for _, e in ipairs(claimed) do
+    if e then
+      local f = {}
+      for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+      local action = f['action'] or ''
+      local c = costs[action]
+      if not c then
+        c = {tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5]),
+             tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])}
+        costs[action] = c
+      end
+      local cost = c[1] + (tonumber(f['mp'] or '0') or 0) * c[2]
+      start = vt
+      vt = vt + cost / share
+      taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
+      if running then
+        for a in string.gmatch(action, '[^,]+') do
+          local c = caps[a] or {0, 0}
+          local sets = {}
+          if c[1] > 0 then sets[#sets + 1] = ARGV[7] .. a end
+          if c[2] > 0 then sets[#sets + 1] = ARGV[7] .. a .. ':' .. owner end
+          for _, key in ipairs(sets) do
+            redis.call('ZADD', key, stamp, e[1])
+            redis.call('EXPIRE', key, 86400)
+          end
+        end
+      end
+    end
+  end
+  redis.call('SET', KEYS[5], tostring(start))
+  redis.call('HSET', KEYS[4], owner, tostring(vt))
+  return vt
+end
+-- Puts `owner` back among the owners to serve at `vt`, or takes it off
+-- when its queue is empty.
+local function requeue(owner, vt)
+  if redis.call('ZCARD', ARGV[4] .. owner) > 0 then
+    redis.call('ZADD', KEYS[3], vt, owner)
+    return true
+  end
+  redis.call('ZREM', KEYS[3], owner)
+  return false
+end
+if redis.call('HLEN', KEYS[8]) == 0 then
+  while #taken < want and rounds < want * 4 + 16 do
+    rounds = rounds + 1
+    local top = redis.call('ZRANGE', KEYS[3], 0, 1, 'WITHSCORES')
+    if #top == 0 then break end
+    local owner, vt = top[1], tonumber(top[2])
+    local n = 1
+    if #top == 2 then n = want - #taken end
+    local heads = redis.call('ZPOPMIN', ARGV[4] .. owner, n)
+    if #heads > 0 then
+      local ids = {}
+      for j = 1, #heads, 2 do ids[#ids + 1] = heads[j] end
+      vt = claim(ids, owner, vt, false)
+    end
+    requeue(owner, vt)
+  end
+  if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
+  return taken
+end
+-- Some actions are capped: each owner's first entries (up to ARGV[8]) are
+-- looked at in order, and the first whose every action is under its caps
+-- is taken; an owner with none is passed over for this take.
+-- How many entries of the running set `key` are still on the stream
+-- (those that left it, finished or cancelled, are forgotten), counted
+-- again only when it looks full.
+local function live(key, cap)
+  if full[key] then return cap end
+  local n = redis.call('ZCARD', key)
+  if n < cap then return n end
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if #redis.call('XRANGE', KEYS[1], id, id) == 0 then redis.call('ZREM', key, id) end
+  end
+  n = redis.call('ZCARD', key)
+  if n >= cap then full[key] = true end
+  return n
+end
+local function admits(action, owner)
+  for a in string.gmatch(action, '[^,]+') do
+    local c = caps[a]
+    if not c then
+      c = {0, 0}
+      local v = redis.call('HGET', KEYS[8], a)
+      if v then
+        local all, per = string.match(v, '^(%d+):(%d+)$')
+        c = {tonumber(all) or 0, tonumber(per) or 0}
+      end
+      caps[a] = c
+    end
+    if c[1] > 0 and live(ARGV[7] .. a, c[1]) >= c[1] then return false end
+    if c[2] > 0 and live(ARGV[7] .. a .. ':' .. owner, c[2]) >= c[2] then return false end
+  end
+  return true
+end
+local passed = 0
+while #taken < want and rounds < want * 4 + 64 do
   rounds = rounds + 1
-  local top = redis.call('ZRANGE', KEYS[3], 0, 1, 'WITHSCORES')
+  local top = redis.call('ZRANGE', KEYS[3], passed, passed, 'WITHSCORES')
   if #top == 0 then break end
   local owner, vt = top[1], tonumber(top[2])
   local queue = ARGV[4] .. owner
-  local n = 1
-  if #top == 2 then n = want - #taken end
-  local heads = redis.call('ZPOPMIN', queue, n)
-  if #heads > 0 then
-    local ids = {}
-    for j = 1, #heads, 2 do ids[#ids + 1] = heads[j] end
-    redis.call('ZREM', KEYS[2], unpack(ids))
-    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], '999999999999'}
-    for _, id in ipairs(ids) do claim[#claim + 1] = id end
-    claim[#claim + 1] = 'FORCE'
-    local claimed = redis.pcall(unpack(claim))
-    if type(claimed) == 'table' and claimed['err'] then
-      redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-      claimed = redis.call(unpack(claim))
+  local pick = nil
+  for _, id in ipairs(redis.call('ZRANGE', queue, 0, tonumber(ARGV[8]) - 1)) do
+    local found = redis.call('XRANGE', KEYS[1], id, id)
+    if #found == 0 then
+      redis.call('ZREM', queue, id)
+      redis.call('ZREM', KEYS[2], id)
+    else
+      local action = ''
+      local f = found[1][2]
+      for j = 1, #f, 2 do if f[j] == 'action' then action = f[j + 1] end end
+      if admits(action, owner) then pick = id; break end
     end
-    local start = vt
-    for _, e in ipairs(claimed) do
-      if e then
-        local f = {}
-        for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
-        local action = f['action'] or ''
-        local c = costs[action]
-        if not c then
-          c = {tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5]),
-               tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])}
-          costs[action] = c
-        end
-        local cost = c[1] + (tonumber(f['mp'] or '0') or 0) * c[2]
-        start = vt
-        vt = vt + cost
-        taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
-      end
-    end
-    redis.call('SET', KEYS[5], tostring(start))
-    redis.call('HSET', KEYS[4], owner, tostring(vt))
   end
-  if redis.call('ZCARD', queue) > 0 then
-    redis.call('ZADD', KEYS[3], vt, owner)
-  else
-    redis.call('ZREM', KEYS[3], owner)
+  if pick then
+    redis.call('ZREM', queue, pick)
+    vt = claim({pick}, owner, vt, true)
+    requeue(owner, vt)
+  elseif requeue(owner, vt) then
+    passed = passed + 1
   end
 end
-if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
-return taken";
+if #taken == 0 or redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
+return taken
+";
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
 const FAILURES: &str = "failures";
@@ -1318,12 +1551,16 @@ impl Reader {
             .key(q.key(CLOCK))
             .key(q.key(COSTS))
             .key(q.key(BELL))
+            .key(q.key(CAPS))
+            .key(q.key(SHARES))
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(count.max(1))
             .arg(q.key(&format!("{WAIT}:")))
             .arg(DEFAULT_COST.0)
-            .arg(DEFAULT_COST.1);
+            .arg(DEFAULT_COST.1)
+            .arg(q.key(&format!("{RUNNING}:")))
+            .arg(CAP_WINDOW);
         let read = command.invoke_async::<Vec<(String, String, String, String)>>(&mut self.conn);
         let taken = match tokio::time::timeout(TIMEOUT, read).await {
             Ok(reply) => reply?,

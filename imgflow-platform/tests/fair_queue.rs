@@ -117,6 +117,37 @@ async fn owners_share_worker_time_by_cost_not_by_count() {
 }
 
 #[tokio::test]
+async fn an_owner_with_a_share_of_three_gets_three_times_the_worker_time() {
+    let q = queue(Duration::from_secs(30)).await;
+    q.set_shares(&[("a".to_string(), 3.0)]).await.unwrap();
+    let t = now_ms();
+    let mut of_a = std::collections::HashSet::new();
+    for _ in 0..300 {
+        of_a.insert(put(&q, "a", 0.1, Priority::Normal, t).await);
+        put(&q, "b", 0.1, Priority::Normal, t).await;
+    }
+    let mut reader = q.reader("w1").await.unwrap();
+    let mut a = 0;
+    for _ in 0..200 {
+        let d = take(&mut reader).await.expect("a job");
+        a += usize::from(of_a.contains(&d.job));
+    }
+    assert!(
+        (140..=160).contains(&a),
+        "A (share 3) got {a} of 200 equal jobs, B (share 1) {}",
+        200 - a
+    );
+    // Shares removed: equal again.
+    q.set_shares(&[]).await.unwrap();
+    let mut a = 0;
+    for _ in 0..40 {
+        let d = take(&mut reader).await.expect("a job");
+        a += usize::from(of_a.contains(&d.job));
+    }
+    assert!((15..=25).contains(&a), "A got {a} of 40 with equal shares");
+}
+
+#[tokio::test]
 async fn real_run_times_correct_the_estimates_and_teach_the_cost() {
     let q = queue(Duration::from_secs(30)).await;
     let t = now_ms();

@@ -36,4 +36,4 @@ pub mod text;
 pub use cache::{sha256_hex, CacheSecret, CompiledCache};
 pub use code::{ErrorCode, Failure};
 pub use error::{LoadError, RunError, RuntimeError};
-pub use runtime::{Applied, Compiled, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};
+pub use runtime::{Applied, Bounds, Compiled, Plugin, Runtime, RuntimeConfig, EPOCH_TICK};

@@ -186,6 +186,19 @@ impl Compiled {
     }
 }
 
+/// What bounds one plugin call ([`Runtime::apply_by`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// When the call is abandoned.
+    pub deadline: Instant,
+    /// The time limit the deadline stands for, as a timeout reports it.
+    pub limit: Duration,
+    /// The linear memory the call's sandbox may hold (at most the
+    /// runtime's `max_memory_bytes`: a smaller one is a plugin's own
+    /// limit).
+    pub max_memory_bytes: usize,
+}
+
 /// The result of a successful call, with where the time went.
 #[derive(Debug)]
 pub struct Applied {
@@ -385,7 +398,7 @@ impl Runtime {
     /// abandoned and fails as a timeout.
     pub async fn describe(&self, compiled: Compiled) -> Result<Plugin, LoadError> {
         let Compiled { digest, size, pre } = compiled;
-        let mut store = self.new_store();
+        let mut store = self.new_store(self.config.max_memory_bytes);
         let call = async {
             let filter = pre.instantiate_async(&mut store).await?;
             filter.call_metadata(&mut store).await
@@ -434,9 +447,10 @@ impl Runtime {
         Ok(component)
     }
 
-    fn new_store(&self) -> Store<Sandbox> {
+    /// A store for one call whose memories may hold `max_memory_bytes`.
+    fn new_store(&self, max_memory_bytes: usize) -> Store<Sandbox> {
         let limits = Limits {
-            max_memory_bytes: self.config.max_memory_bytes,
+            max_memory_bytes,
             max_table_elements: self.config.max_table_elements,
             max_instances: self.config.max_instances,
         };
@@ -483,29 +497,36 @@ impl Runtime {
         params: &Params,
         on_instantiated: impl FnOnce(Duration),
     ) -> Result<Applied, RunError> {
-        let deadline = Instant::now() + self.config.timeout;
-        self.apply_by(plugin, image, params, deadline, on_instantiated)
+        let bounds = Bounds {
+            deadline: Instant::now() + self.config.timeout,
+            limit: self.config.timeout,
+            max_memory_bytes: self.config.max_memory_bytes,
+        };
+        self.apply_by(plugin, image, params, bounds, on_instantiated)
             .await
     }
 
-    /// [`Runtime::apply_observed`] with the deadline given rather than
-    /// starting now: a caller whose time limit covers more than the plugin
-    /// call (the worker's covers decoding and encoding too) passes the
-    /// job's deadline, and a call past it fails as [`RunError::Timeout`]
-    /// with the configured limit.
+    /// [`Runtime::apply_observed`] within `bounds` rather than the
+    /// runtime's own limits from now: a caller whose time limit covers more
+    /// than the plugin call (the worker's covers decoding and encoding too)
+    /// passes the job's deadline, and a call past it fails as
+    /// [`RunError::Timeout`] with `bounds.limit`; a plugin with a smaller
+    /// memory limit of its own passes it, and a call over it fails as
+    /// [`RunError::OutOfMemory`] with it.
     pub async fn apply_by(
         &self,
         plugin: &Plugin,
         image: RgbaImage,
         params: &Params,
-        deadline: Instant,
+        bounds: Bounds,
         on_instantiated: impl FnOnce(Duration),
     ) -> Result<Applied, RunError> {
-        let call = self.call_apply(plugin, image, params, on_instantiated);
-        match tokio::time::timeout_at(deadline.into(), call).await {
+        let memory = bounds.max_memory_bytes.min(self.config.max_memory_bytes);
+        let call = self.call_apply(plugin, image, params, memory, on_instantiated);
+        match tokio::time::timeout_at(bounds.deadline.into(), call).await {
             Ok(result) => result,
             Err(_) => Err(RunError::Timeout {
-                limit: self.config.timeout,
+                limit: bounds.limit,
             }),
         }
     }
@@ -515,6 +536,7 @@ impl Runtime {
         plugin: &Plugin,
         image: RgbaImage,
         params: &Params,
+        max_memory_bytes: usize,
         on_instantiated: impl FnOnce(Duration),
     ) -> Result<Applied, RunError> {
         let (width, height) = image.dimensions();
@@ -532,7 +554,7 @@ impl Runtime {
             .collect();
 
         let started = Instant::now();
-        let mut store = self.new_store();
+        let mut store = self.new_store(max_memory_bytes);
         let instance = plugin.pre.instantiate_async(&mut store).await;
         let instantiate_time = started.elapsed();
         on_instantiated(instantiate_time);
@@ -592,7 +614,7 @@ impl Runtime {
     fn classify(&self, store: &Store<Sandbox>, error: wasmtime::Error, stderr: &str) -> RunError {
         if let Some(detail) = &store.data().limiter.exceeded {
             return RunError::OutOfMemory {
-                limit_bytes: self.config.max_memory_bytes,
+                limit_bytes: store.data().limiter.limits.max_memory_bytes,
                 detail: detail.clone(),
             };
         }

@@ -83,7 +83,7 @@ impl WasiView for Sandbox {
 /// memory of every core instance in the component, so a component made of
 /// several instances (or with several memories) cannot multiply it.
 pub(crate) struct JobLimiter {
-    limits: Limits,
+    pub limits: Limits,
     /// The bytes of linear memory the job's memories hold together.
     memory_bytes: usize,
     /// What was asked for beyond the limit, if anything.

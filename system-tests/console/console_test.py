@@ -197,6 +197,14 @@ def main():
             expect(page.locator("#toast")).to_have_text("invert 0.2.0 deleted")
             page.locator("button.show-versions[data-plugin=invert]").click()
             expect(page.locator("tr.versions:not([hidden]) tr[data-version]")).to_have_count(1)
+            # Its limits, under its versions: none, then a cap the operator sets.
+            limits = page.locator("tr.versions:not([hidden]) tr[data-limit=max_concurrent]")
+            expect(limits).to_contain_text("none of its own")
+            page.locator("#limit-invert-max_concurrent").fill("2")
+            page.get_by_role("button", name="Save limits").click()
+            expect(page.locator("#toast")).to_have_text("Limits of invert saved")
+            page.locator("button.show-versions[data-plugin=invert]").click()
+            expect(limits).to_contain_text("2 jobs")
             # Markup from an uploader is shown as text and never runs.
             # This one by drag and drop, as a file dragged from the desktop.
             page.locator("#upload-name").fill("")
@@ -343,6 +351,12 @@ def main():
             result["completed_after"] = number(page, "#ov-completed")
             shot(page, "overview")
 
+        with step("usage: every key's share and limits"):
+            page.goto(f"{URL}/console#/usage")
+            expect(page.locator("h1")).to_have_text("Keys: shares and limits")
+            expect(page.locator("#keys tr[data-key]").first).to_contain_text("1 (equal)")
+            check_labels(page, "usage")
+
         with step("narrow screen"):
             narrow = browser.new_context(viewport={"width": 390, "height": 844})
             small = narrow.new_page()
@@ -351,7 +365,7 @@ def main():
             small.get_by_label("Client key or admin token").fill(ADMIN_TOKEN)
             small.get_by_label("Client key or admin token").press("Enter")
             expect(small.locator("#role")).to_have_attribute("data-role", "admin")
-            for name in ["overview", "plugins", "try", "jobs"]:
+            for name in ["overview", "plugins", "try", "jobs", "usage"]:
                 small.goto(f"{URL}/console#/{name}")
                 small.wait_for_load_state("networkidle")
                 check_fits(small, f"{name} at 390px")
@@ -389,6 +403,9 @@ def main():
             expect(page.locator("tr.versions:not([hidden]) tr[data-version]")).to_have_count(1)
             expect(page.locator("button.activate, button.delete-version")).to_have_count(0)
             shot(page, "plugins-client")
+            # Its own usage and limits.
+            page.goto(f"{URL}/console#/usage")
+            expect(page.locator("#usage")).to_contain_text("Unfinished jobs")
             # It sees its own jobs only: none yet, then the one it submits.
             page.goto(f"{URL}/console#/jobs")
             expect(page.locator("#jobs-empty")).to_be_visible()

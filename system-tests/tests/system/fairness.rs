@@ -59,21 +59,40 @@ async fn batch_of(
     count: usize,
     priority: &str,
 ) -> Vec<String> {
+    batch_with(
+        stack,
+        key,
+        image,
+        count,
+        &[("action", "grayscale"), ("priority", priority)],
+    )
+    .await
+}
+
+/// Submits `count` jobs of `image` with `fields` (action, parameters) in
+/// one batch as `key`; returns their ids.
+async fn batch_with(
+    stack: &Stack,
+    key: &str,
+    image: &[u8],
+    count: usize,
+    fields: &[(&str, &str)],
+) -> Vec<String> {
     loop {
-        let form = (0..count).fold(
-            reqwest::multipart::Form::new()
-                .text("action", "grayscale")
-                .text("priority", priority.to_string()),
-            |form, _| {
-                form.part(
-                    "image",
-                    reqwest::multipart::Part::bytes(image.to_vec())
-                        .file_name("a.png")
-                        .mime_str("image/png")
-                        .unwrap(),
-                )
-            },
-        );
+        let form = fields
+            .iter()
+            .fold(reqwest::multipart::Form::new(), |form, (name, value)| {
+                form.text(name.to_string(), value.to_string())
+            });
+        let form = (0..count).fold(form, |form, _| {
+            form.part(
+                "image",
+                reqwest::multipart::Part::bytes(image.to_vec())
+                    .file_name("a.png")
+                    .mime_str("image/png")
+                    .unwrap(),
+            )
+        });
         let r = stack
             .client
             .post(stack.url("/v1/batches"))
@@ -101,9 +120,17 @@ async fn batch_of(
 /// accepted (its `202` came: it was recorded and queued by then).
 async fn one(stack: &Stack, key: &str, priority: &str) -> (String, DateTime<Utc>) {
     let image = std::fs::read(repo().join(SMALL)).unwrap();
+    let query = format!("action=grayscale&priority={priority}");
+    let job = submit_as(stack, key, &query, image).await;
+    assert_eq!(job["priority"], priority);
+    (job["id"].as_str().unwrap().to_string(), Utc::now())
+}
+
+/// Submits one job of `image` with `query` as `key`; the job (202).
+async fn submit_as(stack: &Stack, key: &str, query: &str, image: Vec<u8>) -> Value {
     let r = stack
         .client
-        .post(stack.url(&format!("/v1/jobs?action=grayscale&priority={priority}")))
+        .post(stack.url(&format!("/v1/jobs?{query}")))
         .bearer_auth(key)
         .header("content-type", "image/png")
         .body(image)
@@ -116,9 +143,7 @@ async fn one(stack: &Stack, key: &str, priority: &str) -> (String, DateTime<Utc>
         "{}",
         r.text().await.unwrap()
     );
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(job["priority"], priority);
-    (job["id"].as_str().unwrap().to_string(), Utc::now())
+    r.json().await.unwrap()
 }
 
 /// A finished job's queue wait and run time.
@@ -465,4 +490,187 @@ async fn every_job_completes_once_when_redis_loses_the_queue_mid_flood() {
         stack.redis_queue().depth().await.unwrap() == 0
     })
     .await;
+}
+
+/// A PNG of `width` x `height` whose rows repeat in blocks (so a
+/// 64-megapixel one is a small upload that still decodes, blurs and
+/// encodes at full size).
+fn smooth_image(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(width, height, |x, y| {
+        image::Rgba([(x >> 5) as u8, (y >> 5) as u8, 128, 255])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Cost weighting: key A submits 64-megapixel blur jobs, key B jobs of a
+/// 64x64 image (resized to 1024 wide, some tens of milliseconds each); on
+/// one worker with one image-work slot, each key gets about half the
+/// worker's time over a minute (in arrival order or by job count, A would
+/// get nearly all of it). Worker time is read from the job records: with
+/// one slot, jobs do their image work one after another, so a job's share
+/// is from the later of its start and the previous finish to its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_key_gets_half_the_worker_time_whatever_its_jobs_cost() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&SETTINGS).await;
+    plugins_without_workers(&mut stack).await;
+    let a = stack.create_key("a").await;
+    let b = stack.create_key("b").await;
+
+    // Both backlogs first, each more than a minute of work: B's 3,000
+    // small jobs, A's 30 big ones.
+    let tiny = smooth_image(64, 64);
+    for _ in 0..30 {
+        batch_with(
+            &stack,
+            &b.key,
+            &tiny,
+            100,
+            &[("action", "resize"), ("width", "1024")],
+        )
+        .await;
+    }
+    let big = smooth_image(8192, 8192);
+    for _ in 0..30 {
+        submit_as(&stack, &a.key, "action=blur&sigma=2", big.clone()).await;
+    }
+
+    // Room for a 64-megapixel blur: 2 GiB of sandbox memory, two minutes.
+    stack.start_worker_process(
+        "one",
+        &[
+            ("CONCURRENCY", "1"),
+            ("JOB_MAX_MEMORY_MB", "2048"),
+            ("JOB_TIMEOUT_MS", "120000"),
+        ],
+    );
+    let pool = stack.pool().await;
+    // A minute and some of work, plus the first jobs' start.
+    let window = Duration::from_secs(60);
+    let warmup = Duration::from_secs(5);
+    wait_until("the worker starts", Duration::from_secs(30), || async {
+        let started: Option<i64> =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE started_at IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .ok();
+        started.unwrap_or(0) > 0
+    })
+    .await;
+    tokio::time::sleep(warmup + window + Duration::from_secs(3)).await;
+
+    // Every finished job, in the order the worker finished them.
+    let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT owner, started_at, finished_at FROM jobs
+          WHERE finished_at IS NOT NULL AND status = 'completed' ORDER BY finished_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let first = rows.iter().map(|r| r.1).min().expect("jobs finished");
+    let from = first + chrono::Duration::from_std(warmup).unwrap();
+    let to = from + chrono::Duration::from_std(window).unwrap();
+    let (mut time_a, mut time_b) = (0.0, 0.0);
+    let (mut jobs_a, mut jobs_b) = (0, 0);
+    let mut previous = first;
+    for (owner, started, finished) in &rows {
+        let begin = (*started).max(previous).max(from);
+        let end = (*finished).min(to);
+        previous = previous.max(*finished);
+        if end <= begin {
+            continue;
+        }
+        let seconds = (end - begin).to_std().unwrap().as_secs_f64();
+        if *owner == a.id {
+            time_a += seconds;
+            jobs_a += 1;
+        } else {
+            time_b += seconds;
+            jobs_b += 1;
+        }
+    }
+    let failed: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT owner, error_message FROM jobs WHERE status = 'failed' LIMIT 5")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(failed.is_empty(), "jobs failed: {failed:?}");
+    let share_a = time_a / (time_a + time_b);
+    println!(
+        "cost weighting, one slot, a minute: A (64 MP blurs) {time_a:.1} s over {jobs_a} jobs, \
+         B (64x64 resized to 1024) {time_b:.1} s over {jobs_b} jobs: A's share {:.0}%, B's {:.0}%",
+        share_a * 100.0,
+        (1.0 - share_a) * 100.0
+    );
+    assert!(
+        (0.4..=0.6).contains(&share_a),
+        "A got {:.0}% of the worker's time (A {time_a:.1} s, B {time_b:.1} s)",
+        share_a * 100.0
+    );
+    for (key, name) in [(&a, "A"), (&b, "B")] {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE owner = $1 AND status = 'queued'")
+                .bind(&key.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(
+            left > 0,
+            "{name} ran out of jobs: the shares are not measured"
+        );
+    }
+}
+
+/// A share set by the operator: key A of share 3 and key B of share 1,
+/// both with a backlog of equal small jobs, on one worker: A's jobs are
+/// about three in four of those started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_of_share_three_gets_three_times_the_worker_time_of_a_key_of_one() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&SETTINGS).await;
+    plugins_without_workers(&mut stack).await;
+    let a = stack.create_key("a").await;
+    let b = stack.create_key("b").await;
+    let r = stack
+        .client
+        .put(stack.url(&format!("/v1/keys/{}/limits", a.id)))
+        .bearer_auth(TEST_ADMIN_TOKEN)
+        .json(&serde_json::json!({ "share": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let key: Value = r.json().await.unwrap();
+    assert_eq!(key["share"], 3.0);
+    for _ in 0..6 {
+        batch(&stack, &a.key, 100, "normal").await;
+        batch(&stack, &b.key, 100, "normal").await;
+    }
+    stack.start_worker_process("one", &[("CONCURRENCY", "1")]);
+    let pool = stack.pool().await;
+    wait_until("400 jobs finish", Duration::from_secs(60), || async {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+        done >= 400
+    })
+    .await;
+    let first: Vec<String> = sqlx::query_scalar(
+        "SELECT owner FROM jobs WHERE started_at IS NOT NULL ORDER BY started_at LIMIT 400",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let of_a = first.iter().filter(|o| **o == a.id).count();
+    println!(
+        "shares 3 and 1: A got {of_a} of the first 400 equal jobs, B {}",
+        400 - of_a
+    );
+    assert!(
+        (260..=340).contains(&of_a),
+        "A (share 3) got {of_a} of the first 400 jobs"
+    );
 }

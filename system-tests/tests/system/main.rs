@@ -20,6 +20,7 @@ mod output_formats;
 mod pipeline;
 mod pipelines;
 mod plans;
+mod plugin_limits;
 mod plugins;
 mod rates;
 mod readme;

@@ -195,6 +195,9 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
         json!({ "rate_per_second": 1e9 }),
         json!({ "rate_burst": 0 }),
         json!({ "rate": 5 }),
+        json!({ "share": 0 }),
+        json!({ "share": -2 }),
+        json!({ "share": 5000 }),
     ] {
         let (status, body) = set_limits(&stack, &a.id, bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
