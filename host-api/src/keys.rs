@@ -74,8 +74,8 @@ pub struct LimitsRequest {
     #[schema(example = 5000.0)]
     #[serde(default)]
     daily_megapixels: Option<f64>,
-    /// Its share of the workers' time, above 0 and at most 1000; left out:
-    /// 1, as every key. A key of share 2 gets twice the worker time of a
+    /// Its share of the workers' time, from 0.001 to 1000; left out: 1,
+    /// as every key. A key of share 2 gets twice the worker time of a
     /// key of share 1 while both have jobs waiting.
     #[schema(example = 2.0)]
     #[serde(default)]
@@ -283,12 +283,9 @@ pub async fn set_limits(
     if let Some(quota) = limits.daily_megapixels {
         imgflow_settings::quota_value(&quota.to_string()).map_err(ApiError::bad_request)?;
     }
-    if limits
-        .share
-        .is_some_and(|s| !(s.is_finite() && s > 0.0 && s <= 1000.0))
-    {
+    if limits.share.is_some_and(|s| !(0.001..=1000.0).contains(&s)) {
         return Err(ApiError::bad_request(
-            "share is above 0 and at most 1000 (1: an equal share)",
+            "share is from 0.001 to 1000 (1: an equal share)",
         ));
     }
     let own = imgflow_platform::keys::KeyLimits {

@@ -504,8 +504,9 @@ pub struct Limits {
     #[schema(example = json!(null), minimum = 1, maximum = 10000)]
     #[serde(default)]
     pub max_concurrent_per_key: Option<i32>,
-    /// Its jobs' time limit in milliseconds (1 to 86,400,000); a worker
-    /// applies the smaller of this and its own `JOB_TIMEOUT_MS`.
+    /// The time limit of each call of it in milliseconds (1 to
+    /// 86,400,000), within the job's (`JOB_TIMEOUT_MS`, which covers
+    /// decoding, every step and encoding).
     #[schema(example = 5000, minimum = 1, maximum = 86400000)]
     #[serde(default)]
     pub timeout_ms: Option<i32>,

@@ -279,15 +279,20 @@ impl Ready {
     }
 }
 
-/// The time limit of a job whose steps are `ready`: the worker's
-/// (`JOB_TIMEOUT_MS`), or the smallest of its plugins' own if smaller.
-fn job_timeout(ctx: &Context, ready: &[Ready]) -> Duration {
-    ready
-        .iter()
-        .filter_map(|r| r.limits.timeout_ms)
-        .filter_map(|ms| u64::try_from(ms).ok())
-        .map(Duration::from_millis)
-        .fold(ctx.job_timeout, Duration::min)
+/// When a call of `step`'s plugin starting now is abandoned, and the time
+/// limit that stands for: its plugin's own limit from now, if it set one
+/// and it ends before the job's deadline `due` (for the job's limit,
+/// `limit`); else the job's.
+fn call_deadline(step: &Ready, (due, limit): (Instant, Duration)) -> (Instant, Duration) {
+    let own = step
+        .limits
+        .timeout_ms
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis);
+    match own {
+        Some(own) if Instant::now() + own < due => (Instant::now() + own, own),
+        _ => (due, limit),
+    }
 }
 
 /// Loads the plugin version a step names and reads its parameters. A
@@ -338,10 +343,21 @@ async fn prepare(ctx: &Context, step: &Step) -> Result<Ready, Failure> {
     let params = plugin
         .params_from_json(&step.params)
         .map_err(|e| Failure::permanent(ErrorCode::InvalidParams, e.to_string()))?;
+    // Its limits as the worker last read them; before it first did (it
+    // just started), from PostgreSQL.
+    let limits = match ctx.registry.limits_of(&step.action) {
+        Some(limits) => limits,
+        None => retry("read plugin limits", STEP_ATTEMPTS, || {
+            ctx.catalogue.limits(&step.action)
+        })
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?
+        .unwrap_or_default(),
+    };
     Ok(Ready {
         plugin,
         params,
-        limits: ctx.registry.limits_of(&step.action),
+        limits,
     })
 }
 
@@ -418,7 +434,7 @@ async fn run(
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
     let _ = working.set(Instant::now());
-    let timeout = job_timeout(ctx, &ready);
+    let timeout = ctx.job_timeout;
     let due = Instant::now() + timeout;
     let _ = deadline.set(due);
 
@@ -443,7 +459,8 @@ async fn run(
 
 /// Each step's plugin called on the previous step's output, each in a
 /// fresh sandbox within its memory limit, under the job's deadline (`due`,
-/// standing for the time limit `limit`); `ran` gets each step's time.
+/// standing for the time limit `limit`) or its plugin's own time limit
+/// ([`call_deadline`]); `ran` gets each step's time.
 async fn apply_steps(
     ctx: &Context,
     ready: &[Ready],
@@ -459,8 +476,9 @@ async fn apply_steps(
         let action = steps[i].action.as_str();
         let called = Instant::now();
         let mut instantiation = None;
+        let (deadline, limit) = call_deadline(step, (due, limit));
         let bounds = Bounds {
-            deadline: due,
+            deadline,
             limit,
             max_memory_bytes: step.max_memory_bytes(),
         };

@@ -32,8 +32,9 @@ pub struct Registry {
     plugins: RwLock<HashMap<String, Arc<Plugin>>>,
     /// The names of the active plugins, as last reconciled.
     active: std::sync::RwLock<HashSet<String>>,
-    /// Each plugin's limits of its own, as last reconciled.
-    limits: std::sync::RwLock<HashMap<String, PluginLimits>>,
+    /// Each plugin's limits of its own, as last reconciled (`None` until
+    /// the first reconciliation read them).
+    limits: std::sync::RwLock<Option<HashMap<String, PluginLimits>>>,
 }
 
 impl Registry {
@@ -67,18 +68,18 @@ impl Registry {
     /// Records each plugin's limits of its own (the worker's
     /// reconciliation, at once on every change notice).
     pub fn set_limits(&self, limits: HashMap<String, PluginLimits>) {
-        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = Some(limits);
     }
 
-    /// The limits of plugin `name` as last reconciled (none: every one
-    /// `None`).
-    pub fn limits_of(&self, name: &str) -> PluginLimits {
+    /// The limits of plugin `name` as last reconciled (none set: every
+    /// one `None`), or `None` before the first reconciliation read them
+    /// (the caller asks PostgreSQL).
+    pub fn limits_of(&self, name: &str) -> Option<PluginLimits> {
         self.limits
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .copied()
-            .unwrap_or_default()
+            .as_ref()
+            .map(|all| all.get(name).copied().unwrap_or_default())
     }
 
     /// The runtime plugins run in.

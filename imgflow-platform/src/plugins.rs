@@ -146,8 +146,8 @@ pub struct PluginLimits {
     pub max_concurrent: Option<i32>,
     /// The most of one client key's jobs of it running at once.
     pub max_concurrent_per_key: Option<i32>,
-    /// Its jobs' time limit in milliseconds; a worker applies the smaller
-    /// of this and its own (`JOB_TIMEOUT_MS`).
+    /// The time limit of each call of it in milliseconds, within the
+    /// job's (`JOB_TIMEOUT_MS`).
     pub timeout_ms: Option<i32>,
     /// The linear memory its sandbox may hold, in MiB; a worker applies the
     /// smaller of this and its own (`JOB_MAX_MEMORY_MB`).

@@ -443,7 +443,10 @@ impl Queue {
                   if f[j] == 'owner' then
                     local queue = ARGV[3] .. f[j + 1]
                     redis.call('ZREM', queue, entry)
-                    if redis.call('ZCARD', queue) == 0 then redis.call('ZREM', KEYS[4], f[j + 1]) end
+                    if redis.call('ZCARD', queue) == 0 then
+                      redis.call('ZREM', KEYS[4], f[j + 1])
+                      redis.call('ZREM', KEYS[5], f[j + 1])
+                    end
                   end
                 end
               end
@@ -458,6 +461,7 @@ impl Queue {
             .key(self.key(ENTRIES))
             .key(self.key(WAITING))
             .key(self.key(READY))
+            .key(self.key(PARKED))
             .arg(id.to_string())
             .arg(GROUP)
             .arg(self.key(&format!("{WAIT}:")))
@@ -476,26 +480,29 @@ impl Queue {
     /// Replaces the actions' caps with `caps` (what
     /// `PUT /v1/plugins/{name}/limits` set, from PostgreSQL): each action
     /// with at most `Cap::all` jobs running across every worker and at most
-    /// `Cap::per_owner` of one owner's (0: no cap), in one step. A job over
-    /// a cap waits ([`TAKE_SCRIPT`]); the doorbell rings, as a cap may have
-    /// been raised.
+    /// `Cap::per_owner` of one owner's (0: no cap), in one step
+    /// ([`SET_CAPS_SCRIPT`]). The jobs workers hold now (taken before the
+    /// cap was set, or before Redis lost it) are counted against it. A job
+    /// over a cap waits ([`TAKE_SCRIPT`]); the doorbell rings, as a cap may
+    /// have been raised.
     pub async fn set_caps(&self, caps: &[Cap<'_>]) -> RedisResult<()> {
         let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic().del(self.key(CAPS)).ignore();
-        let fields: Vec<(&str, String)> = caps
-            .iter()
-            .filter(|c| c.all > 0 || c.per_owner > 0)
-            .map(|c| (c.action, format!("{}:{}", c.all, c.per_owner)))
-            .collect();
-        if !fields.is_empty() {
-            pipe.hset_multiple(self.key(CAPS), &fields).ignore();
+        let script = redis::Script::new(SET_CAPS_SCRIPT);
+        let mut invocation = script.key(self.key(CAPS));
+        invocation
+            .key(&self.stream)
+            .key(self.key(BELL))
+            .key(self.key(READY))
+            .key(self.key(PARKED))
+            .arg(self.key(&format!("{RUNNING}:")))
+            .arg(GROUP);
+        for c in caps.iter().filter(|c| c.all > 0 || c.per_owner > 0) {
+            invocation
+                .arg(c.action)
+                .arg(format!("{}:{}", c.all, c.per_owner));
         }
-        pipe.lpush(self.key(BELL), 1)
-            .ignore()
-            .ltrim(self.key(BELL), 0, 63)
-            .ignore();
-        pipe.query_async(&mut conn).await
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
     }
 
     /// Replaces the owners' shares of worker time with `shares` (owner,
@@ -599,13 +606,14 @@ impl Queue {
             let charge = pipe
                 .cmd("EVAL")
                 .arg(ACCOUNT_SCRIPT)
-                .arg(6)
+                .arg(7)
                 .arg(self.key(VTIME))
                 .arg(self.key(READY))
                 .arg(self.key(COSTS))
                 .arg(self.key(CAPS))
                 .arg(self.key(BELL))
-                .arg(self.key(SHARES));
+                .arg(self.key(SHARES))
+                .arg(self.key(PARKED));
             for a in accounts {
                 charge
                     .arg(a.owner)
@@ -1101,6 +1109,7 @@ impl Queue {
             self.key(VERSION),
             self.key(CAPS),
             self.key(SHARES),
+            self.key(PARKED),
             self.key(Lock::Sweeper.key()),
             self.key(Lock::Retention.key()),
         ];
@@ -1164,6 +1173,11 @@ const VERSION: &str = "queue-version";
 /// The doorbell idle workers wait on (a list), under the prefix.
 const BELL: &str = "bell";
 
+/// The owners none of whose first waiting jobs may run under the caps
+/// (a sorted set scored by virtual time, like the ready set), under the
+/// prefix: parked until a job of a capped action ends or the caps change.
+const PARKED: &str = "parked";
+
 /// Each owner's share of worker time, where it is not 1 (a hash: owner ->
 /// share), under the prefix ([`Queue::set_shares`]).
 const SHARES: &str = "shares";
@@ -1182,18 +1196,24 @@ const RUNNING: &str = "running";
 /// caps waits until one of them may run, even if a later one could.
 pub const CAP_WINDOW: usize = 64;
 
+/// The most waiting entries one take looks at while actions are capped
+/// (about 20 ms of Redis): past it the take ends with what it has, and the
+/// next take goes on (the doorbell is left ringing).
+pub const CAP_LOOKS: usize = 10_000;
+
 /// What a job is estimated to cost before its action's cost is learned:
 /// seconds a job, seconds a megapixel.
 const DEFAULT_COST: (f64, f64) = (0.002, 0.05);
 
 /// Charges owners the real worker time of their finished jobs (divided by
 /// their shares) and learns each action's cost from them (KEYS: vtime,
-/// ready, costs, caps, bell, shares;
-/// ARGV: owner, action, megapixels, estimate, seconds, for each job). Jobs
-/// of under a quarter of a megapixel teach the cost a job, larger ones the
-/// cost a megapixel (beyond the cost a job), each a moving average. While
-/// actions are capped and jobs wait, it rings the doorbell: a job that
-/// ended may have freed a cap that held a waiting job back.
+/// ready, costs, caps, bell, shares, parked; ARGV: owner, action,
+/// megapixels, estimate, seconds, for each job). Jobs of under a quarter
+/// of a megapixel teach the cost a job, larger ones the cost a megapixel
+/// (beyond the cost a job), each a moving average. While actions are
+/// capped, a job of a capped action that ended puts the parked owners back
+/// among the ready ones, and with jobs waiting it rings the doorbell: a
+/// job that ended may have freed a cap that held one back.
 const ACCOUNT_SCRIPT: &str = r"
 local delta, owners, learned = {}, {}, {}
 for i = 1, #ARGV, 5 do
@@ -1219,7 +1239,8 @@ for i = 1, #ARGV, 5 do
 end
 for _, owner in ipairs(owners) do
   local share = tonumber(redis.call('HGET', KEYS[6], owner) or '1') or 1
-  if share <= 0 then share = 1 end
+  if share ~= share then share = 1 end
+  share = math.min(math.max(share, 0.001), 1000)
   local vt = redis.call('HINCRBYFLOAT', KEYS[1], owner, tostring(delta[owner] / share))
   if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
 end
@@ -1227,18 +1248,81 @@ for action, l in pairs(learned) do
   if l[3] then redis.call('HSET', KEYS[3], action .. ':base', tostring(l[1])) end
   if l[4] then redis.call('HSET', KEYS[3], action .. ':mp', tostring(l[2])) end
 end
-if redis.call('HLEN', KEYS[4]) > 0 and redis.call('ZCARD', KEYS[2]) > 0 then
-  redis.call('LPUSH', KEYS[5], 1)
-  redis.call('LTRIM', KEYS[5], 0, 63)
+if redis.call('HLEN', KEYS[4]) > 0 then
+  local freed = false
+  for action, _ in pairs(learned) do
+    for a in string.gmatch(action, '[^,]+') do
+      if redis.call('HEXISTS', KEYS[4], a) == 1 then freed = true end
+    end
+  end
+  if freed and redis.call('ZCARD', KEYS[7]) > 0 then
+    redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[7], 'AGGREGATE', 'MIN')
+    redis.call('DEL', KEYS[7])
+  end
+  if redis.call('ZCARD', KEYS[2]) > 0 then
+    redis.call('LPUSH', KEYS[5], 1)
+    redis.call('LTRIM', KEYS[5], 0, 63)
+  end
 end
+return 0";
+
+/// Replaces the caps (KEYS: caps, stream, bell, ready, parked; ARGV[1]: the running sets'
+/// prefix; ARGV[2]: the group; then action and `<cap>:<cap per owner>` for
+/// each capped action) and counts every entry pending for a worker in the
+/// running sets of its capped actions, so jobs taken while no cap was set
+/// (or before Redis lost the caps) count against it. Puts the parked owners
+/// back among the ready ones and rings the doorbell.
+const SET_CAPS_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1])
+local capped, any = {}, false
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  local all, per = string.match(ARGV[i + 1], '^(%d+):(%d+)$')
+  capped[ARGV[i]] = {tonumber(all) or 0, tonumber(per) or 0}
+  any = true
+end
+if any then
+  local stamp = redis.call('TIME')[1]
+  local pending = redis.pcall('XPENDING', KEYS[2], ARGV[2], '-', '+', 100000)
+  if type(pending) == 'table' and not pending['err'] then
+    for _, p in ipairs(pending) do
+      local found = redis.call('XRANGE', KEYS[2], p[1], p[1])
+      if #found > 0 then
+        local action, owner = '', ''
+        local f = found[1][2]
+        for j = 1, #f, 2 do
+          if f[j] == 'action' then action = f[j + 1] elseif f[j] == 'owner' then owner = f[j + 1] end
+        end
+        for a in string.gmatch(action, '[^,]+') do
+          local c = capped[a]
+          if c then
+            local sets = {}
+            if c[1] > 0 then sets[#sets + 1] = ARGV[1] .. a end
+            if c[2] > 0 then sets[#sets + 1] = ARGV[1] .. a .. ':' .. owner end
+            for _, key in ipairs(sets) do
+              redis.call('ZADD', key, 'NX', stamp, p[1])
+              redis.call('EXPIRE', key, 86400)
+            end
+          end
+        end
+      end
+    end
+  end
+end
+if redis.call('ZCARD', KEYS[5]) > 0 then
+  redis.call('ZUNIONSTORE', KEYS[4], 2, KEYS[4], KEYS[5], 'AGGREGATE', 'MIN')
+  redis.call('DEL', KEYS[5])
+end
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, 63)
 return 0";
 
 /// Takes up to ARGV[3] waiting entries for consumer ARGV[2] of group
 /// ARGV[1], each from the owner with the least virtual time (KEYS: stream,
-/// waiting, ready, vtime, clock, costs, bell, caps, shares; ARGV[4]: the owners'
+/// waiting, ready, vtime, clock, costs, bell, caps, shares, parked; ARGV[4]: the owners'
 /// queues' prefix; ARGV[5], ARGV[6]: the default costs; ARGV[7]: the
 /// running sets' prefix; ARGV[8]: how many of an owner's first entries are
-/// looked at when actions are capped). Returns, for each, its entry id,
+/// looked at when actions are capped; ARGV[9]: how many entries in all). Returns, for each, its entry id,
 /// job, spec and estimated seconds. With nothing left waiting, the
 /// doorbell is silenced (its rings are for jobs taken now).
 ///
@@ -1250,9 +1334,10 @@ return 0";
 /// running sets `<prefix>:running:<action>` and
 /// `<prefix>:running:<action>:<owner>`, whose entries that left the stream
 /// are forgotten when a set looks full); an owner with none among its
-/// first ARGV[8] is passed over until a job of a capped action ends
-/// ([`ACCOUNT_SCRIPT`] rings the doorbell). A take that finds nothing it
-/// may take silences the doorbell too.
+/// first ARGV[8] is parked (`<prefix>:parked`) until a job of a capped
+/// action ends ([`ACCOUNT_SCRIPT`] puts the parked owners back and rings
+/// the doorbell), the caps change, or no other owner is ready. A take that
+/// finds nothing it may take silences the doorbell too.
 const TAKE_SCRIPT: &str = r"
 local taken = {}
 local want = tonumber(ARGV[3])
@@ -1276,7 +1361,8 @@ local function claim(ids, owner, vt, running)
   local share = shares[owner]
   if not share then
     share = tonumber(redis.call('HGET', KEYS[9], owner) or '1') or 1
-    if share <= 0 then share = 1 end
+    if share ~= share then share = 1 end
+    share = math.min(math.max(share, 0.001), 1000)
     shares[owner] = share
   end
   local start = vt
@@ -1309,7 +1395,11 @@ local function claim(ids, owner, vt, running)
       end
     end
   end
-  redis.call('SET', KEYS[5], tostring(start))
+  -- The clock only moves forward (an owner passed over for a while, or
+  -- one whose estimates were corrected down, is behind it).
+  if start > (tonumber(redis.call('GET', KEYS[5]) or '0') or 0) then
+    redis.call('SET', KEYS[5], tostring(start))
+  end
   redis.call('HSET', KEYS[4], owner, tostring(vt))
   return vt
 end
@@ -1344,7 +1434,7 @@ if redis.call('HLEN', KEYS[8]) == 0 then
 end
 -- Some actions are capped: each owner's first entries (up to ARGV[8]) are
 -- looked at in order, and the first whose every action is under its caps
--- is taken; an owner with none is passed over for this take.
+-- is taken; an owner with none is parked (below).
 -- How many entries of the running set `key` are still on the stream
 -- (those that left it, finished or cancelled, are forgotten), counted
 -- again only when it looks full.
@@ -1376,15 +1466,28 @@ local function admits(action, owner)
   end
   return true
 end
-local passed = 0
-while #taken < want and rounds < want * 4 + 64 do
-  rounds = rounds + 1
-  local top = redis.call('ZRANGE', KEYS[3], passed, passed, 'WITHSCORES')
+-- An owner none of whose first entries may run is parked (moved from the
+-- ready set to KEYS[10], with its virtual time) until a job of a capped
+-- action ends or the caps change, so the next takes do not look at it
+-- again. With nothing else ready, the parked owners are looked at again.
+-- Each round takes a job, parks an owner or drops an owner whose queue
+-- held only entries gone from the stream, so the loop ends; the entries
+-- looked at are bounded by ARGV[9] (the take ends there, and the doorbell
+-- is left ringing for the next).
+if redis.call('ZCARD', KEYS[3]) == 0 and redis.call('ZCARD', KEYS[10]) > 0 then
+  redis.call('ZUNIONSTORE', KEYS[3], 2, KEYS[3], KEYS[10], 'AGGREGATE', 'MIN')
+  redis.call('DEL', KEYS[10])
+end
+local looked, exhausted = 0, false
+while #taken < want and not exhausted do
+  local top = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if #top == 0 then break end
   local owner, vt = top[1], tonumber(top[2])
   local queue = ARGV[4] .. owner
   local pick = nil
   for _, id in ipairs(redis.call('ZRANGE', queue, 0, tonumber(ARGV[8]) - 1)) do
+    looked = looked + 1
+    if looked > tonumber(ARGV[9]) then exhausted = true; break end
     local found = redis.call('XRANGE', KEYS[1], id, id)
     if #found == 0 then
       redis.call('ZREM', queue, id)
@@ -1400,11 +1503,16 @@ while #taken < want and rounds < want * 4 + 64 do
     redis.call('ZREM', queue, pick)
     vt = claim({pick}, owner, vt, true)
     requeue(owner, vt)
+  elseif exhausted then
+    break
   elseif requeue(owner, vt) then
-    passed = passed + 1
+    redis.call('ZREM', KEYS[3], owner)
+    redis.call('ZADD', KEYS[10], vt, owner)
   end
 end
-if #taken == 0 or redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
+if (#taken == 0 and not exhausted) or redis.call('ZCARD', KEYS[3]) == 0 then
+  redis.call('DEL', KEYS[7])
+end
 return taken
 ";
 
@@ -1553,6 +1661,7 @@ impl Reader {
             .key(q.key(BELL))
             .key(q.key(CAPS))
             .key(q.key(SHARES))
+            .key(q.key(PARKED))
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(count.max(1))
@@ -1560,7 +1669,8 @@ impl Reader {
             .arg(DEFAULT_COST.0)
             .arg(DEFAULT_COST.1)
             .arg(q.key(&format!("{RUNNING}:")))
-            .arg(CAP_WINDOW);
+            .arg(CAP_WINDOW)
+            .arg(CAP_LOOKS);
         let read = command.invoke_async::<Vec<(String, String, String, String)>>(&mut self.conn);
         let taken = match tokio::time::timeout(TIMEOUT, read).await {
             Ok(reply) => reply?,

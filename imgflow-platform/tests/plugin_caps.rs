@@ -164,3 +164,47 @@ async fn a_pipeline_counts_against_the_cap_of_each_of_its_actions() {
     let rest: Vec<Uuid> = take(&mut w, 3).await.iter().map(|d| d.job).collect();
     assert_eq!(rest, blur);
 }
+
+#[tokio::test]
+async fn jobs_taken_before_a_cap_was_set_count_against_it() {
+    let q = queue(&[]).await;
+    let blurs = put(&q, "a", "blur", 4).await;
+    let mut w = q.reader("w").await.unwrap();
+    // No cap yet: two blurs are taken and run.
+    let running = take(&mut w, 2).await;
+    assert_eq!(running.len(), 2);
+    // The operator caps blur at 2: the two running fill it.
+    q.set_caps(&[cap("blur", 2, 0)]).await.unwrap();
+    assert!(take(&mut w, 2).await.is_empty(), "the cap is full");
+    assert_eq!(q.running_capped().await.unwrap(), [("blur".to_string(), 2)]);
+    settle(&q, &running[0], "a", "blur").await;
+    let next: Vec<Uuid> = take(&mut w, 2).await.iter().map(|d| d.job).collect();
+    assert_eq!(next, [blurs[2]]);
+}
+
+#[tokio::test]
+async fn keys_whose_jobs_all_wait_for_a_cap_do_not_hold_back_the_others() {
+    let q = queue(&[cap("upscale", 1, 0)]).await;
+    // 300 keys of 64 capped jobs each: more than one take looks at
+    // (10,000 entries), all of them ahead of C by virtual time.
+    let mut w = q.reader("w").await.unwrap();
+    for i in 0..300 {
+        put(&q, &format!("k{i:03}"), "upscale", 64).await;
+    }
+    let first = take(&mut w, 1).await;
+    assert_eq!(first.len(), 1, "one upscale runs");
+    let c = put(&q, "zzz", "grayscale", 3).await;
+    // Each take parks the keys it looked at in vain; within a few takes C
+    // is reached.
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.extend(take(&mut w, 3).await.into_iter().map(|d| d.job));
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(got, c, "C's jobs run while every upscale waits");
+    // The upscale ends: the parked keys are back, the next upscale runs.
+    settle(&q, &first[0], "k000", "upscale").await;
+    assert_eq!(take(&mut w, 4).await.len(), 1);
+}

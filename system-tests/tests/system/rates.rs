@@ -198,6 +198,7 @@ async fn each_key_submits_within_its_rate_on_every_instance() {
         json!({ "share": 0 }),
         json!({ "share": -2 }),
         json!({ "share": 5000 }),
+        json!({ "share": 1e-300 }),
     ] {
         let (status, body) = set_limits(&stack, &a.id, bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
