@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use imgflow_testkit::stack::{repo, wait_until, Stack, WorkerHandle, TEST_ADMIN_TOKEN};
+use imgflow_testkit::stack::{repo, wait_until, ClientKey, Stack, WorkerHandle, TEST_ADMIN_TOKEN};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -196,17 +196,23 @@ fn quantile(mut values: Vec<Duration>, q: f64) -> Duration {
     values[i.min(values.len() - 1)]
 }
 
-/// B submits one job every 100 ms for `period`; returns the ids and when
-/// each was accepted.
-async fn trickle(stack: &Stack, key: &str, period: Duration) -> Vec<(String, DateTime<Utc>)> {
+/// B submits one job every 100 ms until `stop` resolves; returns the ids
+/// and when each was accepted.
+async fn trickle(
+    stack: &Stack,
+    key: &str,
+    stop: impl std::future::Future<Output = ()>,
+) -> Vec<(String, DateTime<Utc>)> {
     let mut jobs = Vec::new();
-    let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    while start.elapsed() < period {
-        tick.tick().await;
-        jobs.push(one(stack, key, "normal").await);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stop => return jobs,
+            _ = tick.tick() => jobs.push(one(stack, key, "normal").await),
+        }
     }
-    jobs
 }
 
 /// The queue waits of `jobs` (id, accepted), once done: from the moment
@@ -249,27 +255,136 @@ async fn submit_flood(stack: &Stack, key: &str, count: usize) -> Vec<String> {
     ids
 }
 
-/// A floods the queue with `total` small jobs, as fast as it can: the
-/// first `head_start` before any worker runs (a backlog), the rest while
-/// `workers` workers run and B submits one job every 100 ms. B's queue
-/// waits stay close to its waits with A idle.
-async fn flood(workers: usize, total: usize, head_start: usize) {
-    let mut stack = Stack::new().await;
-    stack.start_api(&SETTINGS).await;
-    let first: Vec<usize> = (0..workers)
-        .map(|i| stack.start_worker_process(&format!("alone-{i}"), &[("CONCURRENCY", "2")]))
-        .collect();
-    stack.wait_for_plugins().await;
-    let a = stack.create_key("a").await;
-    let b = stack.create_key("b").await;
+/// How long B submits one job every 100 ms with A idle.
+const TRICKLE: Duration = Duration::from_secs(8);
 
-    // B alone.
-    let alone = trickle(&stack, &b.key, Duration::from_secs(3)).await;
-    let (alone, alone_t) = waits(&stack, &b.key, &alone).await;
-    let idle_p99 = quantile(alone, 0.99);
-    let idle_created_p99 = quantile(alone_t.iter().map(Timing::wait).collect(), 0.99);
-    let run_p50 = quantile(alone_t.iter().map(Timing::run).collect(), 0.5);
-    for i in first {
+/// What one flood of A's measured.
+struct Flood {
+    /// Jobs completed per second, A's and B's together, over the drain:
+    /// from the end of A's submissions (the API no longer competing with
+    /// the workers for the cores) to A's last finish.
+    drain_rate: f64,
+    /// The same from A's first start to its last finish.
+    rate: f64,
+    /// A's jobs waiting when its submissions ended.
+    backlog: u64,
+    /// A's median queue wait (from creation) and run time.
+    a_wait_p50: Duration,
+    a_run_p50: Duration,
+    /// B's jobs (id, accepted), if B trickled.
+    b_jobs: Vec<(String, DateTime<Utc>)>,
+    submitted_in: Duration,
+    /// When A's submissions ended.
+    submitted_at: DateTime<Utc>,
+}
+
+/// A floods the queue with `total` small jobs as fast as it can: the
+/// first `head_start` before any worker runs (a backlog), the rest while
+/// `workers` workers (`name`-i, 2 slots each) run. If `b` is given, B
+/// submits one job every 100 ms from the workers' start until A's last
+/// job completes. Measures, and stops the workers.
+async fn flood_of(
+    stack: &mut Stack,
+    name: &str,
+    workers: usize,
+    a: &ClientKey,
+    b: Option<&ClientKey>,
+    total: usize,
+    head_start: usize,
+) -> Flood {
+    let started = Instant::now();
+    let mut a_ids = submit_flood(stack, &a.key, head_start).await;
+    let started_workers: Vec<usize> = (0..workers)
+        .map(|i| stack.start_worker_process(&format!("{name}-{i}"), &[("CONCURRENCY", "2")]))
+        .collect();
+    let shared = &*stack;
+    let pool = shared.pool().await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let flood = async {
+        a_ids.extend(submit_flood(shared, &a.key, total - head_start).await);
+        let submitted = (Utc::now(), started.elapsed());
+        let backlog = shared.redis_queue().waiting().await.unwrap();
+        let expected = a_ids.len() as i64;
+        wait_until(
+            "every job of A's flood completes",
+            Duration::from_secs(300),
+            || async {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE owner = $1 AND status = 'completed'",
+                )
+                .bind(&a.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                done == expected
+            },
+        )
+        .await;
+        let _ = done_tx.send(());
+        (submitted, backlog)
+    };
+    let b_trickle = async {
+        match b {
+            Some(b) => {
+                trickle(shared, &b.key, async {
+                    let _ = done_rx.await;
+                })
+                .await
+            }
+            None => Vec::new(),
+        }
+    };
+    let (((submitted_at, submitted_in), backlog), b_jobs) = tokio::join!(flood, b_trickle);
+    let owners: Vec<String> = [Some(a), b]
+        .into_iter()
+        .flatten()
+        .map(|k| k.id.clone())
+        .collect();
+    let (first, last): (DateTime<Utc>, DateTime<Utc>) =
+        sqlx::query_as("SELECT min(started_at), max(finished_at) FROM jobs WHERE owner = $1")
+            .bind(&a.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let finished_between = |from: DateTime<Utc>| {
+        let (pool, owners) = (&pool, &owners);
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE owner = ANY($1) AND finished_at BETWEEN $2 AND $3",
+            )
+            .bind(owners)
+            .bind(from)
+            .bind(last)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            n as f64 / (last - from).to_std().unwrap().as_secs_f64()
+        }
+    };
+    assert!(
+        submitted_at < last,
+        "A had no backlog left when its submissions ended (its last job finished at {last})"
+    );
+    let rate = finished_between(first).await;
+    let drain_rate = finished_between(submitted_at).await;
+    let a_times = timings(stack, &a.key, &a_ids[..a_ids.len().min(2_000)]).await;
+    stop_workers(stack, &started_workers).await;
+    Flood {
+        drain_rate,
+        rate,
+        backlog,
+        a_wait_p50: quantile(a_times.iter().map(Timing::wait).collect(), 0.5),
+        a_run_p50: quantile(a_times.iter().map(Timing::run).collect(), 0.5),
+        b_jobs,
+        submitted_in,
+        submitted_at,
+    }
+}
+
+/// Stops the worker processes `workers` (SIGTERM) and waits until Redis
+/// sees none.
+async fn stop_workers(stack: &mut Stack, workers: &[usize]) {
+    for &i in workers {
         stack.workers[i].process().signal("TERM");
     }
     wait_until("the workers stop", Duration::from_secs(10), || async {
@@ -281,56 +396,121 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
             .is_empty()
     })
     .await;
+}
 
-    // A's backlog, then the workers, A's flood and B's trickle together.
-    let started = Instant::now();
-    let mut a_ids = submit_flood(&stack, &a.key, head_start).await;
-    for i in 0..workers {
-        stack.start_worker_process(&format!("flood-{i}"), &[("CONCURRENCY", "2")]);
-    }
-    let (rest, (b_jobs, backlog)) =
-        tokio::join!(submit_flood(&stack, &a.key, total - head_start), async {
-            let jobs = trickle(&stack, &b.key, Duration::from_secs(3)).await;
-            (jobs, stack.redis_queue().waiting().await.unwrap())
-        });
-    a_ids.extend(rest);
-    let submitted_in = started.elapsed();
-    let (b_waits, b_times) = waits(&stack, &b.key, &b_jobs).await;
-    let a_times = timings(&stack, &a.key, &a_ids).await;
-    let a_done = a_times.iter().map(|t| t.finished).max().unwrap();
-    let a_first = a_times.iter().map(|t| t.started).min().unwrap();
-    let a_rate = a_times.len() as f64 / (a_done - a_first).to_std().unwrap().as_secs_f64();
+/// Key A floods the queue with `total` small jobs (the first `head_start`
+/// before any worker runs) while key B submits one job every 100 ms: B's
+/// queue waits stay close to its waits with A idle, and A's flood goes as
+/// fast as it does alone.
+async fn flood(workers: usize, total: usize, head_start: usize) {
+    let mut stack = Stack::new().await;
+    stack.start_api(&SETTINGS).await;
+    let first: Vec<usize> = (0..workers)
+        .map(|i| stack.start_worker_process(&format!("alone-{i}"), &[("CONCURRENCY", "2")]))
+        .collect();
+    stack.wait_for_plugins().await;
+    let a = stack.create_key("a").await;
+    let b = stack.create_key("b").await;
+
+    // B alone.
+    let alone = trickle(&stack, &b.key, tokio::time::sleep(TRICKLE)).await;
+    let (alone, alone_t) = waits(&stack, &b.key, &alone).await;
+    let idle_p99 = quantile(alone, 0.99);
+    let idle_created_p99 = quantile(alone_t.iter().map(Timing::wait).collect(), 0.99);
+    let run_p50 = quantile(alone_t.iter().map(Timing::run).collect(), 0.5);
+    stop_workers(&mut stack, &first).await;
+
+    // A's flood with B's trickle; then A's flood alone on a stack of its
+    // own (a second flood on the same stack runs 10-15% slower, on a jobs
+    // table and a storage twice as big).
+    let with_b = flood_of(
+        &mut stack,
+        "flood",
+        workers,
+        &a,
+        Some(&b),
+        total,
+        head_start,
+    )
+    .await;
+    let solo = {
+        let mut alone = Stack::new().await;
+        alone.start_api(&SETTINGS).await;
+        plugins_without_workers(&mut alone).await;
+        let a = alone.create_key("a").await;
+        flood_of(&mut alone, "solo", workers, &a, None, total, head_start).await
+    };
+    let (b_waits, b_times) = waits(&stack, &b.key, &with_b.b_jobs).await;
+    // B's waits while A was still submitting (the API competing with the
+    // workers for the two cores) and after.
+    let (during, after): (Vec<_>, Vec<_>) = with_b
+        .b_jobs
+        .iter()
+        .zip(&b_waits)
+        .partition(|((_, accepted), _)| *accepted < with_b.submitted_at);
+    let p99_of = |part: Vec<(&(String, DateTime<Utc>), &Duration)>| {
+        let n = part.len();
+        let waits: Vec<Duration> = part.into_iter().map(|(_, w)| *w).collect();
+        if waits.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:?} over {n}", quantile(waits, 0.99))
+        }
+    };
+    println!(
+        "  B's p99 wait while A submitted: {}; after: {}",
+        p99_of(during),
+        p99_of(after)
+    );
     let flood_p99 = quantile(b_waits.clone(), 0.99);
     let flood_p50 = quantile(b_waits, 0.5);
     let flood_created_p99 = quantile(b_times.iter().map(Timing::wait).collect(), 0.99);
-    let a_p50 = quantile(a_times.iter().map(Timing::wait).collect(), 0.5);
-    let a_run_p50 = quantile(a_times.iter().map(Timing::run).collect(), 0.5);
+    let backlog = with_b.backlog;
     println!(
         "fair share, {workers} worker(s) of 2 slots: B alone p99 wait {idle_p99:?} (run p50 {run_p50:?}); \
-         A flooding ({total} jobs submitted in {submitted_in:.1?}, {head_start} before the workers started, \
-         {backlog} still waiting when B's last was submitted; A's median wait {a_p50:?}, run {a_run_p50:?}, \
-         A completed {a_rate:.0}/s from its first start to its last finish): \
-         B p50 {flood_p50:?}, p99 {flood_p99:?} over {} jobs \
-         (from creation, with the insert's commit: alone p99 {idle_created_p99:?}, flooding {flood_created_p99:?})",
-        b_times.len()
+         A alone: {total} jobs ({head_start} before the workers started) completed at {:.0}/s, \
+         {:.0}/s over the drain; A flooding with B: {:.0}/s, {:.0}/s over the drain \
+         (A's {total} jobs submitted in {:.1?}, {backlog} still waiting then; \
+         A's median wait {:?}, run {:?}): B p50 {flood_p50:?}, p99 {flood_p99:?} over {} jobs, \
+         B's run p50 {:?} (from creation, with the insert's commit: alone p99 {idle_created_p99:?}, \
+         flooding {flood_created_p99:?})",
+        solo.rate,
+        solo.drain_rate,
+        with_b.rate,
+        with_b.drain_rate,
+        with_b.submitted_in,
+        with_b.a_wait_p50,
+        with_b.a_run_p50,
+        b_times.len(),
+        quantile(b_times.iter().map(Timing::run).collect(), 0.5),
     );
     assert!(
         backlog > 1_000,
-        "A still had a backlog when B's trickle ended: {backlog}"
+        "A still had a backlog when its submissions ended: {backlog}"
     );
-    // The issue's goal: within twice B's wait alone plus one job's run
-    // (not reached: see docs/BENCHMARKS.md, "Fair share"). What holds:
-    // B does not wait behind A's backlog, which in arrival order would take
-    // seconds.
-    let goal = idle_p99 * 2 + a_run_p50;
-    let fifo = Duration::from_secs_f64(backlog as f64 / a_rate);
+    // The issue's goals: B within twice its wait alone plus one job's run;
+    // A's flood (with B's) as fast as A's alone, within 10%, over the
+    // drain, where the workers alone use the cores.
+    let goal = idle_p99 * 2 + with_b.a_run_p50;
+    let fifo = Duration::from_secs_f64(backlog as f64 / with_b.drain_rate);
+    let met = |yes: bool| if yes { "met" } else { "not met" };
+    let ratio = with_b.drain_rate / solo.drain_rate;
     println!(
-        "  goal {goal:?}: {}; in arrival order B would wait about {fifo:?} behind A's backlog",
-        if flood_p99 <= goal { "met" } else { "not met" }
+        "  B's goal {goal:?}: {}; in arrival order B would wait about {fifo:?} behind A's backlog; \
+         over the drain {:.1}% of A alone, within 10%: {}",
+        met(flood_p99 <= goal),
+        ratio * 100.0,
+        met(ratio >= 0.9)
     );
     assert!(
         flood_p99 < Duration::from_millis(250) && flood_p99 * 10 < fifo,
         "B's p99 wait {flood_p99:?} with A flooding: B waits behind A's backlog of {backlog} ({fifo:?} in arrival order)"
+    );
+    assert!(
+        ratio >= 0.8,
+        "A's flood with B's trickle completed {:.0}/s over the drain against {:.0}/s alone",
+        with_b.drain_rate,
+        solo.drain_rate
     );
 }
 
@@ -341,7 +521,9 @@ async fn a_flood_of_one_key_does_not_hold_back_another_with_one_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_one_key_does_not_hold_back_another_with_three_workers() {
-    flood(3, 20_000, 8_000).await;
+    // Three workers outpace the API's submissions on two cores: A queues
+    // more before they start, so it still has a backlog when it is done.
+    flood(3, 20_000, 14_000).await;
 }
 
 /// With a backlog of 1,000 `low` jobs, a `high` job of the same key starts
