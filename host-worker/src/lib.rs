@@ -9,6 +9,7 @@
 //! - [`lease`]: keeping a running job's lease, and noticing it was
 //!   cancelled or deleted.
 //! - [`registry`]: compiled plugins by digest, and the built-in plugins.
+//! - [`slots`]: the image-work slots, handed out fairly across keys.
 //! - [`metrics`]: the worker's metric families.
 
 #![warn(missing_docs)]
@@ -18,5 +19,6 @@ pub mod metrics;
 pub mod process;
 pub mod registry;
 pub mod serve;
+pub mod slots;
 
 pub use serve::{Settings, Worker};

@@ -58,8 +58,9 @@ pub struct Context {
     pub outcomes: Outcomes,
     /// Records that long jobs are running, many at a time.
     pub starts: Starts,
-    /// One permit per job doing image work (`CONCURRENCY`).
-    pub cpu: tokio::sync::Semaphore,
+    /// One slot per job doing image work (`CONCURRENCY`), handed out
+    /// fairly across client keys.
+    pub cpu: crate::slots::Slots,
     /// Every job's task and every outcome being recorded: on shutdown the
     /// worker waits for them (up to `SHUTDOWN_GRACE_MS`), so nothing it
     /// finished is left unrecorded.
@@ -425,11 +426,12 @@ async fn run(
         )
     })?;
     // The image work (decoding, the plugin calls, encoding) of at most
-    // CONCURRENCY jobs at once; the rest of a job (reading its input,
-    // storing its result, recording it) overlaps with other jobs' work.
+    // CONCURRENCY jobs at once, the next slot to the key with the fewest
+    // jobs in image work; the rest of a job (reading its input, storing
+    // its result, recording it) overlaps with other jobs' work.
     let cpu_slot = ctx
         .cpu
-        .acquire()
+        .acquire(&job.owner)
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 

@@ -172,7 +172,7 @@ impl Worker {
             metrics,
             outcomes: Outcomes::start(jobs.clone()),
             starts: Starts::start(jobs),
-            cpu: Semaphore::new(concurrency),
+            cpu: crate::slots::Slots::new(concurrency),
             tasks: tokio_util::task::TaskTracker::new(),
         });
         // Jobs started and not finished: CONCURRENCY do image work at once

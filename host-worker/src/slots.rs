@@ -1,0 +1,208 @@
+//! The worker's image-work slots (`CONCURRENCY`), handed out fairly
+//! across client keys.
+//!
+//! A worker takes up to a few jobs per slot from the queue, so that
+//! reading inputs, storing results and recording outcomes overlap with
+//! other jobs' image work. The jobs it holds wait here for a slot. The
+//! queue already orders jobs fairly across keys; without this, a key's
+//! job taken right after another key's flood would still wait behind the
+//! flood's jobs the worker took before it. When a slot frees, it goes to
+//! the waiting job whose key has the fewest jobs in image work now; among
+//! those, to the one that has waited longest.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::oneshot;
+
+/// The image-work slots of one worker.
+#[derive(Clone)]
+pub struct Slots {
+    inner: Arc<Mutex<State>>,
+}
+
+/// Free slots, jobs in image work by key, and the jobs waiting.
+struct State {
+    free: usize,
+    busy: HashMap<String, usize>,
+    waiting: VecDeque<Waiter>,
+}
+
+/// A job waiting for a slot.
+struct Waiter {
+    owner: String,
+    grant: oneshot::Sender<Slot>,
+}
+
+/// A slot held by a job of `owner`; given back when dropped.
+pub struct Slot {
+    /// `None` once counted out without being given back.
+    slots: Option<Slots>,
+    owner: String,
+}
+
+/// The slots are gone (the worker is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the worker's image-work slots are closed")]
+pub struct Closed;
+
+impl Slots {
+    /// `count` slots (at least one).
+    pub fn new(count: usize) -> Slots {
+        Slots {
+            inner: Arc::new(Mutex::new(State {
+                free: count.max(1),
+                busy: HashMap::new(),
+                waiting: VecDeque::new(),
+            })),
+        }
+    }
+
+    /// The state; a panic elsewhere while it was held leaves it usable
+    /// (each change to it is complete before anything can panic).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a slot for a job of `owner`. Cancel-safe: a slot handed
+    /// to a waiter that has gone is given back.
+    pub async fn acquire(&self, owner: &str) -> Result<Slot, Closed> {
+        let waiting = {
+            let mut state = self.state();
+            state.waiting.retain(|w| !w.grant.is_closed());
+            if state.free > 0 && state.waiting.is_empty() {
+                state.free -= 1;
+                *state.busy.entry(owner.to_string()).or_default() += 1;
+                return Ok(Slot {
+                    slots: Some(self.clone()),
+                    owner: owner.to_string(),
+                });
+            }
+            let (grant, waiting) = oneshot::channel();
+            state.waiting.push_back(Waiter {
+                owner: owner.to_string(),
+                grant,
+            });
+            waiting
+        };
+        waiting.await.map_err(|_| Closed)
+    }
+
+    /// Jobs in image work now, of every key.
+    pub fn busy(&self) -> usize {
+        self.state().busy.values().sum()
+    }
+
+    /// Gives `owner`'s slot back: to the waiting job whose key has the
+    /// fewest jobs in image work, or to the free ones.
+    fn release(&self, owner: &str) {
+        let mut state = self.state();
+        if let Some(n) = state.busy.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                state.busy.remove(owner);
+            }
+        }
+        loop {
+            // Waiters whose job has gone (cancelled, deadline) are dropped.
+            state.waiting.retain(|w| !w.grant.is_closed());
+            let next = {
+                let busy = &state.busy;
+                state
+                    .waiting
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(i, w)| (busy.get(&w.owner).copied().unwrap_or(0), *i))
+                    .map(|(i, _)| i)
+            };
+            let Some(waiter) = next.and_then(|i| state.waiting.remove(i)) else {
+                state.free += 1;
+                return;
+            };
+            *state.busy.entry(waiter.owner.clone()).or_default() += 1;
+            let slot = Slot {
+                slots: Some(self.clone()),
+                owner: waiter.owner.clone(),
+            };
+            match waiter.grant.send(slot) {
+                Ok(()) => return,
+                Err(mut slot) => {
+                    // It went between the check and the send: count it
+                    // out here (the lock is held) and try the next.
+                    slot.slots = None;
+                    if let Some(n) = state.busy.get_mut(&waiter.owner) {
+                        *n -= 1;
+                        if *n == 0 {
+                            state.busy.remove(&waiter.owner);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            slots.release(&self.owner);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A key's job taken after another key's waiting jobs gets the next
+    /// slot; jobs of one key go in the order they came.
+    #[tokio::test]
+    async fn the_next_slot_goes_to_the_key_with_fewest_in_image_work() {
+        let slots = Slots::new(2);
+        let held = slots.acquire("a").await.unwrap();
+        let also_held = slots.acquire("a").await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, owner) in ["a", "a", "a", "b"].into_iter().enumerate() {
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let slot = slots.acquire(owner).await.unwrap();
+                tx.send((i, owner)).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(slot);
+            });
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        let first = rx.recv().await.unwrap();
+        drop(also_held);
+        let mut order = vec![first];
+        for _ in 0..3 {
+            order.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(order, vec![(3, "b"), (0, "a"), (1, "a"), (2, "a")]);
+        // The last job still holds its slot for a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(slots.busy(), 0);
+    }
+
+    /// A waiter that goes away (its job cancelled) does not keep a slot.
+    #[tokio::test]
+    async fn a_slot_handed_to_a_waiter_that_went_is_given_back() {
+        let slots = Slots::new(1);
+        let held = slots.acquire("a").await.unwrap();
+        let gone = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire("b").await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        gone.abort();
+        let _ = gone.await;
+        drop(held);
+        let again = tokio::time::timeout(Duration::from_secs(1), slots.acquire("c")).await;
+        assert!(again.is_ok(), "the slot was lost");
+        drop(again);
+        assert_eq!(slots.busy(), 0);
+    }
+}
