@@ -124,6 +124,10 @@ impl Slots {
                 slots: Some(self.clone()),
                 owner: waiter.owner.clone(),
             };
+            // `send` never drops the slot here (the lock is held): it is
+            // handed back if the receiver has gone, and a receiver that
+            // goes after the send drops it on its own side (tokio's
+            // oneshot), which gives it back through `release`.
             match waiter.grant.send(slot) {
                 Ok(()) => return,
                 Err(mut slot) => {
