@@ -97,12 +97,7 @@ impl Slots {
     /// fewest jobs in image work, or to the free ones.
     fn release(&self, owner: &str) {
         let mut state = self.state();
-        if let Some(n) = state.busy.get_mut(owner) {
-            *n -= 1;
-            if *n == 0 {
-                state.busy.remove(owner);
-            }
-        }
+        state.done(owner);
         loop {
             // Waiters whose job has gone (cancelled, deadline) are dropped.
             state.waiting.retain(|w| !w.grant.is_closed());
@@ -134,13 +129,20 @@ impl Slots {
                     // It went between the check and the send: count it
                     // out here (the lock is held) and try the next.
                     slot.slots = None;
-                    if let Some(n) = state.busy.get_mut(&waiter.owner) {
-                        *n -= 1;
-                        if *n == 0 {
-                            state.busy.remove(&waiter.owner);
-                        }
-                    }
+                    state.done(&waiter.owner);
                 }
+            }
+        }
+    }
+}
+
+impl State {
+    /// One job of `owner` is out of image work.
+    fn done(&mut self, owner: &str) {
+        if let Some(n) = self.busy.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy.remove(owner);
             }
         }
     }
