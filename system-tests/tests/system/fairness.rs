@@ -506,8 +506,9 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         flood_p99 < Duration::from_millis(250) && flood_p99 * 10 < fifo,
         "B's p99 wait {flood_p99:?} with A flooding: B waits behind A's backlog of {backlog} ({fifo:?} in arrival order)"
     );
-    // The ratio is a figure, not a check: in `make test` other tests share
-    // the two cores and it fell to 62% in one run (see docs/BENCHMARKS.md).
+    // The ratio is a figure, not a check: it fell to 62% in one run with
+    // other tests on the two cores (see docs/BENCHMARKS.md); `make test`
+    // now runs the floods alone, after the other tests.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -518,8 +519,9 @@ async fn a_flood_of_one_key_does_not_hold_back_another_with_one_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_one_key_does_not_hold_back_another_with_three_workers() {
     // Three workers outpace the API's submissions on two cores: A queues
-    // more before they start, so it still has a backlog when it is done.
-    flood(3, 20_000, 14_000).await;
+    // more before they start, so it still has a backlog when it is done
+    // (14,000 left none in one run with other tests on the cores).
+    flood(3, 20_000, 16_000).await;
 }
 
 /// With a backlog of 1,000 `low` jobs, a `high` job of the same key starts
