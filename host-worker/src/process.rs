@@ -390,7 +390,7 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
 /// thread keeps the job's reservation until it ends (its work is bounded by
 /// the image limits).
 async fn run(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     job: &JobSpec,
     ran: &mut [Step],
     deadline: &OnceLock<Instant>,
@@ -440,23 +440,72 @@ async fn run(
     let due = Instant::now() + timeout;
     let _ = deadline.set(due);
 
-    let held = reservation.clone();
-    let auto_orient = job.auto_orient;
-    let small = cost.decode_bytes <= codec::INLINE_BYTES;
-    let decode = move || {
-        let _held = held;
-        codec::decode_with(&input, &limits, auto_orient)
+    // On the slot's thread, away from the reads, renewals and recording
+    // of the other jobs; the steps' times come back with the result.
+    let work = ImageWork {
+        ctx: ctx.clone(),
+        job: job.clone(),
+        ready,
+        input,
+        small: cost.decode_bytes <= codec::INLINE_BYTES,
+        reservation,
+        ran: ran.to_vec(),
+        due: (due, timeout),
     };
-    // A small image is decoded here (well under a millisecond); a larger
-    // one on a blocking thread, under the deadline.
-    let decoded = inline_or_blocking(small, (due, timeout), "decoding the input", decode).await?;
-    let (image, _) =
-        decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
-    let image = apply_steps(ctx, &ready, steps, image, (due, timeout), ran).await?;
-    let encoded = encode(ctx, job, image, &reservation, (due, timeout)).await?;
-    drop(reservation);
+    let (encoded, times) = cpu_slot
+        .run(work.run())
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
+    ran.clone_from_slice(&times);
     drop(cpu_slot);
-    store(ctx, job, encoded).await
+    store(ctx, job, encoded?).await
+}
+
+/// A job's image work, run on its image-work slot's thread
+/// ([`crate::slots::Slot::run`]): its input decoded (once), each step's
+/// plugin called on the previous step's output, the result encoded.
+struct ImageWork {
+    ctx: Arc<Context>,
+    job: JobSpec,
+    ready: Vec<Ready>,
+    input: bytes::Bytes,
+    /// Whether the input is small enough to decode on the thread it is on.
+    small: bool,
+    /// The job's working set, reserved from the memory budget.
+    reservation: Reservation,
+    /// The steps as they run, each with its time once it has run.
+    ran: Vec<Step>,
+    /// The job's deadline, and the time limit it stands for.
+    due: (Instant, Duration),
+}
+
+impl ImageWork {
+    /// The encoded result, and the steps with their times.
+    async fn run(mut self) -> (Result<Vec<u8>, Failure>, Vec<Step>) {
+        let encoded = self.encoded().await;
+        (encoded, self.ran)
+    }
+
+    /// Decodes, runs the steps (their times into `ran`) and encodes.
+    async fn encoded(&mut self) -> Result<Vec<u8>, Failure> {
+        let held = self.reservation.clone();
+        let (input, limits) = (self.input.clone(), self.ctx.limits);
+        let auto_orient = self.job.auto_orient;
+        let decode = move || {
+            let _held = held;
+            codec::decode_with(&input, &limits, auto_orient)
+        };
+        // A small image is decoded here (well under a millisecond); a
+        // larger one on a blocking thread, under the deadline.
+        let decoded =
+            inline_or_blocking(self.small, self.due, "decoding the input", decode).await?;
+        let (image, _) =
+            decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
+        let (ctx, job) = (&self.ctx, &self.job);
+        let image =
+            apply_steps(ctx, &self.ready, &job.steps, image, self.due, &mut self.ran).await?;
+        encode(ctx, job, image, &self.reservation, self.due).await
+    }
 }
 
 /// Each step's plugin called on the previous step's output, each in a

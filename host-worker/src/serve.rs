@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::metrics::{PluginLabel, WorkerMetrics};
 use crate::process::{self, Context};
 use crate::registry::Registry;
+use crate::slots::Slots;
 use imgflow_platform::budget::{self, MemoryBudget};
 
 /// The worker's settings, defined with every other setting in
@@ -40,6 +41,8 @@ pub struct Worker {
     metrics: Arc<WorkerMetrics>,
     budget: MemoryBudget,
     listener: tokio::net::TcpListener,
+    /// The image-work slots and their threads.
+    cpu: Slots,
 }
 
 impl Worker {
@@ -82,6 +85,7 @@ impl Worker {
         metrics
             .memory_budget
             .set(i64::from(budget_mib) * 1024 * 1024);
+        let cpu = Slots::new(concurrency).context("cannot start the image-work threads")?;
         let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
             .await
             .with_context(|| format!("cannot listen on METRICS_ADDR {}", settings.metrics_addr))?;
@@ -95,6 +99,7 @@ impl Worker {
             metrics,
             budget,
             listener,
+            cpu,
         })
     }
 
@@ -121,6 +126,7 @@ impl Worker {
             metrics,
             budget,
             listener,
+            cpu,
         } = self;
         let stop = stop_on(shutdown);
         tracing::info!(addr = %settings.metrics_addr, "metrics and health endpoint listening");
@@ -172,7 +178,7 @@ impl Worker {
             metrics,
             outcomes: Outcomes::start(jobs.clone()),
             starts: Starts::start(jobs),
-            cpu: crate::slots::Slots::new(concurrency),
+            cpu,
             tasks: tokio_util::task::TaskTracker::new(),
         });
         // Jobs started and not finished: CONCURRENCY do image work at once

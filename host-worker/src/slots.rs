@@ -9,16 +9,36 @@
 //! flood's jobs the worker took before it. When a slot frees, it goes to
 //! the waiting job whose key has the fewest jobs in image work now; among
 //! those, to the one that has waited longest.
+//!
+//! A slot's work runs on threads of its own ([`Slot::run`]), one per slot,
+//! apart from the async runtime's: decoding, a plugin call (which yields
+//! only at each epoch tick) and encoding hold a thread for milliseconds,
+//! and on the runtime's threads they held up the worker's reads of the
+//! queue, its lease renewals and its outcome recording meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
-/// The image-work slots of one worker.
+/// The image-work slots of one worker, and the threads their work runs on.
 #[derive(Clone)]
 pub struct Slots {
     inner: Arc<Mutex<State>>,
+    threads: Arc<Threads>,
+}
+
+/// The image-work threads: a runtime of one thread per slot. Stopped
+/// without waiting when the last [`Slots`] goes (work still running there
+/// is past its job's deadline or abandoned).
+struct Threads(Option<tokio::runtime::Runtime>);
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Free slots, jobs in image work by key, and the jobs waiting.
@@ -47,15 +67,22 @@ pub struct Slot {
 pub struct Closed;
 
 impl Slots {
-    /// `count` slots (at least one).
-    pub fn new(count: usize) -> Slots {
-        Slots {
+    /// `count` slots (at least one), each with a thread of its own.
+    pub fn new(count: usize) -> std::io::Result<Slots> {
+        let count = count.max(1);
+        let threads = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(count)
+            .thread_name("imgflow-image")
+            .enable_all()
+            .build()?;
+        Ok(Slots {
             inner: Arc::new(Mutex::new(State {
-                free: count.max(1),
+                free: count,
                 busy: HashMap::new(),
                 waiting: VecDeque::new(),
             })),
-        }
+            threads: Arc::new(Threads(Some(threads))),
+        })
     }
 
     /// The state; a panic elsewhere while it was held leaves it usable
@@ -148,6 +175,29 @@ impl State {
     }
 }
 
+impl Slot {
+    /// Runs `work` on the image-work threads and waits for it. Dropping
+    /// the returned future (the job cancelled, deleted or past its
+    /// deadline) aborts `work` at its next await; a panic in `work` panics
+    /// here.
+    pub async fn run<F>(&self, work: F) -> Result<F::Output, Closed>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let threads = self.slots.as_ref().and_then(|s| s.threads.0.as_ref());
+        let Some(threads) = threads else {
+            return Err(Closed);
+        };
+        let task = tokio_util::task::AbortOnDropHandle::new(threads.spawn(work));
+        match task.await {
+            Ok(out) => Ok(out),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Closed),
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(slots) = self.slots.take() {
@@ -165,7 +215,7 @@ mod tests {
     /// slot; jobs of one key go in the order they came.
     #[tokio::test]
     async fn the_next_slot_goes_to_the_key_with_fewest_in_image_work() {
-        let slots = Slots::new(2);
+        let slots = Slots::new(2).unwrap();
         let held = slots.acquire("a").await.unwrap();
         let also_held = slots.acquire("a").await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -196,7 +246,7 @@ mod tests {
     /// A waiter that goes away (its job cancelled) does not keep a slot.
     #[tokio::test]
     async fn a_slot_handed_to_a_waiter_that_went_is_given_back() {
-        let slots = Slots::new(1);
+        let slots = Slots::new(1).unwrap();
         let held = slots.acquire("a").await.unwrap();
         let gone = tokio::spawn({
             let slots = slots.clone();
@@ -210,5 +260,27 @@ mod tests {
         assert!(again.is_ok(), "the slot was lost");
         drop(again);
         assert_eq!(slots.busy(), 0);
+    }
+
+    /// A slot's work runs on an image-work thread; dropping its future
+    /// aborts it there.
+    #[tokio::test]
+    async fn a_slots_work_runs_on_its_own_threads_and_stops_when_dropped() {
+        let slots = Slots::new(1).unwrap();
+        let slot = slots.acquire("a").await.unwrap();
+        let name = slot
+            .run(async { std::thread::current().name().map(String::from) })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("imgflow-image"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let abandoned = slot.run(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tx);
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(20), abandoned).await;
+        // The work was aborted: its sender is dropped without a send.
+        let gone = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        assert!(matches!(gone, Ok(Err(_))), "the abandoned work still runs");
     }
 }

@@ -134,9 +134,9 @@ pub struct LogArgs {
 pub struct ThreadArgs {
     /// Threads of the async runtime (default: one per CPU). On a small
     /// host shared with PostgreSQL and Redis, fewer threads spend less CPU
-    /// per small job, and the worker runs its sandboxes on these threads,
-    /// so fewer also means fewer large jobs at once (README, "How a job
-    /// flows").
+    /// per small job. The worker's image work runs on `CONCURRENCY`
+    /// threads of its own, not on these (README, "Fair share and
+    /// priorities").
     #[arg(long, env = "RUNTIME_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub runtime_threads: Option<u16>,
 }
