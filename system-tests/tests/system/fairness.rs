@@ -422,7 +422,8 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
 
     // A's flood with B's trickle; then A's flood alone on a stack of its
     // own (a second flood on the same stack runs 10-15% slower, on a jobs
-    // table and a storage twice as big).
+    // table and a storage twice as big), once the first stack is gone (its
+    // database dropped, so its vacuum does not run beside the second).
     let with_b = flood_of(
         &mut stack,
         "flood",
@@ -433,6 +434,8 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         head_start,
     )
     .await;
+    let (b_waits, b_times) = waits(&stack, &b.key, &with_b.b_jobs).await;
+    drop(stack);
     let solo = {
         let mut alone = Stack::new().await;
         alone.start_api(&SETTINGS).await;
@@ -440,7 +443,6 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         let a = alone.create_key("a").await;
         flood_of(&mut alone, "solo", workers, &a, None, total, head_start).await
     };
-    let (b_waits, b_times) = waits(&stack, &b.key, &with_b.b_jobs).await;
     // B's waits while A was still submitting (the API competing with the
     // workers for the two cores) and after.
     let (during, after): (Vec<_>, Vec<_>) = with_b
@@ -503,12 +505,24 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         met(ratio >= 0.9)
     );
     assert!(
-        flood_p99 < Duration::from_millis(250) && flood_p99 * 10 < fifo,
+        flood_p99 * 10 < fifo,
         "B's p99 wait {flood_p99:?} with A flooding: B waits behind A's backlog of {backlog} ({fifo:?} in arrival order)"
     );
-    // The ratio is a figure, not a check: it fell to 62% in one run with
-    // other tests on the two cores (see docs/BENCHMARKS.md); `make test`
-    // now runs the floods alone, after the other tests.
+    assert!(
+        flood_p99 <= goal,
+        "B's p99 wait {flood_p99:?} with A flooding is over the goal {goal:?} (twice B's p99 alone, {idle_p99:?}, plus A's median run, {:?})",
+        with_b.a_run_p50
+    );
+    // It fell to 62% in one run with other tests on the two cores (see
+    // docs/BENCHMARKS.md): `make test` runs the floods alone, after the
+    // other tests.
+    assert!(
+        ratio >= 0.9,
+        "A's flood with B's trickle drained at {:.0}/s, {:.1}% of A alone ({:.0}/s): more than 10% below",
+        with_b.drain_rate,
+        ratio * 100.0,
+        solo.drain_rate
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
