@@ -457,7 +457,6 @@ async fn run(
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     ran.clone_from_slice(&times);
-    drop(cpu_slot);
     store(ctx, job, encoded?).await
 }
 

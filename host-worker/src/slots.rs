@@ -10,16 +10,19 @@
 //! the waiting job whose key has the fewest jobs in image work now; among
 //! those, to the one that has waited longest.
 //!
-//! A slot's work runs on threads of its own ([`Slot::run`]), one per slot,
-//! apart from the async runtime's: decoding, a plugin call (which yields
-//! only at each epoch tick) and encoding hold a thread for milliseconds,
-//! and on the runtime's threads they held up the worker's reads of the
-//! queue, its lease renewals and its outcome recording meanwhile.
+//! A slot's work runs on image-work threads ([`Slot::run`], a runtime of
+//! one thread per slot), not on the worker's async threads: decoding, a
+//! plugin call (which yields only at each epoch tick) and encoding hold a
+//! thread for milliseconds, and on the async threads they held up the
+//! worker's reads of the queue, its lease renewals and its outcome
+//! recording meanwhile. (Large decodes and encodes still go to blocking
+//! threads, and every thread shares the machine's cores.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 /// The image-work slots of one worker, and the threads their work runs on.
 #[derive(Clone)]
@@ -73,6 +76,10 @@ impl Slots {
         let threads = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(count)
             .thread_name("imgflow-image")
+            // A plugin that computes wakes itself at every epoch tick and
+            // these threads seldom park: check the timers (the job's
+            // deadline) at every scheduling, not every 61st.
+            .event_interval(1)
             .enable_all()
             .build()?;
         Ok(Slots {
@@ -176,20 +183,25 @@ impl State {
 }
 
 impl Slot {
-    /// Runs `work` on the image-work threads and waits for it. Dropping
-    /// the returned future (the job cancelled, deleted or past its
-    /// deadline) aborts `work` at its next await; a panic in `work` panics
-    /// here.
-    pub async fn run<F>(&self, work: F) -> Result<F::Output, Closed>
+    /// Runs `work` on the image-work threads, in the current span, and
+    /// waits for it. The slot goes with the work: it is given back once the
+    /// work has ended or, if the returned future is dropped (the job
+    /// cancelled or deleted), once the work has stopped at its next yield.
+    /// A panic in `work` panics here.
+    pub async fn run<F>(self, work: F) -> Result<F::Output, Closed>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let threads = self.slots.as_ref().and_then(|s| s.threads.0.as_ref());
-        let Some(threads) = threads else {
+        let Some(threads) = threads.map(|t| t.handle().clone()) else {
             return Err(Closed);
         };
-        let task = tokio_util::task::AbortOnDropHandle::new(threads.spawn(work));
+        let work = async move {
+            let _slot = self;
+            work.await
+        };
+        let task = tokio_util::task::AbortOnDropHandle::new(threads.spawn(work.in_current_span()));
         match task.await {
             Ok(out) => Ok(out),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -273,14 +285,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(name.as_deref(), Some("imgflow-image"));
+        assert_eq!(slots.busy(), 0, "the slot came back with the work");
         let (tx, rx) = oneshot::channel::<()>();
+        let slot = slots.acquire("a").await.unwrap();
         let abandoned = slot.run(async move {
             tokio::time::sleep(Duration::from_secs(60)).await;
             drop(tx);
         });
         let _ = tokio::time::timeout(Duration::from_millis(20), abandoned).await;
-        // The work was aborted: its sender is dropped without a send.
+        // The work was aborted: its sender is dropped without a send, and
+        // the slot is free again.
         let gone = tokio::time::timeout(Duration::from_secs(1), rx).await;
         assert!(matches!(gone, Ok(Err(_))), "the abandoned work still runs");
+        let again = tokio::time::timeout(Duration::from_secs(1), slots.acquire("b")).await;
+        assert!(again.is_ok(), "the abandoned work kept its slot");
     }
 }

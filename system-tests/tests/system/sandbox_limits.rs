@@ -3,8 +3,8 @@
 //! stops it), one whose `metadata()` sleeps, so it never finishes loading;
 //! uploads that find every compile slot taken; a job whose worker is killed
 //! on every attempt; SIGTERM while a plugin sleeps; a running job deleted by
-//! its owner; and a burst of large images against the worker's memory
-//! budget, measured as RSS.
+//! its owner; a burst of large images against the worker's memory
+//! budget, measured as RSS; and a plugin's output in the worker's log.
 
 use std::time::{Duration, Instant};
 
@@ -432,4 +432,32 @@ async fn deleting_a_running_job_stops_its_sandbox() {
     println!("deleted a running job; the next job completed {took:?} later");
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(stack.stream_len().await, 0);
+}
+
+/// What a plugin writes (here the panic message on its stderr) is logged
+/// with its job's id and action, although the call runs on the worker's
+/// image-work threads rather than in the job's task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugins_output_is_logged_with_its_jobs_id() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[("IMGFLOW_ADMIN_TOKEN", TOKEN)]).await;
+    let worker = stack.start_worker_process("output", &[("CONCURRENCY", "1")]);
+    stack.wait_for_plugins().await;
+    let (status, body, _) = upload(&stack, "panicky", "panicky.wasm").await;
+    assert_eq!(status, 201, "{body}");
+    let job = stack
+        .submit_raw("action=panicky", "tests/fixtures/pngsuite/basn2c08.png")
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = stack.wait_done(&id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let log = std::fs::read_to_string(&stack.workers[worker].process().log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("imgflow::plugin") && l.contains("panicked on purpose"))
+        .unwrap_or_else(|| panic!("no line of the plugin's output in the worker's log:\n{log}"));
+    assert!(
+        line.contains(&id) && line.contains("action") && line.contains("panicky"),
+        "the plugin's output is logged without its job: {line}"
+    );
 }
