@@ -10,10 +10,13 @@
 //!   cancelled or deleted.
 //! - [`registry`]: compiled plugins by digest, and the built-in plugins.
 //! - [`slots`]: the image-work slots, handed out fairly across keys.
+//! - [`cputime`]: the CPU time of a job's image work, what its key is
+//!   charged.
 //! - [`metrics`]: the worker's metric families.
 
 #![warn(missing_docs)]
 
+pub mod cputime;
 pub mod lease;
 pub mod metrics;
 pub mod process;

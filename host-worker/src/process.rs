@@ -15,6 +15,7 @@ use imgflow_runtime::params::Params;
 use imgflow_runtime::{Bounds, ErrorCode, Failure, Plugin};
 use tracing::Instrument;
 
+use crate::cputime::Meter;
 use crate::metrics::WorkerMetrics;
 use crate::registry::{Registry, RegistryError};
 use imgflow_platform::budget::{MemoryBudget, Reservation};
@@ -92,7 +93,7 @@ pub const RECORD_START_AFTER: Duration = Duration::from_millis(10);
 /// unacknowledged, so the job is delivered again after the lease (to this
 /// worker or another), up to `max_attempts`.
 pub async fn handle(ctx: Arc<Context>, job: Running) {
-    let span = tracing::info_span!("job", job_id = %job.spec.id, action = %job.spec.action);
+    let span = tracing::info_span!("job", job_id = %job.spec.id, action = %job.spec.action, owner = %job.spec.owner);
     async move {
         let began = Instant::now();
         // A job is counted under each distinct action of its steps.
@@ -107,21 +108,18 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
         if job.attempt > ctx.max_attempts {
             let message = format!("gave up after {} deliveries (MAX_ATTEMPTS={})", job.attempt - 1, ctx.max_attempts);
             let failure = Failure::permanent(ErrorCode::MaxAttempts, message);
-            record(&ctx, job, Err(failure), None, (began, began));
+            record(&ctx, job, Err(failure), None, (began, Duration::ZERO));
             return;
         }
 
         // The steps as they run, each with its time once it has run.
         let mut ran = job.spec.steps.clone();
-        let Some((outcome, working)) = run_watched(&ctx, &job, &mut ran).await else {
+        let Some((outcome, charged)) = run_watched(&ctx, &job, &mut ran).await else {
             tracing::info!("job was cancelled or deleted while it ran; abandoned");
             ack(&ctx, job.spec.id, &job.entry).await;
             return;
         };
-        // The worker time its owner is charged: from when its image work
-        // began (a job waiting for an image-work slot is not charged for
-        // the wait).
-        let charged = (began, working.unwrap_or(began));
+        let charged = (began, charged);
         let step_ms: Vec<f64> = ran.iter().map_while(|s| s.run_ms).collect();
         let step_ms = (!step_ms.is_empty()).then_some(step_ms);
         match outcome {
@@ -138,14 +136,14 @@ pub async fn handle(ctx: Arc<Context>, job: Running) {
 
 /// Runs the job while keeping its lease and watching for its cancellation
 /// or deletion, and records its start once it has run for
-/// `RECORD_START_AFTER`. Returns its outcome and when its image work
-/// began (if it did); `None`: the job was cancelled or deleted while it
-/// ran, and was abandoned.
+/// `RECORD_START_AFTER`. Returns its outcome and the CPU time of its image
+/// work (what its owner is charged, [`crate::cputime`]); `None`: the job
+/// was cancelled or deleted while it ran, and was abandoned.
 async fn run_watched(
     ctx: &Arc<Context>,
     job: &Running,
     ran: &mut [Step],
-) -> Option<(Result<i64, Failure>, Option<Instant>)> {
+) -> Option<(Result<i64, Failure>, Duration)> {
     // Keep the lease while the job runs, so no other worker takes it;
     // but only until the job's deadline (plus a tick): a job that is
     // still running then is wedged, and its lease lapses so another
@@ -156,14 +154,14 @@ async fn run_watched(
     let id = job.spec.id;
     let mut watch = ctx.events.watch(id);
     let deadline = Arc::new(OnceLock::new());
-    let working = OnceLock::new();
+    let meter = Meter::default();
     let (renewer, mut deleted) =
         crate::lease::keep(ctx.holder(), id, job.entry.clone(), deadline.clone());
     let start_due = tokio::time::sleep(RECORD_START_AFTER);
     tokio::pin!(start_due);
     let mut start_recorded = false;
     let outcome = {
-        let running = run(ctx, &job.spec, ran, &deadline, &working);
+        let running = run(ctx, &job.spec, ran, &deadline, &meter);
         tokio::pin!(running);
         // The renewer's channel, until it has answered (a completed
         // receiver must not be polled again).
@@ -193,20 +191,21 @@ async fn run_watched(
         }
     };
     renewer.abort();
-    Some((outcome, working.get().copied()))
+    let timed_out = matches!(&outcome, Err(f) if f.code == ErrorCode::Timeout);
+    Some((outcome, meter.charge(timed_out)))
 }
 
 /// Hands a finished job's outcome to the recorder; once it is recorded
 /// (with others, in one statement), counts it in the metrics and logs it.
 /// `began`: when the worker started it (its duration in the metrics);
-/// `working`: when its image work began (the worker time its owner is
-/// charged, [`Outcome::seconds`]).
+/// `charged`: the CPU time of its image work (the worker time its owner
+/// is charged, [`Outcome::seconds`]).
 fn record(
     ctx: &Arc<Context>,
     job: Running,
     result: Result<i64, Failure>,
     step_ms: Option<Vec<f64>>,
-    (began, working): (Instant, Instant),
+    (began, charged): (Instant, Duration),
 ) {
     let ctx = ctx.clone();
     let span = tracing::Span::current();
@@ -216,11 +215,13 @@ fn record(
             let attempt = job.attempt;
             let code = result.as_ref().err().map(|f| (f.code, f.message.clone()));
             let size = result.as_ref().ok().copied();
+            // The worker time its owner is charged, in the log.
+            let charged_ms = (charged.as_secs_f64() * 1e4).round() / 10.0;
             let outcome = Outcome {
                 job,
                 result,
                 step_ms,
-                seconds: working.elapsed().as_secs_f64(),
+                seconds: charged.as_secs_f64(),
             };
             match ctx.outcomes.record(outcome).await {
                 Recorded::Finished => {
@@ -228,8 +229,8 @@ fn record(
                         ctx.metrics.finished(action, code.as_ref().map_or(Ok(()), |(c, _)| Err(*c)), began.elapsed());
                     }
                     match (&code, size) {
-                        (None, Some(size)) => tracing::info!(output_size = size, attempts = attempt, "job completed"),
-                        (Some((code, message)), _) => tracing::warn!(code = %code, error = %message, "job failed"),
+                        (None, Some(size)) => tracing::info!(output_size = size, attempts = attempt, charged_ms, "job completed"),
+                        (Some((code, message)), _) => tracing::warn!(code = %code, error = %message, charged_ms, "job failed"),
                         _ => {}
                     }
                 }
@@ -377,8 +378,9 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
 }
 
 /// Runs the job's steps on its input and stores the result. Returns the
-/// output's size; `ran` gets each step's time as it runs, `working` the
-/// moment its image work began (it holds an image-work slot).
+/// output's size; `ran` gets each step's time as it runs, `meter` the CPU
+/// time of its image work (decoding, the plugin calls, encoding, on
+/// whichever threads they run).
 ///
 /// Every step's plugin is made ready first (a pipeline whose third plugin
 /// was deleted fails before the first runs). Once the job's working set is
@@ -394,7 +396,7 @@ async fn run(
     job: &JobSpec,
     ran: &mut [Step],
     deadline: &OnceLock<Instant>,
-    working: &OnceLock<Instant>,
+    meter: &Meter,
 ) -> Result<i64, Failure> {
     let steps = &job.steps;
     let mut ready = Vec::with_capacity(steps.len());
@@ -435,7 +437,6 @@ async fn run(
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
 
-    let _ = working.set(Instant::now());
     let timeout = ctx.job_timeout;
     let due = Instant::now() + timeout;
     let _ = deadline.set(due);
@@ -451,9 +452,10 @@ async fn run(
         reservation,
         ran: ran.to_vec(),
         due: (due, timeout),
+        meter: meter.clone(),
     };
     let (encoded, times) = cpu_slot
-        .run(work.run())
+        .run(meter.future(work.run()))
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     ran.clone_from_slice(&times);
@@ -476,6 +478,8 @@ struct ImageWork {
     ran: Vec<Step>,
     /// The job's deadline, and the time limit it stands for.
     due: (Instant, Duration),
+    /// The CPU time of its pieces sent to blocking threads.
+    meter: Meter,
 }
 
 impl ImageWork {
@@ -496,14 +500,20 @@ impl ImageWork {
         };
         // A small image is decoded here (well under a millisecond); a
         // larger one on a blocking thread, under the deadline.
-        let decoded =
-            inline_or_blocking(self.small, self.due, "decoding the input", decode).await?;
+        let decoded = inline_or_blocking(
+            self.small,
+            self.due,
+            &self.meter,
+            "decoding the input",
+            decode,
+        )
+        .await?;
         let (image, _) =
             decoded.map_err(|e| Failure::permanent(ErrorCode::InvalidInput, e.to_string()))?;
         let (ctx, job) = (&self.ctx, &self.job);
         let image =
             apply_steps(ctx, &self.ready, &job.steps, image, self.due, &mut self.ran).await?;
-        encode(ctx, job, image, &self.reservation, self.due).await
+        encode(ctx, job, image, &self.reservation, self.due, &self.meter).await
     }
 }
 
@@ -559,13 +569,15 @@ async fn apply_steps(
 }
 
 /// The result encoded in the job's output format, under its deadline
-/// (`due`, standing for the time limit `limit`).
+/// (`due`, standing for the time limit `limit`); a blocking thread's CPU
+/// time goes on `meter`.
 async fn encode(
     ctx: &Context,
     job: &JobSpec,
     image: codec::RgbaImage,
     reservation: &Reservation,
     (due, limit): (Instant, Duration),
+    meter: &Meter,
 ) -> Result<Vec<u8>, Failure> {
     let output_format = output_format(job)?;
     let held = reservation.clone();
@@ -576,7 +588,8 @@ async fn encode(
         let _held = held;
         codec::encode_with(&image, output_format, png_compression, quality)
     };
-    let encoded = inline_or_blocking(small, (due, limit), "encoding the result", encode).await?;
+    let encoded =
+        inline_or_blocking(small, (due, limit), meter, "encoding the result", encode).await?;
     encoded.map_err(|e| Failure::permanent(ErrorCode::EncodeFailed, e.to_string()))
 }
 
@@ -604,26 +617,32 @@ fn output_format(job: &JobSpec) -> Result<ImageFormat, Failure> {
 
 /// Runs `work` (decoding or encoding, named by `what`) here if it is
 /// `small`, else on a blocking thread under the job's deadline (`due`,
-/// `limit` after it started).
+/// `limit` after it started), its CPU time going on `meter` (here, the
+/// poll that runs it counts it).
 async fn inline_or_blocking<T: Send + 'static>(
     small: bool,
     (due, limit): (Instant, Duration),
+    meter: &Meter,
     what: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Failure> {
     if small {
         return Ok(work());
     }
-    tokio::time::timeout_at(due.into(), tokio::task::spawn_blocking(work))
-        .await
-        .map_err(|_| {
-            Failure::permanent(
-                ErrorCode::Timeout,
-                format!(
-                    "the job ran past its time limit of {} ms while {what}",
-                    limit.as_millis()
-                ),
-            )
-        })?
-        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("{what} failed: {e}")))
+    let meter = meter.clone();
+    tokio::time::timeout_at(
+        due.into(),
+        tokio::task::spawn_blocking(move || meter.call(work)),
+    )
+    .await
+    .map_err(|_| {
+        Failure::permanent(
+            ErrorCode::Timeout,
+            format!(
+                "the job ran past its time limit of {} ms while {what}",
+                limit.as_millis()
+            ),
+        )
+    })?
+    .map_err(|e| Failure::transient(ErrorCode::Internal, format!("{what} failed: {e}")))
 }

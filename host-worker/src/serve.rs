@@ -217,7 +217,19 @@ fn spawn_tasks(
 ) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(concurrency * IN_FLIGHT_PER_SLOT));
     let mut tasks = JoinSet::new();
-    tasks.spawn(consume(ctx.clone(), permits.clone(), stop.clone()));
+    tasks.spawn(consume(
+        ctx.clone(),
+        permits.clone(),
+        Lane::Main,
+        stop.clone(),
+    ));
+    // One job at a time, in a slot of its own.
+    tasks.spawn(consume(
+        ctx.clone(),
+        Arc::new(Semaphore::new(1)),
+        Lane::Arrivals,
+        stop.clone(),
+    ));
     tasks.spawn(reclaim(ctx.clone(), permits.clone(), stop.clone()));
     tasks.spawn(watch_plugins(
         ctx.clone(),
@@ -281,14 +293,40 @@ const READ_MAX: usize = 64;
 /// recorder) per image-work slot (`CONCURRENCY`).
 const IN_FLIGHT_PER_SLOT: usize = 4;
 
-/// Reads new jobs while slots are free, starts each read together (one
-/// statement) and runs each in a task of its own, holding a slot.
-async fn consume(ctx: Arc<Context>, permits: Arc<Semaphore>, stop: watch::Receiver<bool>) {
+/// Which of the queue's reads a [`consume`] loop makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Jobs in fair order, as many as its permits allow
+    /// ([`imgflow_platform::queue::Reader::next_batch_until`]).
+    Main,
+    /// The first job of an owner that started waiting level with the
+    /// owner furthest behind, if it still waits there
+    /// ([`imgflow_platform::queue::Reader::next_arrival`]): with a
+    /// permit of its own, a newcomer's job is taken at once rather than
+    /// after one of the jobs the main lane holds has ended (a flood's,
+    /// say), and gets the next image-work slot ([`crate::slots`]).
+    Arrivals,
+}
+
+/// Reads new jobs while `permits` are free (on `lane`), starts each read
+/// together (one statement) and runs each in a task of its own, holding a
+/// permit.
+async fn consume(
+    ctx: Arc<Context>,
+    permits: Arc<Semaphore>,
+    lane: Lane,
+    stop: watch::Receiver<bool>,
+) {
     let mut reader = None;
     let mut backoff = Backoff::new();
     while !*stop.borrow() {
-        // At least one free slot, and every other one free now.
-        let Ok(first) = permits.clone().acquire_owned().await else {
+        // At least one free slot, and every other one free now; none
+        // once told to stop.
+        let first = tokio::select! {
+            first = permits.clone().acquire_owned() => first,
+            () = stopped(stop.clone()) => return,
+        };
+        let Ok(first) = first else {
             return;
         };
         let mut slots = vec![first];
@@ -310,7 +348,14 @@ async fn consume(ctx: Arc<Context>, permits: Arc<Semaphore>, stop: watch::Receiv
             }
         }
         let Some(r) = reader.as_mut() else { continue };
-        match r.next_batch(slots.len(), Duration::from_secs(1)).await {
+        // Told to stop while it waits for the doorbell, it takes nothing
+        // more.
+        let (block, until) = (Duration::from_secs(1), stopped(stop.clone()));
+        let read = match lane {
+            Lane::Main => r.next_batch_until(slots.len(), block, until).await,
+            Lane::Arrivals => r.next_arrival(block, until).await,
+        };
+        match read {
             Ok(deliveries) => {
                 backoff.reset();
                 start_and_run(&ctx, deliveries, slots, false).await;
@@ -322,6 +367,13 @@ async fn consume(ctx: Arc<Context>, permits: Arc<Semaphore>, stop: watch::Receiv
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
+    }
+}
+
+/// Resolves once `stop` says stop (never if its sender goes first).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -45,9 +45,10 @@ pub struct Outcome {
     pub result: Result<i64, Failure>,
     /// Each step's time, as far as the steps ran.
     pub step_ms: Option<Vec<f64>>,
-    /// The seconds of worker time it took (from the moment its image work
-    /// began, holding one of the worker's image-work slots, to its
-    /// outcome): what its owner is charged ([`crate::queue::Account`]).
+    /// The seconds of worker time it took (the CPU time of its image work:
+    /// decoding, the plugin calls, encoding; not its waits for a core, its
+    /// input or its result's storage): what its owner is charged
+    /// ([`crate::queue::Account`]).
     pub seconds: f64,
 }
 
@@ -275,6 +276,7 @@ async fn settle(jobs: &Jobs, group: &[Outcome], done: &[Done]) {
             megapixels: o.job.spec.megapixels,
             estimate: o.job.estimate,
             seconds: o.seconds,
+            completed: o.result.is_ok(),
         })
         .collect();
     if let Err(e) = jobs

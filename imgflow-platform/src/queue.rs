@@ -13,14 +13,27 @@
 //!   fair queuing: each owner has a virtual time, `<prefix>:vtime`, that
 //!   grows by the estimated cost of each job it is given, divided by the
 //!   owner's share (`<prefix>:shares`, 1 unless set), and an owner that
-//!   starts waiting again starts at the current clock, `<prefix>:clock`, so
-//!   idle time earns no credit), pops that owner's first entry and claims it
+//!   starts waiting again starts level with the waiting owner furthest
+//!   behind, or with none waiting at the clock (`<prefix>:clock`, the
+//!   virtual time of the last job taken), so idle time earns no credit;
+//!   not at the clock while others wait: an owner whose estimates were
+//!   corrected down is behind it, and a newcomer would wait for that
+//!   owner to catch up), pops that owner's first entry and claims it
 //!   for the worker (`XCLAIM ... FORCE`), so from then on it is pending,
 //!   owned by its worker, exactly as a read through the group. A job's cost
-//!   is estimated from its megapixels and its action's cost learned from
-//!   finished jobs (`<prefix>:costs`), and corrected by its real run time
-//!   when it is settled. An idle worker waits on a doorbell list
-//!   (`<prefix>:bell`) that every enqueue rings.
+//!   is estimated from what finished jobs of its action and size class (its
+//!   pixel count's power of two) took, or before any has finished, from its
+//!   megapixels and its action's learned costs (`<prefix>:costs`, biased
+//!   low: [`ACCOUNT_SCRIPT`]), and corrected by its real worker time (the
+//!   CPU time of its image work) when it is settled. An idle
+//!   worker waits on a doorbell list (`<prefix>:bell`) that every enqueue
+//!   rings.
+//! - Each worker also has an arrival lane ([`Reader::next_arrival`]): an
+//!   owner that starts waiting level with the owner furthest behind (while
+//!   no action is capped) is announced on `<prefix>:arrivals`, and a lane
+//!   takes its first job at once, with a slot of its own, if the owner
+//!   still waits at that virtual time; so a newcomer's job is not left
+//!   waiting until one of the jobs a worker holds (a flood's) ends.
 //! - An action may be capped (`<prefix>:caps`, from the plugin's limits in
 //!   PostgreSQL, [`Queue::set_caps`]): at most so many of its jobs running
 //!   across every worker, and of one owner's. A take then passes over a job
@@ -169,8 +182,13 @@ pub struct Account<'a> {
     pub megapixels: f64,
     /// The seconds it was charged when taken ([`Delivery::estimate`]).
     pub estimate: f64,
-    /// The seconds it really ran.
+    /// The seconds of worker time it really took (the worker charges the
+    /// CPU time of its image work).
     pub seconds: f64,
+    /// Whether it completed: only completed jobs teach their action's
+    /// cost (a job that failed at once, say on an image whose header
+    /// claims a size its data does not have, would teach it too little).
+    pub completed: bool,
 }
 
 /// An action's caps on running jobs ([`Queue::set_caps`]).
@@ -348,8 +366,11 @@ impl Queue {
     /// id ([`Queue::take_off`]) and the sweeper can tell which are on it
     /// ([`Queue::entries_of`]); each waiting in its owner's queue, in the
     /// order of its priority ([`Priority`]); its owner, if it was not
-    /// waiting, joins the owners to serve at the current clock; and the
-    /// doorbell rings for idle workers.
+    /// waiting, joins the owners to serve level with the one furthest
+    /// behind among them (or at the clock, with none waiting) and is
+    /// announced to the workers' arrival lanes ([`Reader::next_arrival`]),
+    /// unless its own virtual time is further on (it then waits its turn);
+    /// and the doorbell rings for idle workers.
     pub async fn enqueue_many(&self, tickets: &[Ticket<'_>]) -> RedisResult<()> {
         // A script unpacks at most about 8,000 values at once.
         for chunk in tickets.chunks(1_000) {
@@ -383,17 +404,40 @@ impl Queue {
               end
               redis.call('HSET', KEYS[2], unpack(fields))
               redis.call('ZADD', KEYS[3], unpack(waiting))
+              -- Where an owner that starts waiting starts: level with the
+              -- owner furthest behind among those waiting (the next one
+              -- served), or with none waiting, at the clock.
               local clock = nil
               for _, owner in ipairs(owners) do
                 redis.call('ZADD', ARGV[1] .. owner, unpack(queues[owner]))
                 if not redis.call('ZSCORE', KEYS[4], owner) then
-                  if not clock then clock = tonumber(redis.call('GET', KEYS[6]) or '0') end
+                  if not clock then
+                    local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+                    if #first == 2 then
+                      clock = tonumber(first[2])
+                    else
+                      clock = tonumber(redis.call('GET', KEYS[6]) or '0')
+                    end
+                  end
                   local vt = tonumber(redis.call('HGET', KEYS[5], owner) or '0')
-                  if vt < clock then
+                  if vt <= clock then
+                    -- Level with the furthest behind: an arrival for the
+                    -- workers' arrival lanes (none while actions are
+                    -- capped), oldest first, with the virtual time it
+                    -- arrived at (a lane takes it only if the owner has
+                    -- not been served or charged since).
                     vt = clock
                     redis.call('HSET', KEYS[5], owner, tostring(vt))
+                    redis.call('ZADD', KEYS[4], vt, owner)
+                    if redis.call('HLEN', KEYS[9]) == 0 then
+                      -- The score as Redis holds it (tostring rounds).
+                      local at = redis.call('ZSCORE', KEYS[4], owner)
+                      redis.call('RPUSH', KEYS[8], at .. ':' .. owner)
+                      redis.call('LTRIM', KEYS[8], -64, -1)
+                    end
+                  else
+                    redis.call('ZADD', KEYS[4], vt, owner)
                   end
-                  redis.call('ZADD', KEYS[4], vt, owner)
                 end
               end
               local rings = {}
@@ -410,6 +454,8 @@ impl Queue {
             .key(self.key(VTIME))
             .key(self.key(CLOCK))
             .key(self.key(BELL))
+            .key(self.key(ARRIVALS))
+            .key(self.key(CAPS))
             .arg(self.key(&format!("{WAIT}:")));
         let ageing = self.ageing.as_millis() as i64;
         for t in tickets {
@@ -620,7 +666,8 @@ impl Queue {
                     .arg(a.action)
                     .arg(format!("{:.6}", a.megapixels.max(0.0)))
                     .arg(format!("{:.6}", a.estimate.max(0.0)))
-                    .arg(format!("{:.6}", a.seconds.max(0.0)));
+                    .arg(format!("{:.6}", a.seconds.max(0.0)))
+                    .arg(u8::from(a.completed));
             }
             charge.ignore();
         }
@@ -745,13 +792,19 @@ impl Queue {
 
     /// A dedicated connection for blocking reads by `consumer`.
     pub async fn reader(&self, consumer: &str) -> RedisResult<Reader> {
-        let conn = bounded(self.client.get_multiplexed_async_connection()).await?;
+        let conn = self.reader_connection().await?;
         Ok(Reader {
             conn,
             queue: self.clone(),
             consumer: consumer.to_string(),
             drained: false,
+            abandoned: false,
         })
+    }
+
+    /// A connection of a [`Reader`]'s own (its blocking wait holds it).
+    async fn reader_connection(&self) -> RedisResult<redis::aio::MultiplexedConnection> {
+        bounded(self.client.get_multiplexed_async_connection()).await
     }
 
     /// The age of the oldest entry on the stream (entry ids start with their
@@ -1106,6 +1159,7 @@ impl Queue {
             self.key(CLOCK),
             self.key(COSTS),
             self.key(BELL),
+            self.key(ARRIVALS),
             self.key(VERSION),
             self.key(CAPS),
             self.key(SHARES),
@@ -1159,7 +1213,7 @@ const READY: &str = "ready";
 const VTIME: &str = "vtime";
 
 /// The virtual time of the last job taken: where an owner that starts
-/// waiting again starts, under the prefix.
+/// waiting again starts when no other owner waits, under the prefix.
 const CLOCK: &str = "clock";
 
 /// Each action's learned cost (a hash: `<action>:base`, seconds a job, and
@@ -1172,6 +1226,12 @@ const VERSION: &str = "queue-version";
 
 /// The doorbell idle workers wait on (a list), under the prefix.
 const BELL: &str = "bell";
+
+/// The owners that started waiting level with the owner furthest behind
+/// while no action was capped (a list of `<virtual time>:<owner>`, the
+/// oldest first, the newest 64), which the workers' arrival lanes wait on
+/// ([`Reader::next_arrival`]), under the prefix.
+const ARRIVALS: &str = "arrivals";
 
 /// The owners none of whose first waiting jobs may run under the caps
 /// (a sorted set scored by virtual time, like the ready set), under the
@@ -1205,18 +1265,63 @@ pub const CAP_LOOKS: usize = 10_000;
 /// seconds a job, seconds a megapixel.
 const DEFAULT_COST: (f64, f64) = (0.002, 0.05);
 
+/// Lua shared by [`ACCOUNT_SCRIPT`], which learns each action's cost by
+/// the size of its jobs, and [`TAKE_SCRIPT`], which estimates a job's cost
+/// from it: a job's size class is the power of two of its pixel count.
+macro_rules! size_class_lua {
+    () => {
+        r"
+local function size_class(mp)
+  return math.floor(math.log(mp * 1000000 + 1) / math.log(2))
+end
+"
+    };
+}
+
 /// Charges owners the real worker time of their finished jobs (divided by
 /// their shares) and learns each action's cost from them (KEYS: vtime,
 /// ready, costs, caps, bell, shares, parked; ARGV: owner, action,
-/// megapixels, estimate, seconds, for each job). Jobs of under a quarter
-/// of a megapixel teach the cost a job, larger ones the cost a megapixel
-/// (beyond the cost a job), each a moving average. While actions are
-/// capped, a job of a capped action that ended puts the parked owners back
-/// among the ready ones, and with jobs waiting it rings the doorbell: a
-/// job that ended may have freed a cap that held one back.
-const ACCOUNT_SCRIPT: &str = r"
-local delta, owners, learned = {}, {}, {}
-for i = 1, #ARGV, 5 do
+/// megapixels, estimate, seconds, and 1 if it completed, for each job).
+///
+/// Only completed jobs teach: by size class (its pixel count's power of
+/// two, the estimate [`TAKE_SCRIPT`] reads first), and for the fallback
+/// model, jobs of under a quarter of a megapixel the cost a job, larger
+/// ones the cost a megapixel (beyond the cost a job). Each is a moving
+/// average that follows a job cheaper than it at once (30% of the way)
+/// and a dearer one slowly (5% of the way, a job counting at most
+/// `LEARN_CAP`, 4, times the cost learned so far, or 1 ms); a size
+/// class's first job starts from the fallback model's estimate once that
+/// is learned. The estimates are biased low on purpose: a job's estimate
+/// stays in its owner's virtual time until the job is settled, often a
+/// hundred jobs later when outcomes are recorded in batches, and an owner
+/// that starts waiting starts level with that virtual time, then waits
+/// while an over-estimate is corrected down (a hundred jobs 3 ms over:
+/// 300 ms). An under-estimate lets its owner's jobs be taken a little
+/// early, as many as it has in flight, until they are settled and
+/// charged in full. A job slowed by the machine (a stall of its virtual
+/// CPU is charged to the thread that ran) raises an estimate by at most
+/// 15%, while a cost that really rose tenfold is estimated at half of it
+/// after twenty jobs and 90% after fifty. At most `MAX_COSTS` (10,000)
+/// learned costs are kept: pipelines and sizes are the clients' to
+/// choose, and past that only those already learned are updated.
+///
+/// While actions are capped, a job of a capped action that ended puts the
+/// parked owners back among the ready ones, and with jobs waiting it
+/// rings the doorbell: a job that ended may have freed a cap that held
+/// one back.
+const ACCOUNT_SCRIPT: &str = concat!(
+    size_class_lua!(),
+    r"
+-- A cost learned so far (`old`, negative: none yet) moved towards one
+-- job's `sample`: down quickly, up slowly and by at most LEARN_CAP times.
+local LEARN_CAP, UP, DOWN, MAX_COSTS = 4, 0.05, 0.3, 10000
+local function learn(old, sample)
+  if old < 0 then return sample end
+  if sample <= old then return old + (sample - old) * DOWN end
+  return old + (math.min(sample, math.max(old * LEARN_CAP, 0.001)) - old) * UP
+end
+local delta, owners, learned, sized = {}, {}, {}, {}
+for i = 1, #ARGV, 6 do
   local owner, action = ARGV[i], ARGV[i + 1]
   local mp, est, secs = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   if not delta[owner] then delta[owner] = 0; owners[#owners + 1] = owner end
@@ -1227,14 +1332,26 @@ for i = 1, #ARGV, 5 do
          tonumber(redis.call('HGET', KEYS[3], action .. ':mp') or '-1'), false, false}
     learned[action] = l
   end
-  if mp < 0.25 then
-    if l[1] < 0 then l[1] = secs else l[1] = l[1] * 0.8 + secs * 0.2 end
-    l[3] = true
-  else
-    local per = (secs - math.max(l[1], 0)) / mp
-    if per < 0 then per = 0 end
-    if l[2] >= 0 then l[2] = l[2] * 0.7 + per * 0.3 else l[2] = per end
-    l[4] = true
+  if ARGV[i + 5] == '1' then
+    -- A size class's first job starts from what the action's costs
+    -- estimate for it (once they are learned for a job of its size), so
+    -- that it too counts at most four times that.
+    local sk = action .. ':s' .. size_class(mp)
+    local sv = sized[sk]
+    if not sv then sv = tonumber(redis.call('HGET', KEYS[3], sk) or '-1') or -1 end
+    if sv < 0 and l[1] >= 0 and (mp < 0.25 or l[2] >= 0) then
+      sv = l[1] + mp * math.max(l[2], 0)
+    end
+    sized[sk] = learn(sv, secs)
+    if mp < 0.25 then
+      l[1] = learn(l[1], secs)
+      l[3] = true
+    else
+      local per = (secs - math.max(l[1], 0)) / mp
+      if per < 0 then per = 0 end
+      l[2] = learn(l[2], per)
+      l[4] = true
+    end
   end
 end
 for _, owner in ipairs(owners) do
@@ -1244,9 +1361,19 @@ for _, owner in ipairs(owners) do
   local vt = redis.call('HINCRBYFLOAT', KEYS[1], owner, tostring(delta[owner] / share))
   if redis.call('ZSCORE', KEYS[2], owner) then redis.call('ZADD', KEYS[2], vt, owner) end
 end
+-- At most MAX_COSTS fields: past them, costs already learned are kept up
+-- to date and no new one is added (pipelines and sizes are the client's to
+-- choose).
+local room = redis.call('HLEN', KEYS[3]) < MAX_COSTS
+local function keep(field, v)
+  if room or redis.call('HEXISTS', KEYS[3], field) == 1 then
+    redis.call('HSET', KEYS[3], field, tostring(v))
+  end
+end
+for sk, v in pairs(sized) do keep(sk, v) end
 for action, l in pairs(learned) do
-  if l[3] then redis.call('HSET', KEYS[3], action .. ':base', tostring(l[1])) end
-  if l[4] then redis.call('HSET', KEYS[3], action .. ':mp', tostring(l[2])) end
+  if l[3] then keep(action .. ':base', l[1]) end
+  if l[4] then keep(action .. ':mp', l[2]) end
 end
 if redis.call('HLEN', KEYS[4]) > 0 then
   local freed = false
@@ -1264,7 +1391,8 @@ if redis.call('HLEN', KEYS[4]) > 0 then
     redis.call('LTRIM', KEYS[5], 0, 63)
   end
 end
-return 0";
+return 0"
+);
 
 /// Replaces the caps (KEYS: caps, stream, bell, ready, parked; ARGV[1]: the running sets'
 /// prefix; ARGV[2]: the group; then action and `<cap>:<cap per owner>` for
@@ -1318,13 +1446,20 @@ redis.call('LTRIM', KEYS[3], 0, 63)
 return 0";
 
 /// Takes up to ARGV[3] waiting entries for consumer ARGV[2] of group
-/// ARGV[1], each from the owner with the least virtual time (KEYS: stream,
+/// ARGV[1], each from the owner with the least virtual time, or one
+/// arrival's first entry (below) (KEYS: stream,
 /// waiting, ready, vtime, clock, costs, bell, caps, shares, parked; ARGV[4]: the owners'
 /// queues' prefix; ARGV[5], ARGV[6]: the default costs; ARGV[7]: the
 /// running sets' prefix; ARGV[8]: how many of an owner's first entries are
-/// looked at when actions are capped; ARGV[9]: how many entries in all). Returns, for each, its entry id,
+/// looked at when actions are capped; ARGV[9]: how many entries in all;
+/// ARGV[10], ARGV[11]: an arrival's owner and virtual time, or empty).
+/// Returns, for each, its entry id,
 /// job, spec and estimated seconds. With nothing left waiting, the
 /// doorbell is silenced (its rings are for jobs taken now).
+///
+/// For an arrival (ARGV[10], [`Reader::next_arrival`]): that owner's first
+/// entry, if no action is capped and the owner still waits at the virtual
+/// time it arrived at (ARGV[11]); else nothing.
 ///
 /// With no action capped (`<prefix>:caps` empty): while only one owner
 /// waits, its jobs are taken together (a few commands for the whole take);
@@ -1338,10 +1473,12 @@ return 0";
 /// action ends ([`ACCOUNT_SCRIPT`] puts the parked owners back and rings
 /// the doorbell), the caps change, or no other owner is ready. A take that
 /// finds nothing it may take silences the doorbell too.
-const TAKE_SCRIPT: &str = r"
+const TAKE_SCRIPT: &str = concat!(
+    size_class_lua!(),
+    r"
 local taken = {}
 local want = tonumber(ARGV[3])
-local costs, caps, full, shares = {}, {}, {}, {}
+local costs, sizes, caps, full, shares = {}, {}, {}, {}, {}
 local rounds = 0
 local stamp = redis.call('TIME')[1]
 -- Claims entries `ids` of `owner` (virtual time `vt`) for the consumer,
@@ -1371,13 +1508,26 @@ local function claim(ids, owner, vt, running)
       local f = {}
       for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
       local action = f['action'] or ''
-      local c = costs[action]
-      if not c then
-        c = {tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5]),
-             tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])}
-        costs[action] = c
+      local mp = tonumber(f['mp'] or '0') or 0
+      -- What jobs of its action and size class took, or before any has
+      -- finished, a job's cost plus its megapixels' learned cost.
+      local sk = action .. ':s' .. size_class(mp)
+      local cost = sizes[sk]
+      if not cost then
+        cost = tonumber(redis.call('HGET', KEYS[6], sk) or '-1') or -1
+        sizes[sk] = cost
       end
-      local cost = c[1] + (tonumber(f['mp'] or '0') or 0) * c[2]
+      if cost < 0 then
+        local c = costs[action]
+        if not c then
+          c = {tonumber(redis.call('HGET', KEYS[6], action .. ':base') or ARGV[5]),
+               tonumber(redis.call('HGET', KEYS[6], action .. ':mp') or ARGV[6])}
+          costs[action] = c
+        end
+        cost = c[1] + mp * c[2]
+      end
+      -- Never nothing: a job taken always moves its owner on.
+      cost = math.max(cost, 0.00001)
       start = vt
       vt = vt + cost / share
       taken[#taken + 1] = {e[1], f['job'] or '', f['spec'] or '', tostring(cost)}
@@ -1412,6 +1562,24 @@ local function requeue(owner, vt)
   end
   redis.call('ZREM', KEYS[3], owner)
   return false
+end
+-- A take for one owner (ARGV[10], an arrival: an owner that started
+-- waiting level with the owner furthest behind, at virtual time ARGV[11],
+-- for a worker's arrival lane): its first job, if no action is capped and
+-- it still waits at that virtual time (not served or charged since: an
+-- arrival that is stale, or repeated by a submission cancelled and made
+-- again, takes nothing); else nothing.
+if ARGV[10] ~= '' then
+  local owner = ARGV[10]
+  if redis.call('HLEN', KEYS[8]) > 0 then return taken end
+  local score = redis.call('ZSCORE', KEYS[3], owner)
+  if not score or tonumber(score) ~= tonumber(ARGV[11]) then return taken end
+  local vt = tonumber(score)
+  local heads = redis.call('ZPOPMIN', ARGV[4] .. owner, 1)
+  if #heads > 0 then vt = claim({heads[1]}, owner, vt, false) end
+  requeue(owner, vt)
+  if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[7]) end
+  return taken
 end
 if redis.call('HLEN', KEYS[8]) == 0 then
   while #taken < want and rounds < want * 4 + 16 do
@@ -1514,7 +1682,8 @@ if (#taken == 0 and not exhausted) or redis.call('ZCARD', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[7])
 end
 return taken
-";
+"
+);
 
 /// Failure counters ([`Queue::count_failure`]), under the prefix.
 const FAILURES: &str = "failures";
@@ -1593,6 +1762,16 @@ async fn bounded<T>(connect: impl std::future::Future<Output = RedisResult<T>>) 
     })?
 }
 
+/// How a wait on one of the queue's lists ended.
+enum Wait {
+    /// A value came (a ring, an owner).
+    Popped(String),
+    /// None came in time.
+    TimedOut,
+    /// The caller said stop; the wait was abandoned.
+    Stopped,
+}
+
 /// Reads new entries for one consumer on its own connection (a blocking
 /// read holds its connection).
 pub struct Reader {
@@ -1602,6 +1781,9 @@ pub struct Reader {
     /// Whether its last take left nothing waiting: the next one waits for
     /// the doorbell first.
     drained: bool,
+    /// Whether it abandoned a wait for the doorbell: Redis holds its
+    /// connection until that wait ends, so the next read connects anew.
+    abandoned: bool,
 }
 
 impl Reader {
@@ -1623,32 +1805,117 @@ impl Reader {
         count: usize,
         block: Duration,
     ) -> RedisResult<Vec<Delivery>> {
+        self.next_batch_until(count, block, std::future::pending())
+            .await
+    }
+
+    /// [`Reader::next_batch`], except that the wait for the doorbell ends
+    /// at once, with nothing taken, when `until` resolves: a worker told to
+    /// stop takes no job after that, and does not wait out `block` first.
+    /// Only the wait is cut short, never a take (whose script claims the
+    /// jobs it returns). A ring that comes as the wait is abandoned may be
+    /// lost to the other workers, who then find its job at the end of
+    /// their own wait; the reader's next call connects anew (Redis holds
+    /// the old connection until the abandoned wait ends) and takes before
+    /// it waits (the old wait may take the ring of a job queued since).
+    pub async fn next_batch_until(
+        &mut self,
+        count: usize,
+        block: Duration,
+        until: impl std::future::Future<Output = ()>,
+    ) -> RedisResult<Vec<Delivery>> {
+        self.reconnect_if_abandoned().await?;
         if !self.drained {
-            let taken = self.take(count).await?;
+            let taken = self.take(count, None).await?;
             if !taken.is_empty() {
                 return Ok(taken);
             }
         }
-        let mut command = redis::cmd("BLPOP");
-        command
-            .arg(self.queue.key(BELL))
-            .arg(block.as_secs_f64().max(0.01));
-        let ring = command.query_async::<Option<(String, String)>>(&mut self.conn);
-        match tokio::time::timeout(block + TIMEOUT, ring).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(RedisError::from((
-                    redis::ErrorKind::IoError,
-                    "waiting for the queue's doorbell timed out",
-                )))
-            }
+        match self.wait_on(BELL, block, until).await? {
+            Wait::Stopped => Ok(Vec::new()),
+            Wait::Popped(_) | Wait::TimedOut => self.take(count, None).await,
         }
-        self.take(count).await
     }
 
-    /// One round of [`TAKE_SCRIPT`].
-    async fn take(&mut self, count: usize) -> RedisResult<Vec<Delivery>> {
+    /// Waits up to `block` for an arrival (an owner whose first job was
+    /// queued while none of its jobs waited, and which then stood level
+    /// with the owner furthest behind: a newcomer, or a light key that
+    /// submits one job at a time) and takes that owner's first job if it
+    /// still waits and no action is capped; else nothing. A worker's
+    /// arrival lane: with a slot of its own beyond those its main reads
+    /// fill, it takes a newcomer's job at once, where the main reads would
+    /// take it only once one of the jobs they hold had ended (the worker's
+    /// slots then give it the next image-work slot). The fair order holds:
+    /// an owner ahead of the others in worker time is no arrival, and
+    /// waits its turn in the main reads. `until` cuts the wait short as in
+    /// [`Reader::next_batch_until`].
+    pub async fn next_arrival(
+        &mut self,
+        block: Duration,
+        until: impl std::future::Future<Output = ()>,
+    ) -> RedisResult<Vec<Delivery>> {
+        self.reconnect_if_abandoned().await?;
+        match self.wait_on(ARRIVALS, block, until).await? {
+            Wait::Popped(arrival) => match arrival.split_once(':') {
+                Some((vt, owner)) => self.take(1, Some((owner, vt))).await,
+                None => Ok(Vec::new()),
+            },
+            Wait::Stopped | Wait::TimedOut => Ok(Vec::new()),
+        }
+    }
+
+    /// After an abandoned wait, a new connection (Redis holds the old one
+    /// until that wait ends), and a take before the next wait (the old
+    /// wait may yet take a ring meant for this take).
+    async fn reconnect_if_abandoned(&mut self) -> RedisResult<()> {
+        if self.abandoned {
+            self.conn = self.queue.reader_connection().await?;
+            self.abandoned = false;
+            self.drained = false;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `block` for a value on the list `list` (under the
+    /// prefix), or until `until` resolves (the wait is then abandoned).
+    async fn wait_on(
+        &mut self,
+        list: &str,
+        block: Duration,
+        until: impl std::future::Future<Output = ()>,
+    ) -> RedisResult<Wait> {
+        let mut command = redis::cmd("BLPOP");
+        command
+            .arg(self.queue.key(list))
+            .arg(block.as_secs_f64().max(0.01));
+        let popped = command.query_async::<Option<(String, String)>>(&mut self.conn);
+        let popped = tokio::select! {
+            biased;
+            () = until => {
+                self.abandoned = true;
+                return Ok(Wait::Stopped);
+            }
+            popped = tokio::time::timeout(block + TIMEOUT, popped) => popped,
+        };
+        match popped {
+            Ok(Ok(Some((_, value)))) => Ok(Wait::Popped(value)),
+            Ok(Ok(None)) => Ok(Wait::TimedOut),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RedisError::from((
+                redis::ErrorKind::IoError,
+                "waiting on the queue's doorbell timed out",
+            ))),
+        }
+    }
+
+    /// One round of [`TAKE_SCRIPT`]: up to `count` jobs in fair order, or
+    /// for an `arrival` (owner, the virtual time it arrived at) that
+    /// owner's first job if it still waits there.
+    async fn take(
+        &mut self,
+        count: usize,
+        arrival: Option<(&str, &str)>,
+    ) -> RedisResult<Vec<Delivery>> {
         let q = &self.queue;
         let script = redis::Script::new(TAKE_SCRIPT);
         let mut command = script.key(&q.stream);
@@ -1670,7 +1937,9 @@ impl Reader {
             .arg(DEFAULT_COST.1)
             .arg(q.key(&format!("{RUNNING}:")))
             .arg(CAP_WINDOW)
-            .arg(CAP_LOOKS);
+            .arg(CAP_LOOKS)
+            .arg(arrival.map_or("", |a| a.0))
+            .arg(arrival.map_or("", |a| a.1));
         let read = command.invoke_async::<Vec<(String, String, String, String)>>(&mut self.conn);
         let taken = match tokio::time::timeout(TIMEOUT, read).await {
             Ok(reply) => reply?,
@@ -1681,7 +1950,9 @@ impl Reader {
                 )))
             }
         };
-        self.drained = taken.len() < count.max(1);
+        if arrival.is_none() {
+            self.drained = taken.len() < count.max(1);
+        }
         Ok(taken
             .into_iter()
             .filter_map(|(entry, job, spec, estimate)| match Uuid::parse_str(&job) {

@@ -62,6 +62,7 @@ async fn settle(q: &Queue, d: &Delivery, owner: &str, action: &str) {
             megapixels: 0.004,
             estimate: d.estimate,
             seconds: 0.01,
+            completed: true,
         }],
     )
     .await

@@ -256,39 +256,253 @@ async fn submit_flood(stack: &Stack, key: &str, count: usize) -> Vec<String> {
 }
 
 /// How long B submits one job every 100 ms with A idle.
-const TRICKLE: Duration = Duration::from_secs(8);
+const TRICKLE: Duration = Duration::from_secs(10);
+
+/// How long each of B's turns lasts while A floods: B submits one job
+/// every 100 ms for a turn, then nothing for a turn, and so on.
+const TURN: Duration = Duration::from_secs(1);
+
+/// Spans of time (from, to).
+type Spans = Vec<(DateTime<Utc>, DateTime<Utc>)>;
+
+/// B's trickle in turns ([`TURN`]) until `done` says so: returns B's jobs
+/// (id, accepted) and the spans of its turns on. Between them A runs
+/// alone, so A's throughput with B and alone are measured in the same
+/// flood, turn by turn: on the same stack, table size and machine state
+/// (two floods one after the other differ by 10-15% whichever goes
+/// first, see docs/BENCHMARKS.md).
+async fn trickle_in_turns(
+    stack: &Stack,
+    key: &str,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<(String, DateTime<Utc>)>, Spans) {
+    let (mut jobs, mut on) = (Vec::new(), Vec::new());
+    while !*done.borrow() {
+        let from = Utc::now();
+        jobs.extend(trickle(stack, key, tokio::time::sleep(TURN)).await);
+        on.push((from, Utc::now()));
+        tokio::select! {
+            _ = done.wait_for(|d| *d) => break,
+            () = tokio::time::sleep(TURN) => {}
+        }
+    }
+    (jobs, on)
+}
+
+/// A's jobs completed per second from `from` to `to`, over B's whole
+/// turns within it (a turn on and the pause after it, from one turn's
+/// start to the next one's, so that neither side gets more of a faster
+/// or slower phase of the flood): within B's turns on, and in the pauses
+/// (A alone); and over the whole span. A's jobs only: B's are smaller and
+/// would add cheap completions to the turns on.
+async fn rates_in_turns(
+    pool: &sqlx::PgPool,
+    a: &str,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    on: &[(DateTime<Utc>, DateTime<Utc>)],
+) -> Rates {
+    let finishes: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT finished_at FROM jobs WHERE owner = $1 AND finished_at BETWEEN $2 AND $3",
+    )
+    .bind(a)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let secs =
+        |a: DateTime<Utc>, b: DateTime<Utc>| (b - a).num_microseconds().unwrap_or(0) as f64 / 1e6;
+    let within = |a: DateTime<Utc>, b: DateTime<Utc>| {
+        finishes.iter().filter(|t| a <= **t && **t < b).count() as f64
+    };
+    let pairs: Vec<_> = on
+        .windows(2)
+        .map(|w| (w[0].0, w[0].1, w[1].0))
+        .filter(|&(start, _, next)| start >= from && next <= to)
+        .collect();
+    let (mut with_b, mut alone) = ((0.0, 0.0), (0.0, 0.0));
+    for &(start, end, next) in &pairs {
+        with_b = (with_b.0 + within(start, end), with_b.1 + secs(start, end));
+        alone = (alone.0 + within(end, next), alone.1 + secs(end, next));
+    }
+    Rates {
+        with_b: with_b.0 / with_b.1,
+        alone: alone.0 / alone.1,
+        overall: finishes.len() as f64 / secs(from, to),
+        turns: pairs.len(),
+    }
+}
+
+/// A's jobs completed per second with B's trickle and with A alone (not a
+/// number if the span held no whole turn), and over the whole span.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    with_b: f64,
+    alone: f64,
+    overall: f64,
+    /// B's whole turns (on, then off) within the span.
+    turns: usize,
+}
+
+impl Rates {
+    fn ratio(&self) -> f64 {
+        self.with_b / self.alone
+    }
+}
 
 /// What one flood of A's measured.
 struct Flood {
-    /// Jobs completed per second, A's and B's together, over the drain:
-    /// from the end of A's submissions (the API no longer competing with
-    /// the workers for the cores) to A's last finish.
-    drain_rate: f64,
-    /// The same from A's first start to its last finish.
-    rate: f64,
+    /// From A's first start to its last finish.
+    rates: Rates,
+    /// Over the drain: from the end of A's submissions (the API no longer
+    /// competing with the workers for the cores) to A's last finish.
+    drain: Rates,
     /// A's jobs waiting when its submissions ended.
     backlog: u64,
     /// A's median queue wait (from creation) and run time.
     a_wait_p50: Duration,
     a_run_p50: Duration,
-    /// B's jobs (id, accepted), if B trickled.
+    /// B's jobs (id, accepted).
     b_jobs: Vec<(String, DateTime<Utc>)>,
     submitted_in: Duration,
     /// When A's submissions ended.
     submitted_at: DateTime<Utc>,
+    /// The queue's virtual times through the flood ([`VtSample`]).
+    vtimes: Vec<VtSample>,
+    /// The jobs charged most worker time, from the workers' logs.
+    heaviest: Vec<(f64, String)>,
+}
+
+/// The queue's virtual times at one moment: A's, B's and the clock
+/// (worker seconds), read from Redis every 10 ms through a flood, so a
+/// slow job of B's can be explained by where B stood.
+#[derive(Debug, Clone, Copy)]
+struct VtSample {
+    at: DateTime<Utc>,
+    a: f64,
+    b: f64,
+    clock: f64,
+    /// What a 64x64 grayscale job (B's) is estimated to cost now: what
+    /// jobs of its size class (2^12 pixels) took.
+    base: f64,
+}
+
+/// Reads the virtual times of `a` and `b` and the clock every 10 ms until
+/// `done` says so.
+async fn sample_vtimes(
+    prefix: &str,
+    a: &str,
+    b: &str,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> Vec<VtSample> {
+    let client = redis::Client::open(imgflow_testkit::stack::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !*done.borrow() {
+        tokio::select! {
+            _ = done.wait_for(|d| *d) => break,
+            _ = tick.tick() => {}
+        }
+        let (vt, clock, base): (Vec<Option<f64>>, Option<f64>, Option<f64>) = redis::pipe()
+            .hget(format!("{prefix}:vtime"), &[a, b])
+            .get(format!("{prefix}:clock"))
+            .hget(format!("{prefix}:costs"), "grayscale:s12")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push(VtSample {
+            at: Utc::now(),
+            a: vt.first().copied().flatten().unwrap_or(0.0),
+            b: vt.get(1).copied().flatten().unwrap_or(0.0),
+            clock: clock.unwrap_or(0.0),
+            base: base.unwrap_or(0.0),
+        });
+    }
+    out
+}
+
+/// Prints B's `n` slowest starts: each one's wait, B's job before it (its
+/// run, and when it finished), and where B's and A's virtual times stood
+/// from its acceptance to its start (B ahead of A by so many worker
+/// milliseconds).
+fn explain_slowest(
+    b_jobs: &[(String, DateTime<Utc>)],
+    waits: &[Duration],
+    times: &[Timing],
+    vtimes: &[VtSample],
+    n: usize,
+) {
+    let mut order: Vec<usize> = (0..waits.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(waits[i]));
+    for &i in order.iter().take(n) {
+        let (accepted, started) = (b_jobs[i].1, times[i].started);
+        let before = i
+            .checked_sub(1)
+            .map(|p| {
+                format!(
+                    "B's job before ran {:?}, finished {:+} ms from this one's acceptance",
+                    times[p].run(),
+                    (times[p].finished - accepted).num_milliseconds()
+                )
+            })
+            .unwrap_or_default();
+        let span: Vec<&VtSample> = vtimes
+            .iter()
+            .filter(|s| s.at >= accepted - chrono::Duration::milliseconds(20) && s.at <= started)
+            .collect();
+        let ms = |v: f64| v * 1e3;
+        let ahead = span
+            .iter()
+            .map(|s| ms(s.b - s.a))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let (first, last) = (span.first(), span.last());
+        println!(
+            "  B's job {i} waited {:?}; {before}; over {} samples B ahead of A by at most {ahead:.1} ms              (first: B {:.1}, A {:.1}, clock {:.1} ms; last: B {:.1}, A {:.1}, clock {:.1} ms)",
+            waits[i],
+            span.len(),
+            first.map_or(0.0, |s| ms(s.b)),
+            first.map_or(0.0, |s| ms(s.a)),
+            first.map_or(0.0, |s| ms(s.clock)),
+            last.map_or(0.0, |s| ms(s.b)),
+            last.map_or(0.0, |s| ms(s.a)),
+            last.map_or(0.0, |s| ms(s.clock)),
+        );
+        // How B got ahead: each step of B's virtual time from its job
+        // before's acceptance to this one's start.
+        let since = i.checked_sub(1).map_or(accepted, |p| b_jobs[p].1);
+        let steps: Vec<String> = vtimes
+            .windows(2)
+            .filter(|w| w[1].at >= since - chrono::Duration::milliseconds(20) && w[1].at <= started)
+            .filter(|w| (w[1].b - w[0].b).abs() > 0.002)
+            .map(|w| {
+                format!(
+                    "{:+} ms: B {:+.1} (A {:+.1}, B's estimate {:.2} ms)",
+                    (w[1].at - accepted).num_milliseconds(),
+                    ms(w[1].b - w[0].b),
+                    ms(w[1].a - w[0].a),
+                    ms(w[1].base)
+                )
+            })
+            .collect();
+        println!(
+            "    B's steps over 2 ms from its job before's acceptance: {}",
+            steps.join("; ")
+        );
+    }
 }
 
 /// A floods the queue with `total` small jobs as fast as it can: the
 /// first `head_start` before any worker runs (a backlog), the rest while
-/// `workers` workers (`name`-i, 2 slots each) run. If `b` is given, B
-/// submits one job every 100 ms from the workers' start until A's last
-/// job completes. Measures, and stops the workers.
+/// `workers` workers (`name`-i, 2 slots each) run. B trickles in turns
+/// ([`trickle_in_turns`]) from the workers' start until A's last job
+/// completes. Measures, and stops the workers.
 async fn flood_of(
     stack: &mut Stack,
     name: &str,
     workers: usize,
     a: &ClientKey,
-    b: Option<&ClientKey>,
+    b: &ClientKey,
     total: usize,
     head_start: usize,
 ) -> Flood {
@@ -299,7 +513,7 @@ async fn flood_of(
         .collect();
     let shared = &*stack;
     let pool = shared.pool().await;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let flood = async {
         a_ids.extend(submit_flood(shared, &a.key, total - head_start).await);
         let submitted = (Utc::now(), started.elapsed());
@@ -320,88 +534,109 @@ async fn flood_of(
             },
         )
         .await;
-        let _ = done_tx.send(());
+        let _ = done_tx.send(true);
         (submitted, backlog)
     };
-    let b_trickle = async {
-        match b {
-            Some(b) => {
-                trickle(shared, &b.key, async {
-                    let _ = done_rx.await;
-                })
-                .await
-            }
-            None => Vec::new(),
-        }
-    };
-    let (((submitted_at, submitted_in), backlog), b_jobs) = tokio::join!(flood, b_trickle);
-    let owners: Vec<String> = [Some(a), b]
-        .into_iter()
-        .flatten()
-        .map(|k| k.id.clone())
-        .collect();
+    let (((submitted_at, submitted_in), backlog), (b_jobs, on), vtimes) = tokio::join!(
+        flood,
+        trickle_in_turns(shared, &b.key, done_rx.clone()),
+        sample_vtimes(&shared.queue, &a.id, &b.id, done_rx)
+    );
     let (first, last): (DateTime<Utc>, DateTime<Utc>) =
         sqlx::query_as("SELECT min(started_at), max(finished_at) FROM jobs WHERE owner = $1")
             .bind(&a.id)
             .fetch_one(&pool)
             .await
             .unwrap();
-    let finished_between = |from: DateTime<Utc>| {
-        let (pool, owners) = (&pool, &owners);
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM jobs WHERE owner = ANY($1) AND finished_at BETWEEN $2 AND $3",
-            )
-            .bind(owners)
-            .bind(from)
-            .bind(last)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            n as f64 / (last - from).to_std().unwrap().as_secs_f64()
-        }
-    };
     assert!(
         submitted_at < last,
         "A had no backlog left when its submissions ended (its last job finished at {last})"
     );
-    let rate = finished_between(first).await;
-    let drain_rate = finished_between(submitted_at).await;
+    let rates = rates_in_turns(&pool, &a.id, (first, last), &on).await;
+    let drain = rates_in_turns(&pool, &a.id, (submitted_at, last), &on).await;
     let a_times = timings(stack, &a.key, &a_ids[..a_ids.len().min(2_000)]).await;
     stop_workers(stack, &started_workers).await;
+    let heaviest = started_workers
+        .iter()
+        .flat_map(|&i| heaviest_charges(&stack.workers[i].process().log, 3))
+        .collect();
     Flood {
-        drain_rate,
-        rate,
+        rates,
+        drain,
         backlog,
         a_wait_p50: quantile(a_times.iter().map(Timing::wait).collect(), 0.5),
         a_run_p50: quantile(a_times.iter().map(Timing::run).collect(), 0.5),
         b_jobs,
         submitted_in,
         submitted_at,
+        vtimes,
+        heaviest,
     }
 }
 
-/// Stops the worker processes `workers` (SIGTERM) and waits until Redis
-/// sees none.
+/// The `n` jobs a worker's log (`log`) shows charged most worker time
+/// (`charged_ms`), each with its line.
+fn heaviest_charges(log: &std::path::Path, n: usize) -> Vec<(f64, String)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut charged: Vec<(f64, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let plain: String = strip_ansi(line);
+            let at = plain.find("charged_ms=")? + "charged_ms=".len();
+            let ms = plain[at..].split_whitespace().next()?.parse().ok()?;
+            Some((ms, plain))
+        })
+        .collect();
+    charged.sort_by(|x, y| y.0.total_cmp(&x.0));
+    charged.truncate(n);
+    charged
+}
+
+/// `line` without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Stops the worker processes `workers` (SIGTERM) and waits until they
+/// have exited (until then a worker finishes what it holds, and the next
+/// measure must not count it).
 async fn stop_workers(stack: &mut Stack, workers: &[usize]) {
     for &i in workers {
         stack.workers[i].process().signal("TERM");
     }
-    wait_until("the workers stop", Duration::from_secs(10), || async {
-        stack
-            .redis_queue()
-            .workers_seen(Duration::from_secs(60))
-            .await
-            .unwrap()
-            .is_empty()
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for &i in workers {
+        let worker = stack.workers[i].process();
+        while worker.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within 15 s of SIGTERM:\n{}",
+                worker.name,
+                worker.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Key A floods the queue with `total` small jobs (the first `head_start`
-/// before any worker runs) while key B submits one job every 100 ms: B's
-/// queue waits stay close to its waits with A idle, and A's flood goes as
-/// fast as it does alone.
+/// before any worker runs) while key B submits one job every 100 ms (in
+/// turns of a second on, a second off): B's queue waits stay within twice
+/// its waits with A idle plus one job's run, and A's flood goes as fast
+/// with B's trickle as without, within 10%.
 async fn flood(workers: usize, total: usize, head_start: usize) {
     let mut stack = Stack::new().await;
     stack.start_api(&SETTINGS).await;
@@ -420,36 +655,16 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
     let run_p50 = quantile(alone_t.iter().map(Timing::run).collect(), 0.5);
     stop_workers(&mut stack, &first).await;
 
-    // A's flood with B's trickle; then A's flood alone on a stack of its
-    // own (a second flood on the same stack runs 10-15% slower, on a jobs
-    // table and a storage twice as big), once the first stack is gone (its
-    // database dropped, so its vacuum does not run beside the second).
-    let with_b = flood_of(
-        &mut stack,
-        "flood",
-        workers,
-        &a,
-        Some(&b),
-        total,
-        head_start,
-    )
-    .await;
-    let (b_waits, b_times) = waits(&stack, &b.key, &with_b.b_jobs).await;
-    drop(stack);
-    let solo = {
-        let mut alone = Stack::new().await;
-        alone.start_api(&SETTINGS).await;
-        plugins_without_workers(&mut alone).await;
-        let a = alone.create_key("a").await;
-        flood_of(&mut alone, "solo", workers, &a, None, total, head_start).await
-    };
+    // A's flood, B trickling in turns.
+    let flood = flood_of(&mut stack, "flood", workers, &a, &b, total, head_start).await;
+    let (b_waits, b_times) = waits(&stack, &b.key, &flood.b_jobs).await;
     // B's waits while A was still submitting (the API competing with the
     // workers for the two cores) and after.
-    let (during, after): (Vec<_>, Vec<_>) = with_b
+    let (during, after): (Vec<_>, Vec<_>) = flood
         .b_jobs
         .iter()
         .zip(&b_waits)
-        .partition(|((_, accepted), _)| *accepted < with_b.submitted_at);
+        .partition(|((_, accepted), _)| *accepted < flood.submitted_at);
     let p99_of = |part: Vec<(&(String, DateTime<Utc>), &Duration)>| {
         let n = part.len();
         let waits: Vec<Duration> = part.into_iter().map(|(_, w)| *w).collect();
@@ -464,25 +679,46 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         p99_of(during),
         p99_of(after)
     );
+    explain_slowest(&flood.b_jobs, &b_waits, &b_times, &flood.vtimes, 3);
+    for (ms, line) in &flood.heaviest {
+        println!("  charged {ms} ms: {line}");
+    }
+    // A stall of the whole machine shows as a gap in the 10 ms samples.
+    if let Some(gap) = flood
+        .vtimes
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at, w[1].at))
+        .max()
+    {
+        println!(
+            "  the longest gap between the 10 ms samples: {} ms, ending at {}",
+            gap.0.num_milliseconds(),
+            gap.1
+        );
+    }
     let flood_p99 = quantile(b_waits.clone(), 0.99);
     let flood_p50 = quantile(b_waits, 0.5);
     let flood_created_p99 = quantile(b_times.iter().map(Timing::wait).collect(), 0.99);
-    let backlog = with_b.backlog;
+    let backlog = flood.backlog;
+    let (rates, drain) = (flood.rates, flood.drain);
     println!(
         "fair share, {workers} worker(s) of 2 slots: B alone p99 wait {idle_p99:?} (run p50 {run_p50:?}); \
-         A alone: {total} jobs ({head_start} before the workers started) completed at {:.0}/s, \
-         {:.0}/s over the drain; A flooding with B: {:.0}/s, {:.0}/s over the drain \
-         (A's {total} jobs submitted in {:.1?}, {backlog} still waiting then; \
-         A's median wait {:?}, run {:?}): B p50 {flood_p50:?}, p99 {flood_p99:?} over {} jobs, \
+         A's {total} jobs ({head_start} before the workers started) submitted in {:.1?}, \
+         {backlog} still waiting then; A's median wait {:?}, run {:?}; \
+         A's jobs completed/s in B's turns on / A alone between them, over {} whole turns: \
+         {:.0} / {:.0} ({:.0} over the flood), over the drain ({} turns) {:.0} / {:.0}; B p50 {flood_p50:?}, p99 {flood_p99:?} over {} jobs, \
          B's run p50 {:?} (from creation, with the insert's commit: alone p99 {idle_created_p99:?}, \
          flooding {flood_created_p99:?})",
-        solo.rate,
-        solo.drain_rate,
-        with_b.rate,
-        with_b.drain_rate,
-        with_b.submitted_in,
-        with_b.a_wait_p50,
-        with_b.a_run_p50,
+        flood.submitted_in,
+        flood.a_wait_p50,
+        flood.a_run_p50,
+        rates.turns,
+        rates.with_b,
+        rates.alone,
+        rates.overall,
+        drain.turns,
+        drain.with_b,
+        drain.alone,
         b_times.len(),
         quantile(b_times.iter().map(Timing::run).collect(), 0.5),
     );
@@ -491,41 +727,31 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         "A still had a backlog when its submissions ended: {backlog}"
     );
     // The issue's goals: B within twice its wait alone plus one job's run;
-    // A's flood (with B's) as fast as A's alone, within 10%, over the
-    // drain, where the workers alone use the cores.
-    let goal = idle_p99 * 2 + with_b.a_run_p50;
-    let fifo = Duration::from_secs_f64(backlog as f64 / with_b.drain_rate);
-    let met = |yes: bool| if yes { "met" } else { "not met" };
-    let ratio = with_b.drain_rate / solo.drain_rate;
+    // A's flood as fast with B's trickle as alone, within 10% (A's jobs
+    // alone: stricter than the issue's total throughput, which would
+    // count B's smaller jobs too).
+    let goal = idle_p99 * 2 + flood.a_run_p50;
+    let fifo = Duration::from_secs_f64((backlog as f64 / drain.overall).min(1e6));
+    let met = |yes: bool| if yes { "met" } else { "NOT MET" };
     println!(
         "  B's goal {goal:?}: {}; in arrival order B would wait about {fifo:?} behind A's backlog; \
-         over the drain {:.1}% of A alone, within 10%: {}",
+         with B {:.1}% of A alone (over the drain {:.1}%): {}",
         met(flood_p99 <= goal),
-        ratio * 100.0,
-        met(ratio >= 0.9)
+        rates.ratio() * 100.0,
+        drain.ratio() * 100.0,
+        met(rates.ratio() >= 0.9),
     );
     assert!(
-        flood_p99 * 10 < fifo,
-        "B's p99 wait {flood_p99:?} with A flooding: B waits behind A's backlog of {backlog} ({fifo:?} in arrival order)"
+        flood_p99 <= goal,
+        "B's p99 wait {flood_p99:?} with A flooding is over its goal {goal:?} (twice {idle_p99:?} alone plus A's median run {:?}; in arrival order about {fifo:?} behind A's backlog of {backlog})",
+        flood.a_run_p50
     );
-    // The issue's figures are printed above as met or not; the test fails
-    // at twice B's goal and at 80% of A alone: in one run of eight the
-    // margins were 4% and 4 points (docs/BENCHMARKS.md), too thin to fail
-    // `make test` on.
     assert!(
-        flood_p99 <= goal * 2,
-        "B's p99 wait {flood_p99:?} with A flooding is over twice the goal {goal:?} (twice B's p99 alone, {idle_p99:?}, plus A's median run, {:?})",
-        with_b.a_run_p50
-    );
-    // It fell to 62% in one run with other tests on the two cores (see
-    // docs/BENCHMARKS.md): `make test` runs the floods alone, after the
-    // other tests.
-    assert!(
-        ratio >= 0.8,
-        "A's flood with B's trickle drained at {:.0}/s, {:.1}% of A alone ({:.0}/s): more than 20% below",
-        with_b.drain_rate,
-        ratio * 100.0,
-        solo.drain_rate
+        rates.ratio() >= 0.9,
+        "A's flood with B's trickle completed {:.0}/s, {:.1}% of A alone ({:.0}/s): more than 10% below",
+        rates.with_b,
+        rates.ratio() * 100.0,
+        rates.alone
     );
 }
 

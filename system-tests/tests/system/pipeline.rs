@@ -56,6 +56,14 @@ async fn submit_raw(stack: &Stack, file: &PathBuf, query: &str) -> reqwest::Resp
     stack.post_image(query, std::fs::read(file).unwrap()).await
 }
 
+/// Submits `file` as [`submit_raw`] does; the accepted job's id.
+async fn submit_id(stack: &Stack, file: &PathBuf, query: &str) -> String {
+    let r = submit_raw(stack, file, query).await;
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    job["id"].as_str().unwrap().to_string()
+}
+
 async fn job(stack: &Stack, id: &str) -> Value {
     stack.get_json(&format!("/v1/jobs/{id}")).await
 }
@@ -550,17 +558,12 @@ async fn a_job_lost_from_redis_is_requeued_by_the_sweeper() {
     let first = stack.start_worker_process("registrar", &[]);
     stack.wait_for_plugins().await;
     stack.workers[first].kill();
-    let r = submit_raw(
+    let id = submit_id(
         &stack,
         &fixture("pngsuite/basn2c08.png"),
         "action=grayscale",
     )
     .await;
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // Redis loses everything (as a restart without persistence would).
     stack.redis_queue().purge().await.unwrap();
     stack.start_worker("sweeper", &[]).await;
@@ -645,6 +648,71 @@ async fn sigterm_finishes_jobs_in_flight_and_leaves_the_rest() {
             .await
             .unwrap();
     assert_eq!(completed, 8);
+}
+
+/// An idle worker told to stop (SIGTERM) takes no job submitted after:
+/// it was waiting on the queue's doorbell for up to a second, and the
+/// job's ring used to wake it into taking and running the job during its
+/// shutdown. The job waits for the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_worker_told_to_stop_takes_no_job_submitted_after() {
+    let mut stack = Stack::new().await;
+    stack.start_api(&[]).await;
+    let w = stack.start_worker_process("leaving", &[]);
+    stack.wait_for_plugins().await;
+    // The worker is idle, waiting on the doorbell (its first wait is for
+    // up to a second).
+    let warm = submit_id(
+        &stack,
+        &fixture("pngsuite/basn0g08.png"),
+        "action=grayscale",
+    )
+    .await;
+    stack.wait_done(&warm).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let log = stack.workers[w].process().log.clone();
+    stack.workers[w].process().signal("TERM");
+    // Once it says so, it has been told to stop.
+    wait_until(
+        "the worker hears SIGTERM",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("shutdown requested")
+        },
+    )
+    .await;
+    let id = submit_id(
+        &stack,
+        &fixture("pngsuite/basn0g08.png"),
+        "action=grayscale",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = stack.workers[w].process().child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle worker did not exit within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        status.success(),
+        "the worker should exit cleanly on SIGTERM: {status:?}"
+    );
+    let after = job(&stack, &id).await;
+    assert_eq!(
+        after["status"], "queued",
+        "the stopping worker took a job submitted after SIGTERM: {after}"
+    );
+
+    stack.start_worker("staying", &[]).await;
+    assert_eq!(stack.wait_done(&id).await["status"], "completed");
 }
 
 /// `/readyz` answers within its probe bound (2 s) when Redis accepts
