@@ -385,6 +385,9 @@ struct VtSample {
     /// What a 64x64 grayscale job (B's) is estimated to cost now: what
     /// jobs of its size class (2^12 pixels) took.
     base: f64,
+    /// How many jobs waited to be taken (A's backlog, and at most one of
+    /// B's).
+    waiting: u64,
 }
 
 /// Reads the virtual times of `a` and `b` and the clock every 10 ms until
@@ -404,22 +407,39 @@ async fn sample_vtimes(
             _ = done.wait_for(|d| *d) => break,
             _ = tick.tick() => {}
         }
-        let (vt, clock, base): (Vec<Option<f64>>, Option<f64>, Option<f64>) = redis::pipe()
-            .hget(format!("{prefix}:vtime"), &[a, b])
-            .get(format!("{prefix}:clock"))
-            .hget(format!("{prefix}:costs"), "grayscale:s12")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let (vt, clock, base, waiting): (Vec<Option<f64>>, Option<f64>, Option<f64>, u64) =
+            redis::pipe()
+                .hget(format!("{prefix}:vtime"), &[a, b])
+                .get(format!("{prefix}:clock"))
+                .hget(format!("{prefix}:costs"), "grayscale:s12")
+                .zcard(format!("{prefix}:waiting"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
         out.push(VtSample {
             at: Utc::now(),
             a: vt.first().copied().flatten().unwrap_or(0.0),
             b: vt.get(1).copied().flatten().unwrap_or(0.0),
             clock: clock.unwrap_or(0.0),
             base: base.unwrap_or(0.0),
+            waiting,
         });
     }
     out
+}
+
+/// How many of A's jobs must wait for a job of B's to count as accepted
+/// during A's flood.
+const MIN_BACKLOG: u64 = 10;
+
+/// How many jobs waited at `at`, by the last sample at or before it (none
+/// before the first).
+fn waiting_at(vtimes: &[VtSample], at: DateTime<Utc>) -> u64 {
+    vtimes
+        .iter()
+        .take_while(|s| s.at <= at)
+        .last()
+        .map_or(0, |s| s.waiting)
 }
 
 /// Prints B's `n` slowest starts: each one's wait, B's job before it (its
@@ -548,10 +568,6 @@ async fn flood_of(
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert!(
-        submitted_at < last,
-        "A had no backlog left when its submissions ended (its last job finished at {last})"
-    );
     let rates = rates_in_turns(&pool, &a.id, (first, last), &on).await;
     let drain = rates_in_turns(&pool, &a.id, (submitted_at, last), &on).await;
     let a_times = timings(stack, &a.key, &a_ids[..a_ids.len().min(2_000)]).await;
@@ -634,9 +650,14 @@ async fn stop_workers(stack: &mut Stack, workers: &[usize]) {
 
 /// Key A floods the queue with `total` small jobs (the first `head_start`
 /// before any worker runs) while key B submits one job every 100 ms (in
-/// turns of a second on, a second off): B's queue waits stay within twice
-/// its waits with A idle plus one job's run, and A's flood goes as fast
-/// with B's trickle as without, within 10%.
+/// turns of a second on, a second off): B's queue waits (of its jobs
+/// accepted while A had jobs waiting, at least 100 of them) stay within
+/// twice its waits with A idle plus one job's run, and A's flood goes as
+/// fast with B's trickle as without, within 10%. How fast the API submits
+/// against how fast the workers drain differs from machine to machine (a
+/// CI run's three workers left 17 of A's jobs waiting when its
+/// submissions ended, a local one 9,606): what counts is B's jobs during
+/// the backlog, not its size.
 async fn flood(workers: usize, total: usize, head_start: usize) {
     let mut stack = Stack::new().await;
     stack.start_api(&SETTINGS).await;
@@ -696,9 +717,26 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
             gap.1
         );
     }
-    let flood_p99 = quantile(b_waits.clone(), 0.99);
-    let flood_p50 = quantile(b_waits, 0.5);
-    let flood_created_p99 = quantile(b_times.iter().map(Timing::wait).collect(), 0.99);
+    // B's figures are those of its jobs accepted while A had a backlog
+    // (the flood the issue means): a job of B's after A's queue ran dry
+    // waits for nothing and would flatter B.
+    let in_flood: Vec<bool> = flood
+        .b_jobs
+        .iter()
+        .map(|(_, accepted)| waiting_at(&flood.vtimes, *accepted) >= MIN_BACKLOG)
+        .collect();
+    let of_flood = |values: Vec<Duration>| -> Vec<Duration> {
+        values
+            .into_iter()
+            .zip(&in_flood)
+            .filter_map(|(v, &yes)| yes.then_some(v))
+            .collect()
+    };
+    let flood_waits = of_flood(b_waits.clone());
+    let counted = flood_waits.len();
+    let flood_p99 = quantile(flood_waits.clone(), 0.99);
+    let flood_p50 = quantile(flood_waits, 0.5);
+    let flood_created_p99 = quantile(of_flood(b_times.iter().map(Timing::wait).collect()), 0.99);
     let backlog = flood.backlog;
     let (rates, drain) = (flood.rates, flood.drain);
     println!(
@@ -706,7 +744,8 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
          A's {total} jobs ({head_start} before the workers started) submitted in {:.1?}, \
          {backlog} still waiting then; A's median wait {:?}, run {:?}; \
          A's jobs completed/s in B's turns on / A alone between them, over {} whole turns: \
-         {:.0} / {:.0} ({:.0} over the flood), over the drain ({} turns) {:.0} / {:.0}; B p50 {flood_p50:?}, p99 {flood_p99:?} over {} jobs, \
+         {:.0} / {:.0} ({:.0} over the flood), over the drain ({} turns) {:.0} / {:.0}; B p50 {flood_p50:?}, p99 {flood_p99:?} \
+         over its {counted} jobs accepted while A had {MIN_BACKLOG} or more waiting (of {}), \
          B's run p50 {:?} (from creation, with the insert's commit: alone p99 {idle_created_p99:?}, \
          flooding {flood_created_p99:?})",
         flood.submitted_in,
@@ -723,8 +762,10 @@ async fn flood(workers: usize, total: usize, head_start: usize) {
         quantile(b_times.iter().map(Timing::run).collect(), 0.5),
     );
     assert!(
-        backlog > 1_000,
-        "A still had a backlog when its submissions ended: {backlog}"
+        counted >= 100,
+        "only {counted} of B's jobs were accepted while A had {MIN_BACKLOG} or more jobs waiting: \
+         A's flood did not last (its submissions took {:.1?}, {backlog} waiting when they ended)",
+        flood.submitted_in
     );
     // The issue's goals: B within twice its wait alone plus one job's run;
     // A's flood as fast with B's trickle as alone, within 10% (A's jobs
