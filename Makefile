@@ -13,7 +13,7 @@
 CARGO ?= cargo
 PLUGINS_MANIFEST := plugins/Cargo.toml
 
-.PHONY: load load-scale bench-deps env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
+.PHONY: load load-scale soak bench-deps env all build plugins plugins-component template test test-plugins test-hosts test-prometheus test-deps bench lint fmt clean up down status logs
 
 all: build
 
@@ -73,10 +73,20 @@ test-plugins:
 # queue waits and throughput against a run of its own, and with other tests
 # on the two cores the API's submissions slowed to 48/s in one CI run and
 # the workers drained A's backlog before the flood ended.
+# The soak (SOAK_TEST, an ignored test) is not part of make test yet:
+# `make soak` runs it (docs/SOAK.md says why and what it still lacks).
 FLOOD_TESTS = fairness::a_flood_of_one_key
+SOAK_TEST = soak::the_soak_keeps_every_invariant
 test-hosts:
 	IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --release --workspace -- --skip $(FLOOD_TESTS)
 	IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --release -p imgflow-system-tests --test system -- --test-threads=1 $(FLOOD_TESTS)
+
+# The soak with its faults for SOAK_DURATION (default 10 minutes; 1h for
+# the long run; 2m is the short version), SOAK_SEED to repeat a run
+# (docs/SOAK.md).
+SOAK_DURATION ?= 10m
+soak: test-deps build plugins
+	SOAK_DURATION=$(SOAK_DURATION) IMGFLOW_TEST_PG="$${IMGFLOW_TEST_PG:-$$(scripts/test-deps.sh --pg-url)}" $(CARGO) test --release -p imgflow-system-tests --test system -- --ignored --exact --nocapture $(SOAK_TEST)
 
 # libvips (the yardstick) and pyvips, installed when missing.
 bench-deps:

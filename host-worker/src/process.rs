@@ -190,6 +190,15 @@ async fn run_watched(
             }
         }
     };
+    // The result is stored whatever is heard now: a job abandoned while
+    // its result was being written could leave the file behind (a write
+    // on a blocking thread goes on when its future is dropped). If the job
+    // was cancelled or deleted meanwhile, recording it finds so and
+    // deletes the result (`imgflow_platform::outcomes`).
+    let outcome = match outcome {
+        Ok(encoded) => store(ctx, &job.spec, encoded).await,
+        Err(failure) => Err(failure),
+    };
     renewer.abort();
     let timed_out = matches!(&outcome, Err(f) if f.code == ErrorCode::Timeout);
     Some((outcome, meter.charge(timed_out)))
@@ -377,8 +386,9 @@ fn in_step(mut failure: Failure, steps: &[Step], index: usize) -> Failure {
     failure
 }
 
-/// Runs the job's steps on its input and stores the result. Returns the
-/// output's size; `ran` gets each step's time as it runs, `meter` the CPU
+/// Runs the job's steps on its input. Returns the encoded result (stored
+/// by [`run_watched`], once the job can no longer be abandoned); `ran`
+/// gets each step's time as it runs, `meter` the CPU
 /// time of its image work (decoding, the plugin calls, encoding, on
 /// whichever threads they run).
 ///
@@ -397,7 +407,7 @@ async fn run(
     ran: &mut [Step],
     deadline: &OnceLock<Instant>,
     meter: &Meter,
-) -> Result<i64, Failure> {
+) -> Result<Vec<u8>, Failure> {
     let steps = &job.steps;
     let mut ready = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
@@ -459,7 +469,7 @@ async fn run(
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, e.to_string()))?;
     ran.clone_from_slice(&times);
-    store(ctx, job, encoded?).await
+    encoded
 }
 
 /// A job's image work, run on its image-work slot's thread

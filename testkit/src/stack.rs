@@ -91,6 +91,25 @@ impl Proc {
         assert!(sent.success(), "kill -{signal} {}", self.name);
     }
 
+    /// Waits until the process has exited (after a [`Proc::signal`]);
+    /// panics with its log's last lines if it has not by `deadline`.
+    pub async fn wait_exited(&mut self, deadline: Instant) {
+        while self
+            .child
+            .try_wait()
+            .expect("the process's status")
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit in time:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The last lines of the log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -182,6 +201,9 @@ pub struct Stack {
     pub db_url: String,
     /// The Redis key prefix (IMGFLOW_QUEUE).
     pub queue: String,
+    /// The Redis the stack's services use ([`redis_url`] unless a test
+    /// runs its own, set before any service starts).
+    pub redis_url: String,
     /// The storage directory.
     pub storage: PathBuf,
     /// The API, once started.
@@ -217,6 +239,7 @@ impl Stack {
         let storage = dir.path().join("storage");
         Stack {
             queue: format!("imgflow-test-{}", uuid::Uuid::now_v7().simple()),
+            redis_url: redis_url(),
             db_name,
             db_url,
             storage,
@@ -237,7 +260,7 @@ impl Stack {
     pub fn base_env(&self) -> Vec<(String, String)> {
         [
             ("DATABASE_URL", self.db_url.clone()),
-            ("REDIS_URL", redis_url()),
+            ("REDIS_URL", self.redis_url.clone()),
             ("IMGFLOW_QUEUE", self.queue.clone()),
             ("STORAGE_URL", self.storage.display().to_string()),
             ("LOG_FORMAT", "text".to_string()),
@@ -254,7 +277,7 @@ impl Stack {
 
     /// The queue of the stack, for what tests do to Redis directly.
     pub fn redis_queue(&self) -> Queue {
-        Queue::new(&redis_url(), &self.queue).expect("a Redis URL")
+        Queue::new(&self.redis_url, &self.queue).expect("a Redis URL")
     }
 
     /// Starts the API in-process with extra settings; waits for /healthz.
@@ -635,7 +658,7 @@ impl Drop for Stack {
         }
         // Best effort: drop the test database and the queue's keys.
         let db_name = self.db_name.clone();
-        let queue = self.queue.clone();
+        let (queue, redis) = (self.queue.clone(), self.redis_url.clone());
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Runtime::new() else {
                 return;
@@ -646,7 +669,7 @@ impl Drop for Stack {
                         .execute(&mut admin)
                         .await;
                 }
-                if let Ok(q) = Queue::new(&redis_url(), &queue) {
+                if let Ok(q) = Queue::new(&redis, &queue) {
                     let _ = q.purge().await;
                 }
             });

@@ -635,16 +635,7 @@ async fn stop_workers(stack: &mut Stack, workers: &[usize]) {
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     for &i in workers {
-        let worker = stack.workers[i].process();
-        while worker.child.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within 15 s of SIGTERM:\n{}",
-                worker.name,
-                worker.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        stack.workers[i].process().wait_exited(deadline).await;
     }
 }
 

@@ -29,5 +29,6 @@ mod s3;
 mod sandbox_limits;
 mod schema_change;
 mod security;
+mod soak;
 mod submission;
 mod webhooks;
