@@ -211,24 +211,20 @@ async fn write(jobs: &Jobs, group: &[Outcome]) -> Result<Vec<Done>, sqlx::Error>
 }
 
 /// What became of each outcome: recorded, or its job already finished
-/// (then the result it stored is deleted unless the job is completed).
+/// (then the result it stored is deleted, unless the job is completed or
+/// another job completed from the result cache shares it).
 async fn answers(jobs: &Jobs, group: &[Outcome], done: &[Done]) -> Vec<Recorded> {
     // Outcomes that found their job finished or gone: a result this
-    // delivery stored stays only if the job is completed (with the same
-    // result, named by the job).
-    let missing: Vec<Uuid> = group
+    // delivery stored goes only if nothing needs it (the file is named by
+    // the job; a job completed from the cache borrows it).
+    let missing: Vec<&Outcome> = group
         .iter()
         .filter(|o| o.result.is_ok() && !done.iter().any(|d| d.id == o.job.spec.id))
-        .map(|o| o.job.spec.id)
         .collect();
-    let completed: Vec<(Uuid,)> = if missing.is_empty() {
+    let discard = if missing.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_as("SELECT id FROM jobs WHERE id = ANY($1) AND status = 'completed'")
-            .bind(&missing)
-            .fetch_all(&jobs.db)
-            .await
-            .unwrap_or_default()
+        unneeded(jobs, &missing).await
     };
     let mut answers = Vec::with_capacity(group.len());
     for outcome in group {
@@ -237,7 +233,7 @@ async fn answers(jobs: &Jobs, group: &[Outcome], done: &[Done]) -> Vec<Recorded>
             answers.push(Recorded::Finished);
             continue;
         }
-        let discard = missing.contains(&id) && !completed.iter().any(|(c,)| *c == id);
+        let discard = discard.contains(&id);
         if discard {
             if let Err(e) = jobs.storage.delete(&outcome.job.spec.output_key).await {
                 tracing::warn!(job_id = %id, error = %e, "cannot delete the result of a job that was deleted or cancelled");
@@ -246,6 +242,37 @@ async fn answers(jobs: &Jobs, group: &[Outcome], done: &[Done]) -> Vec<Recorded>
         answers.push(Recorded::AlreadyFinished { discarded: discard });
     }
     answers
+}
+
+/// Of `missing` (outcomes whose job was already finished or gone), the
+/// jobs whose stored result nothing needs: the job is not completed and no
+/// job completed from the cache borrows its file. When PostgreSQL cannot
+/// tell (after retries), none: a result kept by mistake is an orphan file
+/// that retention removes with its job, one deleted by mistake is a
+/// completed job's lost result.
+async fn unneeded(jobs: &Jobs, missing: &[&Outcome]) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = missing.iter().map(|o| o.job.spec.id).collect();
+    let keys: Vec<&str> = missing
+        .iter()
+        .map(|o| o.job.spec.output_key.as_str())
+        .collect();
+    let found = retry("find results nothing needs", ATTEMPTS, || async {
+        sqlx::query_scalar::<_, Uuid>(
+            "SELECT m.id FROM unnest($1::uuid[], $2::text[]) AS m(id, key)
+             WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = m.id AND j.status = 'completed')
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.output_key = m.key
+                               AND j.cached_from IS NOT NULL)",
+        )
+        .bind(&ids)
+        .bind(&keys)
+        .fetch_all(&jobs.db)
+        .await
+    })
+    .await;
+    found.unwrap_or_else(|e| {
+        tracing::warn!(jobs = ids.len(), error = %e, "cannot tell whether the results of jobs already finished are needed; keeping them");
+        Vec::new()
+    })
 }
 
 /// Every entry settled (recorded, or a duplicate), every change announced,

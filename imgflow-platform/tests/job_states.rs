@@ -278,3 +278,51 @@ async fn the_share_caps_unfinished_jobs() {
     assert_eq!(w.queue.held("client:d").await.unwrap(), 2);
     w.tear_down().await;
 }
+
+/// A late outcome of a job already completed, then deleted, keeps the
+/// result while an equal job completed from the result cache borrows it
+/// (the discard once deleted it: the borrower's result then answered
+/// `410`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_outcome_keeps_a_result_another_job_borrows() {
+    let w = world().await;
+    let cached = || NewJob {
+        cache_key: Some("the same input and steps".into()),
+        ..new_job("client:e")
+    };
+    let input = Bytes::from_static(b"input");
+    let first = match w
+        .intake
+        .submit(cached(), input.clone(), None, Some(10))
+        .await
+    {
+        Ok(Submitted::Created(job)) => job,
+        other => panic!("expected a new job, got {other:?}"),
+    };
+    let running = w.start_next().await;
+    assert_eq!(running.spec.id, first.id);
+    w.jobs
+        .store_result(&running.spec.output_key, Bytes::from_static(b"result"))
+        .await
+        .expect("stored");
+    assert_eq!(w.finish(running.clone(), Ok(6)).await, Recorded::Finished);
+
+    let borrower = match w.intake.submit(cached(), input, None, Some(10)).await {
+        Ok(Submitted::Cached(job)) => job,
+        other => panic!("expected a job completed from the cache, got {other:?}"),
+    };
+    assert_eq!(borrower.output_key, running.spec.output_key);
+    let done = w.jobs.get(first.id).await.unwrap().unwrap();
+    assert!(w.jobs.delete(&done).await.expect("deleted"));
+    let file = w._dir.path().join(&running.spec.output_key);
+    assert!(
+        file.is_file(),
+        "kept for the borrower when its maker was deleted"
+    );
+
+    // A second delivery's outcome of the deleted job comes late.
+    let late = w.finish(running, Ok(6)).await;
+    assert_eq!(late, Recorded::AlreadyFinished { discarded: false });
+    assert!(file.is_file(), "the borrower's result was deleted");
+    w.tear_down().await;
+}
