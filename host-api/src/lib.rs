@@ -232,6 +232,7 @@ impl App {
             metrics: metrics.clone(),
             keep: settings.job_retention.0,
             every: settings.retention_sweep_interval.0,
+            orphan_grace: settings.orphan_grace.0,
         };
         let result_urls = ResultUrls::new(
             settings.result_url_secret.clone(),

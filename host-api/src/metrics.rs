@@ -54,13 +54,16 @@ pub enum Deletion {
     JobExpired,
     /// A plugin version an operator deleted.
     PluginVersion,
+    /// A job file no job needed, by the orphan sweep.
+    OrphanFile,
 }
 
 impl Deletion {
-    const ALL: [Deletion; 3] = [
+    const ALL: [Deletion; 4] = [
         Deletion::JobRequested,
         Deletion::JobExpired,
         Deletion::PluginVersion,
+        Deletion::OrphanFile,
     ];
 
     fn labels(self) -> [&'static str; 2] {
@@ -68,6 +71,7 @@ impl Deletion {
             Deletion::JobRequested => ["job", "request"],
             Deletion::JobExpired => ["job", "retention"],
             Deletion::PluginVersion => ["plugin_version", "request"],
+            Deletion::OrphanFile => ["file", "orphan"],
         }
     }
 }

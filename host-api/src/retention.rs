@@ -2,18 +2,23 @@
 //! results and idempotency keys. Every API instance runs the sweep; a lock
 //! in Redis lets one of them work each round, and each job is deleted by
 //! exactly one ([`Jobs::expire`]). Each round also deletes the console
-//! sessions that have ended by time ([`Sessions::expire`]).
+//! sessions that have ended by time ([`Sessions::expire`]) and a page of
+//! job files no job needs ([`Jobs::sweep_orphans`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use imgflow_platform::jobs::Jobs;
 use imgflow_platform::sessions::Sessions;
+use imgflow_platform::OrphanWalk;
 
 use crate::metrics::{ApiMetrics, Deletion};
 
 /// The most jobs deleted in one round (the next round goes on).
 const BATCH: i64 = 500;
+
+/// The most files of each folder the orphan sweep looks at in one round.
+const ORPHAN_BATCH: usize = 1000;
 
 /// The retention sweep.
 pub struct Retention {
@@ -27,6 +32,8 @@ pub struct Retention {
     pub keep: Duration,
     /// How often to sweep.
     pub every: Duration,
+    /// How old a job file no job needs must be to be deleted (`ORPHAN_GRACE`).
+    pub orphan_grace: Duration,
 }
 
 impl Retention {
@@ -42,8 +49,23 @@ impl Retention {
         // have run.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut walk = OrphanWalk::default();
         loop {
             tick.tick().await;
+            match self
+                .jobs
+                .sweep_orphans(&holder, every, self.orphan_grace, ORPHAN_BATCH, &mut walk)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.metrics.deleted(Deletion::OrphanFile, n);
+                    tracing::info!(deleted = n, "deleted job files no job needs");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "orphan sweep failed; trying again next round")
+                }
+            }
             match self.sessions.expire().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "deleted ended console sessions"),

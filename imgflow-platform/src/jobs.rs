@@ -953,28 +953,45 @@ impl Jobs {
                 }
             }
         }
-        let makers: Vec<Option<Uuid>> = keys.iter().map(|k| storage::maker(k)).collect();
         let going: Vec<Uuid> = gone.iter().map(|j| j.id).collect();
+        let needed = self.needed(&keys, &going).await?;
+        for key in keys {
+            if !needed.contains(&key) {
+                self.storage.delete(&key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of the job files `keys` a job other than `going` still needs:
+    /// the job it is named by (`inputs/<id>`, `outputs/<id>.<ext>`) exists
+    /// (for a result, and is not failed or cancelled: a result stored for a
+    /// job that then failed or was cancelled is nobody's), or a job
+    /// completed from the cache shares it, or a retry reads it. One query,
+    /// by primary key and the two partial indexes of borrowed files.
+    pub(crate) async fn needed(
+        &self,
+        keys: &[String],
+        going: &[Uuid],
+    ) -> Result<std::collections::HashSet<String>, JobsError> {
+        let makers: Vec<Option<Uuid>> = keys.iter().map(|k| storage::maker(k)).collect();
         let kept: Vec<(String,)> = sqlx::query_as(
             "SELECT f.key FROM unnest($1::text[], $2::uuid[]) AS f(key, maker)
-             WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = f.maker AND j.id <> ALL($3))
+             WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.id = f.maker AND j.id <> ALL($3)
+                           AND (f.key LIKE 'inputs/%'
+                                OR j.status::text NOT IN ('failed', 'cancelled')))
                 OR EXISTS (SELECT 1 FROM jobs j WHERE j.output_key = f.key
                            AND j.cached_from IS NOT NULL AND j.id <> ALL($3))
                 OR EXISTS (SELECT 1 FROM jobs j WHERE j.input_key = f.key
                            AND (j.cached_from IS NOT NULL OR j.retry_of IS NOT NULL)
                            AND j.id <> ALL($3))",
         )
-        .bind(&keys)
+        .bind(keys)
         .bind(&makers)
-        .bind(&going)
+        .bind(going)
         .fetch_all(&self.db)
         .await?;
-        for key in keys {
-            if !kept.iter().any(|(k,)| *k == key) {
-                self.storage.delete(&key).await?;
-            }
-        }
-        Ok(())
+        Ok(kept.into_iter().map(|(k,)| k).collect())
     }
 
     /// A job's input image, stored at `input_key`.

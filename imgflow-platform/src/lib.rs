@@ -54,3 +54,5 @@ pub mod steps;
 pub mod storage;
 pub mod submission;
 mod sweep;
+
+pub use sweep::OrphanWalk;

@@ -1744,6 +1744,8 @@ pub enum Lock {
     Sweeper,
     /// Held by the one process that deletes jobs past `JOB_RETENTION`.
     Retention,
+    /// Held by the one process that deletes files no job needs.
+    Orphans,
 }
 
 impl Lock {
@@ -1751,6 +1753,7 @@ impl Lock {
         match self {
             Lock::Sweeper => "sweeper",
             Lock::Retention => "retention",
+            Lock::Orphans => "orphans",
         }
     }
 }

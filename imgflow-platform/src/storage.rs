@@ -158,6 +158,40 @@ impl Storage {
         }
     }
 
+    /// Up to `limit` keys in folder `folder` (`inputs/`, `outputs/`), in
+    /// order, each after `after` if given: a page of a walk through the
+    /// folder that costs one page, whatever the folder's size (S3's
+    /// `ListObjectsV2` with `start-after`; a local directory is read whole).
+    /// A local directory's staging files are not listed.
+    pub async fn list_after(
+        &self,
+        folder: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => dir.list_after(folder, after, limit).await,
+            Backend::Object(store) => {
+                let prefix = Path::from(folder);
+                let listing = match after {
+                    Some(after) => store.list_with_offset(Some(&prefix), &Path::from(after)),
+                    None => store.list(Some(&prefix)),
+                };
+                let metas: Vec<object_store::ObjectMeta> = listing
+                    .take(limit)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| backend(folder, source))?;
+                let mut keys: Vec<String> =
+                    metas.into_iter().map(|m| m.location.to_string()).collect();
+                keys.sort();
+                Ok(keys)
+            }
+        }
+    }
+
     /// Whether an object exists at `key`.
     pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
         match &self.backend {
@@ -336,6 +370,37 @@ impl LocalDir {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(key, e)),
             _ => Ok(()),
         }
+    }
+
+    async fn list_after(
+        &self,
+        folder: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let folder = folder.trim_end_matches('/').to_string();
+        let path = self.path(&folder)?;
+        let after = after.map(str::to_string);
+        Self::run(&folder.clone(), false, move || {
+            let entries = match std::fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut keys = Vec::new();
+            for entry in entries {
+                let name = entry?.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let key = format!("{folder}/{name}");
+                if !name.starts_with('.') && after.as_ref().is_none_or(|a| key > *a) {
+                    keys.push(key);
+                }
+            }
+            keys.sort();
+            keys.truncate(limit);
+            Ok(keys)
+        })
+        .await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StorageError> {

@@ -1,8 +1,9 @@
 //! The periodic work on jobs, each round's cost bounded by what it finds,
 //! never by the history in the table: the sweeper (jobs missing from the
-//! queue, shares not given back) and the retention sweep (jobs past
-//! `JOB_RETENTION`, old rollups). Every API instance and worker runs them;
-//! a Redis lock lets one work each round.
+//! queue, shares not given back), the retention sweep (jobs past
+//! `JOB_RETENTION`, old rollups) and the orphan sweep (job files no job
+//! needs). Every API instance and worker runs them; a Redis lock lets one
+//! work each round.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -163,10 +164,7 @@ impl Jobs {
         if !self.queue.try_lock(Lock::Retention, holder, every).await? {
             return Ok(0);
         }
-        let Some(bound) = SystemTime::now()
-            .checked_sub(retention)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        else {
+        let Some(bound) = since_epoch_until(retention) else {
             return Ok(0);
         };
         let bound = Uuid::new_v7(uuid::Timestamp::from_unix(
@@ -209,5 +207,96 @@ impl Jobs {
             tracing::warn!(error = %e, "cannot delete old rollups");
         }
         Ok(done.rows_affected() as usize)
+    }
+}
+
+/// The time `ago` before now, since the Unix epoch (`None` before it).
+fn since_epoch_until(ago: Duration) -> Option<Duration> {
+    SystemTime::now()
+        .checked_sub(ago)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+}
+
+/// The folders of job files the orphan sweep walks.
+const JOB_FOLDERS: [&str; 2] = ["inputs/", "outputs/"];
+
+/// Where the orphan sweep of one process is in each folder of job files:
+/// the last key it looked at, or `None` to start from the first.
+#[derive(Debug, Default, Clone)]
+pub struct OrphanWalk {
+    after: [Option<String>; JOB_FOLDERS.len()],
+}
+
+impl Jobs {
+    /// The orphan sweep's round: if `holder` gets the orphan lock (for
+    /// `every`), looks at the next `batch` files of each folder of job
+    /// files (`inputs/`, `outputs/`) after where `walk` left off, and
+    /// deletes those made more than `grace` ago that no job needs
+    /// ([`Jobs::needed`]): files a job's deletion could not delete (storage
+    /// or PostgreSQL failing between its row and its files, the process
+    /// killed), inputs stored for submissions that were then refused or
+    /// whose process died before recording them. Returns how many it
+    /// deleted.
+    ///
+    /// A file is named by its job's id, a UUIDv7, so the walk is in order
+    /// of creation: it goes back to the start when it reaches the end or a
+    /// file made less than `grace` ago (a submission may still be
+    /// recording its job). Each round costs one page of listing and one
+    /// query per folder, whatever the storage's or the table's size.
+    pub async fn sweep_orphans(
+        &self,
+        holder: &str,
+        every: Duration,
+        grace: Duration,
+        batch: usize,
+        walk: &mut OrphanWalk,
+    ) -> Result<usize, JobsError> {
+        if !self.queue.try_lock(Lock::Orphans, holder, every).await? {
+            return Ok(0);
+        }
+        let Some(bound) = since_epoch_until(grace) else {
+            return Ok(0);
+        };
+        let bound_ms = bound.as_millis() as u64;
+        let mut deleted = 0;
+        for (folder, after) in JOB_FOLDERS.iter().zip(walk.after.iter_mut()) {
+            let keys = self
+                .storage
+                .list_after(folder, after.as_deref(), batch)
+                .await?;
+            // The files old enough, up to the first that is not: the walk
+            // starts again from the first file next round.
+            let old: Vec<String> = keys
+                .iter()
+                .take_while(|key| {
+                    crate::storage::maker(key)
+                        .and_then(|id| id.get_timestamp())
+                        .is_none_or(|t| {
+                            let (secs, nanos) = t.to_unix();
+                            secs * 1000 + u64::from(nanos / 1_000_000) < bound_ms
+                        })
+                })
+                .cloned()
+                .collect();
+            *after = if old.len() == keys.len() && keys.len() == batch {
+                old.last().cloned()
+            } else {
+                None
+            };
+            let candidates: Vec<String> = old
+                .into_iter()
+                .filter(|key| crate::storage::maker(key).is_some())
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let needed = self.needed(&candidates, &[]).await?;
+            for key in candidates.iter().filter(|k| !needed.contains(*k)) {
+                self.storage.delete(key).await?;
+                tracing::info!(key = %key, "deleted a file no job needs");
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 }

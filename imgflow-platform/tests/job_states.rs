@@ -28,6 +28,8 @@ fn pg_admin_url() -> String {
 /// A database of its own (migrated), a queue prefix, a storage directory.
 struct World {
     name: String,
+    db: sqlx::PgPool,
+    storage: Storage,
     jobs: Jobs,
     intake: Intake,
     outcomes: Outcomes,
@@ -55,9 +57,11 @@ async fn world() -> World {
     queue.ensure_group().await.expect("Redis runs");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let storage = Storage::open(&dir.path().display().to_string()).expect("storage");
-    let jobs = Jobs::new(pool, queue.clone(), storage);
+    let jobs = Jobs::new(pool.clone(), queue.clone(), storage.clone());
     World {
         name,
+        db: pool,
+        storage,
         intake: Intake::start(jobs.clone()),
         outcomes: Outcomes::start(jobs.clone()),
         jobs,
@@ -324,5 +328,116 @@ async fn a_late_outcome_keeps_a_result_another_job_borrows() {
     let late = w.finish(running, Ok(6)).await;
     assert_eq!(late, Recorded::AlreadyFinished { discarded: false });
     assert!(file.is_file(), "the borrower's result was deleted");
+    w.tear_down().await;
+}
+
+/// The orphan sweep (each retention round) deletes job files that no job
+/// needs once they are older than `ORPHAN_GRACE`: an input stored for a
+/// submission that was never recorded, the files of a job whose row went
+/// without them (a process killed, or storage or PostgreSQL failing
+/// between the two). It keeps a file too young (a submission may still be
+/// recording its job), a job's own files, and an original's input that its
+/// retry reads. It walks each folder a page at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orphan_sweep_deletes_old_files_no_job_needs() {
+    use imgflow_platform::storage::{input_key, output_key};
+    use imgflow_platform::OrphanWalk;
+    use imgflow_runtime::codec::ImageFormat;
+    use uuid::{NoContext, Timestamp, Uuid};
+
+    let w = world().await;
+    let file = || Bytes::from_static(b"x");
+    let ago = |minutes: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        Uuid::new_v7(Timestamp::from_unix(NoContext, now - minutes * 60, 0))
+    };
+    // Files of no job: two made over an hour ago, one just now.
+    let (old_input, old_output) = (input_key(ago(90)), output_key(ago(61), ImageFormat::Png));
+    let young = input_key(Uuid::now_v7());
+    for key in [&old_input, &old_output, &young] {
+        w.storage.put(key, file()).await.unwrap();
+    }
+    // A job that stays; a job whose row went without its files; a failed
+    // job retried, then its row gone (its retry reads its input).
+    let kept = w.submit("client:o", None).await;
+    let gone = w.submit("client:o", None).await;
+    w.storage
+        .put(&output_key(gone.id, ImageFormat::Png), file())
+        .await
+        .unwrap();
+    let original = w.submit("client:o", None).await;
+    let _ = w.start_next().await;
+    let _ = w.start_next().await;
+    let running = w.start_next().await;
+    assert_eq!(running.spec.id, original.id, "jobs start in order");
+    let failure = Failure::permanent(ErrorCode::InvalidInput, "not an image");
+    assert_eq!(w.finish(running, Err(failure)).await, Recorded::Finished);
+    let failed = w.jobs.get(original.id).await.unwrap().unwrap();
+    let retry = w.jobs.retry(&failed, None).await.expect("retried");
+    assert_eq!(retry.input_key, original.input_key);
+    // A job cancelled with a result stored (its worker stored it, then was
+    // killed before it could record it).
+    let cancelled = w.submit("client:o", None).await;
+    w.jobs.cancel(cancelled.id).await.expect("cancel");
+    let stray = output_key(cancelled.id, ImageFormat::Png);
+    w.storage.put(&stray, file()).await.unwrap();
+    sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
+        .bind(vec![gone.id, original.id])
+        .execute(&w.db)
+        .await
+        .unwrap();
+
+    let exists = |key: String| {
+        let storage = w.storage.clone();
+        async move { storage.exists(&key).await.unwrap() }
+    };
+    // An hour's grace: only the two old files go.
+    let mut walk = OrphanWalk::default();
+    let hour = Duration::from_secs(3600);
+    let deleted = w
+        .jobs
+        .sweep_orphans("unit", Duration::from_millis(1), hour, 100, &mut walk)
+        .await
+        .expect("swept");
+    assert_eq!(deleted, 2);
+    assert!(!exists(old_input.clone()).await && !exists(old_output.clone()).await);
+    assert!(exists(young.clone()).await);
+    assert!(exists(gone.input_key.clone()).await, "too young to go yet");
+
+    // No grace, a page of two files a round: the young file of no job,
+    // the files of the job gone and the cancelled job's result go; the
+    // rest stays.
+    let mut deleted = 0;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        deleted += w
+            .jobs
+            .sweep_orphans(
+                "unit",
+                Duration::from_millis(1),
+                Duration::ZERO,
+                2,
+                &mut walk,
+            )
+            .await
+            .expect("swept");
+    }
+    assert_eq!(
+        deleted, 4,
+        "the young file, the gone job's input and result, the cancelled job's result"
+    );
+    assert!(!exists(stray).await);
+    assert!(exists(cancelled.input_key.clone()).await, "its job's");
+    assert!(!exists(young).await);
+    assert!(!exists(gone.input_key.clone()).await);
+    assert!(!exists(output_key(gone.id, ImageFormat::Png)).await);
+    assert!(exists(kept.input_key.clone()).await, "its job's");
+    assert!(
+        exists(original.input_key.clone()).await,
+        "its retry reads it"
+    );
     w.tear_down().await;
 }

@@ -497,6 +497,13 @@ pub struct ApiSettings {
     /// How often the retention sweep runs (one API instance at a time).
     #[arg(long, env = "RETENTION_SWEEP_INTERVAL", default_value = "1m")]
     pub retention_sweep_interval: HumanDuration,
+    /// Each retention round also deletes job files (inputs, results) that no
+    /// job needs, made more than this long ago: left by a process killed
+    /// between a job's row and its files, or by storage or PostgreSQL
+    /// failing between the two. It must be longer than a submission takes
+    /// to record its job after storing its input.
+    #[arg(long, env = "ORPHAN_GRACE", default_value = "1h")]
+    pub orphan_grace: HumanDuration,
     /// HTTP timeouts and limits.
     #[command(flatten)]
     pub http: HttpLimits,

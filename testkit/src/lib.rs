@@ -6,8 +6,12 @@
 //!   database, Redis key prefix and storage) with the API and workers
 //!   in-process, or as real processes where a process matters (SIGKILL,
 //!   SIGTERM).
+//! - [`s3`] (feature `stack`): a real S3 server (`s3s-fs`) that can be
+//!   stopped and started again.
 
 pub mod fixtures;
+#[cfg(feature = "stack")]
+pub mod s3;
 #[cfg(feature = "stack")]
 pub mod stack;
 

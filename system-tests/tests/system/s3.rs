@@ -6,101 +6,19 @@
 //! through it; the test looks at the server's own files to see what is
 //! stored and what is gone.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use imgflow_testkit::stack::{free_port, repo, Stack, TEST_ADMIN_TOKEN};
+use imgflow_testkit::s3::S3Server;
+use imgflow_testkit::stack::{repo, Stack, TEST_ADMIN_TOKEN};
 use serde_json::Value;
-
-const KEY: &str = "imgflow-test";
-const SECRET: &str = "imgflow-test-secret-key";
-
-/// A running `s3s-fs` serving `root` (each directory a bucket).
-struct S3Server {
-    child: Child,
-    root: tempfile::TempDir,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl S3Server {
-    async fn start(bucket: &str) -> S3Server {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join(bucket)).unwrap();
-        let port = free_port();
-        let bin = std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cargo/bin/s3s-fs"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("s3s-fs"));
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", KEY, "--secret-key", SECRET])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("s3s-fs (scripts/test-deps.sh installs it)");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "s3s-fs did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        S3Server {
-            child,
-            root,
-            endpoint,
-        }
-    }
-
-    /// The objects stored under `prefix` in `bucket`, as paths relative to
-    /// the bucket.
-    fn objects(&self, bucket: &str, prefix: &str) -> Vec<String> {
-        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, base, out);
-                } else if let Ok(rel) = path.strip_prefix(base) {
-                    out.push(rel.display().to_string());
-                }
-            }
-        }
-        let base = self.root.path().join(bucket);
-        let mut out = Vec::new();
-        walk(&base.join(prefix), &base, &mut out);
-        out.retain(|p| !p.contains(".s3s"));
-        out.sort();
-        out
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_plugins_deletion_and_retention_through_a_real_s3_server() {
     let s3 = S3Server::start("imgflow").await;
     let mut stack = Stack::new().await;
-    let aws = [
-        ("STORAGE_URL", "s3://imgflow/deployment-a"),
-        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_ALLOW_HTTP", "true"),
-    ];
-    let mut api_env = aws.to_vec();
+    let aws_owned = s3.env("imgflow/deployment-a");
+    let aws = as_refs(&aws_owned);
+    let mut api_env = aws.clone();
     api_env.extend([
         ("IMGFLOW_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
         ("JOB_RETENTION", "8s"),
@@ -199,16 +117,17 @@ async fn jobs_plugins_deletion_and_retention_through_a_real_s3_server() {
     assert_eq!(left["jobs"].as_array().unwrap().len(), 0, "{left}");
 }
 
+/// Settings as the stack's process starters take them.
+fn as_refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// Two API processes and three workers, each with its own directories
 /// (compiled-code cache, logs; storage is S3), sharing only PostgreSQL,
 /// Redis and the S3 server: 300 jobs submitted round-robin to both APIs
 /// while a worker is SIGKILLed and another started; every job completes
 /// once, each result is readable through either API, and a plugin uploaded
 /// through one API runs on every worker.
-fn as_refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
-    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_multi_host_rehearsal_shares_only_postgres_redis_and_s3() {
     let s3 = S3Server::start("imgflow").await;
@@ -216,20 +135,13 @@ async fn a_multi_host_rehearsal_shares_only_postgres_redis_and_s3() {
     let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
     let host = |i: usize| {
         let cache = dirs[i].path().join("compiled").display().to_string();
-        vec![
-            (
-                "STORAGE_URL".to_string(),
-                "s3://imgflow/rehearsal".to_string(),
-            ),
-            ("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()),
-            ("AWS_REGION".into(), "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID".into(), KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), SECRET.into()),
-            ("AWS_ALLOW_HTTP".into(), "true".into()),
+        let mut vars = s3.env("imgflow/rehearsal");
+        vars.extend([
             ("COMPILE_CACHE_DIR".into(), cache),
             // A killed worker's jobs are taken over when their lease lapses.
             ("LEASE_MS".into(), "3000".into()),
-        ]
+        ]);
+        vars
     };
     let mut api_a = host(0);
     api_a.push(("IMGFLOW_ADMIN_TOKEN".into(), TEST_ADMIN_TOKEN.into()));

@@ -1,0 +1,127 @@
+//! A TCP proxy in the test's process, put in front of PostgreSQL and of
+//! Redis: it can close every connection through it ([`Proxy::reset`]),
+//! also refuse new ones for a while ([`Proxy::cut`]), or hold every chunk
+//! of data for a delay ([`Proxy::set_delay`]), as a bad network would.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A running proxy to one upstream address.
+pub struct Proxy {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    down: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` (`host:port`) on a free port.
+    pub async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (is_down, delay, cut_rx) = (down.clone(), delay_ms.clone(), cuts.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if is_down.load(Ordering::SeqCst) {
+                    let _ = client.shutdown().await;
+                    continue;
+                }
+                let (upstream, delay, mut cut) = (upstream.clone(), delay.clone(), cut_rx.clone());
+                cut.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = async {
+                            tokio::join!(
+                                pipe(client_read, server_write, delay.clone()),
+                                pipe(server_read, client_write, delay),
+                            )
+                        } => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            down,
+            delay_ms,
+            cuts,
+        }
+    }
+
+    /// Closes every connection through the proxy; new ones are accepted.
+    pub fn reset(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Closes every connection and refuses new ones for `down`.
+    pub async fn cut(&self, down: Duration) {
+        self.down.store(true, Ordering::SeqCst);
+        self.reset();
+        tokio::time::sleep(down).await;
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds every chunk of data, each way, for `delay` (zero: none).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, each chunk held for the proxy's delay.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay_ms: Arc<AtomicU64>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// `url` with its host and port replaced by `127.0.0.1:<port>`; and the
+/// `host:port` it had (`default_port` if it named none).
+pub fn through(url: &str, port: u16, default_port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (auth_host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (auth, host) = match auth_host.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), auth_host),
+    };
+    let upstream = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:{default_port}")
+    };
+    (
+        format!("{scheme}://{auth}127.0.0.1:{port}/{path}"),
+        upstream,
+    )
+}
