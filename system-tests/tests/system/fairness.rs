@@ -812,8 +812,34 @@ async fn a_high_job_starts_before_the_low_backlog_of_its_key() {
     for _ in 0..10 {
         lows.extend(batch(&stack, &a.key, 100, "low").await);
     }
-    // One low job is already running when the high one comes.
+    // The worker's first reads are done before the high job comes: its
+    // main lane takes a batch of four (its in-flight permits) and its
+    // arrival lane one job, on the arrival announced when the backlog began.
+    // Submitted while those reads were under way, the high job could be
+    // taken by the arrival lane before the main lane's batch of four lows,
+    // yet stamped after them (each lane stamps its own start): it was, once,
+    // on CI's loaded cores. Jobs a worker already holds are not waiting.
     stack.start_worker("prio", &[("CONCURRENCY", "1")]).await;
+    let first: Vec<uuid::Uuid> = lows[..5].iter().map(|id| id.parse().unwrap()).collect();
+    let pool = stack.pool().await;
+    let began = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'completed'",
+        )
+        .bind(&first)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if done == first.len() as i64 {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the worker took nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (high, accepted) = one(&stack, &a.key, "high").await;
     let high_t = timings(&stack, &a.key, std::slice::from_ref(&high))
         .await
@@ -825,12 +851,15 @@ async fn a_high_job_starts_before_the_low_backlog_of_its_key() {
         .iter()
         .filter(|t| t.started < high_t.started)
         .count();
+    let first_low = low_t.iter().map(|t| t.created).min().unwrap_or(accepted);
     println!(
-        "priorities: {} of the 1,000 low jobs were waiting when the high one was queued; {overtook} of them started before it (the high job waited {:?})",
+        "priorities: {} of the 1,000 low jobs were waiting when the high one was queued; {overtook} of them started before it (the high job waited {:?}; the first low job was submitted {:?} before it)",
         waiting.len(),
-        (high_t.started - accepted).to_std().unwrap_or_default()
+        (high_t.started - accepted).to_std().unwrap_or_default(),
+        (accepted - first_low).to_std().unwrap_or_default()
     );
-    assert!(waiting.len() > 900, "the test had a backlog");
+    // (Some tens of low jobs run while the test sees the first five end.)
+    assert!(waiting.len() > 500, "the test had a backlog");
     assert_eq!(
         overtook, 0,
         "every low job still waiting started after the high one"
