@@ -70,8 +70,20 @@ const OUTAGE_GRACE: Duration = Duration::from_secs(10);
 const BUCKET: &str = "soak";
 const PREFIX: &str = "imgflow";
 
-/// The storage filesystem's size.
+/// The storage filesystem's size for a short run. The test's S3 server
+/// (`s3s-fs` 0.14) keeps two sidecar files (a page each) for every object
+/// it ever stored, deleted or not, so a long run gets 64 MiB more per
+/// minute ([`storage_mb`]); a ten-minute run filled 512 MiB with them.
 const STORAGE_MB: u64 = 512;
+
+/// The storage filesystem's size for a run of `duration`.
+fn storage_mb(duration: Duration) -> u64 {
+    if duration >= Duration::from_secs(600) {
+        STORAGE_MB + 64 * (duration.as_secs() / 60)
+    } else {
+        STORAGE_MB
+    }
+}
 
 /// The faults the schedule draws from; each comes once a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -331,7 +343,7 @@ async fn soak(duration: Duration, seed: u64) {
     let long = duration >= Duration::from_secs(600);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stack = Stack::new().await;
-    let disk = Tmpfs::mount(&stack.dir.path().join("s3"), STORAGE_MB);
+    let disk = Tmpfs::mount(&stack.dir.path().join("s3"), storage_mb(duration));
     let mut s3 = S3Server::start_in(&disk.path.join("root"), BUCKET).await;
     let mut redis = Redis::start(&stack.dir.path().join("redis")).await;
     let (_, redis_upstream) = proxy::through(&redis.url(), 0, 6379);
