@@ -422,7 +422,11 @@ async fn soak(duration: Duration, seed: u64) {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let mut round: Vec<Fault> = Vec::new();
     let mut rounds = 0;
-    while rounds == 0 || !round.is_empty() || started.elapsed() + Duration::from_secs(15) < duration
+    // (Only the first round is finished past the duration: a later one
+    // stops with the duration.)
+    while rounds == 0
+        || (rounds == 1 && !round.is_empty())
+        || started.elapsed() + Duration::from_secs(15) < duration
     {
         if round.is_empty() {
             rounds += 1;
