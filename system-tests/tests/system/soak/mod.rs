@@ -589,11 +589,11 @@ async fn soak(duration: Duration, seed: u64) {
             .text()
             .await
             .unwrap();
-        swept += text
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"api_deletions_total{reason="orphan",what="file"} "#))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        swept += imgflow_testkit::stack::metric_value(
+            &text,
+            r#"api_deletions_total{reason="orphan",what="file"}"#,
+        )
+        .unwrap_or(0.0);
     }
     println!("soak: the orphan sweep deleted {swept} files (counted by the API instances alive at the end)");
 
