@@ -27,6 +27,7 @@ pub mod batches;
 pub mod body;
 pub mod callbacks;
 pub mod console;
+pub mod dependencies;
 pub mod error;
 pub mod jobs;
 pub mod keys;
@@ -79,6 +80,8 @@ pub struct App {
     retention: retention::Retention,
     /// Delivers callbacks, when `CALLBACK_SECRET` is set.
     sender: Option<callbacks::WebhookSender>,
+    /// Asks PostgreSQL, Redis and storage whether they answer.
+    watch: dependencies::Watch,
     /// The sweeper's interval and delay (`SWEEP_INTERVAL_MS`,
     /// `SWEEP_AFTER_MS`).
     sweep: (Duration, Duration),
@@ -220,6 +223,13 @@ impl App {
         let (pool, catalogue) = connect(&settings, &storage, &queue, &metrics)?;
         let keys = Keys::new(pool.clone());
         let decode_budget = decode_budget(&settings, &metrics);
+        let watch = dependencies::Watch {
+            db: pool.clone(),
+            queue: queue.clone(),
+            storage: storage.clone(),
+            metrics: metrics.clone(),
+            every: settings.dependency_probe_interval.0,
+        };
         let jobs = Jobs::new(pool.clone(), queue.clone(), storage);
         let sessions = Sessions::new(
             pool.clone(),
@@ -286,6 +296,7 @@ impl App {
             http: settings.http,
             retention,
             sender,
+            watch,
             sweep: (settings.sweep.interval(), settings.sweep.after()),
         })
     }
@@ -309,6 +320,7 @@ impl App {
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr()?, "API listening");
         let sweeping = tokio::spawn(self.retention.run());
+        let watching = tokio::spawn(self.watch.run());
         let delivering = self.sender.map(|d| tokio::spawn(d.run()));
         let sweeping_queue = {
             let jobs = self.state.jobs.clone();
@@ -324,6 +336,7 @@ impl App {
         )
         .await;
         sweeping.abort();
+        watching.abort();
         sweeping_queue.abort();
         if let Some(delivering) = delivering {
             delivering.abort();

@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
+use imgflow_platform::health::Dependency;
 use imgflow_platform::jobs::JobRecord;
 use imgflow_platform::metrics::{self, prometheus};
 use imgflow_platform::pipeline;
@@ -38,6 +39,8 @@ pub struct ApiMetrics {
     sign_ins: IntCounterVec,
     queue_depth: prometheus::IntGauge,
     queue_oldest: prometheus::Gauge,
+    dependency_up: prometheus::IntGaugeVec,
+    dependency_failures: IntCounterVec,
     /// `API_DECODE_MEMORY_MB`, in bytes.
     pub decode_budget: prometheus::IntGauge,
     /// What submissions being decoded hold of it, in bytes.
@@ -128,6 +131,14 @@ impl ApiMetrics {
                 "api_queue_oldest_job_age_seconds",
                 "Age of the oldest job on the Redis queue, read at scrape time; 0 when it is empty.",
             )?,
+            dependency_up: prometheus::IntGaugeVec::new(
+                prometheus::Opts::new(
+                    "api_dependency_up",
+                    "Whether the dependency (database, queue, storage) answered this instance's last probe (DEPENDENCY_PROBE_INTERVAL): 1, or 0.",
+                ),
+                &["dependency"],
+            )?,
+            dependency_failures: metrics::counter_vec("api_dependency_probe_failures_total", "Probes of a dependency (database, queue, storage) that failed: it did not answer within 2 s, or answered with an error.", &["dependency"])?,
             decode_budget: prometheus::IntGauge::new(
                 "api_decode_memory_budget_bytes",
                 "The API's memory budget for submitted images: bodies being received and images being decoded (API_DECODE_MEMORY_MB).",
@@ -148,6 +159,8 @@ impl ApiMetrics {
                 Box::new(m.sign_ins.clone()),
                 Box::new(m.queue_depth.clone()),
                 Box::new(m.queue_oldest.clone()),
+                Box::new(m.dependency_up.clone()),
+                Box::new(m.dependency_failures.clone()),
                 Box::new(m.decode_budget.clone()),
                 Box::new(m.decode_reserved.clone()),
                 Box::new(m.requests.clone()),
@@ -165,6 +178,10 @@ impl ApiMetrics {
         }
         for deletion in Deletion::ALL {
             m.deleted.with_label_values(&deletion.labels());
+        }
+        for dependency in Dependency::ALL {
+            m.dependency_failures
+                .with_label_values(&[dependency.label()]);
         }
         for result in [UPLOAD_CREATED, UPLOAD_UNCHANGED] {
             m.uploads.with_label_values(&[result]);
@@ -222,6 +239,18 @@ impl ApiMetrics {
         self.queue_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         self.queue_oldest.set(oldest.as_secs_f64());
+    }
+
+    /// What the last probe of `dependency` found: `up` or not.
+    pub fn dependency(&self, dependency: Dependency, up: bool) {
+        self.dependency_up
+            .with_label_values(&[dependency.label()])
+            .set(i64::from(up));
+        if !up {
+            self.dependency_failures
+                .with_label_values(&[dependency.label()])
+                .inc();
+        }
     }
 
     /// Every metric, with the content type of the text format.

@@ -1,7 +1,9 @@
 //! Readiness and the queue's gauges, the same in both services: `/readyz`
 //! asks PostgreSQL and Redis at once, each within [`PROBE_TIMEOUT`], and
 //! answers [`Readiness`]; `/metrics` reads the queue's depth and its oldest
-//! entry's age with [`queue_figures`], within the same bound.
+//! entry's age with [`queue_figures`], within the same bound. The API's
+//! dependency watch asks all three [`Dependency`]s, storage included, with
+//! [`probe_dependencies`].
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 
 use crate::queue::{Queue, QueueError};
+use crate::storage::Storage;
 
 /// How long one probe (PostgreSQL, Redis) may take before its service
 /// counts as unavailable.
@@ -59,6 +62,79 @@ pub async fn probe(pool: &PgPool, queue: &Queue) -> Readiness {
         database: word(matches!(database, Ok(Ok(())))),
         queue: word(matches!(redis, Ok(Ok(())))),
     }
+}
+
+/// A service imgflow needs, as the label `dependency` of
+/// `api_dependency_up` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// PostgreSQL: the jobs, plugins and keys.
+    Database,
+    /// Redis: the queue.
+    Queue,
+    /// The images and plugin components (`STORAGE_URL`).
+    Storage,
+}
+
+impl Dependency {
+    /// Every dependency, in probe order.
+    pub const ALL: [Dependency; 3] = [Dependency::Database, Dependency::Queue, Dependency::Storage];
+
+    /// Its label value: `database`, `queue` or `storage`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Dependency::Database => "database",
+            Dependency::Queue => "queue",
+            Dependency::Storage => "storage",
+        }
+    }
+
+    /// Its name in a log line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dependency::Database => "PostgreSQL",
+            Dependency::Queue => "Redis",
+            Dependency::Storage => "storage",
+        }
+    }
+}
+
+/// The object the storage probe writes (and overwrites): outside `inputs/`,
+/// `outputs/` and `plugins/`, so no sweep ever sees it.
+pub const STORAGE_PROBE_KEY: &str = "health/probe";
+
+/// Asks every [`Dependency`] at once, each within [`PROBE_TIMEOUT`]:
+/// PostgreSQL `SELECT 1`, Redis `PING`, and storage a write of a few bytes
+/// at [`STORAGE_PROBE_KEY`] (a full disk or a bucket refusing writes fails
+/// it; a read would not). Each answer is in [`Dependency::ALL`]'s order,
+/// with why it failed.
+pub async fn probe_dependencies(
+    pool: &PgPool,
+    queue: &Queue,
+    storage: &Storage,
+) -> [(Dependency, Result<(), String>); 3] {
+    fn within<E: std::fmt::Display>(
+        answer: Result<Result<(), E>, tokio::time::error::Elapsed>,
+    ) -> Result<(), String> {
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+    let (database, redis, written) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, crate::db::ping(pool)),
+        tokio::time::timeout(PROBE_TIMEOUT, queue.ping()),
+        tokio::time::timeout(
+            PROBE_TIMEOUT,
+            storage.put(STORAGE_PROBE_KEY, bytes::Bytes::from_static(b"ok\n"))
+        ),
+    );
+    [
+        (Dependency::Database, within(database)),
+        (Dependency::Queue, within(redis)),
+        (Dependency::Storage, within(written)),
+    ]
 }
 
 /// The queue's depth and its oldest entry's age as Redis has them now,

@@ -66,7 +66,19 @@ struct Failed {
     /// PostgreSQL refused a value of the job itself (not the database
     /// being unavailable).
     bad_input: bool,
+    /// The job is certainly not recorded: no connection was had, or
+    /// PostgreSQL answered the statement with an error. Otherwise the
+    /// failure (a connection lost during the statement or its commit) may
+    /// have come after the commit.
+    unrecorded: bool,
     message: String,
+}
+
+/// Why a group insert failed, and whether its statement was sent.
+struct InsertError {
+    error: sqlx::Error,
+    /// Sent to PostgreSQL: it may have run and committed.
+    sent: bool,
 }
 
 /// The group writer of new jobs: each API instance starts one
@@ -147,13 +159,23 @@ impl Intake {
             key,
             new,
         };
+        // Whether the insert's failure leaves the job unrecorded for sure:
+        // no connection, or PostgreSQL answered with an error. Any other failure
+        // (a connection lost during the statement or its commit, the
+        // flusher stopped) may come after the commit: the job may be
+        // recorded and will run, so its input stays (the orphan sweep
+        // deletes it after ORPHAN_GRACE if no row names it).
+        let mut unrecorded = false;
         let inserted = match self.batcher.call(pending).await {
             Ok(Ok(inserted)) => Ok(inserted),
-            Ok(Err(failed)) => Err(JobsError::Database(if failed.bad_input {
-                sqlx::Error::Encode(failed.message.into())
-            } else {
-                sqlx::Error::Protocol(failed.message)
-            })),
+            Ok(Err(failed)) => {
+                unrecorded = failed.unrecorded;
+                Err(JobsError::Database(if failed.bad_input {
+                    sqlx::Error::Encode(failed.message.into())
+                } else {
+                    sqlx::Error::Protocol(failed.message)
+                }))
+            }
             Err(stopped) => Err(stopped.into()),
         };
         let undo = || async {
@@ -185,8 +207,12 @@ impl Intake {
                 undo().await;
                 Err(JobsError::Revoked)
             }
-            Err(e) => {
+            Err(e) if unrecorded => {
                 undo().await;
+                Err(e)
+            }
+            Err(e) => {
+                jobs.release(&owner, &[id]).await;
                 Err(e)
             }
         }
@@ -196,19 +222,29 @@ impl Intake {
 /// Inserts a group of jobs ([`insert`]); if PostgreSQL refuses a value of
 /// one of them, each is inserted alone, so one bad job fails alone.
 async fn insert_isolated(jobs: &Jobs, group: Vec<Pending>) -> Vec<Result<Inserted, Failed>> {
-    let failed = |e: &sqlx::Error| Failed {
-        bad_input: crate::db::is_bad_input(e),
-        message: e.to_string(),
+    let failed = |e: &InsertError| {
+        let bad_input = crate::db::is_bad_input(&e.error);
+        Failed {
+            bad_input,
+            // (An error PostgreSQL answered rolled the statement back; one
+            // found encoding it came before it was sent.)
+            unrecorded: !e.sent
+                || matches!(e.error, sqlx::Error::Database(_) | sqlx::Error::Encode(_)),
+            message: e.error.to_string(),
+        }
     };
     match insert(jobs, &group).await {
         Ok(answers) => answers.into_iter().map(Ok).collect(),
-        Err(e) if crate::db::is_bad_input(&e) && group.len() > 1 => {
+        Err(e) if crate::db::is_bad_input(&e.error) && group.len() > 1 => {
             let mut answers = Vec::with_capacity(group.len());
             for one in group.chunks(1) {
                 answers.push(match insert(jobs, one).await {
-                    Ok(mut answer) => answer
-                        .pop()
-                        .ok_or_else(|| failed(&sqlx::Error::RowNotFound)),
+                    Ok(mut answer) => answer.pop().ok_or_else(|| {
+                        failed(&InsertError {
+                            error: sqlx::Error::RowNotFound,
+                            sent: true,
+                        })
+                    }),
                     Err(e) => Err(failed(&e)),
                 });
             }
@@ -278,7 +314,7 @@ pub const GROUP_INSERT: &str = concat!(
 
 /// Inserts a group of jobs in one statement, then puts the queued ones on
 /// the stream in one round trip. Returns what happened to each, in order.
-async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, sqlx::Error> {
+async fn insert(jobs: &Jobs, group: &[Pending]) -> Result<Vec<Inserted>, InsertError> {
     let summaries: Vec<pipeline::Summary> = group
         .iter()
         .map(|p| pipeline::summary(&p.new.steps))
@@ -312,7 +348,12 @@ async fn insert_rows(
     jobs: &Jobs,
     group: &[Pending],
     summaries: &[pipeline::Summary],
-) -> Result<Vec<Row>, sqlx::Error> {
+) -> Result<Vec<Row>, InsertError> {
+    let mut conn = jobs
+        .db
+        .acquire()
+        .await
+        .map_err(|error| InsertError { error, sent: false })?;
     let col = |f: &dyn Fn(&Pending) -> Option<String>| -> Vec<Option<String>> {
         group.iter().map(f).collect()
     };
@@ -361,8 +402,9 @@ async fn insert_rows(
         .bind(&keys)
         .bind(&priorities)
         .bind(&pixels)
-        .fetch_all(&jobs.db)
+        .fetch_all(&mut *conn)
         .await
+        .map_err(|error| InsertError { error, sent: true })
 }
 
 /// What the group insert did with one job, from its row.

@@ -504,6 +504,11 @@ pub struct ApiSettings {
     /// to record its job after storing its input.
     #[arg(long, env = "ORPHAN_GRACE", default_value = "1h")]
     pub orphan_grace: HumanDuration,
+    /// How often the API asks PostgreSQL, Redis and storage whether they
+    /// answer (storage with a small write): `api_dependency_up` and the
+    /// alert `ImgflowDependencyDown` follow the answers.
+    #[arg(long, env = "DEPENDENCY_PROBE_INTERVAL", default_value = "5s")]
+    pub dependency_probe_interval: HumanDuration,
     /// HTTP timeouts and limits.
     #[command(flatten)]
     pub http: HttpLimits,

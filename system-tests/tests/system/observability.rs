@@ -4,113 +4,14 @@
 //! are checked through Prometheus's HTTP API.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use imgflow_testkit::stack::{free_port, repo, wait_until, Stack};
+use imgflow_testkit::prometheus::{value, Prometheus};
+use imgflow_testkit::stack::{repo, wait_until, Stack};
 use serde_json::Value;
 
 const TOKEN: &str = imgflow_testkit::TEST_ADMIN_TOKEN;
-
-/// A Prometheus server with its own config and data folder, killed on drop.
-struct Prometheus {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    /// Starts Prometheus scraping the API and `workers` every second, with
-    /// the repository's rule files; waits until it is ready.
-    async fn start(dir: &Path, api: &str, workers: &[String]) -> Prometheus {
-        let rules = repo().join("prometheus/rules/*.yml");
-        let targets = |list: &[String]| {
-            list.iter()
-                .map(|t| format!("\"{t}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files:\n  - \"{}\"\n\
-             scrape_configs:\n\
-             \x20 - job_name: api-gateway\n    static_configs:\n      - targets: [{}]\n\
-             \x20 - job_name: worker-service\n    static_configs:\n      - targets: [{}]\n",
-            rules.display(),
-            targets(&[api.to_string()]),
-            targets(workers),
-        );
-        let config_path = dir.join("prometheus.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let port = free_port();
-        let log = dir.join("prometheus.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start prometheus: {e} (install the Debian package prometheus; .ci/run does)")
-            });
-        let prometheus = Prometheus {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        let client = reqwest::Client::new();
-        let ready = format!("{}/-/ready", prometheus.url);
-        wait_until("Prometheus is ready", Duration::from_secs(30), || async {
-            client
-                .get(&ready)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        prometheus
-    }
-
-    /// Runs an instant query; panics unless Prometheus accepts it.
-    async fn query(&self, client: &reqwest::Client, expr: &str) -> Vec<Value> {
-        let r = client
-            .get(format!("{}/api/v1/query", self.url))
-            .query(&[("query", expr)])
-            .send()
-            .await
-            .unwrap();
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["status"], "success", "query {expr}: {body}");
-        body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        std::fs::read_to_string(&self.log)
-            .map(|s| s.lines().rev().take(30).collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
-    }
-}
-
-/// The value of an instant-query sample.
-fn value(sample: &Value) -> f64 {
-    sample["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
 
 fn plugin(name: &str) -> Vec<u8> {
     let path = repo().join(format!("plugins/target/wasm32-wasip2/release/{name}.wasm"));
@@ -193,8 +94,7 @@ async fn prometheus_scrapes_every_action_and_every_dashboard_query_returns_data(
 
     let api = stack.api_url.trim_start_matches("http://").to_string();
     let prom_dir = stack.dir.path().join("prometheus");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    let prometheus = Prometheus::start(&prom_dir, &api, &stack.worker_metrics).await;
+    let prometheus = Prometheus::start(&prom_dir, &[api], &stack.worker_metrics).await;
     let client = reqwest::Client::new();
 
     let mut every_action = imgflow_testkit::fixtures::builtin_names();
@@ -410,4 +310,80 @@ async fn prometheus_scrapes_every_action_and_every_dashboard_query_returns_data(
         },
     )
     .await;
+}
+
+/// The API's dependency watch and the alert on it, with a real fault: the
+/// API's own Redis is killed, then started again from its AOF. While it is
+/// down the API says so (`api_dependency_up{dependency="queue"} 0`, probe
+/// failures counted, `/readyz` 503, one log line) and Prometheus fires
+/// `ImgflowDependencyDown` for the queue alone; once it is back the alert
+/// clears and the log says for how long it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dependency_alert_fires_while_redis_is_down_and_clears_after() {
+    let mut stack = Stack::new().await;
+    let mut redis =
+        imgflow_testkit::redis::RedisServer::start(&stack.dir.path().join("redis")).await;
+    stack.redis_url = redis.url();
+    let api = stack
+        .start_api_process(&[("DEPENDENCY_PROBE_INTERVAL", "200ms")])
+        .await;
+    let target = stack.api_url.trim_start_matches("http://").to_string();
+    let prometheus = Prometheus::start(&stack.dir.path().join("prometheus"), &[target], &[]).await;
+    let client = reqwest::Client::new();
+    let up = |dependency: &str| format!("api_dependency_up{{dependency=\"{dependency}\"}}");
+    let dependency_alerts = || prometheus.firing(&client, "ImgflowDependencyDown", "dependency");
+    wait_until(
+        "Prometheus has all three dependencies up",
+        Duration::from_secs(30),
+        || async {
+            prometheus
+                .query(&client, "api_dependency_up == 1")
+                .await
+                .len()
+                == 3
+        },
+    )
+    .await;
+    assert!(dependency_alerts().await.is_empty());
+
+    redis.kill();
+    wait_until(
+        "ImgflowDependencyDown fires for the queue",
+        Duration::from_secs(30),
+        || async { dependency_alerts().await.contains("queue") },
+    )
+    .await;
+    assert_eq!(stack.metric(&up("queue")).await, Some(0.0));
+    assert_eq!(stack.metric(&up("database")).await, Some(1.0));
+    assert_eq!(stack.metric(&up("storage")).await, Some(1.0));
+    let failures = stack
+        .metric(r#"api_dependency_probe_failures_total{dependency="queue"}"#)
+        .await;
+    assert!(failures >= Some(1.0), "{failures:?}");
+    assert_eq!(
+        dependency_alerts().await,
+        BTreeSet::from(["queue".to_string()])
+    );
+    let ready = client
+        .get(format!("{}/readyz", stack.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    redis.start_again().await;
+    wait_until(
+        "ImgflowDependencyDown clears",
+        Duration::from_secs(30),
+        || async { dependency_alerts().await.is_empty() },
+    )
+    .await;
+    assert_eq!(stack.metric(&up("queue")).await, Some(1.0));
+    let log = std::fs::read_to_string(&api.log).unwrap();
+    assert_eq!(
+        log.matches("Redis does not answer the API's probe").count(),
+        1,
+        "one line when it went down:\n{log}"
+    );
+    assert!(log.contains("Redis answers again"), "{log}");
 }

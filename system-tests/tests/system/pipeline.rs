@@ -518,6 +518,46 @@ async fn rejections_have_their_codes_and_leave_nothing_behind() {
     assert!(down.stored("inputs").is_empty());
 }
 
+/// PostgreSQL runs a submission's insert, but the answer is lost with the
+/// connection (a proxy drops it, as a network failing during a commit
+/// would): the client is answered 503, yet the job is recorded, so its
+/// input must stay; the sweeper queues it and it completes. (Found by the
+/// soak: the input was deleted as for a refused job, and the recorded job
+/// failed for want of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submission_whose_commit_answer_is_lost_keeps_its_input_and_runs() {
+    use imgflow_testkit::proxy::{self, Proxy};
+    let mut stack = Stack::new().await;
+    let direct = sqlx::PgPool::connect(&stack.db_url).await.unwrap();
+    let (_, upstream) = proxy::through(&stack.db_url, 0, 5432);
+    let pg = Proxy::start(upstream).await;
+    stack.db_url = proxy::through(&stack.db_url, pg.port, 5432).0;
+    stack.start_api(&[]).await;
+    stack.start_worker("w", &[]).await;
+    stack.wait_for_plugins().await;
+
+    pg.lose_answer_to(b"INSERT INTO jobs (");
+    let r = submit_raw(
+        &stack,
+        &fixture("pngsuite/basn2c08.png"),
+        "action=grayscale",
+    )
+    .await;
+    expect_error(r, 503, "database_unavailable").await;
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, input_key FROM jobs")
+        .fetch_all(&direct)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "PostgreSQL ran the insert");
+    let (id, input_key) = &rows[0];
+    assert!(
+        stack.storage.join(input_key).exists(),
+        "the recorded job's input {input_key} was deleted"
+    );
+    let done = stack.wait_done(&id.to_string()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idempotency_key_returns_the_same_job() {
     let mut stack = Stack::new().await;

@@ -1,7 +1,9 @@
 //! Soak and chaos (issue 29): the whole system as processes (two API
 //! instances, three workers, a Redis of its own with AOF, the real
 //! PostgreSQL, an S3 server whose files live on a small `tmpfs`; Redis and
-//! PostgreSQL behind TCP proxies in the test's process) under a mix of
+//! PostgreSQL behind TCP proxies in the test's process; Prometheus with the
+//! repository's rules, whose dependency alerts are checked against the
+//! outages, [`alerts`]) under a mix of
 //! traffic from three client keys and an operator ([`traffic`]), while
 //! faults come on a seeded schedule ([`Fault`]). Every accepted job is
 //! accounted for while the soak runs and at its end ([`ledger`],
@@ -13,8 +15,8 @@
 //! [`two_minutes_of_soak_keep_every_invariant`]). `SOAK_SEED` repeats a
 //! run: the seed is printed first.
 
+mod alerts;
 mod ledger;
-mod proxy;
 mod services;
 mod traffic;
 
@@ -22,6 +24,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use imgflow_testkit::prometheus::{self, Prometheus};
+use imgflow_testkit::proxy::{self, Proxy};
+use imgflow_testkit::redis::RedisServer;
 use imgflow_testkit::s3::S3Server;
 use imgflow_testkit::stack::{Proc, Stack, TEST_ADMIN_TOKEN};
 use rand::rngs::StdRng;
@@ -29,15 +34,15 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use ledger::Ledger;
-use proxy::Proxy;
-use services::{Redis, Tmpfs};
+use services::Tmpfs;
 use traffic::{Client, Receiver, Record, Urls};
 
 /// What the API instances run with: client keys required, leases and the
 /// sweeper short enough for a two-minute run, a minute's retention, files
 /// no job needs deleted once 20 s old, and webhooks to the local receiver
-/// given up 20 s after their job finished.
-const API_SETTINGS: [(&str, &str); 10] = [
+/// given up 20 s after their job finished; dependencies probed every
+/// 500 ms, for the alerts.
+const API_SETTINGS: [(&str, &str); 11] = [
     ("IMGFLOW_ADMIN_TOKEN", TEST_ADMIN_TOKEN),
     ("AUTH_REQUIRED", "true"),
     ("LEASE_MS", "3000"),
@@ -51,6 +56,7 @@ const API_SETTINGS: [(&str, &str); 10] = [
     ("CALLBACK_ALLOW_PRIVATE", "true"),
     ("CALLBACK_TIMEOUT", "1s"),
     ("CALLBACK_RETRY_FOR", "20s"),
+    ("DEPENDENCY_PROBE_INTERVAL", "500ms"),
 ];
 
 /// What the workers run with (the sweeper's settings are the stack's:
@@ -128,6 +134,19 @@ const FAULTS: [Fault; 10] = [
 ];
 
 impl Fault {
+    /// The dependency it takes down, as `api_dependency_up` names it:
+    /// `ImgflowDependencyDown` must fire for it. (Resets and latency are
+    /// not outages an operator is paged for; killed processes are
+    /// replaced within seconds.)
+    fn dependency(self) -> Option<&'static str> {
+        match self {
+            Fault::RedisRestarted | Fault::RedisEmptied => Some("queue"),
+            Fault::PostgresCut => Some("database"),
+            Fault::S3Stopped | Fault::StorageFull => Some("storage"),
+            _ => None,
+        }
+    }
+
     /// Whether `503`s are expected while it lasts: a service is down or
     /// failing.
     fn is_outage(self) -> bool {
@@ -205,7 +224,7 @@ struct Target<'a> {
     stack: &'a mut Stack,
     fleet: &'a mut Fleet,
     urls: &'a Urls,
-    redis: &'a mut Redis,
+    redis: &'a mut RedisServer,
     proxies: [&'a Proxy; 2],
     s3: &'a mut S3Server,
     disk: &'a Tmpfs,
@@ -299,13 +318,32 @@ async fn inject(
             }
         }
     }
+    let to = started.elapsed();
+    let mut record = record.lock().unwrap();
     if fault.is_outage() {
-        record
-            .lock()
-            .unwrap()
-            .outages
-            .push((from, started.elapsed() + OUTAGE_GRACE));
+        record.outages.push((from, to + OUTAGE_GRACE));
     }
+    if let Some(dependency) = fault.dependency() {
+        record.dependency_outages.push((dependency, from, to));
+    }
+}
+
+/// The Prometheus targets of the live fleet: the APIs, the workers'
+/// metrics ports.
+fn retarget(prometheus: &Prometheus, fleet: &Fleet, stack: &Stack, urls: &Urls) {
+    let apis: Vec<String> = urls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|u| u.trim_start_matches("http://").to_string())
+        .collect();
+    let workers: Vec<String> = fleet
+        .workers
+        .iter()
+        .map(|i| stack.worker_metrics[*i].clone())
+        .collect();
+    prometheus.set_targets(prometheus::Job::Api, &apis);
+    prometheus.set_targets(prometheus::Job::Worker, &workers);
 }
 
 /// Resident memory (KiB) and open file descriptors of process `pid`.
@@ -337,7 +375,9 @@ fn usage(pid: u32) -> Option<(u64, usize)> {
 /// - every webhook of a finished job is delivered (answered `2xx`), or
 ///   given up for the receiver that never answers;
 /// - no answer was a `5xx` other than a `503` during a declared outage
-///   (a service down or failing, and 10 s after).
+///   (a service down or failing, and 10 s after);
+/// - Prometheus fired `ImgflowDependencyDown` for each outage of
+///   PostgreSQL, Redis or storage, and it cleared after it ([`alerts`]).
 async fn soak(duration: Duration, seed: u64) {
     println!("soak: seed {seed} (SOAK_SEED={seed} repeats this run), {duration:?}");
     let long = duration >= Duration::from_secs(600);
@@ -345,7 +385,7 @@ async fn soak(duration: Duration, seed: u64) {
     let mut stack = Stack::new().await;
     let disk = Tmpfs::mount(&stack.dir.path().join("s3"), storage_mb(duration));
     let mut s3 = S3Server::start_in(&disk.path.join("root"), BUCKET).await;
-    let mut redis = Redis::start(&stack.dir.path().join("redis")).await;
+    let mut redis = RedisServer::start(&stack.dir.path().join("redis")).await;
     let (_, redis_upstream) = proxy::through(&redis.url(), 0, 6379);
     let redis_proxy = Proxy::start(redis_upstream).await;
     stack.redis_url = proxy::through(&redis.url(), redis_proxy.port, 6379).0;
@@ -365,6 +405,8 @@ async fn soak(duration: Duration, seed: u64) {
         fleet.start_worker(&mut stack);
     }
     stack.wait_for_plugins().await;
+    let prom = Arc::new(Prometheus::start(&stack.dir.path().join("prometheus"), &[], &[]).await);
+    retarget(&prom, &fleet, &stack, &urls);
     traffic::install_plugins(&stack.api_url).await;
     let mut keys = Vec::new();
     for name in ["soak-a", "soak-b", "soak-c"] {
@@ -397,6 +439,8 @@ async fn soak(duration: Duration, seed: u64) {
         seed.wrapping_add(100),
         stop_rx.clone(),
     )));
+    let (alerts_stop, alerts_stop_rx) = tokio::sync::watch::channel(false);
+    let alert_watch = tokio::spawn(alerts::watch(prom.clone(), started, alerts_stop_rx));
     let sampler = tokio::spawn(sample(
         fleet.live.clone(),
         stack.db_name.clone(),
@@ -447,6 +491,7 @@ async fn soak(duration: Duration, seed: u64) {
             disk: &disk,
         };
         inject(fault, &mut rng, target, &record, started, long).await;
+        retarget(&prom, &fleet, &stack, &urls);
         tokio::time::sleep_until(next.into()).await;
     }
     let end = (started + duration).max(Instant::now() + Duration::from_secs(15));
@@ -516,6 +561,14 @@ async fn soak(duration: Duration, seed: u64) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _ = ledger.read(&direct, &objects, &accepted, &deleted).await;
     }
+    // The dependency alerts clear once the last outage is over.
+    let quiet_by = Instant::now() + Duration::from_secs(30);
+    while !alerts::firing(&prom, &stack.client).await.is_empty() && Instant::now() < quiet_by {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = alerts_stop.send(true);
+    let alert_samples = alert_watch.await.unwrap();
     let r = std::mem::take(&mut *record.lock().unwrap());
     let (by_state, expired) = ledger.by_final_state(&deleted);
     let vanished_unfinished = ledger.vanished_unfinished(&deleted);
@@ -732,6 +785,9 @@ async fn soak(duration: Duration, seed: u64) {
         ),
     );
     check(hooks_wrong.is_empty(), format!("webhooks: {hooks_wrong:?}"));
+    for line in alerts::judge(&r.dependency_outages, &alert_samples) {
+        check(false, line);
+    }
     check(
         bad_errors.is_empty(),
         format!("5xx outside a declared outage: {bad_errors:?}"),
@@ -937,12 +993,14 @@ fn write_samples(samples: &[Sample], seed: u64) {
 /// A resource of a [`Sample`], named.
 type Measure = (&'static str, fn(&Sample) -> f64);
 
-/// Each resource's mean over the first third of the run (after the 10 s
-/// warm-up) and over the last third, printed; returned as (what, first,
+/// Each resource's mean over the first third of the run (after the
+/// warm-up: a twelfth of the run, at least 10 s and at most 5 minutes, while
+/// the connection pools fill and the sandbox's pooled slots are first
+/// used) and over the last third, printed; returned as (what, first,
 /// last).
 fn flatness(samples: &[Sample], duration: Duration) -> Vec<(String, f64, f64)> {
     let third = duration / 3;
-    let warm = Duration::from_secs(10);
+    let warm = (duration / 12).clamp(Duration::from_secs(10), Duration::from_secs(300));
     let mean = |from: Duration, to: Duration, f: fn(&Sample) -> f64| {
         let of: Vec<f64> = samples
             .iter()
@@ -970,7 +1028,8 @@ fn flatness(samples: &[Sample], duration: Duration) -> Vec<(String, f64, f64)> {
         })
         .collect();
     println!(
-        "soak: resources, first third / last third ({} samples): {}",
+        "soak: resources, first third after {:?} of warm-up / last third ({} samples): {}",
+        warm,
         samples.len(),
         out.iter()
             .map(|(w, a, b)| format!("{w} {a:.1} / {b:.1}"))

@@ -72,6 +72,8 @@ pub struct Record {
     pub outages: Vec<(Duration, Duration)>,
     /// Faults injected: when, which.
     pub faults: Vec<(Duration, Fault)>,
+    /// Outages of a dependency the alerts must see.
+    pub dependency_outages: Vec<super::alerts::Outage>,
 }
 
 impl Record {

@@ -1,10 +1,12 @@
 //! A TCP proxy in the test's process, put in front of PostgreSQL and of
 //! Redis: it can close every connection through it ([`Proxy::reset`]),
-//! also refuse new ones for a while ([`Proxy::cut`]), or hold every chunk
-//! of data for a delay ([`Proxy::set_delay`]), as a bad network would.
+//! also refuse new ones for a while ([`Proxy::cut`]), hold every chunk
+//! of data for a delay ([`Proxy::set_delay`]), as a bad network would, or
+//! lose the answer to one statement after the server has run it
+//! ([`Proxy::lose_answer_to`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -18,6 +20,20 @@ pub struct Proxy {
     down: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
     cuts: tokio::sync::watch::Sender<u64>,
+    lose: Lose,
+}
+
+/// The text of a statement whose answer the proxy is to lose, once.
+type Lose = Arc<Mutex<Option<Vec<u8>>>>;
+
+/// What one connection does with the armed [`Lose`]: watching the
+/// client's data for the statement's text, then for the next chunk (with
+/// PostgreSQL's extended protocol, `Bind`/`Execute`/`Sync` follow the
+/// answer to `Parse`), after which nothing more reaches the client.
+#[derive(Default)]
+struct Losing {
+    seen: AtomicBool,
+    losing: AtomicBool,
 }
 
 impl Proxy {
@@ -28,7 +44,13 @@ impl Proxy {
         let down = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
-        let (is_down, delay, cut_rx) = (down.clone(), delay_ms.clone(), cuts.subscribe());
+        let lose = Lose::default();
+        let (is_down, delay, cut_rx, armed) = (
+            down.clone(),
+            delay_ms.clone(),
+            cuts.subscribe(),
+            lose.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -38,7 +60,12 @@ impl Proxy {
                     let _ = client.shutdown().await;
                     continue;
                 }
-                let (upstream, delay, mut cut) = (upstream.clone(), delay.clone(), cut_rx.clone());
+                let (upstream, delay, mut cut, armed) = (
+                    upstream.clone(),
+                    delay.clone(),
+                    cut_rx.clone(),
+                    armed.clone(),
+                );
                 cut.mark_unchanged();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -47,14 +74,23 @@ impl Proxy {
                     let _ = (client.set_nodelay(true), server.set_nodelay(true));
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
+                    let losing = Arc::new(Losing::default());
+                    let lost = async {
+                        while !losing.losing.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        // Time for the server to run what it was sent.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    };
                     tokio::select! {
                         _ = async {
                             tokio::join!(
-                                pipe(client_read, server_write, delay.clone()),
-                                pipe(server_read, client_write, delay),
+                                pipe(client_read, server_write, delay.clone(), &losing, Some(&armed)),
+                                pipe(server_read, client_write, delay, &losing, None),
                             )
                         } => {}
                         _ = cut.changed() => {}
+                        _ = lost => {}
                     }
                 });
             }
@@ -64,6 +100,7 @@ impl Proxy {
             down,
             delay_ms,
             cuts,
+            lose,
         }
     }
 
@@ -80,6 +117,16 @@ impl Proxy {
         self.down.store(false, Ordering::SeqCst);
     }
 
+    /// Arms the proxy to lose the answer to the next statement whose text
+    /// contains `text`, once: the statement reaches the server, which runs
+    /// it, but its answer never reaches the client, whose connection is
+    /// closed half a second later, as when a network fails during a
+    /// commit. (The statement must be prepared on that connection, so
+    /// that its text passes: a fresh connection's first use of it.)
+    pub fn lose_answer_to(&self, text: &[u8]) {
+        *self.lose.lock().unwrap() = Some(text.to_vec());
+    }
+
     /// Holds every chunk of data, each way, for `delay` (zero: none).
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms
@@ -87,14 +134,40 @@ impl Proxy {
     }
 }
 
-/// Copies `from` to `to`, each chunk held for the proxy's delay.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay_ms: Arc<AtomicU64>) {
+/// Copies `from` to `to`, each chunk held for the proxy's delay. With
+/// `armed` (the client's side), looks for the armed statement's text;
+/// without (the server's side), drops what comes once the connection is
+/// `losing`.
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    delay_ms: Arc<AtomicU64>,
+    losing: &Losing,
+    armed: Option<&Lose>,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if armed.is_none() && losing.losing.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(armed) = armed {
+            if losing.seen.load(Ordering::SeqCst) {
+                losing.losing.store(true, Ordering::SeqCst);
+            } else {
+                let mut armed = armed.lock().unwrap();
+                let found = armed
+                    .as_deref()
+                    .is_some_and(|text| buf[..n].windows(text.len()).any(|w| w == text));
+                if found {
+                    *armed = None;
+                    losing.seen.store(true, Ordering::SeqCst);
+                }
+            }
+        }
         let delay = delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
