@@ -1,9 +1,12 @@
 //! The dependency watch: every `DEPENDENCY_PROBE_INTERVAL` the API asks
 //! PostgreSQL, Redis and storage whether they answer
-//! ([`health::probe_dependencies`]), sets `api_dependency_up{dependency}`
-//! from the answers (the alert `ImgflowDependencyDown` fires on a 0),
-//! counts the failed probes, and logs each dependency going down (with
-//! why) and coming back (with how long it was down).
+//! ([`health::probe_dependencies`]) and counts the failed probes. A
+//! dependency is down once [`DOWN_AFTER`] probes in a row failed (one
+//! failure, such as a connection reset under the probe, is not an
+//! outage): `api_dependency_up{dependency}` is then 0 (the alert
+//! `ImgflowDependencyDown` fires on it) until a probe succeeds. Each
+//! dependency going down is logged with why, and coming back with how long
+//! it was down.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,18 +14,20 @@ use std::time::Duration;
 use imgflow_platform::health::{self, Dependency};
 use imgflow_platform::queue::Queue;
 use imgflow_platform::storage::Storage;
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 use crate::metrics::ApiMetrics;
+
+/// How many probes in a row must fail for a dependency to be down.
+pub const DOWN_AFTER: u32 = 2;
 
 /// The shortest interval between probes, whatever the setting says.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The dependency watch of one API instance.
 pub struct Watch {
-    /// PostgreSQL.
-    pub db: PgPool,
+    /// PostgreSQL's URL (each probe opens a connection of its own).
+    pub database_url: String,
     /// Redis.
     pub queue: Queue,
     /// Storage.
@@ -39,44 +44,59 @@ impl Watch {
     pub async fn run(self) {
         let mut tick = tokio::time::interval(self.every.max(MIN_INTERVAL));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When each dependency was first found down, while it is.
-        let mut down: [Option<Instant>; 3] = [None; 3];
+        let mut states = [State::default(); 3];
         loop {
             tick.tick().await;
-            let answers = health::probe_dependencies(&self.db, &self.queue, &self.storage).await;
-            for (i, (dependency, answer)) in answers.into_iter().enumerate() {
-                self.metrics.dependency(dependency, answer.is_ok());
-                down[i] = transition(dependency, down[i], answer);
+            let answers =
+                health::probe_dependencies(&self.database_url, &self.queue, &self.storage).await;
+            for (state, (dependency, answer)) in states.iter_mut().zip(answers) {
+                self.metrics.probe_failed(dependency, answer.is_err());
+                state.follow(dependency, answer);
+                self.metrics
+                    .dependency(dependency, state.down_since.is_none());
             }
         }
     }
 }
 
-/// Logs a change of `dependency`'s state (down `since`, or up when
-/// `None`) for `answer`, and returns its new state.
-fn transition(
-    dependency: Dependency,
-    since: Option<Instant>,
-    answer: Result<(), String>,
-) -> Option<Instant> {
-    match (since, answer) {
-        (None, Ok(())) => None,
-        (Some(since), Ok(())) => {
-            tracing::info!(
-                dependency = dependency.label(),
-                down_for = ?since.elapsed(),
-                "{} answers again", dependency.name()
-            );
-            None
+/// What the watch knows of one dependency.
+#[derive(Debug, Clone, Copy, Default)]
+struct State {
+    /// Probes failed in a row.
+    failures: u32,
+    /// When it was first found failing, once down.
+    down_since: Option<Instant>,
+    /// When the current run of failures began.
+    failing_since: Option<Instant>,
+}
+
+impl State {
+    /// Takes in one probe's `answer`, logging a change of state.
+    fn follow(&mut self, dependency: Dependency, answer: Result<(), String>) {
+        match answer {
+            Ok(()) => {
+                if let Some(since) = self.down_since {
+                    tracing::info!(
+                        dependency = dependency.label(),
+                        down_for = ?since.elapsed(),
+                        "{} answers again", dependency.name()
+                    );
+                }
+                *self = State::default();
+            }
+            Err(error) => {
+                self.failures += 1;
+                let since = *self.failing_since.get_or_insert_with(Instant::now);
+                if self.failures == DOWN_AFTER {
+                    tracing::warn!(
+                        dependency = dependency.label(),
+                        %error,
+                        probes = self.failures,
+                        "{} does not answer the API's probe", dependency.name()
+                    );
+                    self.down_since = Some(since);
+                }
+            }
         }
-        (None, Err(error)) => {
-            tracing::warn!(
-                dependency = dependency.label(),
-                %error,
-                "{} does not answer the API's probe", dependency.name()
-            );
-            Some(Instant::now())
-        }
-        (Some(since), Err(_)) => Some(since),
     }
 }

@@ -224,7 +224,7 @@ impl App {
         let keys = Keys::new(pool.clone());
         let decode_budget = decode_budget(&settings, &metrics);
         let watch = dependencies::Watch {
-            db: pool.clone(),
+            database_url: settings.db.url(),
             queue: queue.clone(),
             storage: storage.clone(),
             metrics: metrics.clone(),

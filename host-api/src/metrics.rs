@@ -134,7 +134,7 @@ impl ApiMetrics {
             dependency_up: prometheus::IntGaugeVec::new(
                 prometheus::Opts::new(
                     "api_dependency_up",
-                    "Whether the dependency (database, queue, storage) answered this instance's last probe (DEPENDENCY_PROBE_INTERVAL): 1, or 0.",
+                    "Whether the dependency (database, queue, storage) is up for this instance: 0 once its last two probes (every DEPENDENCY_PROBE_INTERVAL) failed, 1 again at the first that succeeds.",
                 ),
                 &["dependency"],
             )?,
@@ -241,12 +241,16 @@ impl ApiMetrics {
         self.queue_oldest.set(oldest.as_secs_f64());
     }
 
-    /// What the last probe of `dependency` found: `up` or not.
+    /// Whether `dependency` is up, as the watch judges it.
     pub fn dependency(&self, dependency: Dependency, up: bool) {
         self.dependency_up
             .with_label_values(&[dependency.label()])
             .set(i64::from(up));
-        if !up {
+    }
+
+    /// Counts a failed probe of `dependency` (`failed`).
+    pub fn probe_failed(&self, dependency: Dependency, failed: bool) {
+        if failed {
             self.dependency_failures
                 .with_label_values(&[dependency.label()])
                 .inc();

@@ -104,12 +104,17 @@ impl Dependency {
 pub const STORAGE_PROBE_KEY: &str = "health/probe";
 
 /// Asks every [`Dependency`] at once, each within [`PROBE_TIMEOUT`]:
-/// PostgreSQL `SELECT 1`, Redis `PING`, and storage a write of a few bytes
-/// at [`STORAGE_PROBE_KEY`] (a full disk or a bucket refusing writes fails
-/// it; a read would not). Each answer is in [`Dependency::ALL`]'s order,
-/// with why it failed.
+/// PostgreSQL `SELECT 1` and Redis `PING`, each on a connection opened for
+/// the probe (so a busy pool is not taken for a database down, and a
+/// dependency down fails the probe at once rather than when a pool gives
+/// up reconnecting), and storage
+/// a write of a few bytes at [`STORAGE_PROBE_KEY`] (a full disk or a
+/// bucket refusing writes fails it; a read would not). The write runs as
+/// a task of its own, so a local disk that blocks the thread writing to it
+/// is still found out by the timeout. Each answer is in
+/// [`Dependency::ALL`]'s order, with why it failed.
 pub async fn probe_dependencies(
-    pool: &PgPool,
+    database_url: &str,
     queue: &Queue,
     storage: &Storage,
 ) -> [(Dependency, Result<(), String>); 3] {
@@ -122,13 +127,26 @@ pub async fn probe_dependencies(
             Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
         }
     }
+    let write = {
+        let storage = storage.clone();
+        tokio::spawn(async move {
+            storage
+                .put(STORAGE_PROBE_KEY, bytes::Bytes::from_static(b"ok\n"))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
     let (database, redis, written) = tokio::join!(
-        tokio::time::timeout(PROBE_TIMEOUT, crate::db::ping(pool)),
-        tokio::time::timeout(PROBE_TIMEOUT, queue.ping()),
-        tokio::time::timeout(
-            PROBE_TIMEOUT,
-            storage.put(STORAGE_PROBE_KEY, bytes::Bytes::from_static(b"ok\n"))
-        ),
+        tokio::time::timeout(PROBE_TIMEOUT, async {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(database_url).await?;
+            sqlx::query("SELECT 1").execute(&mut conn).await?;
+            conn.close().await
+        }),
+        tokio::time::timeout(PROBE_TIMEOUT, queue.ping_fresh()),
+        tokio::time::timeout(PROBE_TIMEOUT, async {
+            write.await.map_err(|e| e.to_string())?
+        }),
     );
     [
         (Dependency::Database, within(database)),

@@ -355,6 +355,14 @@ impl Queue {
         redis::cmd("PING").query_async(&mut conn).await
     }
 
+    /// `PING` on a connection of its own, opened for it: it fails at once
+    /// when Redis is down, where [`Queue::ping`] may wait for the shared
+    /// connection to reconnect (the dependency probe's way).
+    pub async fn ping_fresh(&self) -> RedisResult<()> {
+        let mut conn = self.client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async(&mut conn).await
+    }
+
     /// Puts a job on the queue.
     pub async fn enqueue(&self, ticket: Ticket<'_>) -> RedisResult<()> {
         self.enqueue_many(&[ticket]).await

@@ -111,18 +111,31 @@ impl Prometheus {
 
     /// Runs an instant query; panics unless Prometheus accepts it.
     pub async fn query(&self, client: &reqwest::Client, expr: &str) -> Vec<Value> {
+        self.try_query(client, expr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs an instant query: its samples, or why there are none.
+    pub async fn try_query(
+        &self,
+        client: &reqwest::Client,
+        expr: &str,
+    ) -> Result<Vec<Value>, String> {
         let r = client
             .get(format!("{}/api/v1/query", self.url))
             .query(&[("query", expr)])
             .send()
             .await
-            .expect("Prometheus answers");
-        let body: Value = r.json().await.expect("Prometheus answers JSON");
-        assert_eq!(body["status"], "success", "query {expr}: {body}");
-        body["data"]["result"]
+            .map_err(|e| format!("query {expr}: {e}"))?;
+        let body: Value = r.json().await.map_err(|e| format!("query {expr}: {e}"))?;
+        if body["status"] != "success" {
+            return Err(format!("query {expr}: {body}"));
+        }
+        Ok(body["data"]["result"]
             .as_array()
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     /// The values of `label` of the alerts named `alert` firing now (for
@@ -133,15 +146,17 @@ impl Prometheus {
         client: &reqwest::Client,
         alert: &str,
         label: &str,
-    ) -> BTreeSet<String> {
-        self.query(
-            client,
-            &format!(r#"ALERTS{{alertname="{alert}", alertstate="firing"}}"#),
-        )
-        .await
-        .iter()
-        .map(|s| s["metric"][label].as_str().unwrap_or_default().to_string())
-        .collect()
+    ) -> Result<BTreeSet<String>, String> {
+        let firing = self
+            .try_query(
+                client,
+                &format!(r#"ALERTS{{alertname="{alert}", alertstate="firing"}}"#),
+            )
+            .await?;
+        Ok(firing
+            .iter()
+            .map(|s| s["metric"][label].as_str().unwrap_or_default().to_string())
+            .collect())
     }
 
     /// The last 30 lines of its log.

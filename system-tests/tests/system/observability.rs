@@ -331,7 +331,12 @@ async fn the_dependency_alert_fires_while_redis_is_down_and_clears_after() {
     let prometheus = Prometheus::start(&stack.dir.path().join("prometheus"), &[target], &[]).await;
     let client = reqwest::Client::new();
     let up = |dependency: &str| format!("api_dependency_up{{dependency=\"{dependency}\"}}");
-    let dependency_alerts = || prometheus.firing(&client, "ImgflowDependencyDown", "dependency");
+    let dependency_alerts = || async {
+        prometheus
+            .firing(&client, "ImgflowDependencyDown", "dependency")
+            .await
+            .unwrap()
+    };
     wait_until(
         "Prometheus has all three dependencies up",
         Duration::from_secs(30),

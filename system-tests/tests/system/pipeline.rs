@@ -544,11 +544,19 @@ async fn a_submission_whose_commit_answer_is_lost_keeps_its_input_and_runs() {
     )
     .await;
     expect_error(r, 503, "database_unavailable").await;
-    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as("SELECT id, input_key FROM jobs")
-        .fetch_all(&direct)
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 1, "PostgreSQL ran the insert");
+    let rows = || async {
+        sqlx::query_as::<_, (uuid::Uuid, String)>("SELECT id, input_key FROM jobs")
+            .fetch_all(&direct)
+            .await
+            .unwrap()
+    };
+    wait_until(
+        "PostgreSQL ran the insert",
+        Duration::from_secs(10),
+        || async { rows().await.len() == 1 },
+    )
+    .await;
+    let rows = rows().await;
     let (id, input_key) = &rows[0];
     assert!(
         stack.storage.join(input_key).exists(),
