@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Draws a soak's resource samples (target/soak/<seed>.csv, written by the
+"""Draws a soak's resource samples (target/soak/<seed>-<seconds>s.csv, written by the
 soak) as one PNG of four panels: RSS and open descriptors of the API
 instances and of the workers (each role's mean per process), PostgreSQL
 connections, Redis's used memory.
 
-    python3 scripts/soak-plot.py target/soak/<seed>.csv docs/soak-1h.png
+    python3 scripts/soak-plot.py target/soak/<seed>-3600s.csv docs/soak-1h.png
 
 Needs matplotlib (pip install matplotlib)."""
 import csv

@@ -505,7 +505,7 @@ async fn soak(duration: Duration, seed: u64) {
     }
     let traffic_ended = Instant::now();
     let samples = sampler.await.unwrap();
-    write_samples(&samples, seed);
+    write_samples(&samples, seed, duration);
     keeper.await.unwrap();
     let flat = flatness(&samples, started.elapsed());
     let (accepted, deleted) = {
@@ -524,7 +524,12 @@ async fn soak(duration: Duration, seed: u64) {
                 })
         );
         let ids: Vec<Uuid> = r.accepted.iter().map(|a| a.id).collect();
-        (ids, r.deleted.clone())
+        println!(
+            "soak: {} jobs deleted (204), {} more whose DELETE failed (5xx or no answer) and may be gone",
+            r.deleted.len(),
+            r.maybe_deleted.len()
+        );
+        (ids, &r.deleted | &r.maybe_deleted)
     };
 
     // Every accepted job not deleted reaches a final state.
@@ -969,9 +974,10 @@ async fn sample(
     out
 }
 
-/// Writes the samples as CSV to `target/soak/<seed>.csv`, for
-/// `scripts/soak-plot.py` to draw.
-fn write_samples(samples: &[Sample], seed: u64) {
+/// Writes the samples as CSV to `target/soak/<seed>-<duration>s.csv`,
+/// for `scripts/soak-plot.py` to draw. (Named by duration too: a short run
+/// repeating a long run's seed once overwrote the hour's samples.)
+fn write_samples(samples: &[Sample], seed: u64, duration: Duration) {
     let dir = imgflow_testkit::stack::repo().join("target/soak");
     let mut csv = String::from(
         "seconds,api_rss_mib,api_fds,worker_rss_mib,worker_fds,pg_connections,redis_mib\n",
@@ -988,7 +994,7 @@ fn write_samples(samples: &[Sample], seed: u64) {
             s.redis_mib
         ));
     }
-    let path = dir.join(format!("{seed}.csv"));
+    let path = dir.join(format!("{seed}-{}s.csv", duration.as_secs()));
     match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, csv)) {
         Ok(()) => println!("soak: resource samples in {}", path.display()),
         Err(e) => println!("soak: cannot write {}: {e}", path.display()),

@@ -57,6 +57,10 @@ pub struct Record {
     pub cancelled: HashSet<Uuid>,
     /// Jobs deleted (`204`).
     pub deleted: HashSet<Uuid>,
+    /// Jobs whose `DELETE` was answered `5xx` or not at all: the client
+    /// cannot know whether they are gone (the row may be deleted before
+    /// the failure), so they may vanish.
+    pub maybe_deleted: HashSet<Uuid>,
     /// The last event of each event stream that ended with a final one.
     pub streamed: HashMap<Uuid, String>,
     /// Event streams that ended without a final event (cut by a fault, or
@@ -249,7 +253,11 @@ pub async fn client(c: Client, stop: tokio::sync::watch::Receiver<bool>) {
         let sent = request.bearer_auth(&key).send().await;
         let at = started.elapsed();
         let Ok(response) = sent else {
-            record.lock().unwrap().unanswered += 1;
+            let mut r = record.lock().unwrap();
+            r.unanswered += 1;
+            if let ("delete", Some((id, _))) = (kind, target) {
+                r.maybe_deleted.insert(id);
+            }
             continue;
         };
         let status = response.status().as_u16();
@@ -257,6 +265,9 @@ pub async fn client(c: Client, stop: tokio::sync::watch::Receiver<bool>) {
         let mut r = record.lock().unwrap();
         r.answer(kind, status, at, &body);
         if status >= 500 {
+            if let ("delete", Some((id, _))) = (kind, target) {
+                r.maybe_deleted.insert(id);
+            }
             continue;
         }
         // The jobs the answer accepted, each with its kind: a retry's is its
